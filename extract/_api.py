@@ -1,0 +1,339 @@
+"""The extractor interface: weights specs, the Extractor ABC, streaming item sessions and reusable bases.
+
+One decode of an item feeds every extractor through `ItemSession`s (``Extractor.start(info)``). Frame-level
+extractors derive from `FrameStepExtractor`, which picks the step frames out of the 25 fps stream (see
+`extract.sampling`) and runs its model on batches of them. Caption-level extractors derive from `CaptionExtractor`.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import functools
+import importlib.metadata
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from extract.sampling import DECODE_FPS, StepPolicy, frame_indices, frame_times
+from store.schema import FeatureRows, FeatureSpec, Status
+
+if TYPE_CHECKING:  # decode.py imports PyAV; only needed at run time by extract_path
+    import torch
+
+    from extract.decode import FrameBatch, MediaInfo
+
+__all__ = [
+    "CaptionExtractor",
+    "Extractor",
+    "FrameStepExtractor",
+    "FrameStepSession",
+    "ItemSession",
+    "StepPolicy",
+    "WeightsSpec",
+    "seeded",
+    "to_store_dtype",
+    "tvr_version",
+]
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One weights file of an extractor, with the preprocessing that belongs to it."""
+
+    name: str  # variant tag, e.g. "IMAGENET1K_V1"
+    filename: str  # "resnet152-394f9c45.pth": the name looked up in weights dirs and hub caches
+    sha256: str  # full hex digest, or a hex prefix checked with startswith (torch.hub style); "" = see _weights
+    url: str  # where users get it (provenance; downloaded only by the library's own hub code, when allowed)
+    preset: str  # preprocessing preset name in extract/transforms.py PRESETS
+    meta: Mapping[str, Any] = field(default_factory=dict)  # free-form: architecture, hf_hub, license, notes
+
+
+@functools.cache
+def tvr_version() -> str:
+    """The installed tvr version, else the repository's pyproject version, else "0+unknown"."""
+    try:
+        return importlib.metadata.version("tvr")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU RNG seeded, restoring the caller's RNG state afterwards."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def to_store_dtype(values: np.ndarray, spec: FeatureSpec, who: str) -> np.ndarray:
+    """Cast float32 features to the spec's dtype; non-finite or out-of-range values are an error, not inf."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"{who}: the model produced NaN/inf features; check the weights file and the input")
+    if spec.dtype == "float16" and values.size and float(np.abs(values).max()) > float(np.finfo(np.float16).max):
+        raise ValueError(
+            f"{who}: features up to {float(np.abs(values).max()):.3g} overflow float16 (max 65504); "
+            "the weights do not fit this feature's float16 storage"
+        )
+    return values.astype(spec.dtype)
+
+
+class ItemSession(abc.ABC):
+    """Receives one item's decoded stream, in order, and returns its feature row at the end."""
+
+    def add_frames(self, batch: FrameBatch) -> None:
+        """Consume a batch of 25 fps RGB frames (default: ignored, for extractors that need no frames)."""
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        """Consume the next chunk of 16 kHz mono float32 audio (default: ignored)."""
+
+    @abc.abstractmethod
+    def finish(self) -> FeatureRows:
+        """The row for the item: OK, or ABSENT with a reason."""
+
+
+class Extractor(abc.ABC):
+    """A feature extractor: a FeatureSpec, weights, and per-item streaming sessions."""
+
+    name: ClassVar[str]
+    needs_frames: ClassVar[bool] = True
+    needs_audio: ClassVar[bool] = False
+    spec: FeatureSpec  # instance attribute (depends on options)
+
+    def __init__(
+        self,
+        *,
+        weights_path: str | os.PathLike[str] | None = None,
+        weights_dir: str | os.PathLike[str] | None = None,
+        random_init: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        half: bool = False,
+        allow_download: bool = False,
+        **options: Any,
+    ) -> None:
+        """Store the options every extractor shares; subclasses consume their own options before calling this."""
+        from extract._device import pick_device, use_half
+
+        if options:
+            raise TypeError(f"extractor {self.name!r}: unknown options {sorted(options)}")
+        self.weights_path = weights_path
+        self.weights_dir = weights_dir
+        self.random_init = bool(random_init)
+        self.seed = int(seed)
+        self.device = pick_device(device)
+        self.half = use_half(half, self.device)
+        self.allow_download = bool(allow_download)
+        self.weights: WeightsSpec | None = None  # the spec in use (real or random-initialised architecture)
+        self.weights_identity: dict[str, Any] = {}  # {"file", "sha256"} or {"random": True, "seed": s}
+        self.preset: str = ""
+        self.variant: str = ""
+        self.options: dict[str, Any] = {}  # extractor-specific options recorded in provenance
+
+    # -- weights -------------------------------------------------------------------------------------------------
+    def resolve(self, spec: WeightsSpec, hub: str | None = None) -> Path:
+        """Resolve `spec` with this extractor's weights_path / weights_dir / allow_download (extract._weights)."""
+        from extract._weights import resolve_weights
+
+        return resolve_weights(
+            spec, path=self.weights_path, weights_dir=self.weights_dir, hub=hub, allow_download=self.allow_download
+        )
+
+    def build_model(
+        self,
+        make: Callable[[], torch.nn.Module],
+        spec: WeightsSpec,
+        *,
+        hub: str | None = None,
+        load: Callable[[torch.nn.Module, Path], None] | None = None,
+    ) -> torch.nn.Module:
+        """Construct `make()` under the seed, load verified weights unless random_init, move to device, eval mode.
+
+        `load(model, path)` defaults to a strict `load_state_dict` of `torch.load(path, weights_only=True)`.
+        """
+        from extract._weights import load_state_dict, weights_identity
+
+        self.weights = spec
+        self.preset = spec.preset
+        self.variant = spec.name
+        path = None if self.random_init else self.resolve(spec, hub)  # fail fast before the (slow) construction
+        with seeded(self.seed):
+            model = make()
+        if path is None:
+            self.weights_identity = {"random": True, "seed": self.seed}
+        else:
+            if load is None:
+                model.load_state_dict(load_state_dict(path), strict=True)
+            else:
+                load(model, path)
+            self.weights_identity = weights_identity(path, spec)
+        model.eval().requires_grad_(False)
+        model.to(self.device)
+        if self.half:
+            model.half()
+        return model
+
+    # -- identity ------------------------------------------------------------------------------------------------
+    def provenance(self) -> dict[str, Any]:
+        """What produced the values: weights identity, preset, variant, options, tvr version."""
+        out: dict[str, Any] = {
+            "extractor": self.name,
+            "weights": dict(self.weights_identity),
+            "preset": self.preset,
+            "variant": self.variant,
+            "options": dict(self.options),
+            "tvr_version": tvr_version(),
+        }
+        if self.weights is not None:
+            out["weights_url"] = self.weights.url
+        return out
+
+    # -- streaming -----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def start(self, info: MediaInfo) -> ItemSession:
+        """A session for one item described by `info` (from extract.decode.probe)."""
+
+    def extract_path(self, path: str | os.PathLike[str]) -> FeatureRows:
+        """Convenience: decode `path` with extract.decode and stream it through one session."""
+        from extract import decode
+
+        info = decode.probe(path)
+        session = self.start(info)
+        if self.needs_frames:
+            for batch in decode.iter_frames(path, fps=DECODE_FPS):
+                session.add_frames(batch)
+        if self.needs_audio and getattr(info, "has_audio", True):
+            for chunk in decode.iter_audio(path):
+                session.add_audio(chunk)
+        return session.finish()
+
+
+class FrameStepExtractor(Extractor):
+    """Base for "pick the frames at the step times, preprocess, run the model in batches" extractors.
+
+    Subclasses set `self.policy` (StepPolicy), `self.batch_size` and `self.spec`, and implement `preprocess`
+    (uint8 (B,H,W,3) RGB -> float tensor on self.device) and `forward` (tensor -> (B, D)).
+    """
+
+    policy: StepPolicy
+    batch_size: int = 32
+
+    @abc.abstractmethod
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB frames -> model input on self.device (deterministic, no augmentation)."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input batch -> (B, D) features (called under torch.inference_mode)."""
+
+    def step_times(self, info: MediaInfo) -> np.ndarray:
+        """Step times for an item: [0] for images, else the policy over the probed duration."""
+        if getattr(info, "kind", "video") == "image":
+            return np.zeros(1, dtype=np.float64)
+        duration = float(getattr(info, "duration", float("nan")))
+        if not np.isfinite(duration):
+            raise ValueError(
+                f"{self.name}: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
+                "step times need it - re-mux the file so its container records a duration"
+            )
+        return self.policy.times(duration)
+
+    def run_batch(self, frames: np.ndarray) -> np.ndarray:
+        """Preprocess + forward one batch of uint8 frames; float32 (B, D) numpy on CPU."""
+        import torch
+
+        with torch.inference_mode():
+            x = self.preprocess(frames)
+            if self.half:
+                x = x.half()
+            y = self.forward(x)
+        return y.float().cpu().numpy()
+
+    def start(self, info: MediaInfo) -> ItemSession:
+        """A session that keeps only the step frames and batches them through the model."""
+        return FrameStepSession(self, self.step_times(info))
+
+
+class FrameStepSession(ItemSession):
+    """Collects the frames whose 25 fps index is a step index; runs the model every `batch_size` of them."""
+
+    def __init__(self, extractor: FrameStepExtractor, times: np.ndarray) -> None:
+        """Plan the wanted frame indices for `times` (clipped to the decoded range at finish)."""
+        self.ex = extractor
+        self.want = frame_indices(times)  # ascending, may repeat (short items with many steps)
+        self._wanted = set(int(k) for k in self.want)
+        self._queue: list[np.ndarray] = []  # uint8 frames waiting for a batch
+        self._queue_idx: list[int] = []
+        self._feats: dict[int, np.ndarray] = {}  # frame index -> (D,) float32
+        self._last: tuple[int, np.ndarray] | None = None  # last decoded frame, for steps past the end
+
+    def add_frames(self, batch: FrameBatch) -> None:
+        """Keep the wanted frames of `batch`; flush full batches through the model."""
+        index = np.asarray(batch.index)
+        if index.size == 0:
+            return
+        for i, k in enumerate(index.tolist()):
+            if k in self._wanted and k not in self._feats and k not in self._queue_idx:
+                self._queue.append(np.asarray(batch.frames[i]))
+                self._queue_idx.append(k)
+        self._last = (int(index[-1]), np.array(batch.frames[-1], copy=True))
+        while len(self._queue) >= self.ex.batch_size:
+            self._flush(self.ex.batch_size)
+
+    def _flush(self, n: int | None = None) -> None:
+        """Run the model on the first `n` queued frames (all when None)."""
+        n = len(self._queue) if n is None else n
+        if n == 0:
+            return
+        frames, idx = self._queue[:n], self._queue_idx[:n]
+        del self._queue[:n], self._queue_idx[:n]
+        out = self.ex.run_batch(np.stack(frames))
+        for k, row in zip(idx, out):
+            self._feats[k] = row
+
+    def finish(self) -> FeatureRows:
+        """OK row with one value per step (steps past the decoded end use the last frame); ABSENT if no frames."""
+        if self._last is None:
+            return FeatureRows.absent(self.ex.spec, "no_video", f"{self.ex.name}: no video frames were decoded")
+        last_k, last_frame = self._last
+        want = np.minimum(self.want, last_k)  # clip to the decoded range
+        if last_k in set(want.tolist()) and last_k not in self._feats and last_k not in self._queue_idx:
+            self._queue.append(last_frame)
+            self._queue_idx.append(last_k)
+        self._flush()
+        missing = [int(k) for k in want if int(k) not in self._feats]
+        if missing:  # a gap in the decoded stream (frames skipped by the decoder): say so, don't invent values
+            raise ValueError(
+                f"{self.ex.name}: frames {missing[:5]} were never decoded (stream has gaps before frame {last_k}); "
+                "the item is damaged - re-encode it"
+            )
+        values = to_store_dtype(np.stack([self._feats[int(k)] for k in want]), self.ex.spec, self.ex.name)
+        return FeatureRows(status=Status.OK, values=values, times=frame_times(want))
+
+
+class CaptionExtractor(Extractor):
+    """Base for caption-axis features: `encode_captions(texts)` instead of item sessions."""
+
+    needs_frames: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def encode_captions(self, texts: Sequence[str]) -> list[FeatureRows]:
+        """One FeatureRows per caption, in order."""
+
+    def start(self, info: MediaInfo) -> ItemSession:
+        """Caption features have no item sessions."""
+        raise TypeError(f"{self.name} is a caption feature (axis='caption'); call encode_captions(texts)")
+
+    def extract_path(self, path: str | os.PathLike[str]) -> FeatureRows:
+        """Caption features have no media input."""
+        raise TypeError(f"{self.name} is a caption feature (axis='caption'); call encode_captions(texts)")

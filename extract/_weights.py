@@ -1,0 +1,193 @@
+"""Find, verify and load extractor weights: ONE resolution order, sha256 checked before anything is loaded.
+
+Resolution order of `resolve_weights(spec, ...)` (first hit wins):
+
+1. ``path``: an explicit file (``weights_path=`` / ``--weights FILE``); it must exist.
+2. a weights directory: ``weights_dir`` argument, else the ``TVR_WEIGHTS_DIR`` environment variable;
+   the file looked up is ``<dir>/<spec.filename>``.
+3. the library's own cache, when ``hub`` names one: ``hub="torch"`` -> ``torch.hub.get_dir()/checkpoints/<filename>``
+   (where torchvision's own ``weights=`` download lands); ``hub="open_clip"`` -> the Hugging Face hub cache entries
+   ``spec.meta["hf_hub"]`` / ``spec.meta["hf_filenames"]`` (``huggingface_hub.try_to_load_from_cache``), then open_clip's
+   URL cache ``~/.cache/clip/<filename>``.
+4. the library's own download (``torch.hub.download_url_to_file`` into the torch hub checkpoints dir, or open_clip's
+   ``download_pretrained_from_url``), ONLY when ``allow_download=True``.
+5. otherwise `WeightsError` naming the file, its URL, its sha256 and where to put it.
+
+Checksums. ``spec.sha256`` is either the full 64-hex digest (the file's digest must equal it) or a hex prefix
+(the digest must START WITH it, exactly as ``torch.hub``'s ``check_hash`` checks the 8 hex digits in torchvision
+file names such as ``resnet152-394f9c45.pth``). An empty ``spec.sha256`` falls back to ``spec.meta["sha256_prefix"]``,
+then to the ``-<hex>.`` part of the file name (torch.hub's ``HASH_REGEX``); a file with none of these is accepted
+unpinned and its actual digest goes into provenance. Provenance always records the file's full actual digest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from extract._api import WeightsSpec
+
+ENV_WEIGHTS_DIR = "TVR_WEIGHTS_DIR"
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: <name>-<sha256 prefix>.<ext>
+_HEX = re.compile(r"^[0-9a-f]*$")
+Hub = Literal["torch", "open_clip"] | None
+
+_digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+class WeightsError(RuntimeError):
+    """Weights are missing or do not match their pinned checksum; the message says what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (cached per process by path, size and mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digest_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _digest_cache[key] = h.hexdigest()
+    return _digest_cache[key]
+
+
+def expected_digest(spec: WeightsSpec) -> str:
+    """The pinned digest or digest prefix of `spec` ("" = unpinned); see the module docstring."""
+    pinned = (spec.sha256 or str(spec.meta.get("sha256_prefix", "") or "")).lower()
+    if not pinned:
+        m = HASH_IN_NAME.search(spec.filename)
+        pinned = m.group(1) if m else ""
+    if not _HEX.match(pinned):
+        raise ValueError(f"weights spec {spec.name!r}: sha256 {pinned!r} is not lower-case hex")
+    return pinned
+
+
+def verify_weights(path: Path, spec: WeightsSpec) -> str:
+    """Check `path` against `spec`'s pinned digest (full or prefix); return the file's full sha256."""
+    actual = sha256_file(path)
+    expected = expected_digest(spec)
+    if expected and not actual.startswith(expected):
+        kind = "sha256" if len(expected) == 64 else f"sha256 prefix ({len(expected)} hex digits)"
+        raise WeightsError(
+            f"weights file {path}: checksum mismatch for {spec.filename} ({spec.name}): "
+            f"expected {kind} {expected}, actual sha256 {actual}. The file is corrupt, truncated or a different "
+            f"version; delete it and get the right one from {spec.url}"
+        )
+    return actual
+
+
+def _missing_message(spec: WeightsSpec, tried: list[str], download_hint: bool) -> str:
+    """The text of the offline-missing error: what file, from where, which digest, where to put it."""
+    pinned = expected_digest(spec) or "(not pinned)"
+    how = " or allow the library download (allow_download=True / tvr-extract --allow-download)" if download_hint else ""
+    return (
+        f"weights file {spec.filename!r} ({spec.name}) not found. Download it from {spec.url} "
+        f"(sha256 {pinned}) and put it in a directory passed as --weights-dir DIR (or set {ENV_WEIGHTS_DIR}=DIR), "
+        f"or pass the file itself (weights_path=FILE / --weights FILE){how}. Looked in: "
+        + (", ".join(tried) if tried else "nowhere (no weights dir, no hub cache)")
+    )
+
+
+def _torch_hub_file(spec: WeightsSpec) -> Path:
+    """Where torchvision's own download puts `spec.filename`."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
+
+
+def _open_clip_cached(spec: WeightsSpec) -> list[Path]:
+    """Candidate files in open_clip's caches (HF hub cache, then its URL cache), existing or not."""
+    out: list[Path] = []
+    repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
+    if repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # no huggingface_hub: that cache cannot exist
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            names = spec.meta.get("hf_filenames") or (spec.meta.get("hf_filename", spec.filename),)
+            for name in names:
+                hit = try_to_load_from_cache(repo_id=repo, filename=str(name))
+                if isinstance(hit, str):
+                    out.append(Path(hit))
+    out.append(Path(os.path.expanduser("~/.cache/clip")) / spec.filename)
+    return out
+
+
+def _download(spec: WeightsSpec, hub: Hub) -> Path:
+    """Run the library's own download for `spec` (network); returns the downloaded file."""
+    if hub == "open_clip":
+        from open_clip import pretrained as ocp
+
+        if spec.url:
+            return Path(ocp.download_pretrained_from_url(spec.url, cache_dir=os.path.expanduser("~/.cache/clip")))
+        names = spec.meta.get("hf_filenames") or (spec.meta.get("hf_filename", spec.filename),)
+        return Path(ocp.download_pretrained_from_hf(str(spec.meta["hf_hub"]).strip("/"), filename=str(names[0])))
+    import torch.hub
+
+    dst = _torch_hub_file(spec)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    prefix = expected_digest(spec) or None
+    torch.hub.download_url_to_file(spec.url, str(dst), hash_prefix=prefix, progress=False)
+    return dst
+
+
+def resolve_weights(
+    spec: WeightsSpec,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
+    hub: Hub = None,
+    allow_download: bool = False,
+) -> Path:
+    """The verified local file for `spec`, found in the documented order (module docstring); WeightsError if none."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise WeightsError(
+                f"weights file {p} (given explicitly for {spec.name}) does not exist or is not a file; "
+                f"fix the path, or drop it to use --weights-dir / {ENV_WEIGHTS_DIR} (expected file {spec.filename})"
+            )
+        verify_weights(p, spec)
+        return p
+    tried: list[str] = []
+    wdir = weights_dir if weights_dir is not None else os.environ.get(ENV_WEIGHTS_DIR) or None
+    candidates: list[Path] = []
+    if wdir is not None:
+        candidates.append(Path(wdir).expanduser() / spec.filename)
+    if hub == "torch":
+        candidates.append(_torch_hub_file(spec))
+    elif hub == "open_clip":
+        candidates.extend(_open_clip_cached(spec))
+    elif hub is not None:
+        raise ValueError(f"resolve_weights: hub must be 'torch', 'open_clip' or None, got {hub!r}")
+    for c in candidates:
+        tried.append(str(c))
+        if c.is_file():
+            verify_weights(c, spec)
+            return c
+    if allow_download and hub is not None:
+        got = _download(spec, hub)
+        verify_weights(got, spec)
+        return got
+    raise WeightsError(_missing_message(spec, tried, hub is not None and not allow_download))
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """torch.load a verified checkpoint on CPU with weights_only=True (no pickled code runs)."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weights file {path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def weights_identity(path: Path, spec: WeightsSpec) -> dict[str, str]:
+    """Provenance identity of real weights: file name and full actual sha256."""
+    return {"file": spec.filename, "sha256": sha256_file(path)}

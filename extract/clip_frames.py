@@ -1,0 +1,135 @@
+"""CLIP frame features (open_clip): unnormalised `encode_image` of 12 uniformly spaced frames, float32.
+
+T-MASS needs the raw norms, so nothing is L2-normalised here. The model is `open_clip.create_model(name)` with the
+weights of a pretrained tag (default ViT-B-32 "openai") or a local file, resolved by `extract._weights` (hub cache:
+open_clip's). Preprocessing is open_clip's own eval transform for the model and tag (PIL, bicubic shortest-side
+resize, centre crop, CLIP mean/std). `load_clip` is shared with `extract.clip_text` so both use the same weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract._api import Extractor, FrameStepExtractor, WeightsSpec
+from extract._registry import register_extractor
+from extract.sampling import StepPolicy
+from extract.transforms import apply_pil_transform, open_clip_image_transform
+from store.schema import FeatureSpec
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+HF_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's HF hub file names
+
+_CACHE: dict[tuple[Any, ...], tuple[nn.Module, WeightsSpec, dict[str, Any]]] = {}  # one model per process
+
+
+def _is_file_arg(pretrained: str) -> bool:
+    """Whether `pretrained` names a local file rather than an open_clip tag."""
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.isfile(pretrained)
+
+
+def clip_weights_spec(model_name: str, pretrained: str) -> WeightsSpec:
+    """The WeightsSpec of an open_clip (model, tag) pair, or of a local checkpoint file."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"clip: unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    if _is_file_arg(pretrained):
+        return WeightsSpec(
+            name=f"{model_name}.file", filename=Path(pretrained).name, sha256="", url=str(pretrained),
+            preset="open_clip", meta={"model": model_name, "pretrained": "file"},
+        )
+    cfg = get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        raise ValueError(
+            f"clip: {pretrained!r} is neither a pretrained tag of {model_name} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name))}) nor a checkpoint file"
+        )
+    url = str(cfg.get("url") or "")
+    digest = ""
+    if "openaipublic" in url:
+        digest = url.split("/")[-2]  # OpenAI URLs carry the file's full sha256
+    meta = {
+        "model": model_name,
+        "pretrained": pretrained,
+        "hf_hub": str(cfg.get("hf_hub") or ""),
+        "hf_filenames": HF_FILENAMES,
+        "quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "preprocess": {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg},
+    }
+    filename = Path(url).name if url else f"{model_name}-{pretrained}.bin"
+    return WeightsSpec(name=f"{model_name}.{pretrained}", filename=filename, sha256=digest, url=url or
+                       f"https://huggingface.co/{meta['hf_hub'].strip('/')}", preset="open_clip", meta=meta)
+
+
+def load_clip(ex: Extractor, model_name: str, pretrained: str, quick_gelu: bool | None = None) -> nn.Module:
+    """Build (or reuse within this process) the open_clip model for `ex`'s weights options; sets its provenance."""
+    import open_clip
+
+    spec = clip_weights_spec(model_name, pretrained)
+    if spec.meta.get("pretrained") == "file" and ex.weights_path is None:
+        ex.weights_path = pretrained
+    qg = bool(spec.meta.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
+    ex.quick_gelu = qg  # type: ignore[attr-defined]  # recorded in provenance options
+    key = (model_name, pretrained, qg, str(ex.weights_path), str(ex.weights_dir), ex.random_init, ex.seed,
+           str(ex.device), ex.half)
+    if key in _CACHE:
+        model, ex.weights, ex.weights_identity = _CACHE[key]
+        ex.preset, ex.variant = ex.weights.preset, ex.weights.name
+        return model
+
+    def make() -> nn.Module:
+        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg, device="cpu")
+
+    def load(model: nn.Module, path: Path) -> None:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+
+    model = ex.build_model(make, spec, hub="open_clip", load=load)
+    _CACHE[key] = (model, spec, dict(ex.weights_identity))
+    return model
+
+
+@register_extractor("clip")
+class ClipFrames(FrameStepExtractor):
+    """Unnormalised CLIP image embeddings of `count` (default 12) uniformly spaced frames."""
+
+    def __init__(
+        self,
+        *,
+        model: str = DEFAULT_MODEL,
+        pretrained: str = DEFAULT_PRETRAINED,
+        quick_gelu: bool | None = None,
+        count: int = 12,
+        batch_size: int = 32,
+        **common: Any,
+    ) -> None:
+        """model/pretrained: open_clip name and tag (or a checkpoint file); count: frames per item."""
+        super().__init__(**common)
+        if batch_size <= 0:
+            raise ValueError(f"clip: batch_size must be > 0, got {batch_size}")
+        self.policy = StepPolicy(count=count)
+        self.batch_size = batch_size
+        self.model = load_clip(self, model, pretrained, quick_gelu)
+        assert self.weights is not None
+        self.transform: Callable[[Any], Any] = open_clip_image_transform(
+            self.model, dict(self.weights.meta.get("preprocess", {}))
+        )
+        dim = int(self.model.visual.output_dim)
+        self.spec = FeatureSpec(name="clip", dim=dim, max_steps=self.policy.steps, dtype="float32", modality="clip")
+        self.options = {"model": model, "pretrained": pretrained if self.weights.meta.get("pretrained") != "file"
+                        else "file", "quick_gelu": self.quick_gelu, "policy": self.policy.to_dict(), "half": self.half,
+                        "normalized": False}
+
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """open_clip's eval transform per frame (PIL), stacked on the device."""
+        return apply_pil_transform(frames, self.transform, self.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D) unnormalised image embeddings."""
+        return self.model.encode_image(x, normalize=False)

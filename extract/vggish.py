@@ -1,0 +1,371 @@
+"""VGGish audio embeddings: 128-d per 0.96 s example, TF (pre-ReLU) or torchvggish (post-ReLU) variant, optional PCA.
+
+Network and key names follow the torchvggish port (`features.{0,3,6,8,11,13}` convs, `embeddings.{0,2,4}` linears)
+so `vggish-10086976.pth` loads as is; PCA parameters come from `vggish_pca_params-970ea276.pth`
+(`pca_eigen_vectors` (128, 128), `pca_means` (128,)).
+
+Variants (recorded in provenance):
+- `variant="tf"` (default): the TF embedding tensor, taken before the final ReLU (TF's fc2 has no activation).
+- `variant="torchvggish"`: after the final ReLU, as torchvggish and video_features return it (values >= 0).
+PCA (`pca=True`, off by default): E·(x − μ), clip to [-2, 2], scale to [0, 255] (·255/4), then either truncate
+(`pca_quantize="truncate"`, TF's `astype(uint8)`) or round half to even (`"round"`, torchvggish's `torch.round`).
+Quantised values are integers 0..255, which float16 stores exactly; raw embeddings lose ~3 decimal digits in float16
+(the default dtype, `dtype="float32"` keeps them whole).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract import vggish_frontend as fe
+from extract._api import Extractor, ItemSession, WeightsSpec
+from extract._registry import register_extractor
+from extract._weights import resolve_weights, weights_identity
+from extract.transforms import register_preset
+from store.schema import FeatureRows, FeatureSpec, Status
+
+if TYPE_CHECKING:
+    from extract.decode import MediaInfo
+
+EMBEDDING_SIZE = 128
+VARIANTS = ("tf", "torchvggish")
+QUANTIZE_MODES = ("truncate", "round")
+PCA_CLIP = 2.0  # TF QUANTIZE_MIN_VAL = -2, QUANTIZE_MAX_VAL = +2
+_CONV_CHANNELS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+# (key, shape) of every tensor in the torchvggish state dict, in order.
+STATE_DICT_SHAPES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("features.0.weight", (64, 1, 3, 3)),
+    ("features.0.bias", (64,)),
+    ("features.3.weight", (128, 64, 3, 3)),
+    ("features.3.bias", (128,)),
+    ("features.6.weight", (256, 128, 3, 3)),
+    ("features.6.bias", (256,)),
+    ("features.8.weight", (256, 256, 3, 3)),
+    ("features.8.bias", (256,)),
+    ("features.11.weight", (512, 256, 3, 3)),
+    ("features.11.bias", (512,)),
+    ("features.13.weight", (512, 512, 3, 3)),
+    ("features.13.bias", (512,)),
+    ("embeddings.0.weight", (4096, 512 * 4 * 6)),
+    ("embeddings.0.bias", (4096,)),
+    ("embeddings.2.weight", (4096, 4096)),
+    ("embeddings.2.bias", (4096,)),
+    ("embeddings.4.weight", (EMBEDDING_SIZE, 4096)),
+    ("embeddings.4.bias", (EMBEDDING_SIZE,)),
+)
+
+
+class VGGishNet(nn.Module):
+    """The VGGish VGG: 6 convs + 4 max-pools over a (N, 1, 96, 64) log-mel example, then FC 4096 → 4096 → 128."""
+
+    def __init__(self) -> None:
+        """Layers laid out as in torchvggish so its state dict keys match one to one."""
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for v in _CONV_CHANNELS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = int(v)
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 4 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, EMBEDDING_SIZE),
+            nn.ReLU(inplace=True),  # torchvggish's final ReLU; the TF embedding is taken before it
+        )
+
+    def forward(self, x: torch.Tensor, variant: str = "tf") -> torch.Tensor:
+        """(N, 1, 96, 64) log-mel -> (N, 128); `variant="tf"` skips the final ReLU."""
+        if variant not in VARIANTS:
+            raise ValueError(f"vggish: variant must be one of {VARIANTS}, got {variant!r}")
+        x = self.features(x)
+        # TF flattens NHWC: (N, C, 6, 4) -> (N, 6, 4, C) so the first FC sees TF's element order.
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        x = self.embeddings[:5](x)
+        return torch.relu(x) if variant == "torchvggish" else x
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """`torch.load` with weights_only, also accepting pickled NumPy arrays (as some PCA files hold)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - retried with NumPy types allow-listed, then reported
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot load the {what} ({first}; {exc}); is this a torch .pth file?") from exc
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The NumPy types an ndarray pickle refers to, for `torch.serialization.safe_globals`."""
+    core = getattr(np, "_core", None) or np.core
+    out: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return out
+
+
+def _check_state_dict(sd: Mapping[str, Any], path: Path | str) -> dict[str, torch.Tensor]:
+    """The state dict as float32 tensors, or ValueError naming missing/extra/misshapen keys."""
+    expected = dict(STATE_DICT_SHAPES)
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if missing or extra:
+        raise ValueError(
+            f"{path}: not a torchvggish VGGish state dict (missing keys {missing[:4]}, unexpected keys {extra[:4]}); "
+            "use vggish-10086976.pth from https://github.com/harritaylor/torchvggish/releases/tag/v0.1"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in expected.items():
+        t = torch.as_tensor(np.asarray(sd[key]) if not isinstance(sd[key], torch.Tensor) else sd[key])
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, VGGish needs {shape}")
+        out[key] = t.to(torch.float32)
+    return out
+
+
+def load_vggish(path: Path | str) -> VGGishNet:
+    """A VGGishNet with the torchvggish checkpoint at `path` loaded (CPU, eval mode)."""
+    path = Path(path)
+    sd = _torch_load(path, "VGGish checkpoint")
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict (mapping), got {type(sd).__name__}")
+    net = VGGishNet()
+    net.load_state_dict(_check_state_dict(sd, path))
+    return net.eval()
+
+
+def load_pca(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(eigen_vectors (128, 128), means (128,)) float64 from a torchvggish PCA `.pth` (or TF `.npz`) file."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            params: Mapping[str, Any] = {k: z[k] for k in z.files}
+    else:
+        params = _torch_load(path, "VGGish PCA parameters")
+    if not isinstance(params, Mapping) or not {"pca_eigen_vectors", "pca_means"} <= set(params):
+        keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(
+            f"{path}: VGGish PCA file needs keys 'pca_eigen_vectors' and 'pca_means', found {keys}; "
+            "use vggish_pca_params-970ea276.pth from the torchvggish v0.1 release"
+        )
+    vecs = _as_f64(params["pca_eigen_vectors"])
+    means = _as_f64(params["pca_means"]).reshape(-1)
+    if vecs.shape != (EMBEDDING_SIZE, EMBEDDING_SIZE) or means.shape != (EMBEDDING_SIZE,):
+        raise ValueError(f"{path}: PCA shapes {vecs.shape}, {means.shape}; need (128, 128) and (128,)")
+    return vecs, means
+
+
+def _as_f64(v: Any) -> np.ndarray:
+    """A float64 NumPy copy of a tensor or array."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().double().numpy()
+    return np.asarray(v, dtype=np.float64)
+
+
+def pca_quantize(
+    emb: np.ndarray, eigen_vectors: np.ndarray, means: np.ndarray, mode: str = "truncate"
+) -> np.ndarray:
+    """AudioSet post-processing: E·(x − μ), clip [-2, 2], ·255/4 to [0, 255], truncate or round; float32 (N, 128)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"vggish: pca_quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    x = np.asarray(emb, dtype=np.float64)
+    pca = (eigen_vectors @ (x.T - means[:, None])).T
+    scaled = (np.clip(pca, -PCA_CLIP, PCA_CLIP) + PCA_CLIP) * (255.0 / (2 * PCA_CLIP))
+    # TF casts with astype(uint8) (truncation toward zero; values are >= 0); torchvggish uses round-half-even.
+    q = np.floor(scaled) if mode == "truncate" else np.round(scaled)
+    return q.astype(np.float32)
+
+
+def embed_examples(
+    net: VGGishNet, examples: np.ndarray, *, variant: str = "tf", device: torch.device | str = "cpu",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """(N, 96, 64) log-mel examples -> (N, 128) float32 embeddings, in batches, no grad."""
+    out = np.zeros((examples.shape[0], EMBEDDING_SIZE), dtype=np.float32)
+    dtype = next(net.parameters()).dtype  # fp16 when the extractor runs half on CUDA
+    with torch.inference_mode():
+        for s in range(0, examples.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(examples[s : s + batch_size], dtype=np.float32))
+            x = x[:, None].to(device=device, dtype=dtype)
+            out[s : s + x.shape[0]] = net(x, variant=variant).float().cpu().numpy()
+    return out
+
+
+
+# ---- the extractor ----------------------------------------------------------------------------------------------
+VGGISH_WEIGHTS = WeightsSpec(
+    name="AUDIOSET_TORCHVGGISH_V0_1",
+    filename="vggish-10086976.pth",
+    sha256="10086976245803799d9194e9a73d9b6c1549c71d1b80106f5cade5608a561f4b",
+    url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
+    preset="vggish_logmel",
+    meta={"source": "TF AudioSet vggish_model.ckpt ported by torchvggish", "license": "Apache-2.0"},
+)
+# Full digest not published anywhere we could check: the 8-hex file-name prefix is verified, as torch.hub does.
+VGGISH_PCA = WeightsSpec(
+    name="AUDIOSET_PCA_V0_1",
+    filename="vggish_pca_params-970ea276.pth",
+    sha256="970ea276",
+    url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-970ea276.pth",
+    preset="vggish_logmel",
+    meta={"keys": ("pca_eigen_vectors", "pca_means")},
+)
+register_preset(
+    "vggish_logmel",
+    "16 kHz mono; 400-sample periodic Hann, hop 160, |rfft 512|; 64 HTK mel bands 125-7500 Hz (TF mel_features); "
+    "log(mel + 0.01); non-overlapping 96-frame examples (0.96 s)",
+)
+
+
+@register_extractor("vggish")
+class VGGishExtractor(Extractor):
+    """VGGish 128-d embeddings of consecutive 0.96 s audio examples; step i starts at i·0.96 s."""
+
+    needs_frames: ClassVar[bool] = False
+    needs_audio: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        variant: str = "tf",
+        pca: bool = False,
+        pca_quantize: str = "truncate",
+        pca_path: str | os.PathLike[str] | None = None,
+        max_steps: int = 256,
+        batch_size: int = 32,
+        dtype: str = "float16",
+        **kw: Any,
+    ) -> None:
+        """`variant` "tf" (pre-ReLU) | "torchvggish" (post-ReLU); `pca` applies AudioSet PCA + 8-bit quantisation."""
+        super().__init__(**kw)
+        if variant not in VARIANTS:
+            raise ValueError(f"vggish: variant must be one of {VARIANTS}, got {variant!r}")
+        if pca_quantize not in QUANTIZE_MODES:
+            raise ValueError(f"vggish: pca_quantize must be one of {QUANTIZE_MODES}, got {pca_quantize!r}")
+        if max_steps < 1 or batch_size < 1:
+            raise ValueError(f"vggish: max_steps and batch_size must be >= 1, got {max_steps}, {batch_size}")
+        self.spec = FeatureSpec(name="vggish", dim=EMBEDDING_SIZE, max_steps=int(max_steps), dtype=dtype,
+                                modality="audio")
+        self.batch_size = int(batch_size)
+        self.embedding = variant
+        self.pca = bool(pca)
+        self.quantize = pca_quantize
+        self.net = self.build_model(VGGishNet, VGGISH_WEIGHTS, hub="torch", load=_load_into)
+        self.variant = variant
+        self.pca_params: tuple[np.ndarray, np.ndarray] | None = None
+        if self.pca:
+            self.pca_params = self._load_pca(pca_path)
+        self.options = {
+            "pca": self.pca, "pca_quantize": self.quantize if self.pca else None, "max_steps": self.spec.max_steps,
+            "example_seconds": fe.EXAMPLE_SECONDS, "sample_rate": fe.SAMPLE_RATE,
+        }
+
+    def _load_pca(self, pca_path: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Real PCA params (resolved like the weights, sha256-prefix checked), or seeded random ones."""
+        if self.random_init:
+            rng = np.random.default_rng(self.seed)
+            q, _ = np.linalg.qr(rng.standard_normal((EMBEDDING_SIZE, EMBEDDING_SIZE)))
+            self.weights_identity["pca"] = {"random": True, "seed": self.seed}
+            return q, rng.standard_normal(EMBEDDING_SIZE) * 0.1
+        path = resolve_weights(VGGISH_PCA, path=pca_path, weights_dir=self.weights_dir, hub="torch",
+                               allow_download=self.allow_download)
+        self.weights_identity["pca"] = weights_identity(path, VGGISH_PCA)
+        return load_pca(path)
+
+    def embed(self, examples: np.ndarray) -> np.ndarray:
+        """(N, 96, 64) log-mel examples -> (N, 128) float32 in the configured variant (and PCA when on)."""
+        out = embed_examples(self.net, examples, variant=self.embedding, device=self.device,
+                             batch_size=self.batch_size)
+        if self.pca_params is not None:
+            out = pca_quantize(out, *self.pca_params, mode=self.quantize)
+        return out
+
+    def start(self, info: MediaInfo) -> ItemSession:
+        """A streaming session for one item."""
+        return VGGishSession(self, info)
+
+
+def _load_into(model: nn.Module, path: Path) -> None:
+    """build_model loader: the checked torchvggish state dict into `model`."""
+    sd = _torch_load(path, "VGGish checkpoint")
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict (mapping), got {type(sd).__name__}")
+    model.load_state_dict(_check_state_dict(sd, path))
+
+
+def select_examples(n: int, max_steps: int) -> np.ndarray:
+    """Indices of the examples kept: all when n <= max_steps, else one per equal segment (its middle)."""
+    if n <= max_steps:
+        return np.arange(n, dtype=np.int64)
+    return np.floor((np.arange(max_steps) + 0.5) * (n / max_steps)).astype(np.int64)
+
+
+class VGGishSession(ItemSession):
+    """Streams audio chunks into examples and embeds them in batches; only a sub-example remainder is kept."""
+
+    def __init__(self, ex: VGGishExtractor, info: MediaInfo) -> None:
+        """Plan which examples to compute from the probed audio duration (when known and long)."""
+        self.ex = ex
+        self.path = str(getattr(info, "path", "?"))
+        self.has_audio = bool(getattr(info, "has_audio", True)) and getattr(info, "kind", "video") != "image"
+        dur = getattr(info, "audio_duration", None)
+        dur = float(getattr(info, "duration", float("nan")) if dur is None else dur)
+        self.expected = fe.num_examples(int(dur * fe.SAMPLE_RATE)) if math.isfinite(dur) else None
+        wanted = None
+        if self.expected is not None and self.expected > ex.spec.max_steps:
+            # Long item: compute only the examples we keep (the rest would cost a forward pass each).
+            wanted = frozenset(select_examples(self.expected, ex.spec.max_steps).tolist())
+        self.planned = wanted is not None
+        self.stream = fe.ExampleStream(wanted)
+        self._pending: list[np.ndarray] = []
+        self._pending_idx: list[int] = []
+        self._emb: dict[int, np.ndarray] = {}
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        """Consume the next 16 kHz mono chunk; embed every full batch of completed examples."""
+        idx, examples = self.stream.add(np.asarray(samples, dtype=np.float32).reshape(-1))
+        self._pending.extend(examples)
+        self._pending_idx.extend(int(i) for i in idx)
+        if len(self._pending) >= self.ex.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Embed all pending examples."""
+        if not self._pending:
+            return
+        out = self.ex.embed(np.stack(self._pending))
+        self._emb.update(zip(self._pending_idx, out))
+        self._pending, self._pending_idx = [], []
+
+    def finish(self) -> FeatureRows:
+        """OK with (n, 128) values at i·0.96 s; ABSENT no_audio / too_short."""
+        spec = self.ex.spec
+        if not self.has_audio:
+            return FeatureRows.absent(spec, "no_audio", f"vggish: {self.path} has no audio stream")
+        self._flush()
+        n = self.stream.examples_seen
+        if n == 0:
+            got = self.stream.samples_seen
+            return FeatureRows.absent(
+                spec, "too_short",
+                f"vggish: {self.path} has {got} audio samples ({got / fe.SAMPLE_RATE:.4f} s at 16 kHz); one 0.96 s "
+                f"example needs {fe.EXAMPLE_SAMPLES} ({fe.EXAMPLE_SAMPLES / fe.SAMPLE_RATE:.4f} s)",
+            )
+        keep = sorted(self._emb) if self.planned else select_examples(n, spec.max_steps).tolist()
+        values = np.stack([self._emb[i] for i in keep]).astype(spec.dtype)
+        times = (np.asarray(keep, dtype=np.float64) * fe.EXAMPLE_SECONDS).astype(np.float32)
+        return FeatureRows(status=Status.OK, values=values, times=times)

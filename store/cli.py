@@ -1,0 +1,67 @@
+"""`tvr-store`: inspect a feature store from the shell (info, plot) and, when installed, build synthetic ones."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from store.schema import StoreError
+
+
+def _synth_module() -> ModuleType | None:
+    """store.synth if that module exists (written by another part of tvr); None otherwise."""
+    try:
+        return importlib.import_module("store.synth")
+    except ModuleNotFoundError as e:
+        if e.name in ("store.synth",):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser with the info, plot and (optional) synth subcommands."""
+    parser = argparse.ArgumentParser(prog="tvr-store", description="Inspect a tvr feature store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="per-feature counts of OK/ABSENT/FAILED/PENDING rows and top reasons")
+    info.add_argument("store", help="store path or URL")
+    info.add_argument("--json", action="store_true", help="print exactly one JSON document")
+    info.add_argument("--top", type=int, default=5, help="how many reasons to list per feature")
+    plot = sub.add_parser("plot", help="save the availability figure (PNG, SVG, PDF by extension)")
+    plot.add_argument("store", help="store path or URL")
+    plot.add_argument("out", help="output image path")
+    synth = _synth_module()
+    if synth is not None:
+        p = sub.add_parser("synth", help="build a synthetic store (store.synth)")
+        synth.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        return int(_synth_module().run(args))  # type: ignore[union-attr]
+    from store.inspect import availability_figure, coverage_table, summary
+    from store.zarr_store import FeatureStore
+
+    try:
+        store = FeatureStore.open(args.store)
+    except StoreError as e:
+        print(f"tvr-store {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "info":
+        if args.json:
+            print(json.dumps(summary(store, args.top), sort_keys=True))
+        else:
+            print(coverage_table(store, args.top))
+        return 0
+    availability_figure(store).savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

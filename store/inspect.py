@@ -1,0 +1,154 @@
+"""Notebook and CLI helpers over a FeatureStore: coverage table, failure reasons, availability figure, xarray views."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from store.schema import CaptionRecord, ExtraSpec, FeatureRows, FeatureSpec, ItemRecord, Status
+from store.zarr_store import FeatureStore
+
+STATUS_COLORS = {  # pending grey, ok green, absent amber, failed red
+    Status.PENDING: "#c8c8c8",
+    Status.OK: "#2ca02c",
+    Status.ABSENT: "#ffbf3f",
+    Status.FAILED: "#d62728",
+}
+_ORDER = (Status.OK, Status.ABSENT, Status.FAILED, Status.PENDING)
+
+
+def reason_counts(store: FeatureStore, feature: str, status: Status = Status.FAILED,
+                  top: int | None = None) -> list[tuple[str, int]]:
+    """Most common reasons among rows of `feature` with `status` (FAILED or ABSENT), most frequent first."""
+    st = store.status(feature)
+    reasons = store.reasons(feature, st)
+    return Counter(reasons[st == status].tolist()).most_common(top)
+
+
+def summary(store: FeatureStore, top: int = 5) -> dict[str, Any]:
+    """The `tvr-store info --json` document: counts per feature plus top failure and absence reasons."""
+    features: dict[str, Any] = {}
+    for name in store.features:
+        st = store.status(name)
+        counts = np.bincount(st, minlength=4)
+        reasons = store.reasons(name, st)
+        spec = store.spec(name)
+        features[name] = {
+            **{s.name.lower(): int(counts[s]) for s in _ORDER},
+            "reasons": dict(Counter(reasons[st == Status.FAILED].tolist()).most_common(top)),
+            "absent_reasons": dict(Counter(reasons[st == Status.ABSENT].tolist()).most_common(top)),
+            "axis": spec.axis,
+            "modality": spec.modality,
+            "rows": int(st.shape[0]),
+        }
+    return {"items": store.n_items, "captions": store.n_captions, "features": features}
+
+
+def coverage_table(store: FeatureStore, top: int = 3) -> str:
+    """Plain-text table: one line per feature with OK/ABSENT/FAILED/PENDING counts and top reasons."""
+    info = summary(store, top)
+    head = f"{'feature':<16} {'modality':<10} {'axis':<7} {'rows':>7} {'ok':>7} {'absent':>7} {'failed':>7} " \
+           f"{'pending':>7}  top reasons"
+    lines = [f"store: {store.url}  items: {info['items']}  captions: {info['captions']}", head, "-" * len(head)]
+    for name, f in info["features"].items():
+        why = [f"failed:{r}={n}" for r, n in f["reasons"].items()]
+        why += [f"absent:{r}={n}" for r, n in f["absent_reasons"].items()]
+        lines.append(f"{name:<16} {f['modality']:<10} {f['axis']:<7} {f['rows']:>7} {f['ok']:>7} {f['absent']:>7} "
+                     f"{f['failed']:>7} {f['pending']:>7}  {', '.join(why) or '-'}")
+    if not info["features"]:
+        lines.append("(no features yet)")
+    return "\n".join(lines)
+
+
+def status_dataarray(store: FeatureStore) -> Any:
+    """xarray DataArray (item, feature) of status codes for item-axis features, with item ids as coordinate."""
+    import xarray as xr
+
+    names = [n for n in store.features if store.spec(n).axis == "item"]
+    data = np.stack([store.status(n) for n in names], axis=1) if names else np.zeros((store.n_items, 0), np.uint8)
+    return xr.DataArray(data, dims=("item", "feature"),
+                        coords={"item": store.items().id.astype(str), "feature": names},
+                        attrs={"flag_values": [int(s) for s in Status],
+                               "flag_meanings": " ".join(s.name.lower() for s in Status)})
+
+
+def availability_figure(store: FeatureStore, max_items: int = 400) -> Any:
+    """Matplotlib Figure: items x features status heat-map (item-axis features) and per-feature status bars."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    da = status_dataarray(store)
+    names = store.features
+    fig = Figure(figsize=(11, 4.5), constrained_layout=True)
+    heat, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    cmap = ListedColormap([STATUS_COLORS[s] for s in Status])
+    norm = BoundaryNorm(np.arange(len(Status) + 1) - 0.5, cmap.N)
+    data = da.values
+    step = max(1, -(-data.shape[0] // max_items))  # subsample rows so huge stores stay legible
+    heat.imshow(data[::step].T if data.size else np.zeros((1, 1)), aspect="auto", interpolation="nearest",
+                cmap=cmap, norm=norm)
+    heat.set_yticks(range(data.shape[1]),
+                    [f"{n} ({store.spec(n).modality})" for n in da.coords["feature"].values])
+    heat.set_xlabel(f"item row{f' (every {step}th)' if step > 1 else ''}")
+    heat.set_title("status per item and feature")
+    counts = store.coverage()
+    left = np.zeros(len(names))
+    for s in _ORDER:
+        vals = np.array([counts[n][s.name.lower()] for n in names], dtype=float)
+        bars.barh(range(len(names)), vals, left=left, color=STATUS_COLORS[s], label=s.name.lower())
+        left += vals
+    bars.set_yticks(range(len(names)), [f"{n} [{store.spec(n).axis}]" for n in names])
+    bars.invert_yaxis()
+    bars.set_xlabel("rows")
+    bars.set_title("rows per status")
+    fig.legend(handles=[Patch(color=STATUS_COLORS[s], label=s.name.lower()) for s in _ORDER],
+               loc="outside lower center", ncols=4)
+    return fig
+
+
+def demo_store(path: str | os.PathLike, n_items: int = 24, seed: int = 0) -> FeatureStore:
+    """Build a small store with random features, some ABSENT and FAILED rows, for examples and tests."""
+    rng = np.random.default_rng(seed)
+    items = [ItemRecord(f"video{i:03d}", f"/data/video{i:03d}.mp4", kind="video" if i % 6 else "image",
+                        duration=0.0 if i % 6 == 0 else float(rng.uniform(2, 30)),
+                        split=("train", "val", "test")[i % 3]) for i in range(n_items)]
+    captions = [CaptionRecord(f"{it.id}#{j}", it.id, f"caption {j} of {it.id}") for it in items for j in range(2)]
+    store = FeatureStore.create(path, items, captions, overwrite=True)
+    specs = [FeatureSpec("resnet152", 32, 8, modality="appearance"),
+             FeatureSpec("vggish", 16, 8, modality="audio"),
+             FeatureSpec("dlib_face", 8, 4, slots=2, modality="face", extras=(ExtraSpec("box", (4,)),)),
+             FeatureSpec("clip_text", 12, 1, dtype="float32", modality="text", axis="caption", chunk_rows=16)]
+    for spec in specs:
+        store.ensure_feature(spec, {"weights": {"random": True, "seed": seed}, "preset": "demo", "variant": "demo"})
+    for row, it in enumerate(items):
+        if row % 7 == 5:
+            continue  # left PENDING, as if no worker got to it yet
+        for spec in specs[:3]:
+            if spec.name == "vggish" and it.kind == "image":
+                store.write(spec.name, row, FeatureRows.absent(spec, "no_audio", "images have no audio"))
+            elif spec.name == "dlib_face" and row % 4 == 1:
+                store.write(spec.name, row, FeatureRows.absent(spec, "no_face"))
+            elif spec.name == "resnet152" and row % 11 == 3:
+                store.write_failed(spec.name, row, "decode_error", "corrupt stream at 1.2 s")
+            else:
+                n = int(rng.integers(1, spec.max_steps + 1))
+                shape = (n, spec.slots, spec.dim) if spec.slots else (n, spec.dim)
+                extras = {"box": rng.uniform(0, 100, (n, spec.slots, 4))} if spec.slots else {}
+                store.write(spec.name, row, FeatureRows(Status.OK, rng.standard_normal(shape), np.arange(n) * 0.5,
+                                                        extras=extras))
+    text = specs[3]
+    for start in range(0, len(captions), text.chunk_rows):
+        block = [FeatureRows(Status.OK, rng.standard_normal((1, text.dim)), np.zeros(1))
+                 for _ in range(min(text.chunk_rows, len(captions) - start))]
+        store.write_block(text.name, start, block)
+    return store
+
+
+def feature_frame(store: FeatureStore, feature: str, rows: Sequence[int]) -> Any:
+    """Small xarray Dataset of selected rows, loaded into memory, for printing in notebooks."""
+    ds = store.to_xarray(feature)
+    return ds.isel({store.spec(feature).axis: list(rows)}).load()

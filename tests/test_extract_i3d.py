@@ -1,0 +1,308 @@
+"""I3D extractors: stack planning and streaming, flow crop from unpadded RAFT flow, weights, end to end."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.optical_flow import raft_small
+
+from extract import create_extractor, list_extractors
+from extract.i3d import I3D_WEIGHTS, I3DFlow, I3DRgb, plan_stacks, resized_size
+from extract.i3d_net import I3DCheckpointError, InceptionI3d, export_state_dict
+from extract.raft_flow import RAFT_WEIGHTS
+from store.schema import Status
+
+FAST_FLOW = dict(random_init=True, raft="raft_small.C_T_V2", num_flow_updates=2, device="cpu")
+
+
+@dataclass
+class Batch:
+    """The fields of extract.decode.FrameBatch a session reads."""
+
+    frames: np.ndarray
+    times: np.ndarray
+    index: np.ndarray
+
+
+@dataclass
+class Info:
+    """The fields of extract.decode.MediaInfo a session reads."""
+
+    path: str = "synthetic.mp4"
+    kind: str = "video"
+    duration: float = float("nan")
+
+
+def _video(n: int, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """Seeded smooth moving pattern, uint8 (n, h, w, 3)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3)).astype(np.float32)
+    big = np.kron(base, np.ones((4, 4, 1), np.float32))
+    return np.stack([np.roll(big, (k, 2 * k), axis=(0, 1))[:h, :w] for k in range(n)]).astype(np.uint8)
+
+
+def _run(ex: I3DFlow | I3DRgb, frames: np.ndarray, chunk: int = 7, info: Info | None = None):
+    """Stream `frames` through a session in chunks of `chunk` and finish it."""
+    info = info or Info(duration=len(frames) / 25)
+    session = ex.start(info)
+    for a in range(0, len(frames), chunk):
+        idx = np.arange(a, min(a + chunk, len(frames)))
+        session.add_frames(Batch(frames[idx], idx / 25.0, idx))
+    return session.finish()
+
+
+def _constant_frames(n: int, h: int = 48, w: int = 64) -> np.ndarray:
+    """Frame k is the constant colour k (so a stack's content names its frames)."""
+    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, h, w, 3)).copy()
+
+
+def _fake_i3d(ex: I3DRgb | I3DFlow, seen: list[torch.Tensor]) -> None:
+    """Replace the I3D forward by one that records stacks and returns their frame labels (row 0 of each item)."""
+
+    def run(stacks: list[torch.Tensor]) -> np.ndarray:
+        seen.extend(stacks)
+        out = np.zeros((len(stacks), 1024), np.float32)
+        for i, st in enumerate(stacks):
+            out[i, : st.shape[1]] = st[0, :, 0, 0].numpy()
+        return out
+
+    ex.run_stacks = run  # type: ignore[method-assign]
+
+
+# ---- planning --------------------------------------------------------------------------------------------------
+
+
+def test_plan_stacks_needs_stack_plus_one_frames_and_spreads_beyond_max() -> None:
+    assert plan_stacks(64, 64, 64, 10).tolist() == []
+    assert plan_stacks(65, 64, 64, 10).tolist() == [0]
+    assert plan_stacks(192, 64, 64, 10).tolist() == [0, 64]
+    assert plan_stacks(193, 64, 64, 10).tolist() == [0, 64, 128]
+    assert plan_stacks(49, 24, 24, 10).tolist() == [0, 24]
+    assert plan_stacks(100, 10, 5, 100).tolist() == list(range(0, 90, 5))
+    spread = plan_stacks(1001, 64, 64, 5)
+    assert spread.tolist() == [0, 234, 468, 702, 936]  # uniform over the valid starts 0..936
+
+
+def test_resized_size_matches_the_reference_truncation() -> None:
+    assert resized_size(48, 64) == (256, 341)
+    assert resized_size(360, 240) == (384, 256)
+    assert resized_size(256, 500) == (256, 500)
+    assert resized_size(100, 100) == (256, 256)
+
+
+# ---- streaming logic (real preprocessing, fake I3D) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_rgb_stacks_hold_exactly_their_frames(chunk: int) -> None:
+    ex = I3DRgb(random_init=True, stack_size=10, step_size=6, device="cpu")
+    seen: list[torch.Tensor] = []
+    _fake_i3d(ex, seen)
+    row = _run(ex, _constant_frames(30), chunk=chunk)
+    assert row.status == Status.OK
+    starts = [0, 6, 12, 18]  # 18 + 10 = 28 <= 29; 24 + 10 > 29
+    np.testing.assert_allclose(row.times, np.array(starts) / 25)
+    for s, values in zip(starts, row.values.astype(np.float32)):
+        np.testing.assert_allclose(values[:10], (2 * np.arange(s, s + 10) / 255 - 1), atol=1e-3)  # float16 store
+    assert all(st.shape == (3, 10, 224, 224) for st in seen)
+
+
+def test_step_larger_than_stack_skips_frames_and_keeps_memory_small() -> None:
+    ex = I3DRgb(random_init=True, stack_size=10, step_size=25, device="cpu")
+    seen: list[torch.Tensor] = []
+    _fake_i3d(ex, seen)
+    session = ex.start(Info(duration=3.0))
+    frames = _constant_frames(75)
+    peak = 0
+    for k in range(75):
+        session.add_frames(Batch(frames[k : k + 1], np.array([k / 25]), np.array([k])))
+        peak = max(peak, len(session.frames))
+    row = session.finish()
+    np.testing.assert_allclose(row.times, [0.0, 1.0, 2.0])
+    assert peak <= 11  # never more than one stack (+1) of resized frames
+
+
+def test_more_stacks_than_max_steps_are_spread_uniformly() -> None:
+    ex = I3DRgb(random_init=True, stack_size=10, step_size=10, max_steps=3, device="cpu")
+    seen: list[torch.Tensor] = []
+    _fake_i3d(ex, seen)
+    row = _run(ex, _constant_frames(101))
+    assert row.values.shape == (3, 1024)
+    np.testing.assert_allclose(row.times, np.array([0, 45, 90]) / 25)  # valid starts 0..90
+    assert len(seen) == 3  # only the kept stacks were computed
+    # duration unknown: every grid stack is computed, then a uniform subset is kept
+    seen.clear()
+    row = _run(ex, _constant_frames(101), info=Info(duration=float("nan")))
+    np.testing.assert_allclose(row.times, np.array([0, 40, 90]) / 25)
+    assert len(seen) == 10
+
+
+def test_flow_crop_is_the_centre_of_unpadded_flow() -> None:
+    ex = I3DFlow(stack_size=9, step_size=9, **FAST_FLOW)
+
+    class KnownField(torch.nn.Module):
+        """Flow = padded pixel coordinates / 100 (px), so the crop position is readable from the values."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, num_flow_updates: int = 12) -> list[torch.Tensor]:
+            self.shapes.append(tuple(a.shape))
+            n, _, h, w = a.shape
+            ys, xs = torch.meshgrid(torch.arange(h) / 100.0, torch.arange(w) / 100.0, indexing="ij")
+            return [torch.stack([xs, ys]).expand(n, 2, h, w).clone()]
+
+    stub = KnownField()
+    ex.flow.model = stub
+    crops: list[torch.Tensor] = []
+    original = ex.flow.__class__.__call__
+
+    def spy(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        out = original(self, first, second)
+        crops.append(out)
+        return out
+
+    seen: list[torch.Tensor] = []
+    _fake_i3d(ex, seen)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(ex.flow), "__call__", spy)
+        row = _run(ex, _video(10))
+    assert row.status == Status.OK and len(seen) == 1
+    assert all(s[-2:] == (256, 344) for s in stub.shapes)  # 341 wide frames padded to 344 (1 left, 2 right)
+    assert all(tuple(c.shape[-2:]) == (256, 341) for c in crops)  # flow handed to the crop is unpadded
+    stack = seen[0]  # (2, 9, 224, 224), scaled by 1/20
+    rows, cols = torch.meshgrid(torch.arange(224.0), torch.arange(224.0), indexing="ij")
+    expected_x = (cols + 58 + 1) / 100 / 20  # crop left = (341-224)//2 = 58, +1 px left padding removed
+    expected_y = (rows + 16) / 100 / 20  # crop top = (256-224)//2 = 16, no vertical padding
+    for t in range(9):
+        torch.testing.assert_close(stack[0, t], expected_x)
+        torch.testing.assert_close(stack[1, t], expected_y)
+
+
+# ---- absent rows -----------------------------------------------------------------------------------------------
+
+
+def test_image_and_too_short_video_are_absent() -> None:
+    flow = I3DFlow(stack_size=10, step_size=10, **FAST_FLOW)
+    rgb = I3DRgb(random_init=True, stack_size=10, step_size=10, device="cpu")
+    image = Info(kind="image", duration=0.0)
+    frame = _video(1)
+    for ex, reason in ((flow, "no_motion"), (rgb, "too_short")):
+        row = _run(ex, frame, info=image)
+        assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, reason, (0, 1024))
+        row = _run(ex, _video(10))  # one frame short of a 10-frame stack
+        assert (row.status, row.reason) == (Status.ABSENT, "too_short")
+        assert "11" in row.message
+        row = _run(ex, _video(1)[:0], info=Info(duration=1.0))
+        assert (row.status, row.reason) == (Status.ABSENT, "no_video")
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="stack_size must be >= 9"):
+        I3DRgb(random_init=True, stack_size=8)
+    with pytest.raises(ValueError, match="unknown source"):
+        I3DRgb(random_init=True, source="nope")
+    with pytest.raises(TypeError, match="unknown options"):
+        I3DRgb(random_init=True, bogus=1)
+
+
+# ---- real networks, random weights -----------------------------------------------------------------------------
+
+
+def test_registered_and_rgb_end_to_end() -> None:
+    assert {"i3d_flow", "i3d_rgb"} <= set(list_extractors())
+    ex = create_extractor("i3d_rgb", random_init=True, seed=1, stack_size=9, step_size=9, device="cpu")
+    assert ex.spec.dim == 1024 and ex.spec.name == "i3d_rgb"
+    row = _run(ex, _video(19))
+    assert row.status == Status.OK and row.values.shape == (2, 1024) and row.values.dtype == np.float16
+    np.testing.assert_allclose(row.times, [0.0, 0.36])
+    assert np.isfinite(row.values.astype(np.float32)).all() and np.abs(row.values).sum() > 0
+
+
+def test_flow_end_to_end_shapes_times_and_determinism() -> None:
+    frames = _video(21)
+    a = create_extractor("i3d_flow", stack_size=10, step_size=10, seed=2, **FAST_FLOW)
+    b = create_extractor("i3d_flow", stack_size=10, step_size=10, seed=2, **FAST_FLOW)
+    ra, rb = _run(a, frames, chunk=21), _run(b, frames, chunk=4)
+    assert ra.status == Status.OK and ra.values.shape == (2, 1024)
+    np.testing.assert_allclose(ra.times, [0.0, 0.4])
+    np.testing.assert_array_equal(ra.values, rb.values)  # same seed, different decode chunking: same bytes
+    assert not np.array_equal(ra.values[0], ra.values[1])
+    prov = a.provenance()
+    assert prov["weights"] == {"random": True, "seed": 2}
+    assert prov["options"]["flow"]["weights"] == {"random": True, "seed": 2}
+    assert prov["options"]["flow"]["num_flow_updates"] == 2
+
+
+def test_flow_with_default_raft_large() -> None:
+    ex = create_extractor("i3d_flow", random_init=True, stack_size=9, step_size=9, num_flow_updates=1,
+                          quantize_uint8=True, device="cpu")
+    assert ex.flow.arch == "raft_large" and ex.flow.num_flow_updates == 1
+    row = _run(ex, _video(10))
+    assert row.status == Status.OK and row.values.shape == (1, 1024)
+    assert ex.provenance()["options"]["flow_scaling"].startswith("uint8")
+
+
+# ---- weights files ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["hassony2", "piergiaj"])
+def test_real_layout_checkpoints_load_into_the_extractor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    torch.manual_seed(5)
+    reference = InceptionI3d(2, 400).eval()
+    spec = I3D_WEIGHTS["video_features.flow"]
+    torch.save(export_state_dict(reference, layout), tmp_path / spec.filename)
+    raft_spec = RAFT_WEIGHTS["raft_small.C_T_V2"]
+    torch.save(raft_small(weights=None).state_dict(), tmp_path / raft_spec.filename)
+    digest = hashlib.sha256((tmp_path / raft_spec.filename).read_bytes()).hexdigest()
+    monkeypatch.setitem(RAFT_WEIGHTS, raft_spec.name, dataclasses.replace(raft_spec, sha256=digest))
+    ex = I3DFlow(weights_dir=tmp_path, raft=raft_spec.name, num_flow_updates=1, stack_size=9, device="cpu")
+    for name, value in ex.model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=0)
+    prov = ex.provenance()
+    i3d_digest = hashlib.sha256((tmp_path / spec.filename).read_bytes()).hexdigest()
+    assert prov["weights"] == {"file": "i3d_flow.pt", "sha256": i3d_digest}
+    assert prov["options"]["checkpoint_layout"] == layout
+    assert prov["options"]["flow"]["weights"] == {"file": raft_spec.filename, "sha256": digest}
+    rgb_file = tmp_path / "rgb.pt"
+    torch.save(export_state_dict(InceptionI3d(3, 400), layout), rgb_file)
+    with pytest.raises(I3DCheckpointError, match="RGB-input model.*flow"):
+        I3DFlow(weights_path=rgb_file, raft=raft_spec.name, weights_dir=tmp_path, device="cpu")
+
+
+# ---- through the decoder -----------------------------------------------------------------------------------
+
+
+def _write_lossless(path: Path, frames: np.ndarray) -> None:
+    """25 fps lossless mkv (libx264rgb, crf 0)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
+        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for f in frames:
+            c.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(v.encode())
+
+
+def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: Path) -> None:
+    pytest.importorskip("extract.decode", reason="extract.decode not written yet")
+    frames = _video(30)
+    path = tmp_path / "clip.mkv"
+    _write_lossless(path, frames)
+    ex = create_extractor("i3d_flow", stack_size=12, step_size=12, **FAST_FLOW)
+    row = ex.extract_path(path)
+    assert row.status == Status.OK and row.values.shape == (2, 1024)
+    np.testing.assert_allclose(row.times, [0.0, 0.48])
+    np.testing.assert_array_equal(row.values, _run(ex, frames).values)
+    short = tmp_path / "short.mkv"
+    _write_lossless(short, frames[:12])
+    assert ex.extract_path(short).reason == "too_short"

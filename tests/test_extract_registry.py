@@ -1,0 +1,227 @@
+"""Every registered extractor, random weights: spec/weights fields, shapes, dtypes, masks, times, determinism, ABSENT.
+
+Item extractors get a synthetic 2 s 64x48 clip (a moving pattern + a 440 Hz tone at 16 kHz) fed through
+sessions exactly as the pipeline does; caption extractors get a few captions. When `extract.decode` exists the
+same clip is also written losslessly with PyAV and run through `extract_path`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+import extract
+from extract import create_extractor, list_extractors, transforms
+from extract._api import CaptionExtractor, Extractor, FrameStepExtractor
+from store.schema import FeatureRows, FeatureSpec, Status
+
+NAMES = list_extractors()
+FPS, SECONDS, H, W, SR = 25, 2.0, 48, 64, 16000
+# Options that keep the slow references small on 2 CPU cores (only for extractors that have them).
+FAST: dict[str, dict[str, Any]] = {
+    "i3d_rgb": {"stack_size": 16, "step_size": 16},
+    "i3d_flow": {"stack_size": 16, "step_size": 16, "raft": "raft_small.C_T_V2", "num_flow_updates": 2},
+}
+CAPTIONS = ["A man is walking his dog in the park.", "", "qzxv wvvq", "the cat"]
+
+
+def clip_frames(n: int = int(FPS * SECONDS)) -> np.ndarray:
+    """Seeded smooth pattern moving 1 px down / 2 px right per frame, uint8 (n, H, W, 3)."""
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(0, 256, (H // 4 + 2, W // 4 + 2, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+    return np.stack([np.roll(base, (k, 2 * k), axis=(0, 1))[:H, :W] for k in range(n)])
+
+
+def tone(seconds: float = SECONDS) -> np.ndarray:
+    """440 Hz sine at 16 kHz, float32 mono."""
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.5 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)
+
+
+_CACHE: dict[str, Extractor] = {}
+
+
+def write_word2vec(path: Path) -> Path:
+    """A tiny word2vec binary file (the real GoogleNews file is not available offline)."""
+    words = ["a", "man", "is", "walking", "his", "dog", "in", "the", "park", "cat"]
+    rng = np.random.default_rng(1)
+    with open(path, "wb") as f:
+        f.write(f"{len(words)} 8\n".encode())
+        for w in words:
+            f.write(w.encode() + b" " + rng.standard_normal(8).astype("<f4").tobytes() + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _word2vec_file(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point the word2vec extractor at a tiny file."""
+    FAST["word2vec"] = {"weights_path": write_word2vec(tmp_path_factory.mktemp("w2v") / "tiny.bin")}
+
+
+def get(name: str) -> Extractor:
+    """One random-weights CPU instance per extractor for the whole module."""
+    if name not in _CACHE:
+        _CACHE[name] = create_extractor(name, random_init=True, device="cpu", **FAST.get(name, {}))
+    return _CACHE[name]
+
+
+def run(ex: Extractor, frames: np.ndarray, audio: np.ndarray | None, kind: str = "video") -> FeatureRows:
+    """Stream frames (batches of 8) and audio (0.5 s chunks) through a session, as the pipeline does."""
+    duration = 0.0 if kind == "image" else len(frames) / FPS
+    info = SimpleNamespace(path="synthetic.mkv", kind=kind, duration=duration, has_audio=audio is not None,
+                           width=W, height=H, fps=float(FPS))
+    s = ex.start(info)  # type: ignore[arg-type]
+    if ex.needs_frames:
+        for a in range(0, len(frames), 8):
+            idx = np.arange(a, min(a + 8, len(frames)), dtype=np.int64)
+            s.add_frames(SimpleNamespace(frames=frames[idx], times=idx / FPS, index=idx))  # type: ignore[arg-type]
+    if ex.needs_audio and audio is not None:
+        for a in range(0, len(audio), SR // 2):
+            s.add_audio(audio[a : a + SR // 2])
+    return s.finish()
+
+
+def check_row(spec: FeatureSpec, r: FeatureRows) -> None:
+    """The row agrees with the spec: shapes, dtypes, masks, times, extras."""
+    assert r.status in (Status.OK, Status.ABSENT)
+    n = r.values.shape[0]
+    trailing = (spec.slots, spec.dim) if spec.slots else (spec.dim,)
+    assert r.values.shape[1:] == trailing and n <= spec.max_steps
+    assert r.times.shape == (n,)
+    if r.status == Status.ABSENT:
+        assert n == 0 and r.reason, "ABSENT rows are empty and say why"
+        return
+    assert n >= 1 and np.isfinite(r.values.astype(np.float32)).all()
+    assert np.dtype(r.values.dtype) in (np.dtype(spec.dtype), np.dtype(np.float32))
+    assert r.times.dtype == np.float32 and np.isfinite(r.times).all() and (np.diff(r.times) >= 0).all()
+    if r.mask is not None:
+        assert r.mask.shape == (n,) and r.mask.dtype == bool
+    if spec.slots:
+        assert r.slot_mask is None or (r.slot_mask.shape == (n, spec.slots) and r.slot_mask.dtype == bool)
+    extras = {e.name: e for e in spec.extras}
+    for k, v in r.extras.items():
+        assert k in extras
+        assert v.shape[:1] == (n,) and v.shape[-len(extras[k].shape) or len(v.shape):] == extras[k].shape or \
+            v.shape[1 + (1 if spec.slots else 0):] == extras[k].shape
+
+
+def same(a: FeatureRows, b: FeatureRows) -> None:
+    """Two runs gave identical rows."""
+    assert a.status == b.status and a.reason == b.reason
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.times, b.times)
+    for k in a.extras:
+        np.testing.assert_array_equal(a.extras[k], b.extras[k])
+
+
+@pytest.fixture(scope="module")
+def media() -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic clip's frames and audio."""
+    return clip_frames(), tone()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_and_weights_fields(name: str) -> None:
+    ex = get(name)
+    spec = ex.spec
+    assert isinstance(spec, FeatureSpec) and spec.name == name
+    assert FeatureSpec.from_json(spec.to_json()) == spec
+    assert spec.axis == ("caption" if isinstance(ex, CaptionExtractor) else "item")
+    assert spec.modality in ("appearance", "motion", "audio", "face", "clip", "text", "words")
+    w = ex.weights
+    assert w is not None, "every extractor declares its weights spec"
+    assert w.filename and "/" not in w.filename and w.url and w.name
+    assert re.fullmatch(r"[0-9a-f]*", w.sha256) and len(w.sha256) in (0, 8, 64) or len(w.sha256) >= 6
+    assert w.preset in transforms.PRESETS, f"preset {w.preset!r} not registered in extract.transforms"
+    prov = ex.provenance()
+    assert prov["tvr_version"] and "weights" in prov and "preset" in prov and prov["preset"] in transforms.PRESETS
+    wid = prov["weights"]
+    assert wid == {"random": True, "seed": 0} or (wid.get("file") and re.fullmatch(r"[0-9a-f]{64}", wid["sha256"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_video_rows_shapes_and_determinism(name: str, media: tuple[np.ndarray, np.ndarray]) -> None:
+    ex = get(name)
+    if isinstance(ex, CaptionExtractor):
+        rows = ex.encode_captions(CAPTIONS)
+        assert len(rows) == len(CAPTIONS)
+        for r in rows:
+            check_row(ex.spec, r)
+        assert rows[0].status == Status.OK and rows[1].status == Status.ABSENT
+        for a, b in zip(rows, ex.encode_captions(CAPTIONS)):
+            same(a, b)
+        return
+    frames, audio = media
+    a = run(ex, frames, audio)
+    check_row(ex.spec, a)
+    if ex.spec.modality not in ("face",):  # faces may legitimately be absent from a synthetic pattern
+        assert a.status == Status.OK, f"{name}: {a.reason} {a.message}"
+        assert float(a.times.max()) < SECONDS
+    same(a, run(ex, frames, audio))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_rows(name: str, media: tuple[np.ndarray, np.ndarray]) -> None:
+    ex = get(name)
+    if isinstance(ex, CaptionExtractor):
+        pytest.skip("caption feature")
+    r = run(ex, media[0][:1], None, kind="image")
+    check_row(ex.spec, r)
+    if ex.spec.modality in ("motion", "audio"):
+        assert r.status == Status.ABSENT  # an image has no motion and no audio
+    elif isinstance(ex, FrameStepExtractor):  # frame-level features: one step at t=0
+        assert r.status == Status.OK and r.values.shape[0] == 1
+        np.testing.assert_array_equal(r.times, [0.0])
+
+
+def write_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
+    """Lossless mkv: libx264rgb crf 0 video at 25 fps + 16 kHz mono pcm_s16le audio."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264rgb", rate=FPS, options={"crf": "0"})
+        v.width, v.height, v.pix_fmt = W, H, "rgb24"
+        a = c.add_stream("pcm_s16le", rate=SR, layout="mono")
+        for f in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+        pcm = (audio * 32767).astype(np.int16)[None, :]
+        af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        af.sample_rate = SR
+        for p in a.encode(af):
+            c.mux(p)
+        for p in a.encode():
+            c.mux(p)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extract_path_matches_sessions(name: str, media: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    pytest.importorskip("extract.decode", reason="extract.decode not written yet")
+    ex = get(name)
+    if isinstance(ex, CaptionExtractor):
+        pytest.skip("caption feature")
+    path = tmp_path / "clip.mkv"
+    write_clip(path, *media)
+    r = ex.extract_path(path)
+    check_row(ex.spec, r)
+    if ex.spec.modality in ("appearance", "clip", "motion"):  # lossless video: same frames, same values
+        ref = run(ex, *media)
+        assert r.status == ref.status
+        np.testing.assert_allclose(r.times, ref.times)
+        np.testing.assert_allclose(r.values.astype(np.float32), ref.values.astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
+def test_registry_lists_the_other_helpers_modules_when_present() -> None:
+    import importlib.util
+
+    for mod, names in (("i3d", {"i3d_rgb", "i3d_flow"}), ("vggish", {"vggish"}), ("dlib_face", {"dlib_face"})):
+        if importlib.util.find_spec(f"extract.{mod}") is not None:
+            assert names <= set(NAMES), mod
+    assert extract.list_extractors is list_extractors

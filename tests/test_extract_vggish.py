@@ -1,0 +1,325 @@
+"""VGGish: front end vs an independent NumPy transcription of the TF formulas, network, weights, PCA, extractor."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from extract import WeightsError, create_extractor, vggish, vggish_frontend
+from store.schema import Status
+
+SR = 16000
+
+
+# ---- an independent reference of TF's mel_features / vggish_input (loops, no helpers from extract) ----
+def _ref_log_mel_examples(x: np.ndarray) -> np.ndarray:
+    """TF AudioSet front end, written from its formulas with explicit loops."""
+    win, hop, nfft, bands = 400, 160, 512, 64
+    n_frames = 1 + int(math.floor((len(x) - win) / hop)) if len(x) >= win else 0
+    window = np.array([0.5 - 0.5 * math.cos(2 * math.pi * k / win) for k in range(win)])
+    nbins = nfft // 2 + 1
+    nyq = SR / 2.0
+    mel = lambda f: 1127.0 * math.log(1.0 + f / 700.0)  # noqa: E731
+    bin_mel = [mel(nyq * b / (nbins - 1)) for b in range(nbins)]
+    lo_m, hi_m = mel(125.0), mel(7500.0)
+    edges = [lo_m + (hi_m - lo_m) * i / (bands + 1) for i in range(bands + 2)]
+    w = np.zeros((nbins, bands))
+    for i in range(bands):
+        lower, centre, upper = edges[i], edges[i + 1], edges[i + 2]
+        for b in range(1, nbins):  # DC bin keeps weight 0
+            w[b, i] = max(0.0, min((bin_mel[b] - lower) / (centre - lower), (upper - bin_mel[b]) / (upper - centre)))
+    out = np.zeros((n_frames, bands))
+    for f in range(n_frames):
+        seg = np.zeros(nfft)
+        seg[:win] = x[f * hop : f * hop + win] * window
+        out[f] = np.log(np.abs(np.fft.fft(seg))[:nbins] @ w + 0.01)
+    n_ex = n_frames // 96
+    return np.stack([out[i * 96 : (i + 1) * 96] for i in range(n_ex)]) if n_ex else np.zeros((0, 96, bands))
+
+
+def _signals() -> dict[str, np.ndarray]:
+    """Sine, seeded noise and a chirp, each a little over 2 examples long."""
+    t = np.arange(int(2.2 * SR)) / SR
+    rng = np.random.default_rng(0)
+    return {
+        "sine": 0.5 * np.sin(2 * np.pi * 440.0 * t),
+        "noise": 0.3 * rng.standard_normal(t.shape[0]),
+        "chirp": 0.4 * np.sin(2 * np.pi * (100.0 * t + 0.5 * (6000.0 / 2.2) * t**2)),
+    }
+
+
+@pytest.mark.parametrize("name", ["sine", "noise", "chirp"])
+def test_frontend_matches_independent_tf_reference(name: str) -> None:
+    x = _signals()[name].astype(np.float32)
+    ref = _ref_log_mel_examples(x.astype(np.float64))
+    got = vggish_frontend.waveform_to_examples(x)
+    assert ref.shape == (2, 96, 64) and got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_frontend_example_boundary_and_mel_matrix() -> None:
+    assert vggish_frontend.EXAMPLE_SAMPLES == 15600 and vggish_frontend.EXAMPLE_HOP_SAMPLES == 15360
+    noise = np.random.default_rng(1).standard_normal(15600).astype(np.float32)
+    assert vggish_frontend.waveform_to_examples(noise).shape == (1, 96, 64)
+    assert vggish_frontend.waveform_to_examples(noise[:15599]).shape == (0, 96, 64)
+    assert [vggish_frontend.num_examples(n) for n in (15599, 15600, 30959, 30960)] == [0, 1, 1, 2]
+    w = vggish_frontend.mel_matrix()
+    assert w.shape == (257, 64) and np.all(w[0] == 0) and np.all(w >= 0) and w.max() <= 1.0
+    # bins above 7500 Hz (bin 240 = 7500 Hz) get no weight; each band has a non-empty support
+    assert np.all(w[241:] == 0) and np.all(w.sum(axis=0) > 0)
+
+
+def test_stream_equals_one_shot_and_keeps_only_remainder() -> None:
+    x = _signals()["chirp"].astype(np.float32)
+    x = np.concatenate([x, x])  # 4.4 s -> 4 examples
+    whole = vggish_frontend.waveform_to_examples(x)
+    stream = vggish_frontend.ExampleStream()
+    got_idx, got = [], []
+    for chunk in np.array_split(x, 13):  # uneven chunks that straddle example boundaries
+        idx, ex = stream.add(chunk)
+        got_idx.append(idx)
+        got.append(ex)
+        assert stream._buf.shape[0] < vggish_frontend.EXAMPLE_SAMPLES + chunk.shape[0]
+    np.testing.assert_array_equal(np.concatenate(got_idx), np.arange(whole.shape[0]))
+    np.testing.assert_allclose(np.concatenate(got), whole, atol=1e-6, rtol=0)
+    # a `wanted` subset computes only those examples, with identical values
+    sub = vggish_frontend.ExampleStream(wanted=frozenset({1, 3}))
+    parts = [sub.add(c) for c in np.array_split(x, 5)]
+    idx = np.concatenate([p[0] for p in parts])
+    np.testing.assert_array_equal(idx, [1, 3])
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole[[1, 3]], atol=1e-6, rtol=0)
+    assert sub.examples_seen == 4
+
+
+def test_frontend_rejects_stereo_and_int() -> None:
+    with pytest.raises(ValueError, match="mono"):
+        vggish_frontend.waveform_to_examples(np.zeros((2, 16000), np.float32))
+    with pytest.raises(ValueError, match="float"):
+        vggish_frontend.waveform_to_examples(np.zeros(16000, np.int16))
+
+
+# ---- network, checkpoint, PCA ----
+def _synthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the real torchvggish key names and shapes (hard-coded here on purpose)."""
+    shapes = {
+        "features.0.weight": (64, 1, 3, 3), "features.0.bias": (64,),
+        "features.3.weight": (128, 64, 3, 3), "features.3.bias": (128,),
+        "features.6.weight": (256, 128, 3, 3), "features.6.bias": (256,),
+        "features.8.weight": (256, 256, 3, 3), "features.8.bias": (256,),
+        "features.11.weight": (512, 256, 3, 3), "features.11.bias": (512,),
+        "features.13.weight": (512, 512, 3, 3), "features.13.bias": (512,),
+        "embeddings.0.weight": (4096, 12288), "embeddings.0.bias": (4096,),
+        "embeddings.2.weight": (4096, 4096), "embeddings.2.bias": (4096,),
+        "embeddings.4.weight": (128, 4096), "embeddings.4.bias": (128,),
+    }
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * (1.0 / math.sqrt(max(1, math.prod(s[1:])))) for k, s in shapes.items()}
+
+
+def test_network_shapes_and_key_names() -> None:
+    torch.manual_seed(0)
+    net = vggish.VGGishNet().eval()
+    sd = net.state_dict()
+    ref = _synthetic_state_dict()
+    assert list(sd) == list(ref)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    out = net(torch.randn(3, 1, 96, 64))
+    assert out.shape == (3, 128) and torch.isfinite(out).all()
+
+
+def test_checkpoint_loading_and_variants(tmp_path) -> None:
+    sd = _synthetic_state_dict(seed=3)
+    path = tmp_path / "vggish-synthetic.pth"
+    torch.save(sd, path)
+    net = vggish.load_vggish(path)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = vggish_frontend.waveform_to_examples(_signals()["noise"].astype(np.float32))
+    tf = vggish.embed_examples(net, x, variant="tf")
+    tv = vggish.embed_examples(net, x, variant="torchvggish")
+    assert (tf < 0).any(), "random weights should give some negative pre-ReLU values"
+    np.testing.assert_array_equal(tv, np.maximum(tf, 0))
+    # the flatten order is TF's NHWC: check the first FC input against a manual permute
+    with torch.no_grad():
+        feats = net.features(torch.from_numpy(x[:1, None]))
+        flat = feats[0].permute(1, 2, 0).reshape(-1)
+        assert torch.allclose(net.embeddings[0](flat), net.embeddings[0](feats.permute(0, 2, 3, 1).flatten(1))[0])
+
+
+def test_checkpoint_errors_name_the_file(tmp_path) -> None:
+    sd = _synthetic_state_dict()
+    del sd["embeddings.4.bias"]
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match=r"bad\.pth.*embeddings\.4\.bias"):
+        vggish.load_vggish(bad)
+    sd = _synthetic_state_dict()
+    sd["features.0.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match=r"features\.0\.weight has shape"):
+        vggish.load_vggish(bad)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_pca_file_and_formula(tmp_path, as_numpy: bool) -> None:
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal((128, 128))
+    mu = rng.standard_normal(128)
+    path = tmp_path / "pca.pth"
+    payload = {"pca_eigen_vectors": e, "pca_means": mu.reshape(128, 1)} if as_numpy else {
+        "pca_eigen_vectors": torch.from_numpy(e), "pca_means": torch.from_numpy(mu)}
+    torch.save(payload, path)
+    vecs, means = vggish.load_pca(path)
+    np.testing.assert_array_equal(vecs, e)
+    np.testing.assert_array_equal(means, mu)
+    x = rng.standard_normal((4, 128)) * 0.05
+    trunc = vggish.pca_quantize(x, vecs, means, "truncate")
+    rnd = vggish.pca_quantize(x, vecs, means, "round")
+    # reference, element by element
+    for n in range(4):
+        for d in range(128):
+            v = sum(e[d, j] * (x[n, j] - mu[j]) for j in range(128))
+            s = (min(2.0, max(-2.0, v)) + 2.0) * 255.0 / 4.0
+            assert trunc[n, d] == int(s)
+            assert rnd[n, d] == round(s)  # Python round is half-to-even, as torch.round
+    assert trunc.min() >= 0 and trunc.max() <= 255 and (trunc == 0).any() and (trunc == 255).any()
+    assert (rnd != trunc).any()
+    # 0..255 integers survive float16 exactly
+    np.testing.assert_array_equal(trunc.astype(np.float16).astype(np.float32), trunc)
+
+
+def test_pca_bad_file(tmp_path) -> None:
+    p = tmp_path / "pca.pth"
+    torch.save({"eigen": torch.zeros(128, 128)}, p)
+    with pytest.raises(ValueError, match=r"pca\.pth.*pca_eigen_vectors"):
+        vggish.load_pca(p)
+
+
+# ---- the extractor ----
+def _info(duration: float, has_audio: bool = True, kind: str = "video") -> SimpleNamespace:
+    """A MediaInfo stand-in with the fields the vggish session reads."""
+    return SimpleNamespace(path="mem.mp4", kind=kind, duration=duration, has_audio=has_audio)
+
+
+def _run(ex, audio: np.ndarray, info: SimpleNamespace, chunks: int = 5):
+    """Stream `audio` through a session in uneven chunks."""
+    s = ex.start(info)
+    for c in np.array_split(audio, chunks):
+        s.add_audio(c)
+    return s.finish()
+
+
+def _audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Seeded noise plus a chirp, float32 16 kHz."""
+    t = np.arange(int(seconds * SR)) / SR
+    rng = np.random.default_rng(seed)
+    return (0.2 * rng.standard_normal(t.shape[0]) + 0.3 * np.sin(2 * np.pi * (200 * t + 300 * t**2))).astype(
+        np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_ex():
+    """Random-weight extractor (seeded), float32 on disk so values compare tightly."""
+    return create_extractor("vggish", random_init=True, seed=7, max_steps=8, batch_size=3, dtype="float32",
+                            device="cpu")
+
+
+def test_extractor_stream_matches_one_shot(tiny_ex) -> None:
+    x = _audio(4.0)
+    row = _run(tiny_ex, x, _info(4.0))
+    assert row.status == Status.OK and row.reason == ""
+    assert row.values.shape == (4, 128) and row.values.dtype == np.float32
+    np.testing.assert_allclose(row.times, np.arange(4) * 0.96, atol=1e-6)
+    ref = vggish.embed_examples(tiny_ex.net, vggish_frontend.waveform_to_examples(x), variant="tf")
+    np.testing.assert_allclose(row.values, ref, atol=1e-5, rtol=1e-5)
+    assert row.mask is None or row.mask.all()
+    prov = tiny_ex.provenance()
+    assert prov["weights"] == {"random": True, "seed": 7} and prov["variant"] == "tf"
+    assert prov["options"]["pca"] is False and prov["preset"] == "vggish_logmel"
+    assert tiny_ex.spec.modality == "audio" and tiny_ex.spec.max_steps == 8 and tiny_ex.spec.dim == 128
+
+
+def test_extractor_determinism_and_variants(tiny_ex) -> None:
+    x = _audio(2.0, seed=3)
+    a = _run(tiny_ex, x, _info(2.0), chunks=2).values
+    twin = create_extractor("vggish", random_init=True, seed=7, max_steps=8, dtype="float32", device="cpu")
+    np.testing.assert_array_equal(_run(twin, x, _info(2.0), chunks=7).values, a)
+    tv = create_extractor("vggish", random_init=True, seed=7, variant="torchvggish", dtype="float32", device="cpu")
+    assert tv.provenance()["variant"] == "torchvggish"
+    np.testing.assert_array_equal(_run(tv, x, _info(2.0)).values, np.maximum(a, 0))
+    assert (a < 0).any()
+    with pytest.raises(ValueError, match="variant"):
+        create_extractor("vggish", random_init=True, variant="keras")
+
+
+def test_extractor_pca_option() -> None:
+    ex = create_extractor("vggish", random_init=True, seed=1, pca=True, pca_quantize="round", device="cpu")
+    row = _run(ex, _audio(2.0), _info(2.0))
+    v = row.values.astype(np.float32)
+    assert row.values.dtype == np.float16 and v.shape == (2, 128)
+    assert np.all(v == np.round(v)) and v.min() >= 0 and v.max() <= 255
+    raw = vggish.embed_examples(ex.net, vggish_frontend.waveform_to_examples(_audio(2.0)), variant="tf")
+    np.testing.assert_array_equal(v, vggish.pca_quantize(raw, *ex.pca_params, mode="round"))
+    prov = ex.provenance()
+    assert prov["options"]["pca"] is True and prov["options"]["pca_quantize"] == "round"
+    assert prov["weights"]["pca"] == {"random": True, "seed": 1}
+
+
+def test_absent_no_audio_and_too_short(tiny_ex) -> None:
+    row = tiny_ex.start(_info(3.0, has_audio=False)).finish()
+    assert row.status == Status.ABSENT and row.reason == "no_audio" and row.values.shape == (0, 128)
+    row = tiny_ex.start(_info(0.0, has_audio=False, kind="image")).finish()
+    assert row.reason == "no_audio"
+    short = _audio(1.0)[:15599]
+    row = _run(tiny_ex, short, _info(0.97))
+    assert row.status == Status.ABSENT and row.reason == "too_short" and "15599" in row.message
+    row = _run(tiny_ex, _audio(1.0)[:15600], _info(0.975))
+    assert row.status == Status.OK and row.values.shape == (1, 128)
+
+
+def test_max_steps_spreads_uniformly_and_skips_unused_examples(tiny_ex, monkeypatch) -> None:
+    x = _audio(12.0)  # 12 examples, max_steps 8
+    n = vggish_frontend.num_examples(x.shape[0])
+    assert n == 12
+    keep = vggish.select_examples(n, 8)
+    np.testing.assert_array_equal(keep, [0, 2, 3, 5, 6, 8, 9, 11])
+    full = vggish.embed_examples(tiny_ex.net, vggish_frontend.waveform_to_examples(x), variant="tf")
+    seen: list[int] = []
+    real_embed = tiny_ex.embed
+    monkeypatch.setattr(tiny_ex, "embed", lambda e: (seen.append(e.shape[0]), real_embed(e))[1])
+    planned = _run(tiny_ex, x, _info(12.0), chunks=9)  # duration known: only the kept examples are embedded
+    assert sum(seen) == 8
+    seen.clear()
+    unplanned = _run(tiny_ex, x, _info(float("nan")), chunks=4)  # unknown duration: embed all, pick at the end
+    assert sum(seen) == 12
+    for row in (planned, unplanned):
+        assert row.values.shape == (8, 128)
+        np.testing.assert_allclose(row.times, keep * 0.96, atol=1e-5)
+        np.testing.assert_allclose(row.values, full[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch) -> None:
+    sd_path = tmp_path / "vggish-10086976.pth"
+    torch.save(_synthetic_state_dict(seed=11), sd_path)
+    with pytest.raises(WeightsError, match="checksum mismatch"):  # the pinned digest guards the real file name
+        create_extractor("vggish", weights_dir=tmp_path, device="cpu")
+    digest = hashlib.sha256(sd_path.read_bytes()).hexdigest()
+    monkeypatch.setattr(vggish, "VGGISH_WEIGHTS", dataclasses.replace(vggish.VGGISH_WEIGHTS, sha256=digest))
+    rng = np.random.default_rng(2)
+    pca_path = tmp_path / "vggish_pca_params-970ea276.pth"
+    torch.save({"pca_eigen_vectors": torch.from_numpy(rng.standard_normal((128, 128))),
+                "pca_means": torch.from_numpy(rng.standard_normal(128))}, pca_path)
+    with pytest.raises(WeightsError, match="sha256 prefix"):  # prefix 970ea276 from the file name is checked
+        create_extractor("vggish", weights_dir=tmp_path, pca=True, device="cpu")
+    pca_digest = hashlib.sha256(pca_path.read_bytes()).hexdigest()
+    monkeypatch.setattr(vggish, "VGGISH_PCA", dataclasses.replace(vggish.VGGISH_PCA, sha256=pca_digest))
+    ex = create_extractor("vggish", weights_dir=tmp_path, pca=True, device="cpu")
+    prov = ex.provenance()["weights"]
+    assert prov["file"] == "vggish-10086976.pth" and prov["sha256"] == digest
+    assert prov["pca"] == {"file": "vggish_pca_params-970ea276.pth", "sha256": pca_digest}
+    assert torch.equal(ex.net.state_dict()["embeddings.4.weight"], _synthetic_state_dict(seed=11)["embeddings.4.weight"])

@@ -1,0 +1,159 @@
+"""Weights resolution: one order (path > weights dir > env > hub cache > allowed download), sha256, errors."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from extract import WeightsError, WeightsSpec, resolve_weights
+from extract import _weights as W
+from extract.resnet152 import WEIGHTS as RESNET_WEIGHTS
+
+PAYLOAD = b"fake weights bytes"
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def spec(sha: str = DIGEST, filename: str = "net.pth") -> WeightsSpec:
+    """A spec for the fake payload."""
+    return WeightsSpec("V1", filename, sha, "https://example.org/net.pth", "imagenet_v1")
+
+
+def put(d: Path, data: bytes = PAYLOAD, name: str = "net.pth") -> Path:
+    """Write `data` as d/name."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+    return d / name
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No env weights dir, an empty torch hub dir, a home without caches, and downloads that fail loudly."""
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def no_network(*a: object, **k: object) -> None:
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return hub
+
+
+def test_order_explicit_path_beats_dir_beats_env_beats_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           isolated: Path) -> None:
+    explicit = put(tmp_path / "explicit")
+    wdir = put(tmp_path / "wdir")
+    env = put(tmp_path / "env")
+    hub = put(isolated / "checkpoints")
+    monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(env.parent))
+    s = spec()
+    assert resolve_weights(s, path=explicit, weights_dir=wdir.parent, hub="torch") == explicit
+    assert resolve_weights(s, weights_dir=wdir.parent, hub="torch") == wdir
+    assert resolve_weights(s, hub="torch") == env  # env var when no weights_dir argument
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR)
+    assert resolve_weights(s, hub="torch") == hub  # torch hub checkpoints dir last
+    assert resolve_weights(s, weights_dir=tmp_path / "empty", hub="torch") == hub  # dir without the file: go on
+
+
+def test_sha256_mismatch_names_expected_actual_and_path(tmp_path: Path) -> None:
+    bad = put(tmp_path / "w", b"other bytes")
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(spec(), weights_dir=bad.parent)
+    msg = str(e.value)
+    assert DIGEST in msg and hashlib.sha256(b"other bytes").hexdigest() in msg and str(bad) in msg
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        resolve_weights(spec(), path=bad)
+
+
+def test_prefix_digest_checked_like_torch_hub(tmp_path: Path) -> None:
+    f = put(tmp_path / "w", name=f"net-{DIGEST[:8]}.pth")
+    ok = WeightsSpec("V1", f.name, DIGEST[:8], "u", "imagenet_v1")
+    assert resolve_weights(ok, weights_dir=f.parent) == f
+    from_name = WeightsSpec("V1", f.name, "", "u", "imagenet_v1")  # "" -> prefix from the file name
+    assert W.expected_digest(from_name) == DIGEST[:8]
+    assert resolve_weights(from_name, weights_dir=f.parent) == f
+    wrong = WeightsSpec("V1", f.name, "deadbeef", "u", "imagenet_v1")
+    with pytest.raises(WeightsError, match="prefix.*deadbeef"):
+        resolve_weights(wrong, weights_dir=f.parent)
+    via_meta = WeightsSpec("V1", "plain.pth", "", "u", "raft_flow", meta={"sha256_prefix": "deadbeef"})
+    assert W.expected_digest(via_meta) == "deadbeef"
+
+
+def test_offline_missing_error_text(tmp_path: Path) -> None:
+    s = RESNET_WEIGHTS["IMAGENET1K_V1"]
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(s, weights_dir=tmp_path / "nothing", hub="torch")
+    msg = str(e.value)
+    for needle in (s.filename, s.url, "394f9c45", "--weights-dir", "TVR_WEIGHTS_DIR", str(tmp_path / "nothing"),
+                   "allow_download=True"):
+        assert needle in msg, needle
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_weights(s, path=tmp_path / "missing.pth")
+
+
+def test_download_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    calls: list[tuple[str, str, str | None]] = []
+
+    def fake_download(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        calls.append((url, dst, hash_prefix))
+        Path(dst).write_bytes(PAYLOAD)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    s = spec()
+    with pytest.raises(WeightsError):
+        resolve_weights(s, hub="torch")  # not allowed: no download
+    assert calls == []
+    got = resolve_weights(s, hub="torch", allow_download=True)
+    assert got == isolated / "checkpoints" / "net.pth" and got.read_bytes() == PAYLOAD
+    assert calls == [(s.url, str(got), DIGEST)]
+    with pytest.raises(WeightsError):  # no hub: nothing to download with
+        resolve_weights(spec(filename="other.pth"), allow_download=True)
+
+
+def test_open_clip_hub_cache_is_consulted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    cached = put(tmp_path / "hf", name="open_clip_model.safetensors")
+    seen: list[tuple[str, str]] = []
+
+    def fake_cache(repo_id: str, filename: str, **kw: object) -> str | None:
+        seen.append((repo_id, filename))
+        return str(cached) if filename == "open_clip_model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake_cache)
+    s = WeightsSpec("ViT.tag", "model.bin", DIGEST, "u", "open_clip",
+                    meta={"hf_hub": "org/repo/", "hf_filenames": ("open_clip_model.safetensors",)})
+    assert resolve_weights(s, hub="open_clip") == cached
+    assert seen == [("org/repo", "open_clip_model.safetensors")]
+
+
+def test_load_state_dict_weights_only(tmp_path: Path) -> None:
+    sd = {"w": torch.arange(3.0)}
+    torch.save(sd, tmp_path / "sd.pth")
+    assert torch.equal(W.load_state_dict(tmp_path / "sd.pth")["w"], sd["w"])
+    torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
+    assert torch.equal(W.load_state_dict(tmp_path / "wrapped.pth")["w"], sd["w"])
+
+
+def test_real_weights_provenance_and_loading(tmp_path: Path) -> None:
+    from extract._api import Extractor
+
+    class Tiny(Extractor):
+        name = "tiny"
+
+        def start(self, info: object) -> None:  # type: ignore[override]
+            raise NotImplementedError
+
+    src = torch.nn.Linear(2, 2)
+    torch.save(src.state_dict(), tmp_path / "tiny.pth")
+    digest = hashlib.sha256((tmp_path / "tiny.pth").read_bytes()).hexdigest()
+    s = WeightsSpec("T", "tiny.pth", digest, "u", "imagenet_v1")
+    ex = Tiny(weights_dir=tmp_path)
+    m = ex.build_model(lambda: torch.nn.Linear(2, 2), s)
+    assert torch.equal(m.weight, src.weight)
+    assert ex.provenance()["weights"] == {"file": "tiny.pth", "sha256": digest}
+    with pytest.raises(WeightsError, match="not found"):
+        Tiny(weights_dir=tmp_path / "none").build_model(lambda: torch.nn.Linear(2, 2), s)

@@ -1,0 +1,68 @@
+"""Planning: which rows need work, caption chunking, and worker sizing that cannot starve on small machines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.config import ConfigError, ExtractConfig, load_yaml
+from pipelines.plan import CaptionTask, ItemTask, layout_pools, needs_work, plan_captions, plan_items
+from store.schema import Status
+
+P, O, A, F = int(Status.PENDING), int(Status.OK), int(Status.ABSENT), int(Status.FAILED)
+
+
+def test_needs_work_skips_ok_absent_and_failed_unless_retry() -> None:
+    st = np.array([P, O, A, F], dtype=np.uint8)
+    assert needs_work(st, False).tolist() == [True, False, False, False]
+    assert needs_work(st, True).tolist() == [True, False, False, True]
+
+
+def test_plan_items_groups_features_per_item() -> None:
+    items = [(0, "a", "/a.mp4", "video"), (1, "b", "/b.mp4", "video"), (2, "c", "/c.png", "image"),
+             (3, "d", "/d.mp4", "video")]
+    statuses = {"x": np.array([P, O, F, P], np.uint8), "y": np.array([O, O, P, A], np.uint8)}
+    tasks = plan_items(items, statuses, ["x", "y"], retry_failed=False, skip_ids={"d"})
+    assert tasks == [ItemTask(0, "a", "/a.mp4", "video", ("x",)), ItemTask(2, "c", "/c.png", "image", ("y",))]
+    tasks = plan_items(items, statuses, ["x", "y"], retry_failed=True)
+    assert [(t.row, t.features) for t in tasks] == [(0, ("x",)), (2, ("x", "y")), (3, ("x",))]
+
+
+def test_plan_captions_whole_chunks_merged_up_to_task_size() -> None:
+    st = np.array([O, O, O, P, O, O, P, P, F, O], np.uint8)  # chunks of 2: [0,2) ok, [2,4) todo, ...
+    tasks = plan_captions("t", st, 2, retry_failed=False)
+    assert tasks == [CaptionTask("t", 2, 4), CaptionTask("t", 6, 8)]
+    tasks = plan_captions("t", st, 2, retry_failed=True, rows_per_task=4)
+    assert tasks == [CaptionTask("t", 2, 4), CaptionTask("t", 6, 10)]
+    assert plan_captions("t", np.array([P] * 5, np.uint8), 2, retry_failed=False, rows_per_task=100) == [
+        CaptionTask("t", 0, 5)]
+
+
+def test_layout_cpu_only_fits_the_machine() -> None:
+    (pool,) = layout_pools(["a", "b"], cluster_cpus=2, cluster_gpus=0)
+    assert (pool.actors, pool.num_cpus, pool.num_gpus, pool.threads, pool.device) == (1, 2.0, 0.0, 2, "cpu")
+    (pool,) = layout_pools(["a"], cluster_cpus=2, cluster_gpus=0, workers=4)
+    assert pool.actors * pool.num_cpus <= 2 and pool.threads == 1  # fractional CPUs: all 4 actors start
+
+
+def test_layout_gpus_split_dlib_to_cpu_pool() -> None:
+    pools = layout_pools(["resnet152", "dlib_face"], cluster_cpus=16, cluster_gpus=2)
+    gpu, cpu = pools
+    assert gpu.features == ("resnet152",) and gpu.actors == 2 and gpu.num_gpus == 1 and gpu.device == "cuda"
+    assert cpu.features == ("dlib_face",) and cpu.device == "cpu" and cpu.num_gpus == 0
+    assert gpu.actors * gpu.num_cpus + cpu.actors * cpu.num_cpus <= 16
+    (half,) = layout_pools(["clip"], cluster_cpus=4, cluster_gpus=1, gpus_per_worker=0.5)
+    assert half.actors == 2 and half.num_gpus == 0.5
+
+
+def test_config_yaml_and_unknown_keys(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("source: data\nstore: out.zarr\nfeatures: resnet152,clip\nmax-retries: 5\nplugins: [my.mod]\n")
+    cfg = ExtractConfig.from_mapping(load_yaml(f)).validate()
+    assert cfg.features == ["resnet152", "clip"] and cfg.max_retries == 5 and cfg.plugins == ["my.mod"]
+    with pytest.raises(ConfigError, match="unknown key 'wrokers'"):
+        ExtractConfig.from_mapping({"wrokers": 2})
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        ExtractConfig(source="s", store="t", workers=0).validate()
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_yaml(f)

@@ -1,0 +1,305 @@
+"""End to end with real Ray: store contents, statuses and reasons, resume, retries of dead workers, inputs, exit codes.
+
+One local Ray session (2 CPUs) is shared by the module; the pipeline reuses it. Extractors are the cheap
+deterministic ones in tests/pipelines_testext.py, loaded in the driver and every worker with --plugins.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from store.schema import Status
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext")
+OK, ABSENT, FAILED, PENDING = int(Status.OK), int(Status.ABSENT), int(Status.FAILED), int(Status.PENDING)
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One in-process local Ray for the module; workers get the repo root on their path."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 25, audio: np.ndarray | None = None) -> None:
+    """Lossless RGB video (libx264rgb crf 0), optionally with 16 kHz PCM audio."""
+    t, h, w, _ = frames.shape
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264rgb", rate=fps)
+        vs.width, vs.height, vs.pix_fmt, vs.options = w, h, "rgb24", {"crf": "0"}
+        a = None
+        if audio is not None:
+            a = c.add_stream("pcm_s16le", rate=16000)
+            a.layout = "mono"
+        for f in frames:
+            for p in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        if a is not None:
+            fr = av.AudioFrame.from_ndarray((np.clip(audio, -1, 1) * 32767).astype(np.int16)[None], format="s16",
+                                            layout="mono")
+            fr.sample_rate = 16000
+            for p in list(a.encode(fr)) + list(a.encode()):
+                c.mux(p)
+
+
+def write_image(path: Path, img: np.ndarray) -> None:
+    """Lossless PNG."""
+    from PIL import Image
+
+    Image.fromarray(img).save(path)
+
+
+def make_dataset(root: Path, n_good: int = 4) -> tuple[Path, dict[str, np.ndarray]]:
+    """~10 items: videos (with/without audio), images, a scripted extractor failure and bad files; JSONL."""
+    rng = np.random.default_rng(0)
+    media = root / "media"
+    media.mkdir(parents=True)
+    expect: dict[str, np.ndarray] = {}
+    rows = []
+    for i in range(n_good):
+        frames = rng.integers(0, 256, (8 + i, 12, 16, 3), dtype=np.uint8)
+        audio = np.sin(np.arange(6000) * (0.01 + i * 0.01)) * 0.5 if i % 2 == 0 else None
+        write_video(media / f"v{i}.mkv", frames, audio=audio)
+        expect[f"v{i}"] = frames
+        rows.append({"id": f"v{i}", "path": f"media/v{i}.mkv", "captions": [f"video {i}", f"clip number {i}"]})
+    for i in range(2):
+        img = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+        write_image(media / f"img{i}.png", img)
+        expect[f"img{i}"] = img[None]
+        rows.append({"id": f"img{i}", "path": f"media/img{i}.png", "kind": "image", "captions": [f"image {i}"]})
+    frames = rng.integers(0, 256, (6, 12, 16, 3), dtype=np.uint8)
+    write_video(media / "boom.mkv", frames)
+    (media / "corrupt.mp4").write_text("this is not a video\n")
+    (media / "zero.mp4").write_bytes(b"")
+    good = (media / "v0.mkv").read_bytes()
+    (media / "truncated.mkv").write_bytes(good[: len(good) // 2])
+    rows += [{"id": "boom", "path": "media/boom.mkv", "captions": ["kaboom"]},
+             {"id": "corrupt", "path": "media/corrupt.mp4"}, {"id": "zero", "path": "media/zero.mp4"},
+             {"id": "truncated", "path": "media/truncated.mkv"}, {"id": "missing", "path": "media/missing.mp4"}]
+    man = root / "manifest.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return man, expect
+
+
+def _run(man: Path | str, store: Path, *extra: str, features: str = "test_mean,test_rms,test_caption") -> int:
+    return main([str(man), "--store", str(store), "--features", features, "--plugins", PLUGIN, "--no-progress",
+                 *extra])
+
+
+def _open(store: Path):  # type: ignore[no-untyped-def]
+    from store.zarr_store import FeatureStore
+
+    return FeatureStore.open(str(store))
+
+
+def _by_id(fs, feature: str) -> dict[str, tuple[int, str]]:  # type: ignore[no-untyped-def]
+    ids = [str(i) for i in fs.items().id] if fs.spec(feature).axis == "item" else [str(i) for i in fs.captions().id]
+    return {i: (int(s), str(r)) for i, s, r in zip(ids, fs.status(feature), fs.reasons(feature))}
+
+
+def test_store_contents_statuses_reasons_and_resume(ray_session: None, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    man, expect = make_dataset(tmp_path)
+    store = tmp_path / "s.zarr"
+    assert _run(man, store) == 1  # bad files FAILED -> exit 1
+    out = capsys.readouterr().out
+    assert "test_mean" in out and "decode_error" in out and "missing_file" in out
+    fs = _open(store)
+    mean, rms = _by_id(fs, "test_mean"), _by_id(fs, "test_rms")
+    for i in ("v0", "v1", "v2", "v3", "img0", "img1"):
+        assert mean[i][0] == OK, (i, mean[i])
+    assert rms["v0"][0] == OK and rms["v2"][0] == OK
+    assert rms["v1"] == (ABSENT, "no_audio") and rms["img0"] == (ABSENT, "no_audio")
+    assert mean["boom"] == (FAILED, "extractor_error") and rms["boom"] == (ABSENT, "no_audio")
+    for bad in ("corrupt", "zero"):
+        assert mean[bad] == (FAILED, "decode_error") and rms[bad] == (FAILED, "decode_error")
+    assert mean["truncated"][0] == FAILED and mean["truncated"][1] in ("truncated", "decode_error"), mean["truncated"]
+    assert mean["missing"] == (FAILED, "missing_file") and rms["missing"] == (FAILED, "missing_file")
+    # values: exact per-frame mean colours of the lossless inputs, masks and times per step
+    batch = fs.read("test_mean")
+    rows = {str(i): r for r, i in enumerate(fs.items().id)}
+    for item, frames in expect.items():
+        r = rows[item]
+        want = frames.reshape(len(frames), -1, 3).astype(np.float64).mean(axis=1) / 255.0
+        np.testing.assert_allclose(batch.values[r, : len(frames)], want, rtol=0, atol=1e-6)
+        assert batch.mask[r].sum() == len(frames)
+    caps = _by_id(fs, "test_caption")
+    assert set(s for s, _ in caps.values()) == {OK} and len(caps) == 4 * 2 + 2 + 1
+    cbatch = fs.read("test_caption")
+    texts = [str(t) for t in fs.captions().text]
+    np.testing.assert_array_equal(cbatch.values[:, 0, 0], [len(t) for t in texts])
+    before = {f: fs.read(f).values.copy() for f in ("test_mean", "test_rms")}
+
+    # resume: nothing left to do without --retry-failed; FAILED rows redone (and FAILED again) with it
+    assert _run(man, store) == 1
+    assert "0 task(s)" in capsys.readouterr().out
+    assert _run(man, store, "--retry-failed") == 1
+    assert "5 task(s)" in capsys.readouterr().out  # boom, corrupt, zero, truncated (+ missing: no task)
+    fs = _open(store)
+    for f, v in before.items():
+        np.testing.assert_array_equal(fs.read(f).values, v)
+
+
+def test_added_feature_fills_only_that_feature_and_folder_input(ray_session: None, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    man, _ = make_dataset(tmp_path, n_good=2)
+    for bad in ("boom.mkv", "corrupt.mp4", "zero.mp4", "truncated.mkv"):
+        (tmp_path / "media" / bad).unlink()
+    store = tmp_path / "f.zarr"
+    assert _run(tmp_path / "media", store, features="test_mean") == 0
+    capsys.readouterr()
+    fs = _open(store)
+    assert sorted(str(i) for i in fs.items().id) == ["img0.png", "img1.png", "v0.mkv", "v1.mkv"]
+    first = fs.read("test_mean").values.copy()
+    assert _run(tmp_path / "media", store, features="test_mean,test_rms") == 0
+    assert "4 task(s)" in capsys.readouterr().out
+    fs = _open(store)
+    np.testing.assert_array_equal(fs.read("test_mean").values, first)
+    assert fs.coverage()["test_rms"] == {"ok": 1, "absent": 3, "failed": 0, "pending": 0}
+
+
+def test_csv_manifest_captions(ray_session: None, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    write_image(tmp_path / "m" / "a.png", np.full((4, 4, 3), 7, np.uint8))
+    write_video(tmp_path / "m" / "b.mkv", np.full((3, 4, 4, 3), 9, np.uint8))
+    man = tmp_path / "m.csv"
+    man.write_text("id,path,caption\na,m/a.png,first\nb,m/b.mkv,second\na,m/a.png,third\n")
+    store = tmp_path / "c.zarr"
+    assert _run(man, store) == 0
+    fs = _open(store)
+    assert [str(c) for c in fs.captions().text] == ["first", "third", "second"]
+    assert fs.coverage()["test_caption"]["ok"] == 3
+    assert float(fs.read("test_mean").values[0, 0, 0]) == pytest.approx(7 / 255)
+
+
+def test_worker_dies_once_is_retried_and_always_is_worker_died(ray_session: None, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("ok_a", "die_once", "die_always", "ok_b"):
+        write_video(media / f"{name}.mkv", np.full((4, 8, 8, 3), 40, np.uint8))
+    store = tmp_path / "d.zarr"
+    assert _run(media, store, "--max-retries", "1", features="test_mean") == 1
+    out = capsys.readouterr().out
+    assert "worker_died" in out
+    fs = _open(store)
+    st = _by_id(fs, "test_mean")
+    assert st["die_once.mkv"] == (OK, "") and st["ok_a.mkv"][0] == OK and st["ok_b.mkv"][0] == OK
+    assert st["die_always.mkv"] == (FAILED, "worker_died")
+    assert (media / "die_once.mkv.died").exists()
+    assert "2 retried" in out  # die_once once, die_always once (then the bound)
+
+
+def test_input_errors_exit_2(ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    man, _ = make_dataset(tmp_path, n_good=1)
+    assert _run(man, tmp_path / "x.zarr", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "1 item file(s)" in err and "missing" in err and "--strict" in err
+    assert not (tmp_path / "x.zarr").exists()  # nothing was started
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "path": "media/v0.mkv"}\n{"id": "a", "path": "media/v0.mkv"}\n')
+    assert _run(dup, tmp_path / "y.zarr") == 2
+    assert "duplicate item id 'a'" in capsys.readouterr().err
+    assert _run(man, tmp_path / "z.zarr", features="nope") == 2
+    assert "unknown feature(s) ['nope']" in capsys.readouterr().err
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_sigkill_driver_then_rerun_matches_clean_run(ray_session: None, tmp_path: Path) -> None:
+    man, _ = make_dataset(tmp_path, n_good=6)
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text("extractor_options:\n  test_mean: {delay: 0.15}\n")
+    clean = tmp_path / "clean.zarr"
+    assert _run(man, clean, "--config", str(cfg), features="test_mean,test_rms") == 1
+    killed = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "pipelines.extract", str(man), "--store", str(killed), "--features",
+           "test_mean,test_rms", "--plugins", PLUGIN, "--config", str(cfg), "--no-progress", "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        done = 0
+        while time.time() < deadline and proc.poll() is None:  # wait until items are being written
+            if (killed / "test_mean" / "status").exists():
+                try:
+                    done = int((_open(killed).status("test_mean") != PENDING).sum())
+                except Exception:
+                    done = 0
+                if done >= 1:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(random.uniform(0.0, 1.0))
+    finally:
+        _kill_driver_and_its_ray(proc)
+    partial = _open(killed).coverage()["test_mean"]
+    assert partial["pending"] > 0, partial  # it really was interrupted
+    assert _run(man, killed, "--config", str(cfg), features="test_mean,test_rms") == 1
+    a, b = _open(clean), _open(killed)
+    for f in ("test_mean", "test_rms"):
+        np.testing.assert_array_equal(a.status(f), b.status(f))
+        np.testing.assert_array_equal(a.reasons(f), b.reasons(f))
+        ra, rb = a.read(f), b.read(f)
+        np.testing.assert_array_equal(ra.values, rb.values)
+        np.testing.assert_array_equal(ra.mask, rb.mask)
+        np.testing.assert_array_equal(ra.time, rb.time)
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every process, from /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(d)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, the local Ray it started (its process group) and that Ray's workers, by pid."""
+    table = _proc_table()
+    group = {p for p, (_, g) in table.items() if g == proc.pid}
+    workers = {p for p, (pp, _) in table.items() if pp in group} - group  # actors run in their own groups
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in sorted(group | workers):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.time() + 30
+    while time.time() < end and any(p in _proc_table() for p in group | workers):
+        time.sleep(0.2)

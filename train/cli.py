@@ -1,0 +1,168 @@
+"""`tvr-train`: train MEE / T-MASS / X-Pool on a tvr feature store, or evaluate a run.
+
+    tvr-train mee|tmass|xpool --store STORE --out RUN [--config FILE.yaml] [--epochs E] [--batch-size B]
+              [--lr LR] [--device auto|cpu|cuda] [--seed S] [--image-rate A] [--zero-fill-missing] [--resume]
+              [--stop-after N]
+    tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last]
+
+Config precedence: model defaults < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from train.config import MODELS, ConfigError, build_config, config_from_run_yaml, load_yaml
+
+_FLAGS = {  # CLI dest -> TrainConfig key
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "device": "device",
+    "seed": "seed",
+    "image_rate": "image_rate",
+    "eval_chunk": "eval_chunk",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvr-train", description="Train or evaluate text-video retrieval models on a tvr store.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{mee,tmass,xpool,eval}")
+    for name in MODELS:
+        t = sub.add_parser(name, help=f"train {name} (writes RUN/config.yaml, last.pt, best.pt, metrics*, PNGs)")
+        t.add_argument("--store", help="tvr store path (required unless --resume finds it in RUN/config.yaml)")
+        t.add_argument("--out", required=True, metavar="RUN", help="run directory")
+        t.add_argument("--config", metavar="FILE.yaml", help="YAML with TrainConfig keys (model_config: nested)")
+        t.add_argument("--epochs", type=int)
+        t.add_argument("--batch-size", type=int)
+        t.add_argument("--lr", type=float)
+        t.add_argument("--device", choices=("auto", "cpu", "cuda"))
+        t.add_argument("--seed", type=int)
+        t.add_argument("--image-rate", type=float, help="alpha: images mixed in per epoch = min(n_images, alpha*n_videos)")
+        t.add_argument("--eval-chunk", type=int, help="texts per similarity chunk at evaluation")
+        t.add_argument("--zero-fill-missing", action="store_true", help="ablation: missing modalities as zero vectors")
+        t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+        t.add_argument(
+            "--stop-after", type=int, metavar="N", help="stop after N completed epochs (e.g. job time limits); then --resume"
+        )
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint; prints a table and writes RUN/metrics_<split>.json")
+    e.add_argument("run", metavar="RUN")
+    e.add_argument("--store", help="store path (default: the one in RUN/config.yaml)")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--json", metavar="PATH", help="where to write the metrics (default RUN/metrics_<split>.json)")
+    return p
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Fixed-width table of t2v/v2t metrics (and multiple-choice accuracy when present)."""
+    keys = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
+    lines = ["dir  " + "".join(f"{k:>9}" for k in keys)]
+    for d in ("t2v", "v2t"):
+        if d in metrics:
+            lines.append(f"{d:<5}" + "".join(f"{float(metrics[d].get(k, float('nan'))):>9.2f}" for k in keys))
+    if "multiple_choice" in metrics:
+        mc = metrics["multiple_choice"]
+        lines.append(f"multiple choice accuracy {mc['accuracy']:.4f} ({mc['n_questions']} questions)")
+    return "\n".join(lines)
+
+
+def _open_store(url: str):
+    from store.zarr_store import FeatureStore
+
+    if not Path(url).exists():
+        raise FileNotFoundError(f"store {url} does not exist; create it with tvr-extract or tvr-store synth")
+    return FeatureStore.open(url)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from train.data import StoreData
+    from train.engine import CONFIG_FILE, LAST, RunError, fit
+
+    run = Path(args.out)
+    overrides: dict[str, Any] = {}
+    store_url = args.store
+    if args.resume:
+        if not (run / LAST).is_file():
+            raise RunError(f"--resume: {run / LAST} does not exist; start without --resume")
+        base, extra = config_from_run_yaml(run / CONFIG_FILE)
+        if base.model != args.command:
+            raise ConfigError(f"{run / CONFIG_FILE}: run trains {base.model!r}, not {args.command!r}")
+        overrides.update({k: v for k, v in base.__dict__.items() if k != "model"})
+        store_url = store_url or extra.get("store")
+    elif (run / LAST).exists():
+        raise RunError(f"{run} already holds a run ({LAST}); pass --resume to continue it or choose another --out")
+    if args.config:
+        overrides.update(load_yaml(args.config))
+    for dest, key in _FLAGS.items():
+        if getattr(args, dest) is not None:
+            overrides[key] = getattr(args, dest)
+    if args.zero_fill_missing:
+        overrides["zero_fill_missing"] = True
+    cfg = build_config(args.command, overrides, where=args.config or "command line")
+    if not store_url:
+        raise ConfigError("--store STORE is required")
+    store = _open_store(store_url)
+    data = StoreData(store, store_url, cfg.model, cache_bytes=cfg.cache_bytes, zero_fill_missing=cfg.zero_fill_missing)
+    metrics = fit(
+        cfg, data, run, store_url=store_url, resume=args.resume, stop_after=args.stop_after,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    if metrics is None:
+        print(f"stopped early; continue with: tvr-train {cfg.model} --out {run} --resume")
+        return 0
+    print(f"test split ({cfg.test_split}), best epoch {metrics['best_epoch']}:")
+    print(format_table(metrics))
+    print(f"wrote {run}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from train.data import StoreData
+    from train.engine import BEST, CONFIG_FILE, LAST, RunError, evaluate_run
+
+    run = Path(args.run)
+    if not (run / CONFIG_FILE).is_file():
+        raise RunError(f"{run} is not a tvr-train run (no {CONFIG_FILE}); train with tvr-train MODEL --out {run}")
+    cfg, extra = config_from_run_yaml(run / CONFIG_FILE)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
+    store_url = args.store or extra.get("store")
+    if not store_url:
+        raise ConfigError(f"{run / CONFIG_FILE} names no store; pass --store STORE")
+    store = _open_store(store_url)
+    data = StoreData(store, store_url, cfg.model, cache_bytes=cfg.cache_bytes, zero_fill_missing=cfg.zero_fill_missing, splits=(args.split,))
+    metrics = evaluate_run(cfg, data, run, args.split, BEST if args.checkpoint == "best" else LAST)
+    out = Path(args.json) if args.json else run / f"metrics_{args.split}.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"{run} ({args.checkpoint} checkpoint) on split {args.split}: {metrics['n_queries']} queries, {metrics['n_videos']} videos")
+    print(format_table(metrics))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tvr-train`; returns the exit code."""
+    from store.schema import StoreError
+    from train.data import DataError
+    from train.engine import RunError
+
+    args = _parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return _eval(args) if args.command == "eval" else _train(args)
+    except (ConfigError, DataError, RunError, StoreError, FileNotFoundError) as exc:
+        print(f"tvr-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

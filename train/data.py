@@ -1,0 +1,284 @@
+"""Training/evaluation data read from a tvr feature store, batched per the design §3 contract.
+
+- Features are read lazily. A feature's selected rows are loaded once into float32 tensors when their
+  estimated size fits the remaining `cache_bytes` budget; otherwise rows are read from the store per batch.
+- Availability `f_avail` is `status == OK`; unavailable rows have zero values and all-False masks.
+  Faces (slot features) are flattened to (B, T*K, D) with mask = step mask & slot mask.
+- Training: one epoch = every train video with a usable caption, plus `min(n_images, int(image_rate *
+  n_videos))` random train images (kind "image"), shuffled together; each item gets one random caption per
+  epoch. A final batch smaller than 2 is dropped (in-batch contrastive losses and BatchNorm need >= 2).
+- Evaluation: every video of the split with at least one available video feature; queries are all of their
+  captions with an OK text feature (t2v); `query_item[q]` is the video index of caption q.
+- Splits come from `item_split`. If every item has split "", a deterministic fallback is used with a warning:
+  sha1(item id) mapped to [0, 1): < 0.8 train, < 0.9 val, else test (images always train).
+- `zero_fill_missing` (ablation): unavailable rows are reported available with zero values and the first step
+  (first slot for faces) marked valid, as in the original MEE's zero vectors.
+- Multiple choice: the root attribute `tvr_choices` (see `store/synth.py`) lists questions by item/caption id.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from store.schema import FeatureSpec, Status
+
+# model -> (video features, text feature)
+MODEL_FEATURES: dict[str, tuple[tuple[str, ...], str]] = {
+    "mee": (("resnet152", "i3d_flow", "vggish", "dlib_face"), "glove"),
+    "tmass": (("clip",), "clip_text"),
+    "xpool": (("clip",), "clip_text"),
+}
+FALLBACK_SPLIT = (0.8, 0.1)  # train / val cumulative boundaries of the hashed-id fallback
+
+
+class DataError(ValueError):
+    """The store cannot feed the requested training; the message says what is missing and how to fix it."""
+
+
+Batch = dict[str, torch.Tensor]
+
+
+def fallback_split(item_id: str, kind: str = "video") -> str:
+    """Deterministic split of one item when the store has none: sha1(id) -> 80/10/10."""
+    if kind == "image":
+        return "train"
+    u = int.from_bytes(hashlib.sha1(item_id.encode()).digest()[:8], "big") / 2**64
+    return "train" if u < FALLBACK_SPLIT[0] else "val" if u < FALLBACK_SPLIT[1] else "test"
+
+
+def check_features(store, url: str, model: str, video: Sequence[str], text: str) -> None:
+    """Raise DataError listing the features `model` needs that the store lacks, with the extraction command."""
+    have = set(store.features)
+    missing = [f for f in (*video, text) if f not in have]
+    if missing:
+        raise DataError(
+            f"store {url} lacks feature(s) {', '.join(missing)} needed by model {model!r} "
+            f"(it has: {', '.join(sorted(have)) or 'none'}); run: tvr-extract SOURCE --store {url} "
+            f"--features {','.join(missing)}"
+        )
+
+
+class FeatureSource:
+    """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
+
+    def __init__(self, store, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool) -> None:
+        self.store, self.spec, self.zero_fill = store, spec, zero_fill
+        self.status = np.asarray(store.status(spec.name))
+        k = max(spec.slots, 1)
+        need = int(len(rows)) * spec.max_steps * k * spec.dim * 4
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.pos: dict[int, int] = {}
+        if len(rows) and need <= budget[0]:
+            budget[0] -= need
+            rows = np.unique(rows)
+            self.cache = self._load(rows)
+            self.pos = {int(r): i for i, r in enumerate(rows)}
+
+    @property
+    def cached(self) -> bool:
+        """True when every selected row is held in memory."""
+        return self.cache is not None
+
+    def _load(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Read sorted unique rows from the store into contract-shaped tensors."""
+        fb = self.store.read(self.spec.name, rows)
+        values = np.asarray(fb.values, dtype=np.float32)
+        mask = np.asarray(fb.mask, dtype=bool)
+        avail = np.asarray(fb.available, dtype=bool)
+        if self.spec.slots:
+            n, t, k, d = values.shape
+            slot = np.asarray(fb.slot_mask, dtype=bool) & mask[:, :, None]
+            values, mask = values.reshape(n, t * k, d), slot.reshape(n, t * k)
+        values = np.where(avail[:, None, None], values, 0.0).astype(np.float32)
+        mask = mask & avail[:, None]
+        values[~mask] = 0.0
+        if self.zero_fill:
+            mask = mask.copy()
+            mask[~avail, 0] = True
+            avail = np.ones_like(avail)
+        return {"f": torch.from_numpy(values), "mask": torch.from_numpy(mask), "avail": torch.from_numpy(avail)}
+
+    def get(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for `rows` (any order, repeats allowed): f (n, T', D), mask (n, T'), avail (n,)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cache is not None and all(int(r) in self.pos for r in rows):
+            idx = torch.as_tensor([self.pos[int(r)] for r in rows], dtype=torch.long)
+            return {k: v[idx] for k, v in self.cache.items()}
+        uniq, inv = np.unique(rows, return_inverse=True)  # rows outside the cached selection: read them
+        part = self._load(uniq)
+        idx = torch.from_numpy(inv.reshape(-1).astype(np.int64))
+        return {k: v[idx] for k, v in part.items()}
+
+
+@dataclass
+class EvalSet:
+    """Items and caption queries of one split."""
+
+    split: str
+    items: np.ndarray  # item rows (videos)
+    captions: np.ndarray  # caption rows (queries)
+    query_item: np.ndarray  # (n_captions,) index into `items` of each query's video
+
+
+@dataclass
+class ChoiceSet:
+    """Multiple-choice questions: video item rows, option caption rows, index of the true option."""
+
+    items: np.ndarray  # (Q,)
+    captions: np.ndarray  # (Q, n_options)
+    answer: np.ndarray  # (Q,)
+
+
+class StoreData:
+    """Batches for one model from one store (see module docstring for the sampling rules)."""
+
+    def __init__(
+        self,
+        store,
+        url: str,
+        model: str,
+        *,
+        cache_bytes: int = 2 * 1024**3,
+        zero_fill_missing: bool = False,
+        splits: Sequence[str] = ("train", "val", "test"),
+    ) -> None:
+        if model not in MODEL_FEATURES:
+            raise DataError(f"no feature set for model {model!r}; known: {sorted(MODEL_FEATURES)}")
+        self.store, self.url, self.model = store, url, model
+        self.video_features, self.text_feature = MODEL_FEATURES[model]
+        check_features(store, url, model, self.video_features, self.text_feature)
+        items = store.items()
+        self.item_ids = np.asarray(items.id).astype(str)
+        self.kind = np.asarray(items.kind).astype(str)
+        split = np.asarray(items.split).astype(str)
+        if (split == "").all():
+            warnings.warn(
+                f"store {url} has no item splits; using the deterministic fallback sha1(id) -> 80/10/10 "
+                "train/val/test (images: train). Set splits at store creation for a fixed protocol.",
+                stacklevel=2,
+            )
+            split = np.array([fallback_split(i, k) for i, k in zip(self.item_ids, self.kind)])
+        self.split = split
+        caps = store.captions()
+        self.caption_item = np.asarray(caps.item, dtype=np.int64)
+        text_ok = np.asarray(store.status(self.text_feature)) == Status.OK
+        self.caption_ok = text_ok
+        # usable captions per item: CSR layout (order, offsets)
+        ok_rows = np.flatnonzero(text_ok)
+        order = ok_rows[np.argsort(self.caption_item[ok_rows], kind="stable")]
+        counts = np.bincount(self.caption_item[order], minlength=len(self.item_ids))
+        self.cap_order, self.cap_start, self.cap_count = order, np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+        any_video = np.zeros(len(self.item_ids), dtype=bool)
+        for f in self.video_features:
+            any_video |= np.asarray(store.status(f)) == Status.OK
+        self.any_video = any_video
+        wanted = np.isin(self.split, list(splits)) & (self.cap_count > 0) & any_video
+        budget = [int(cache_bytes)]
+        self.video = {
+            f: FeatureSource(store, store.spec(f), np.flatnonzero(wanted), budget, zero_fill_missing)
+            for f in self.video_features
+        }
+        cap_rows = self.cap_order[np.isin(self.caption_item[self.cap_order], np.flatnonzero(wanted))]
+        self.text = FeatureSource(store, store.spec(self.text_feature), cap_rows, budget, False)
+
+    # ---- splits -----------------------------------------------------------------------------------------
+    def train_items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(video rows, image rows) of the train split that have a caption and an available video feature."""
+        ok = (self.split == "train") & (self.cap_count > 0) & self.any_video
+        return np.flatnonzero(ok & (self.kind == "video")), np.flatnonzero(ok & (self.kind == "image"))
+
+    def eval_set(self, split: str) -> EvalSet:
+        """Videos of `split` and all their usable captions as queries."""
+        ok = (self.split == split) & (self.kind == "video") & self.any_video
+        dropped = int(((self.split == split) & (self.kind == "video") & ~self.any_video).sum())
+        if dropped:
+            warnings.warn(f"{split}: {dropped} videos have no available video feature and are left out", stacklevel=2)
+        items = np.flatnonzero(ok & (self.cap_count > 0))
+        if len(items) == 0:
+            raise DataError(
+                f"store {self.url}: split {split!r} has no videos with captions and features; "
+                "set item splits when creating the store (or extract the missing features)"
+            )
+        caps = np.concatenate([self.cap_order[self.cap_start[i] : self.cap_start[i] + self.cap_count[i]] for i in items])
+        pos = {int(r): j for j, r in enumerate(items)}
+        return EvalSet(split, items, caps, np.array([pos[int(r)] for r in self.caption_item[caps]], dtype=np.int64))
+
+    def choice_set(self) -> ChoiceSet | None:
+        """Multiple-choice questions from the root attribute `tvr_choices`, or None when the store has none."""
+        import zarr
+
+        try:
+            attrs = zarr.open_group(self.url, mode="r").attrs.asdict()
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None  # not a local zarr group: no questions
+        q = attrs.get("tvr_choices")
+        if not q:
+            return None
+        item_row = {str(i): r for r, i in enumerate(self.item_ids)}
+        cap_row = {str(c): r for r, c in enumerate(np.asarray(self.store.captions().id).astype(str))}
+        try:
+            items = np.array([item_row[i] for i in q["item"]], dtype=np.int64)
+            caps = np.array([[cap_row[c] for c in opts] for opts in q["captions"]], dtype=np.int64)
+            ans = np.asarray(q["answer"], dtype=np.int64)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"store {self.url}: root attribute 'tvr_choices' is malformed or names unknown ids ({exc})") from None
+        if caps.ndim != 2 or len(caps) != len(items) or len(ans) != len(items):
+            raise DataError(f"store {self.url}: 'tvr_choices' item/captions/answer lengths differ")
+        keep = self.any_video[items] & self.caption_ok[caps].all(axis=1)
+        return ChoiceSet(items[keep], caps[keep], ans[keep])
+
+    # ---- batches ----------------------------------------------------------------------------------------
+    def epoch_pairs(self, epoch: int, seed: int, image_rate: float) -> tuple[np.ndarray, np.ndarray]:
+        """(item rows, caption rows) of one training epoch, shuffled; deterministic in (seed, epoch)."""
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        videos, images = self.train_items()
+        if len(videos) == 0:
+            raise DataError(f"store {self.url}: no train videos with captions and available features")
+        n_img = min(len(images), int(image_rate * len(videos)))
+        picked = rng.choice(images, n_img, replace=False) if n_img else np.zeros(0, dtype=np.int64)
+        rows = rng.permutation(np.concatenate([videos, picked]).astype(np.int64))
+        draw = (rng.random(len(rows)) * self.cap_count[rows]).astype(np.int64)
+        return rows, self.cap_order[self.cap_start[rows] + draw]
+
+    def train_batches(self, epoch: int, seed: int, batch_size: int, image_rate: float) -> Iterator[tuple[Batch, Batch]]:
+        """(text, video) batches of one epoch."""
+        rows, caps = self.epoch_pairs(epoch, seed, image_rate)
+        for s in range(0, len(rows), batch_size):
+            if len(rows) - s < 2:
+                break
+            yield self.text_batch(caps[s : s + batch_size]), self.video_batch(rows[s : s + batch_size])
+
+    def n_train_batches(self, batch_size: int, image_rate: float) -> int:
+        """Number of batches `train_batches` yields."""
+        videos, images = self.train_items()
+        n = len(videos) + min(len(images), int(image_rate * len(videos)))
+        return n // batch_size + (1 if n % batch_size >= 2 else 0)
+
+    def video_batch(self, rows: np.ndarray) -> Batch:
+        """Video dict: `f`, `f_mask`, `f_avail` per feature."""
+        out: Batch = {}
+        for name, src in self.video.items():
+            part = src.get(rows)
+            out[name], out[f"{name}_mask"], out[f"{name}_avail"] = part["f"], part["mask"], part["avail"]
+        return out
+
+    def text_batch(self, caption_rows: np.ndarray) -> Batch:
+        """Text dict: `words`/`words_mask` (glove) or `clip_text` (B, Dt)."""
+        part = self.text.get(caption_rows)
+        if self.spec_text.modality == "words" or self.text_feature == "glove":
+            return {"words": part["f"], "words_mask": part["mask"]}
+        return {self.text_feature: part["f"][:, 0]}
+
+    @property
+    def spec_text(self) -> FeatureSpec:
+        """Spec of the text feature."""
+        return self.text.spec
+
+    def specs(self) -> dict[str, FeatureSpec]:
+        """Specs of every feature this data feeds the model."""
+        return {**{f: s.spec for f, s in self.video.items()}, self.text_feature: self.text.spec}

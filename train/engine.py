@@ -1,0 +1,311 @@
+"""Training loop, evaluation and run-directory bookkeeping for `tvr-train`.
+
+Fidelity notes:
+- T-MASS / X-Pool train on FROZEN CLIP features read from the store ("clip" 12 frames, "clip_text"): unlike the
+  papers, CLIP is not fine-tuned and there is no frame augmentation, so absolute numbers are lower. Their
+  optimisation otherwise follows the reference: AdamW (wd 0.2), cosine schedule with 10% linear warm-up,
+  gradient clipping at 1.0, logit-scale clamp (`model.clamp_logit_scale()`) after every step.
+- MEE: Adam, lr x0.95 per epoch (`lr_decay`), no clipping.
+- Model selection: after each epoch the val split is evaluated; the best checkpoint maximises
+  t2v R@1 + R@5 + R@10 (ties keep the earlier epoch). The test split is only used for the final metrics.json.
+- Reproducibility: the model is built after `torch.manual_seed(seed)`; each epoch reseeds torch with
+  (seed, epoch) and samples its items/captions from `numpy.random.default_rng([seed, epoch])`, and evaluation
+  reseeds too, so `--resume` from `last.pt` continues exactly as an uninterrupted run on CPU
+  (deterministic algorithms are enabled on CPU).
+- Learning rate is a pure function of the global step (no scheduler state to checkpoint).
+
+Run directory: config.yaml, last.pt, best.pt, metrics.jsonl (one line per epoch), metrics.json (test split,
+best checkpoint), loss.png, recall.png. Checkpoints hold only tensors and primitive containers and are loaded
+with `torch.load(..., weights_only=True)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from train.config import TrainConfig, save_yaml
+from train.data import StoreData
+
+CONFIG_FILE, LAST, BEST, HISTORY, METRICS = "config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.json"
+
+
+class RunError(RuntimeError):
+    """A run directory is missing or inconsistent; the message names the path and the fix."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available else cpu; cuda without a GPU raises RunError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + salt) % (2**63)
+
+
+# ---- model plumbing -----------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, data: StoreData) -> torch.nn.Module:
+    """Create the registered model with dims taken from the store's feature specs."""
+    from train.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, specs=data.specs(), **cfg.model_config)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate a list of embeddings along dim 0 (tensors, dicts, tuples or dataclasses of tensors)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, 0)
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(first, **{f.name: _cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+    if first is None:
+        return None
+    return first  # scalars/config carried along unchanged
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (MEE) or AdamW (T-MASS/X-Pool, eps 1e-6 as in the reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
+    """Learning rate for global `step` (0-based) in `epoch` (0-based)."""
+    if cfg.schedule == "exponential":
+        return cfg.lr * cfg.lr_decay**epoch
+    warm = int(cfg.warmup * total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def train_one_epoch(
+    model: torch.nn.Module,
+    data: StoreData,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    step0: int,
+    total_steps: int,
+) -> tuple[dict[str, float], int]:
+    """One pass over the epoch's pairs; returns (mean losses, next global step)."""
+    model.train()
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+    n = data.n_train_batches(cfg.batch_size, cfg.image_rate)
+    sums: dict[str, float] = {}
+    count, step = 0, step0
+    bar = tqdm(
+        data.train_batches(epoch, cfg.seed, cfg.batch_size, cfg.image_rate),
+        total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr, leave=False,
+    )
+    for text, video in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch, step, total_steps)
+        t_emb = model.encode_text(_to(text, device))
+        v_emb = model.encode_video(_to(video, device))
+        loss, parts = model.loss(t_emb, v_emb)
+        if not torch.isfinite(loss):
+            raise RunError(f"epoch {epoch + 1} step {step}: loss is {loss.item()}; lower --lr or check the features")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if hasattr(model, "clamp_logit_scale"):
+            model.clamp_logit_scale()
+        step += 1
+        count += 1
+        sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+        for k, v in (parts or {}).items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+        bar.set_postfix(loss=f"{sums['train_loss'] / count:.4f}")
+    bar.close()
+    if count == 0:
+        raise RunError(f"epoch {epoch + 1}: no training batches (need >= 2 train pairs; lower --batch-size?)")
+    return {k: v / count for k, v in sums.items()}, step
+
+
+@torch.no_grad()
+def similarity_for(
+    model: torch.nn.Module, data: StoreData, caption_rows: np.ndarray, item_rows: np.ndarray, cfg: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """(n_captions, n_items) similarity, encoding in batches of `eval_chunk`."""
+    model.eval()
+    bs = max(cfg.eval_chunk, 2)
+    t = _cat([model.encode_text(_to(data.text_batch(caption_rows[s : s + bs]), device)) for s in range(0, len(caption_rows), bs)])
+    v = _cat([model.encode_video(_to(data.video_batch(item_rows[s : s + bs]), device)) for s in range(0, len(item_rows), bs)])
+    return model.similarity(t, v, chunk=cfg.eval_chunk).float().cpu()
+
+
+def evaluate(
+    model: torch.nn.Module, data: StoreData, split: str, cfg: TrainConfig, device: torch.device, choices: bool = False
+) -> dict[str, Any]:
+    """Retrieval metrics (t2v, v2t) on `split`; with `choices`, multiple-choice accuracy when the store has questions."""
+    from train.metrics import retrieval_metrics
+
+    torch.manual_seed(_epoch_seed(cfg.seed, 0, salt=17))
+    es = data.eval_set(split)
+    sim = similarity_for(model, data, es.captions, es.items, cfg, device)
+    out = dict(retrieval_metrics(sim, torch.from_numpy(es.query_item)))
+    out["n_queries"], out["n_videos"] = int(len(es.captions)), int(len(es.items))
+    if choices:
+        mc = data.choice_set()
+        if mc is not None and len(mc.items):
+            out["multiple_choice"] = multiple_choice(model, data, mc, cfg, device)
+    return out
+
+
+def multiple_choice(model: torch.nn.Module, data: StoreData, mc, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Accuracy of picking the true caption among each question's options (pairwise scores)."""
+    from train.metrics import multiple_choice_accuracy
+
+    caps = np.unique(mc.captions)
+    items = np.unique(mc.items)
+    sim = similarity_for(model, data, caps, items, cfg, device)
+    ci = torch.from_numpy(np.searchsorted(caps, mc.captions))
+    ii = torch.from_numpy(np.searchsorted(items, mc.items))
+    scores = sim[ci, ii[:, None]]  # (Q, n_options)
+    return {"accuracy": float(multiple_choice_accuracy(scores, torch.from_numpy(mc.answer))), "n_questions": int(len(mc.items))}
+
+
+def val_score(metrics: dict[str, Any]) -> float:
+    """Model-selection score: t2v R@1 + R@5 + R@10."""
+    t2v = metrics["t2v"]
+    return float(t2v["R@1"] + t2v["R@5"] + t2v["R@10"])
+
+
+# ---- checkpoints and history --------------------------------------------------------------------------------
+def _save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; RunError when absent."""
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; train first (tvr-train MODEL --store STORE --out {path.parent})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_history(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records (empty when absent)."""
+    path = run / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (torch.Tensor, np.generic)):
+        return x.item()
+    return x
+
+
+def fit(
+    cfg: TrainConfig,
+    data: StoreData,
+    run: Path,
+    *,
+    store_url: str,
+    resume: bool = False,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Train per `cfg`, checkpointing into `run`; returns the test metrics of the best checkpoint.
+
+    `stop_after` ends the process after that many completed epochs (as an interruption would; continue with
+    `resume=True`) and returns None without the final test evaluation.
+    """
+    from train.plots import plot_history
+
+    device = resolve_device(cfg.device)
+    run.mkdir(parents=True, exist_ok=True)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        model = build_model(cfg, data).to(device)
+        opt = make_optimizer(cfg, model)
+        start, step, best, best_epoch = 0, 0, -math.inf, 0
+        history: list[dict[str, Any]] = []
+        if resume:
+            ck = load_checkpoint(run / LAST)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            start, step, best, best_epoch = int(ck["epoch"]), int(ck["step"]), float(ck["best_score"]), int(ck["best_epoch"])
+            history = [h for h in read_history(run) if h["epoch"] <= start]
+            log(f"resuming {run} after epoch {start} (best val epoch {best_epoch})")
+        save_yaml(cfg, run / CONFIG_FILE, {"store": store_url})
+        (run / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
+        total = cfg.epochs * data.n_train_batches(cfg.batch_size, cfg.image_rate)
+        end = cfg.epochs if stop_after is None else min(cfg.epochs, max(stop_after, start))
+        for epoch in range(start, end):
+            losses, step = train_one_epoch(model, data, opt, cfg, epoch, device, step, total)
+            val = evaluate(model, data, cfg.val_split, cfg, device)
+            score = val_score(val)
+            record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, max(step - 1, 0), total), **losses, "val": val, "val_score": score}
+            if score > best:
+                best, best_epoch = score, epoch + 1
+                _save({"model": model.state_dict(), "epoch": epoch + 1, "val_score": score}, run / BEST)
+            record["best_epoch"] = best_epoch
+            history.append(_jsonable(record))
+            with open(run / HISTORY, "a") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
+            _save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
+                 "best_score": best, "best_epoch": best_epoch},
+                run / LAST,
+            )
+            t2v = val["t2v"]
+            log(f"epoch {epoch + 1}/{cfg.epochs} loss {losses['train_loss']:.4f} val t2v R@1 {t2v['R@1']:.2f} "
+                f"R@5 {t2v['R@5']:.2f} R@10 {t2v['R@10']:.2f}" + (" *best*" if best_epoch == epoch + 1 else ""))
+        plot_history(history, run)
+        if end < cfg.epochs:
+            log(f"stopped after epoch {end}/{cfg.epochs}; continue with --resume")
+            return None
+        model.load_state_dict(load_checkpoint(run / BEST)["model"])
+        metrics = _jsonable(evaluate(model, data, cfg.test_split, cfg, device, choices=cfg.test_split == "test"))
+        metrics["best_epoch"] = best_epoch
+        (run / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def evaluate_run(cfg: TrainConfig, data: StoreData, run: Path, split: str, checkpoint: str = BEST) -> dict[str, Any]:
+    """Metrics of a run's checkpoint on `split`."""
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, data).to(device)
+    model.load_state_dict(load_checkpoint(run / checkpoint)["model"])
+    return _jsonable(evaluate(model, data, split, cfg, device, choices=split == "test"))
