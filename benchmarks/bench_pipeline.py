@@ -78,16 +78,18 @@ def bare_throughput(paths: list[Path], features: list[str], device: str, threads
     return len(paths) / (time.perf_counter() - t0)
 
 
-def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tmp: Path, gpus: float) -> tuple[float, float]:
+def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tmp: Path, gpus: float,
+                        plugins: list[str], queue_size: int = 4) -> tuple[float, float]:
     """(processing items/s, end-to-end items/s) of `pipelines.run` on a fresh store."""
     from pipelines.config import ExtractConfig
     from pipelines.run import run
 
-    store = tmp / f"store_w{workers}_g{gpus:g}.zarr"
+    store = tmp / f"store_w{workers}_g{gpus:g}_q{queue_size}.zarr"
     manifest = tmp / "manifest.jsonl"
     manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
     cfg = ExtractConfig(source=str(manifest), store=str(store), features=features, random_weights=True,
-                        workers=workers, gpus_per_worker=gpus, progress=False)
+                        workers=workers, gpus_per_worker=gpus, progress=False, plugins=plugins,
+                        queue_size=queue_size)
     t0 = time.perf_counter()
     res = run(cfg)
     total = time.perf_counter() - t0
@@ -102,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size", type=int, nargs=2, default=(144, 192))
     ap.add_argument("--features", default="resnet152,clip")
+    ap.add_argument("--plugins", default="", help="modules or .py files registering extra extractors")
     args = ap.parse_args(argv)
+    from pipelines.worker import import_plugins
+
+    plugins = [p for p in args.plugins.split(",") if p]
+    import_plugins(plugins)
     import ray
     import torch
 
@@ -116,19 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         paths = make_videos(tmp, args.items, args.seconds, tuple(args.size))
         bare_cpu = bare_throughput(paths, features, "cpu", cpus)
-        for w in (1, 2):
-            proc, e2e = pipeline_throughput(paths, features, w, tmp, 0.0)
-            rows.append(("cpu", w, bare_cpu, proc, e2e))
+        for w, q in ((1, 4), (2, 4), (1, 0), (2, 0)):
+            proc, e2e = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q)
+            rows.append((f"cpu q{q}", w, bare_cpu, proc, e2e))
         if gpus:
             bare_gpu = bare_throughput(paths, features, "cuda", cpus)
-            proc, e2e = pipeline_throughput(paths, features, gpus, tmp, 1.0)
-            rows.append((f"{gpus}xgpu", gpus, bare_gpu * gpus, proc, e2e))
+            proc, e2e = pipeline_throughput(paths, features, gpus, tmp, 1.0, plugins)
+            rows.append((f"{gpus}xgpu q4", gpus, bare_gpu * gpus, proc, e2e))
     ray.shutdown()
     print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]}, features {features}, "
           f"random weights, {cpus} CPUs, {gpus} GPUs")
-    print(f"{'device':<8}{'workers':>8}{'bare it/s':>11}{'pipeline it/s':>15}{'end-to-end it/s':>17}{'efficiency':>12}")
+    print("q4: decode thread with a 4-batch queue inside each worker; q0: decode inline in the worker")
+    print(f"{'device':<10}{'workers':>8}{'bare it/s':>11}{'pipeline it/s':>15}{'end-to-end it/s':>17}{'efficiency':>12}")
     for dev, w, bare, proc, e2e in rows:
-        print(f"{dev:<8}{w:>8}{bare:>11.3f}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}")
+        print(f"{dev:<10}{w:>8}{bare:>11.3f}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}")
     return 0
 
 

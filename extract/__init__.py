@@ -1,8 +1,6 @@
 """tvr feature extractors: registry, weights resolution, streaming sessions; importing registers every extractor."""
 from __future__ import annotations
 
-import importlib
-
 from extract._api import (
     CaptionExtractor,
     Extractor,
@@ -15,17 +13,8 @@ from extract._api import (
 from extract._registry import create_extractor, extractor_class, list_extractors, register_extractor
 from extract._weights import WeightsError, resolve_weights
 
-# Own extractors: plain imports (registration happens on import).
-from extract import clip_frames, clip_text, resnet152, word_vectors  # noqa: E402,F401  isort: skip
-
-# Extractors written in parallel: a missing MODULE is tolerated until integration; any other error propagates.
-for _mod in ("i3d", "vggish", "dlib_face"):
-    try:
-        importlib.import_module(f"extract.{_mod}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"extract.{_mod}":
-            raise
-del _mod
+# Registration happens on import.
+from extract import clip_frames, clip_text, dlib_face, i3d, resnet152, vggish, word_vectors  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "CaptionExtractor",

@@ -250,14 +250,22 @@ class FrameStepExtractor(Extractor):
 
     def run_batch(self, frames: np.ndarray) -> np.ndarray:
         """Preprocess + forward one batch of uint8 frames; float32 (B, D) numpy on CPU."""
+        return self.infer(self.prepare(frames))
+
+    def prepare(self, frames: np.ndarray) -> torch.Tensor:
+        """`preprocess` without autograd, cast to fp16 when the model runs in fp16."""
         import torch
 
         with torch.inference_mode():
             x = self.preprocess(frames)
-            if self.half:
-                x = x.half()
-            y = self.forward(x)
-        return y.float().cpu().numpy()
+            return x.half() if self.half else x
+
+    def infer(self, x: torch.Tensor) -> np.ndarray:
+        """`forward` without autograd; float32 (B, D) numpy on CPU."""
+        import torch
+
+        with torch.inference_mode():
+            return self.forward(x).float().cpu().numpy()
 
     def start(self, info: MediaInfo) -> ItemSession:
         """A session that keeps only the step frames and batches them through the model."""
@@ -265,60 +273,75 @@ class FrameStepExtractor(Extractor):
 
 
 class FrameStepSession(ItemSession):
-    """Collects the frames whose 25 fps index is a step index; runs the model every `batch_size` of them."""
+    """Picks the step frames out of the 25 fps stream, preprocesses them on arrival, runs the model in batches.
+
+    Step k (a 25 fps frame index) uses the first decoded frame with index >= k (exactly k on a gapless stream);
+    steps past the last decoded frame use the last frame. Stored times are those of the frames actually used.
+    """
 
     def __init__(self, extractor: FrameStepExtractor, times: np.ndarray) -> None:
-        """Plan the wanted frame indices for `times` (clipped to the decoded range at finish)."""
+        """Plan the wanted frame indices for `times`."""
         self.ex = extractor
         self.want = frame_indices(times)  # ascending, may repeat (short items with many steps)
-        self._wanted = set(int(k) for k in self.want)
-        self._queue: list[np.ndarray] = []  # uint8 frames waiting for a batch
+        self._uniq = np.unique(self.want)
+        self._next = 0  # position in _uniq of the next unsatisfied step frame
+        self._used: dict[int, int] = {}  # wanted index -> decoded index used
+        self._queue: list[torch.Tensor] = []  # preprocessed single-frame inputs waiting for a batch
         self._queue_idx: list[int] = []
-        self._feats: dict[int, np.ndarray] = {}  # frame index -> (D,) float32
+        self._feats: dict[int, np.ndarray] = {}  # decoded index -> (D,) float32
         self._last: tuple[int, np.ndarray] | None = None  # last decoded frame, for steps past the end
 
     def add_frames(self, batch: FrameBatch) -> None:
-        """Keep the wanted frames of `batch`; flush full batches through the model."""
+        """Preprocess the step frames of `batch` (as one batch); run the model on every full batch."""
         index = np.asarray(batch.index)
         if index.size == 0:
             return
+        pick: list[int] = []
         for i, k in enumerate(index.tolist()):
-            if k in self._wanted and k not in self._feats and k not in self._queue_idx:
-                self._queue.append(np.asarray(batch.frames[i]))
-                self._queue_idx.append(k)
+            hit = False
+            while self._next < len(self._uniq) and self._uniq[self._next] <= k:
+                self._used[int(self._uniq[self._next])] = k
+                self._next += 1
+                hit = True
+            if hit:
+                pick.append(i)
+        if pick:
+            x = self.ex.prepare(np.stack([np.asarray(batch.frames[i]) for i in pick]))
+            self._queue.extend(x.unbind(0))
+            self._queue_idx.extend(int(index[i]) for i in pick)
         self._last = (int(index[-1]), np.array(batch.frames[-1], copy=True))
         while len(self._queue) >= self.ex.batch_size:
             self._flush(self.ex.batch_size)
 
     def _flush(self, n: int | None = None) -> None:
-        """Run the model on the first `n` queued frames (all when None)."""
+        """Run the model on the first `n` queued inputs (all when None)."""
+        import torch
+
         n = len(self._queue) if n is None else n
         if n == 0:
             return
-        frames, idx = self._queue[:n], self._queue_idx[:n]
+        xs, idx = self._queue[:n], self._queue_idx[:n]
         del self._queue[:n], self._queue_idx[:n]
-        out = self.ex.run_batch(np.stack(frames))
+        out = self.ex.infer(torch.stack(xs))
         for k, row in zip(idx, out):
             self._feats[k] = row
 
     def finish(self) -> FeatureRows:
-        """OK row with one value per step (steps past the decoded end use the last frame); ABSENT if no frames."""
+        """OK row with one value per step; ABSENT ("no_video") when no frame was decoded."""
         if self._last is None:
             return FeatureRows.absent(self.ex.spec, "no_video", f"{self.ex.name}: no video frames were decoded")
         last_k, last_frame = self._last
-        want = np.minimum(self.want, last_k)  # clip to the decoded range
-        if last_k in set(want.tolist()) and last_k not in self._feats and last_k not in self._queue_idx:
-            self._queue.append(last_frame)
-            self._queue_idx.append(last_k)
+        if self._next < len(self._uniq):  # steps past the decoded end: the last frame
+            for k in self._uniq[self._next :]:
+                self._used[int(k)] = last_k
+            self._next = len(self._uniq)
+            if last_k not in self._feats and last_k not in self._queue_idx:
+                self._queue.extend(self.ex.prepare(last_frame[None]).unbind(0))
+                self._queue_idx.append(last_k)
         self._flush()
-        missing = [int(k) for k in want if int(k) not in self._feats]
-        if missing:  # a gap in the decoded stream (frames skipped by the decoder): say so, don't invent values
-            raise ValueError(
-                f"{self.ex.name}: frames {missing[:5]} were never decoded (stream has gaps before frame {last_k}); "
-                "the item is damaged - re-encode it"
-            )
-        values = to_store_dtype(np.stack([self._feats[int(k)] for k in want]), self.ex.spec, self.ex.name)
-        return FeatureRows(status=Status.OK, values=values, times=frame_times(want))
+        used = np.array([self._used[int(k)] for k in self.want], dtype=np.int64)
+        values = to_store_dtype(np.stack([self._feats[int(k)] for k in used]), self.ex.spec, self.ex.name)
+        return FeatureRows(status=Status.OK, values=values, times=frame_times(used))
 
 
 class CaptionExtractor(Extractor):

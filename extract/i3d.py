@@ -147,10 +147,13 @@ class _I3DExtractor(Extractor):
             sources = sorted({k.split(".")[0] for k in I3D_WEIGHTS})
             raise ValueError(f"{self.name}: unknown source {source!r}; choose one of {sources}")
         if stack_size < MIN_FRAMES:
-            raise ValueError(f"{self.name}: stack_size must be >= {MIN_FRAMES} (I3D's temporal support), got {stack_size}")
+            raise ValueError(
+                f"{self.name}: stack_size must be >= {MIN_FRAMES} (I3D's temporal support), got {stack_size}"
+            )
         if step_size < 1 or max_steps < 1 or stack_batch < 1:
             raise ValueError(f"{self.name}: step_size, max_steps and stack_batch must be >= 1")
-        self.stack_size, self.step_size, self.max_steps, self.stack_batch = stack_size, step_size, max_steps, stack_batch
+        self.stack_size, self.step_size = stack_size, step_size
+        self.max_steps, self.stack_batch = max_steps, stack_batch
         self.spec = FeatureSpec(
             name=self.name, dim=FEATURE_DIM, max_steps=max_steps, dtype="float16",
             modality="motion" if self.stream == "flow" else "appearance",
@@ -253,7 +256,8 @@ class _StackSession(ItemSession):
     def _advance(self, k: int) -> None:
         """Frame k has arrived: queue its input, build every stack it completes, drop stale frames."""
         item = k - self.ex.lag
-        if item >= 0 and item in self.frames and k in self.frames and item not in self.items and self._item_needed(item):
+        ready = item >= 0 and item in self.frames and k in self.frames and item not in self.items
+        if ready and self._item_needed(item):
             self.pending.append(item)
         if len(self.pending) >= self.ex.pair_batch:
             self._compute_pending()

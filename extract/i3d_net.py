@@ -286,7 +286,9 @@ def convert_i3d_state_dict(
         )
     conv1 = sd[next(k for k, v in mapping.items() if v == "conv_1a.conv.weight")]
     in_channels = int(conv1.shape[1])
-    num_classes = int(sd[next(k for k, v in mapping.items() if v == "logits.conv.weight")].shape[0]) if with_logits else 0
+    num_classes = 0
+    if with_logits:
+        num_classes = int(sd[next(k for k, v in mapping.items() if v == "logits.conv.weight")].shape[0])
     reference = InceptionI3d(in_channels, num_classes).state_dict()
     native: dict[str, torch.Tensor] = {}
     bad_shapes = []

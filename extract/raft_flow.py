@@ -45,8 +45,8 @@ def _spec(arch: str, tag: str, digest_prefix: str, note: str) -> WeightsSpec:
 RAFT_WEIGHTS: dict[str, WeightsSpec] = {
     s.name: s
     for s in (
-        _spec("raft_large", "C_T_SKHT_V2", "ff5fadd5", "Raft_Large_Weights.C_T_SKHT_V2 (DEFAULT): Chairs+Things, Sintel mix"),
-        _spec("raft_large", "C_T_SKHT_V1", "0b8c9e55", "ported from the RAFT paper, Sintel fine-tuned (raft-sintel.pth)"),
+        _spec("raft_large", "C_T_SKHT_V2", "ff5fadd5", "torchvision DEFAULT: Chairs+Things, Sintel mix"),
+        _spec("raft_large", "C_T_SKHT_V1", "0b8c9e55", "ported from the paper, Sintel (raft-sintel.pth)"),
         _spec("raft_large", "C_T_SKHT_K_V2", "b5c70766", "Sintel then KITTI fine-tuned"),
         _spec("raft_large", "C_T_SKHT_K_V1", "4a6a5039", "ported, Sintel then KITTI (raft-kitti.pth)"),
         _spec("raft_large", "C_T_V2", "1bb1363a", "Chairs+Things only"),
@@ -188,7 +188,9 @@ class RaftFlow:
     def __call__(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float frames in [0, 255] -> (B, 2, H, W) flow first->second in px (x, y), unpadded."""
         if first.shape != second.shape or first.ndim != 4 or first.shape[1] != 3:
-            raise FlowError(f"RAFT needs two (B, 3, H, W) batches of equal shape, got {tuple(first.shape)} and {tuple(second.shape)}")
+            raise FlowError(
+                f"RAFT needs two (B, 3, H, W) batches of equal shape, got {tuple(first.shape)} and {tuple(second.shape)}"
+            )
         if min(first.shape[-2:]) < MIN_SIDE:
             raise FlowError(f"RAFT needs frames of at least {MIN_SIDE} px per side, got {tuple(first.shape[-2:])}")
         out = []

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="decode frame rate (default 25)")
     p.add_argument("--decode-height", type=int, help="decode frames at this height (default: native)")
     p.add_argument("--batch-size", type=int, help="frames per decoded batch (default 16)")
+    p.add_argument("--decode-queue", dest="queue_size", type=int,
+                   help="frame batches a decode thread buffers ahead of the models (default 4; 0: decode inline)")
     p.add_argument("--caption-chunk", type=int, help="caption rows per task (default: one store chunk)")
     p.add_argument("--plugins", type=_csv, help="comma-separated modules or .py files that register extractors")
     p.add_argument("--config", help="YAML file with any of these options (command line wins)")

@@ -34,7 +34,7 @@ class ExtractConfig:
     decode_height: int | None = None  # decode frames at this height (None: native size)
     batch_size: int = 16  # frames per decoded batch
     caption_chunk: int | None = None  # caption rows per task (rounded to the feature's chunk_rows); None: chunk_rows
-    queue_size: int = 4  # decoded batches buffered ahead of the models inside a worker
+    queue_size: int = 4  # decoded batches buffered ahead of the models by a decode thread; 0: decode inline
     plugins: list[str] = field(default_factory=list)  # modules (or .py files) imported before creating extractors
     extractor_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-feature constructor options
     progress: bool = True  # live progress bar on stderr
@@ -69,8 +69,8 @@ class ExtractConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.max_retries < 0:
             raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.batch_size < 1 or self.queue_size < 1:
-            raise ConfigError("--batch-size and queue_size must be >= 1")
+        if self.batch_size < 1 or self.queue_size < 0:
+            raise ConfigError("--batch-size must be >= 1 and queue_size >= 0")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:

@@ -199,6 +199,7 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
     import ray
 
     owns_ray = connect_ray(cfg)
+    actors: list[list[Any]] = []
     try:
         res = ray.cluster_resources()
         gpu_bound = _cpu_bound_features(requested, float(res.get("GPU", 0)))
@@ -212,10 +213,10 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
         cap_feats = [f for f in requested if specs[f][0].axis == "caption"]
         store = open_or_create_store(cfg, ds, specs)
         result = _execute(ray, cfg, ds, store, pools, actors, item_feats, cap_feats, err)
-        for acts in actors:
+    finally:
+        for acts in actors:  # free the cluster's resources even when the run stops early
             for a in acts:
                 ray.kill(a)
-    finally:
         if owns_ray:
             ray.shutdown()
     result.seconds = time.perf_counter() - t_start

@@ -131,13 +131,15 @@ class ExtractWorker:
         )
         decode_failure: tuple[str, str] | None = None
         stop = threading.Event()
-        q: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.queue_size))
         producer = threading.Thread(
             target=self._decode_into, args=(decode, path, want_frames, want_audio, q, stop), daemon=True
         )
-        producer.start()
+        stream = self._drain(q) if self.queue_size else self._decode_inline(decode, path, want_frames, want_audio)
+        if self.queue_size:
+            producer.start()
         try:
-            for kind, payload in self._drain(q):
+            for kind, payload in stream:
                 if kind == "error":
                     exc = payload
                     if isinstance(exc, decode.TruncatedMedia):
@@ -165,7 +167,8 @@ class ExtractWorker:
                     break
         finally:
             stop.set()
-            producer.join(timeout=30)
+            if self.queue_size:
+                producer.join(timeout=30)
 
         for f, sess in sessions.items():
             if decode_failure is not None:
@@ -213,6 +216,18 @@ class ExtractWorker:
             put(("error", e))
             return
         put(_DONE)
+
+    def _decode_inline(self, decode: Any, path: str, frames: bool, audio: bool) -> Iterator[tuple[str, Any]]:
+        """Decode in the calling thread (queue_size=0): frame batches, then audio chunks, or the error."""
+        try:
+            if frames:
+                for batch in decode.iter_frames(path, fps=self.fps, batch_size=self.batch_size, height=self.height):
+                    yield "frames", batch
+            if audio:
+                for chunk in decode.iter_audio(path):
+                    yield "audio", chunk
+        except Exception as e:
+            yield "error", e
 
     @staticmethod
     def _drain(q: queue.Queue) -> Iterator[tuple[str, Any]]:

@@ -1,24 +1,12 @@
-"""`tvr-store`: inspect a feature store from the shell (info, plot) and, when installed, build synthetic ones."""
+"""`tvr-store`: inspect a feature store from the shell (info, plot) and build synthetic ones (synth)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from store.schema import StoreError
-
-
-def _synth_module() -> ModuleType | None:
-    """store.synth if that module exists (written by another part of tvr); None otherwise."""
-    try:
-        return importlib.import_module("store.synth")
-    except ModuleNotFoundError as e:
-        if e.name in ("store.synth",):
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="save the availability figure (PNG, SVG, PDF by extension)")
     plot.add_argument("store", help="store path or URL")
     plot.add_argument("out", help="output image path")
-    synth = _synth_module()
-    if synth is not None:
-        p = sub.add_parser("synth", help="build a synthetic store (store.synth)")
-        synth.add_arguments(p)
+    from store import synth
+
+    synth.add_arguments(sub.add_parser("synth", help="build a synthetic store with planted structure"))
     return parser
 
 
@@ -43,7 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "synth":
-        return int(_synth_module().run(args))  # type: ignore[union-attr]
+        from store import synth
+
+        return int(synth.run(args))
     from store.inspect import availability_figure, coverage_table, summary
     from store.zarr_store import FeatureStore
 

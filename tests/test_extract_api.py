@@ -193,3 +193,14 @@ def test_caption_extractors_refuse_media() -> None:
         ex.start(SimpleNamespace(kind="video", duration=1.0))
     with pytest.raises(TypeError, match="caption feature"):
         ex.extract_path("x.mp4")
+
+
+def test_session_with_gaps_uses_the_next_decoded_frame() -> None:
+    ex = IndexEcho(random_init=True)
+    s = ex.start(SimpleNamespace(kind="video", duration=3.0))  # steps at frames 0, 25, 50
+    for b in batches(75):
+        keep = (b.index < 20) | (b.index > 27)  # frames 20..27 missing from the stream
+        s.add_frames(Batch(b.frames[keep], b.times[keep], b.index[keep]))
+    r = s.finish()
+    np.testing.assert_array_equal(r.values[:, 0], [0, 28, 50])
+    np.testing.assert_allclose(r.times, [0.0, 1.12, 2.0], rtol=1e-6)

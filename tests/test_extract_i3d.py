@@ -226,7 +226,7 @@ def test_registered_and_rgb_end_to_end() -> None:
 
 
 def test_flow_end_to_end_shapes_times_and_determinism() -> None:
-    frames = _video(21)
+    frames = _video(21, 48, 48)  # square: RAFT runs at 256x256
     a = create_extractor("i3d_flow", stack_size=10, step_size=10, seed=2, **FAST_FLOW)
     b = create_extractor("i3d_flow", stack_size=10, step_size=10, seed=2, **FAST_FLOW)
     ra, rb = _run(a, frames, chunk=21), _run(b, frames, chunk=4)
@@ -244,7 +244,7 @@ def test_flow_with_default_raft_large() -> None:
     ex = create_extractor("i3d_flow", random_init=True, stack_size=9, step_size=9, num_flow_updates=1,
                           quantize_uint8=True, device="cpu")
     assert ex.flow.arch == "raft_large" and ex.flow.num_flow_updates == 1
-    row = _run(ex, _video(10))
+    row = _run(ex, _video(10, 48, 48))
     assert row.status == Status.OK and row.values.shape == (1, 1024)
     assert ex.provenance()["options"]["flow_scaling"].startswith("uint8")
 
@@ -306,3 +306,16 @@ def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: 
     short = tmp_path / "short.mkv"
     _write_lossless(short, frames[:12])
     assert ex.extract_path(short).reason == "too_short"
+
+
+@pytest.mark.gpu
+def test_cuda_agrees_with_cpu() -> None:
+    frames = _video(11)
+    rows = []
+    for device in ("cpu", "cuda", "cuda"):
+        ex = create_extractor("i3d_flow", stack_size=10, step_size=10, **{**FAST_FLOW, "device": device})
+        rows.append(_run(ex, frames).values.astype(np.float32))
+    cpu, gpu, again = rows
+    cos = (cpu * gpu).sum() / np.linalg.norm(cpu) / np.linalg.norm(gpu)
+    assert cos > 0.999  # TF32 convolutions on CUDA differ slightly from CPU
+    np.testing.assert_allclose(gpu, again, rtol=1e-5, atol=1e-5)

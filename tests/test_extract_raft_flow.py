@@ -37,7 +37,7 @@ class CoordFlow(torch.nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor, num_flow_updates: int = 12) -> list[torch.Tensor]:
         self.seen.append(a)
         n, _, h, w = a.shape
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h) * 1.0, torch.arange(w) * 1.0, indexing="ij")
         return [torch.stack([xs, ys]).expand(n, 2, h, w).clone()]
 
 

@@ -303,3 +303,33 @@ def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
     end = time.time() + 30
     while time.time() < end and any(p in _proc_table() for p in group | workers):
         time.sleep(0.2)
+
+
+def test_real_extractors_on_sample_dataset(ray_session: None, tmp_path: Path) -> None:
+    """The shipped extractors (random weights; dlib and GloVe are real files) on the demo's sample dataset."""
+    from pipelines.samples import make_sample_dataset
+
+    man = make_sample_dataset(tmp_path / "sample")
+    store = tmp_path / "real.zarr"
+    feats = "resnet152,clip,vggish,dlib_face,clip_text,glove"
+    extra = [a for p in PLUGIN.split(",") if p.endswith(".py") for a in ("--plugins", p)]
+    assert main([str(man), "--store", str(store), "--features", feats, "--random-weights", "--no-progress",
+                 *extra]) == 1  # the corrupt file
+    fs = _open(store)
+    for f in ("resnet152", "clip", "vggish", "dlib_face"):
+        st = _by_id(fs, f)
+        assert st["broken"] == (FAILED, "decode_error"), (f, st)
+    for f in ("resnet152", "clip"):
+        st = _by_id(fs, f)
+        assert all(st[i][0] == OK for i in st if i != "broken"), (f, st)
+        b = fs.read(f)
+        assert np.isfinite(b.values[b.mask]).all() and b.mask[b.available].any(axis=1).all()
+        assert fs.provenance(f)["weights"] == {"random": True, "seed": 0}
+    vg = _by_id(fs, "vggish")
+    assert vg["gradient_sound"][0] == OK and vg["astronaut_face"][0] == OK
+    assert vg["gradient_silent"] == (ABSENT, "no_audio") and vg["coffee"][0] == ABSENT
+    face = _by_id(fs, "dlib_face")
+    assert face["astronaut_face"][0] == OK and face["astronaut_still"][0] == OK
+    assert face["gradient_silent"] == (ABSENT, "no_face")
+    for f in ("clip_text", "glove"):
+        assert fs.coverage()[f] == {"ok": 8, "absent": 0, "failed": 0, "pending": 0}

@@ -1,0 +1,208 @@
+"""T-MASS (Wang et al., CVPR 2024): X-Pool pooling plus a stochastic text embedding with a similarity-aware radius.
+
+Equations (reference modules/stochastic_module.py and trainer_stochastic.py; see docs/reference brief §3):
+    s_f = cos(t, v_f), f = 1..F (raw features; masked frames give 0)
+    R = exp(W_r s + b_r)      (W_r: F -> D, identity-initialised, so at init R_k = exp(s_k) for k < F, 1 elsewhere)
+    t_s = t + eps * R          (eps ~ U[0, 1)^D by default, or N(0, std^2))
+    t_sup = t + R * (vbar - t) / ||vbar - t||,  vbar_i = mean_j pool(v_i | t_j)
+    L = L_s + alpha * L_sup    (symmetric CE over exp(tau) * cos(., pool(v_j | t_i)))
+In training R uses the text's paired video, as in the reference. At inference
+    s(t, v) = max_k cos(t_s^k(t | v), pool(v | t)),  k = 1..trials,
+with R from the candidate video. The reference scored the chosen sample against pool(v | ground-truth caption of v),
+which leaks the answer; `leaky_reference_similarity` reproduces that only for parity tests.
+
+Evaluation noise: eps_k(t) is drawn once per text from a generator seeded by (seed, block of 256 texts) and shared by
+every candidate video (common random numbers), so scores do not depend on chunk sizes or on the global RNG.
+cos(t + eps_k * R, p) = (t.p + eps_k.(R*p)) / (sqrt(|t|^2 + 2 eps_k.(t*R) + eps_k^2.R^2) |p|), so the trials cost
+three batched matrix products per chunk and no (texts x videos x trials x D) tensor is ever built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.losses import symmetric_cross_entropy
+from train.models._api import Emb, ModelConfigError, feature_dims_from, register_model, resolve_config
+from train.models.xpool import XPoolBase, XPoolConfig, _identity_, frames_count
+
+PRIORS = ("uniform01", "normal")
+NOISE_BLOCK = 256  # texts per seeded noise block (fixed so scores do not depend on `chunk`)
+TEXT_BLOCK = 1024  # texts whose noise is held at once during evaluation
+
+
+@dataclass
+class TMASSConfig(XPoolConfig):
+    """T-MASS hyper-parameters: X-Pool's plus the stochastic text; defaults from the reference / brief."""
+
+    trials: int = 20  # stochastic samples per (text, video) at inference
+    prior: str = "uniform01"  # eps distribution: "uniform01" (reference default, mean 0.5) or "normal"
+    prior_std: float = 1.0  # std of the normal prior (LSMDC command: 3e-3)
+    support_weight: float = 0.8  # alpha for L_sup (reference code default 0.0; README MSR-VTT 0.8)
+    eval_seed: int = 0  # seed of the evaluation noise when similarity() gets none
+
+
+class SimilarityRadius(nn.Module):
+    """R = exp(Linear(F -> D)(s)), identity-initialised (eye_ on the (D, F) weight, zero bias)."""
+
+    def __init__(self, num_frames: int, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_frames, dim)
+        _identity_(self.linear)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """(..., F) frame cosines -> (..., D) radius."""
+        return torch.exp(self.linear(s))
+
+
+class TMASS(XPoolBase):
+    """T-MASS: stochastic text embeddings around CLIP text features, scored against X-Pool pooled frames."""
+
+    config: TMASSConfig
+
+    def __init__(self, config: TMASSConfig, feature_dims: Mapping[str, int], num_frames: int) -> None:
+        super().__init__(config, feature_dims, num_frames)
+        if config.prior not in PRIORS:
+            raise ModelConfigError(f"T-MASS: prior must be one of {PRIORS}, got {config.prior!r}")
+        if config.trials < 1:
+            raise ModelConfigError(f"T-MASS: trials must be >= 1, got {config.trials}")
+        self.radius = SimilarityRadius(self.num_frames, self.dim)
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    def frame_cosines(self, text: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(Nv, Nt, F) cos(t, v_f); masked frames give 0."""
+        s = torch.einsum("td,vfd->vtf", F.normalize(text, dim=-1), F.normalize(frames, dim=-1))
+        return s * keep[:, None, :].to(s.dtype)
+
+    def sample_prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+        """eps of `shape` from the configured prior."""
+        if self.config.prior == "uniform01":
+            return torch.rand(shape, generator=generator, device=device)
+        return torch.randn(shape, generator=generator, device=device) * self.config.prior_std
+
+    def eval_noise(self, t0: int, t1: int, seed: int) -> torch.Tensor:
+        """(t1 - t0, trials, D) evaluation noise of texts t0..t1-1; a pure function of (seed, text index)."""
+        parts = []
+        for b in range(t0 // NOISE_BLOCK, (t1 - 1) // NOISE_BLOCK + 1):
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + b) % 2**63)
+            parts.append(self.sample_prior((NOISE_BLOCK, self.config.trials, self.dim), generator=g))
+        first = (t0 // NOISE_BLOCK) * NOISE_BLOCK
+        return torch.cat(parts, 0)[t0 - first : t1 - first]
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def loss(self, text_emb: Emb, video_emb: Emb) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_s + alpha * L_sup for a batch of paired (text i, video i); eps from the global torch RNG."""
+        t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
+        pooled = self.pool(t, frames, keep)  # (Bv, Bt, D)
+        s = F.cosine_similarity(t[:, None, :], frames, dim=-1) * keep.to(t.dtype)  # (B, F): text i vs its video i
+        r = self.radius(s)  # (B, D)
+        t_s = t + self.sample_prior(tuple(t.shape), device=t.device).to(t.dtype) * r
+        sim = F.cosine_similarity(t_s[None], pooled, dim=-1).t()  # [i, j] = cos(t_s,i, pool(v_j | t_i))
+        loss_s = symmetric_cross_entropy(sim, self.logit_scale)
+        parts = {"loss_s": float(loss_s.detach())}
+        loss = loss_s
+        if self.config.support_weight:
+            vbar = pooled.mean(dim=1)  # (B, D): mean_j pool(v_i | t_j)
+            t_sup = t + r * F.normalize(vbar - t, dim=-1)
+            sim_sup = F.cosine_similarity(t_sup[None], pooled, dim=-1).t()
+            loss_sup = symmetric_cross_entropy(sim_sup, self.logit_scale)
+            loss = loss + self.config.support_weight * loss_sup
+            parts["loss_sup"] = float(loss_sup.detach())
+        parts["logit_scale"] = float(self.logit_scale.detach().exp())
+        return loss, parts
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def similarity(self, text_emb: Emb, video_emb: Emb, *, chunk: int = 256, seed: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """(Nt, Nv) max_k cos(t_s^k(t|v), pool(v|t)), chunked over texts and videos (eval-mode pooling).
+
+        Args:
+            chunk: texts per chunk (videos per chunk = config.eval_pairs_per_chunk // chunk).
+            seed: noise seed (default config.eval_seed); `generator`, when given, draws the seed instead.
+        """
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = self.config.eval_seed if seed is None else int(seed)
+        t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
+        nt, nv = t.shape[0], frames.shape[0]
+        tc, vc = self._chunks(nt, nv, chunk)
+        out = t.new_empty(nt, nv)
+        with torch.no_grad():
+            q_all = self.pool.text_queries(t)
+            for b0 in range(0, nt, max(TEXT_BLOCK, tc)):
+                b1 = min(nt, b0 + max(TEXT_BLOCK, tc))
+                eps_block = self.eval_noise(b0, b1, seed).to(device=t.device, dtype=t.dtype)
+                for v0 in range(0, nv, vc):
+                    fr, kp = frames[v0 : v0 + vc], keep[v0 : v0 + vc]
+                    cache = self.pool.video_cache(fr, kp)
+                    for t0 in range(b0, b1, tc):
+                        t1 = min(b1, t0 + tc)
+                        out[t0:t1, v0 : v0 + vc] = self._score_chunk(
+                            t[t0:t1], q_all[t0:t1], eps_block[t0 - b0 : t1 - b0], fr, kp, cache
+                        )
+        return out
+
+    def _score_chunk(self, t: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, frames: torch.Tensor,
+                     keep: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(Tc, Vc) scores of one chunk without materialising the trials."""
+        p = self.pool.pool_fast(q, cache)  # (Vc, Tc, D)
+        r = self.radius(self.frame_cosines(t, frames, keep))  # (Vc, Tc, D)
+        tp = (p * t[None]).sum(-1).t()  # (Tc, Vc)
+        pn = p.square().sum(-1).sqrt().t()
+        rp = (r * p).permute(1, 2, 0)  # (Tc, D, Vc)
+        tr = (r * t[None]).permute(1, 2, 0)
+        r2 = r.square_().permute(1, 2, 0)
+        num = tp[:, None, :] + torch.bmm(eps, rp)  # (Tc, K, Vc)
+        norm2 = t.square().sum(-1)[:, None, None] + 2.0 * torch.bmm(eps, tr) + torch.bmm(eps.square(), r2)
+        tiny = 1e-8  # as F.cosine_similarity's eps
+        cos = num / (norm2.clamp(min=0.0).sqrt().clamp(min=tiny) * pn.clamp(min=tiny)[:, None, :])
+        return cos.amax(dim=1)
+
+
+def leaky_reference_similarity(model: TMASS, text_emb: Emb, video_emb: Emb, gt_text: torch.Tensor | None = None,
+                               *, seed: int | None = None) -> torch.Tensor:
+    """Reference (leaky) T-MASS evaluation, ONLY for parity tests: NOT a valid retrieval score.
+
+    For each video a the trial k* = argmax_k cos(t_s^k(t|a), pool(a|t)) is chosen (as in `similarity`), but the
+    score is cos(t_s^{k*}(t|a), pool(a | t_gt(a))) with t_gt(a) = `gt_text[a]`, a ground-truth caption of a
+    (default: text a, the reference's square 1-caption-per-video protocol). Same noise as `similarity`.
+    """
+    seed = model.config.eval_seed if seed is None else int(seed)
+    t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
+    nt, nv = t.shape[0], frames.shape[0]
+    gt = torch.arange(nv) if gt_text is None else gt_text.long()
+    eps = model.eval_noise(0, nt, seed).to(device=t.device, dtype=t.dtype)  # (Nt, K, D)
+    out = t.new_empty(nt, nv)
+    with torch.no_grad():
+        for a in range(nv):
+            pooled = model.pool(t, frames[a : a + 1], keep[a : a + 1])[0]  # (Nt, D): pool(a | t)
+            r = model.radius(model.frame_cosines(t, frames[a : a + 1], keep[a : a + 1])[0])  # (Nt, D)
+            samples = t[:, None, :] + eps * r[:, None, :]  # (Nt, K, D)
+            best = F.cosine_similarity(samples, pooled[:, None, :], dim=-1).argmax(dim=1)
+            chosen = samples[torch.arange(nt), best]
+            out[:, a] = F.cosine_similarity(chosen, pooled[gt[a]][None], dim=-1)
+    return out
+
+
+@register_model("tmass")
+def tmass(
+    *,
+    config: TMASSConfig | Mapping[str, Any] | None = None,
+    feature_dims: Mapping[str, int] | None = None,
+    specs: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> TMASS:
+    """Build T-MASS.
+
+    Args:
+        config: a TMASSConfig (or mapping of its fields); defaults when None.
+        feature_dims: {store feature: width D}; needs the frames and text features (same D).
+        specs: {store feature: FeatureSpec}; alternative source of widths and of num_frames (max_steps).
+        **overrides: TMASSConfig fields overriding `config`.
+    """
+    cfg = resolve_config(TMASSConfig, config, overrides)
+    return TMASS(cfg, feature_dims_from(feature_dims, specs), frames_count(cfg, specs))

@@ -1,0 +1,260 @@
+"""X-Pool text-conditioned frame pooling (reference modules/transformer.py, shared by X-Pool and T-MASS) and the `xpool` model.
+
+pool(v|t) for text t (D,) and frames V (F, D) of one video, H heads of width D/H (reference: H = 1):
+    t^ = LN1(t), V^ = LN1(V)                  (one LayerNorm for text and frames)
+    q = Wq t^ + bq;  k_f = Wk V^_f + bk;  u_f = Wv V^_f + bv
+    alpha_f = softmax_f(q . k_f / sqrt(D/H))   (per head; frames with mask False are excluded)
+    o = LN2(Wo sum_f alpha_f u_f + bo)
+    pool(v|t) = LN3(o + Dropout(Wl o + bl))
+Every Linear is initialised to the identity with zero bias, as in the reference.
+
+Evaluation never builds pool for all pairs through the D x D maps. Because alpha sums to one per head, Wo sum_f alpha_f
+u_f + bo = sum_f alpha_f w_f with per-video w_f; the LN2 statistics are a quadratic form of alpha with the (F x F)
+Gram matrix of the centred w_f; and (with dropout off) o + Wl o + bl is affine in the centred, LN2-normalised x, so
+sigma * pre-LN3 = sum_f alpha_f z_f + sigma * c with per-video z_f = (I + Wl) diag(g2) (w_f - mean w_f). Hence the
+per-pair work is one (F+1)-term weighted sum of D-vectors; every D x D product is done once per video.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.losses import symmetric_cross_entropy
+from train.models._api import Emb, ModelConfigError, RetrievalModel, feature_dims_from, register_model, resolve_config
+
+LN100 = math.log(100.0)
+
+
+@dataclass
+class XPoolConfig:
+    """X-Pool hyper-parameters; defaults from the reference config/all_config.py and README."""
+
+    frames_feature: str = "clip"  # store group of per-frame CLIP image features (unnormalised)
+    text_feature: str = "clip_text"  # store group (and batch key) of CLIP text features (unnormalised)
+    num_frames: int = 0  # F; 0 = the frames feature's max_steps from the store spec (reference: 12)
+    num_heads: int = 1  # attention heads (reference: 1)
+    dropout: float = 0.3  # dropout on the residual linear (transformer_dropout)
+    logit_scale_init: float = LN100  # tau init (CLIP's pretrained ln 100)
+    logit_scale_max: float = LN100  # tau clamped to <= this after every step
+    eval_pairs_per_chunk: int = 16384  # (text, video) pairs per evaluation chunk; bounds memory to ~pairs*D*4*5 bytes
+    # optimiser settings for the training loop (reference: AdamW eps 1e-6, cosine schedule)
+    optimizer: str = "adamw"
+    lr: float = 1e-5  # noclip_lr default; README MSR-VTT-9k uses 3e-5
+    logit_scale_lr: float = 1e-6  # the reference trains tau in the CLIP group (clip_lr); see param_groups()
+    weight_decay: float = 0.2  # applied to all parameters in the reference
+    adam_eps: float = 1e-6
+    warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine
+    grad_clip: float = 1.0  # max gradient norm
+    batch_size: int = 32
+    epochs: int = 5
+
+
+def _identity_(linear: nn.Linear) -> None:
+    """Reference init: weight = eye (rectangular for non-square), bias = 0."""
+    nn.init.eye_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def frame_mask(frames: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(Nv, F) bool mask; rows with no valid frame are treated as all valid (their values are zeros)."""
+    if mask is None:
+        return torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+    mask = mask.bool()
+    return mask | ~mask.any(dim=1, keepdim=True)
+
+
+class XPoolHead(nn.Module):
+    """Text-conditioned attention pooling of frame features (module docstring has the equations)."""
+
+    def __init__(self, dim: int, num_heads: int = 1, dropout: float = 0.3) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ModelConfigError(f"X-Pool: embed dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.heads = dim, num_heads
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.linear_proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.linear_proj):
+            _identity_(lin)
+
+    def forward(self, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference-form pooling for all pairs: text (Nt, D), frames (Nv, F, D) -> (Nv, Nt, D)."""
+        nv, nf, d = frames.shape
+        h, dh = self.heads, d // self.heads
+        q = self.q_proj(self.ln1(text)).view(-1, h, dh)  # (Nt, H, dh)
+        vf = self.ln1(frames)
+        k = self.k_proj(vf).view(nv, nf, h, dh)
+        u = self.v_proj(vf).view(nv, nf, h, dh)
+        logits = torch.einsum("thc,vfhc->vthf", q, k) / math.sqrt(dh)
+        logits = logits.masked_fill(~frame_mask(frames, mask)[:, None, None, :], float("-inf"))
+        alpha = torch.softmax(logits, dim=-1)
+        agg = torch.einsum("vthf,vfhc->vthc", alpha, u).reshape(nv, -1, d)
+        o = self.ln2(self.out_proj(agg))
+        return self.ln3(o + self.dropout(self.linear_proj(o)))
+
+    # ---- evaluation fast path (dropout must be off) ------------------------------------------------------
+    def text_queries(self, text: torch.Tensor) -> torch.Tensor:
+        """(Nt, H, dh) scaled attention queries q / sqrt(dh)."""
+        dh = self.dim // self.heads
+        return self.q_proj(self.ln1(text)).view(text.shape[0], self.heads, dh) / math.sqrt(dh)
+
+    def video_cache(self, frames: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-video tensors of the pair-free algebra: keys, centred z_f (+ c row), Gram matrices, LN2 terms."""
+        nv, nf, d = frames.shape
+        h, dh = self.heads, d // self.heads
+        vf = self.ln1(frames)
+        k = self.k_proj(vf).view(nv, nf, h, dh)
+        u = self.v_proj(vf).view(nv, nf, h, dh)
+        wo = self.out_proj.weight.view(d, h, dh)
+        # w[v, h*F + f] = Wo[:, head h] u_f[head h] + bo / H, so sum over heads and frames of alpha * w = Wo agg + bo
+        w = torch.einsum("dhc,vfhc->vhfd", wo, u).reshape(nv, h * nf, d) + self.out_proj.bias / h
+        wc = w - w.mean(dim=2, keepdim=True)  # centring removes mean(x), which LN2 subtracts anyway
+        gram_w = wc @ wc.transpose(1, 2) / d  # var(x) = alpha^T gram_w alpha
+        m = (torch.eye(d, device=w.device, dtype=w.dtype) + self.linear_proj.weight) * self.ln2.weight  # (I+Wl) diag(g2)
+        c = (self.ln2.bias + self.linear_proj(self.ln2.bias))  # (I+Wl) b2 + bl
+        z = torch.cat([wc @ m.t(), c.expand(nv, 1, d)], dim=1)  # (Nv, HF+1, D); last row weighted by sigma
+        zc = z - z.mean(dim=2, keepdim=True)
+        gram_z = zc @ zc.transpose(1, 2) / d
+        keep = frame_mask(frames, mask)
+        return {"k": k, "gram_w": gram_w, "zc": zc, "gram_z": gram_z, "keep": keep}
+
+    def attention(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(Nv, Nt, H*F) attention weights for every (video, text) pair of a chunk."""
+        logits = torch.einsum("thc,vfhc->vthf", q, cache["k"])
+        logits = logits.masked_fill(~cache["keep"][:, None, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1).flatten(2)
+
+    def pool_fast(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Eval-mode pool(v|t) for a chunk: (Nv, Nt, D), equal to forward() without any per-pair D x D product."""
+        a = self.attention(q, cache)  # (Nv, Nt, HF)
+        var_x = ((a @ cache["gram_w"]) * a).sum(-1).clamp(min=0.0)
+        sigma = torch.sqrt(var_x + self.ln2.eps)
+        a1 = torch.cat([a, sigma[..., None]], dim=-1)  # (Nv, Nt, HF+1)
+        yc = torch.bmm(a1, cache["zc"])  # sigma * (pre-LN3 - its mean)
+        var_y = ((a1 @ cache["gram_z"]) * a1).sum(-1).clamp(min=0.0)
+        scale = torch.rsqrt(var_y + self.ln3.eps * sigma.square())  # LN3 of yc / sigma
+        return torch.addcmul(self.ln3.bias, yc * scale[..., None], self.ln3.weight)
+
+
+def cosine_to_frames(text: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(Nt, Nv, F) cos(t, v_f) on raw features; masked frames give 0."""
+    tn = F.normalize(text, dim=-1)
+    vn = F.normalize(frames, dim=-1)
+    s = torch.einsum("td,vfd->tvf", tn, vn)
+    return s * keep[None].to(s.dtype)
+
+
+class XPoolBase(RetrievalModel):
+    """Shared parts of X-Pool and T-MASS: CLIP feature inputs, pooling head, logit scale."""
+
+    def __init__(self, config: XPoolConfig, feature_dims: Mapping[str, int], num_frames: int) -> None:
+        super().__init__()
+        for f in (config.frames_feature, config.text_feature):
+            if f not in feature_dims:
+                raise ModelConfigError(
+                    f"{type(self).__name__}: feature {f!r} not in the store features {sorted(feature_dims)}; "
+                    "extract it (tvr-extract --features clip,clip_text) or set model_config.frames_feature/text_feature"
+                )
+        d, dt = int(feature_dims[config.frames_feature]), int(feature_dims[config.text_feature])
+        if d != dt:
+            raise ModelConfigError(f"{type(self).__name__}: frame dim {d} != text dim {dt}; both must be the CLIP embed dim")
+        self.config, self.dim, self.num_frames = config, d, int(num_frames)
+        self.video_features = (config.frames_feature,)
+        self.text_features = (config.text_feature,)
+        self.pool = XPoolHead(d, config.num_heads, config.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+
+    def encode_text(self, text: Mapping[str, torch.Tensor]) -> Emb:
+        """{"t": (B, D)} raw CLIP text features (everything else depends on the video too)."""
+        return {"t": text[self.config.text_feature].float()}
+
+    def encode_video(self, video: Mapping[str, torch.Tensor]) -> Emb:
+        """{"frames": (B, F, D), "frames_mask": (B, F)} raw CLIP frame features."""
+        f = self.config.frames_feature
+        frames = video[f].float()
+        if self.num_frames and frames.shape[1] != self.num_frames:
+            raise ValueError(
+                f"{type(self).__name__}: feature {f!r} has {frames.shape[1]} steps per video but the model was built "
+                f"for {self.num_frames}; rebuild with model_config.num_frames={frames.shape[1]} or re-extract"
+            )
+        mask = video.get(f"{f}_mask")
+        return {"frames": frames, "frames_mask": frame_mask(frames, mask)}
+
+    def clamp_logit_scale(self) -> None:
+        """Clamp tau to <= logit_scale_max (reference: after every optimiser step)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.config.logit_scale_max)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Two groups: the logit scale at config.logit_scale_lr (reference CLIP group), the rest at `lr`."""
+        rest = [p for n, p in self.named_parameters() if n != "logit_scale" and p.requires_grad]
+        return [{"params": rest, "lr": lr}, {"params": [self.logit_scale], "lr": self.config.logit_scale_lr}]
+
+    def _chunks(self, nt: int, nv: int, chunk: int) -> tuple[int, int]:
+        """(texts, videos) per evaluation chunk."""
+        tc = max(1, min(int(chunk), nt))
+        return tc, max(1, self.config.eval_pairs_per_chunk // tc)
+
+
+class XPoolModel(XPoolBase):
+    """X-Pool: s(t, v) = cos(t, pool(v|t)); loss = symmetric cross-entropy over exp(tau) * S."""
+
+    def loss(self, text_emb: Emb, video_emb: Emb) -> tuple[torch.Tensor, dict[str, float]]:
+        """Symmetric CE on S[i, j] = cos(t_i, pool(v_j | t_i))."""
+        t = text_emb["t"]
+        pooled = self.pool(t, video_emb["frames"], video_emb["frames_mask"])  # (Bv, Bt, D)
+        sim = F.cosine_similarity(t[None], pooled, dim=-1).t()
+        loss = symmetric_cross_entropy(sim, self.logit_scale)
+        return loss, {"loss_xpool": float(loss.detach()), "logit_scale": float(self.logit_scale.detach().exp())}
+
+    def similarity(self, text_emb: Emb, video_emb: Emb, *, chunk: int = 256) -> torch.Tensor:
+        """(Nt, Nv) cos(t, pool(v|t)) in (text, video) chunks (eval mode: dropout off)."""
+        t, frames, mask = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
+        nt, nv = t.shape[0], frames.shape[0]
+        tc, vc = self._chunks(nt, nv, chunk)
+        out = t.new_empty(nt, nv)
+        with torch.no_grad():
+            q = self.pool.text_queries(t)
+            tn = F.normalize(t, dim=-1)
+            for v0 in range(0, nv, vc):
+                cache = self.pool.video_cache(frames[v0 : v0 + vc], mask[v0 : v0 + vc])
+                for t0 in range(0, nt, tc):
+                    p = F.normalize(self.pool.pool_fast(q[t0 : t0 + tc], cache), dim=-1)  # (Vc, Tc, D)
+                    out[t0 : t0 + tc, v0 : v0 + vc] = (p * tn[t0 : t0 + tc][None]).sum(-1).t()
+        return out
+
+
+def frames_count(config: XPoolConfig, specs: Mapping[str, Any] | None) -> int:
+    """F from the config, else from the frames feature's store spec (max_steps), else 12 (reference)."""
+    if config.num_frames:
+        return int(config.num_frames)
+    spec = (specs or {}).get(config.frames_feature)
+    return int(getattr(spec, "max_steps", 12)) if spec is not None else 12
+
+
+@register_model("xpool")
+def xpool(
+    *,
+    config: XPoolConfig | Mapping[str, Any] | None = None,
+    feature_dims: Mapping[str, int] | None = None,
+    specs: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> XPoolModel:
+    """Build X-Pool.
+
+    Args:
+        config: an XPoolConfig (or mapping of its fields); defaults when None.
+        feature_dims: {store feature: width D}; needs the frames and text features (same D).
+        specs: {store feature: FeatureSpec}; alternative source of widths and of num_frames (max_steps).
+        **overrides: XPoolConfig fields overriding `config`.
+    """
+    cfg = resolve_config(XPoolConfig, config, overrides)
+    return XPoolModel(cfg, feature_dims_from(feature_dims, specs), frames_count(cfg, specs))
