@@ -196,6 +196,8 @@ class DlibFaceExtractor(Extractor):
             "chip_size": CHIP_SIZE, "chip_padding": CHIP_PADDING, "dlib_use_cuda": bool(self.pipeline.use_cuda),
             "order": "largest box first",
         }
+        if self.random_init:  # there is no random dlib network: say so in provenance rather than pretend
+            self.options["random_init"] = "ignored: dlib_face always uses the real, sha256-checked model files"
 
     def start(self, info: MediaInfo) -> ItemSession:
         """A session that runs the face pipeline on the step frames as they arrive."""

@@ -9,6 +9,11 @@ crops padded flow, which shifts its crop by up to 3 px; we do not reproduce that
 `scale_flow` is the I3D flow input recipe: clamp to +-20 px, then f/20 -> [-1, 1]; `quantize_uint8=True` gives the
 reference's round(128 + 255/40 f) then 2q/255 - 1 instead. Note round-half-even makes +20 px quantise to 256, so
 that option can return 1.0078 (= 2*256/255 - 1), exactly as the reference does.
+
+Defaults are the reference tool's (video_features): raft_large with the paper's Sintel weights (`raft-sintel.pth`,
+ported by torchvision as `C_T_SKHT_V1`) and 20 flow updates. That is the expensive choice: on 2 CPU cores one
+256x341 pair takes 1.6 s (raft_small with 12 updates: 0.3 s; see extract.i3d), so CPU users who only need
+approximate motion features can pick `raft_small.*` and fewer updates; the choice is recorded in provenance.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def _spec(arch: str, tag: str, digest_prefix: str, note: str) -> WeightsSpec:
 RAFT_WEIGHTS: dict[str, WeightsSpec] = {
     s.name: s
     for s in (
-        _spec("raft_large", "C_T_SKHT_V2", "ff5fadd5", "torchvision DEFAULT: Chairs+Things, Sintel mix"),
+        _spec("raft_large", "C_T_SKHT_V2", "ff5fadd5", "torchvision's DEFAULT: retrained, Chairs+Things, Sintel mix"),
         _spec("raft_large", "C_T_SKHT_V1", "0b8c9e55", "ported from the paper, Sintel (raft-sintel.pth)"),
         _spec("raft_large", "C_T_SKHT_K_V2", "b5c70766", "Sintel then KITTI fine-tuned"),
         _spec("raft_large", "C_T_SKHT_K_V1", "4a6a5039", "ported, Sintel then KITTI (raft-kitti.pth)"),
@@ -55,7 +60,10 @@ RAFT_WEIGHTS: dict[str, WeightsSpec] = {
         _spec("raft_small", "C_T_V1", "ad48884c", "small model, ported, Chairs+Things"),
     )
 }
-DEFAULT_RAFT = "raft_large.C_T_SKHT_V2"
+# The reference tool's checkpoint: raft-sintel.pth from the RAFT paper, which torchvision ships ported as C_T_SKHT_V1
+# (same parameters). torchvision's own DEFAULT (C_T_SKHT_V2, retrained, slightly lower EPE) is one option away.
+DEFAULT_RAFT = "raft_large.C_T_SKHT_V1"
+DEFAULT_FLOW_UPDATES = 20  # the reference's iters=20 (torchvision's own default is 12)
 register_preset(
     "raft_flow",
     "RGB frames in [0,255] -> 2x/255-1, replicate-pad to /8 (centred), torchvision RAFT, unpad; flow in px",
@@ -127,7 +135,7 @@ class RaftFlow:
         random_init: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        num_flow_updates: int = 20,
+        num_flow_updates: int = DEFAULT_FLOW_UPDATES,
         batch_size: int = 8,
     ) -> None:
         """weights: a RAFT_WEIGHTS name (resolved like every tvr weights file, torch hub cache included)."""
@@ -189,7 +197,8 @@ class RaftFlow:
         """(B, 3, H, W) float frames in [0, 255] -> (B, 2, H, W) flow first->second in px (x, y), unpadded."""
         if first.shape != second.shape or first.ndim != 4 or first.shape[1] != 3:
             raise FlowError(
-                f"RAFT needs two (B, 3, H, W) batches of equal shape, got {tuple(first.shape)} and {tuple(second.shape)}"
+                "RAFT needs two (B, 3, H, W) batches of equal shape, "
+                f"got {tuple(first.shape)} and {tuple(second.shape)}"
             )
         if min(first.shape[-2:]) < MIN_SIDE:
             raise FlowError(f"RAFT needs frames of at least {MIN_SIDE} px per side, got {tuple(first.shape[-2:])}")

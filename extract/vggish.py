@@ -11,6 +11,12 @@ PCA (`pca=True`, off by default): E·(x − μ), clip to [-2, 2], scale to [0, 2
 (`pca_quantize="truncate"`, TF's `astype(uint8)`) or round half to even (`"round"`, torchvggish's `torch.round`).
 Quantised values are integers 0..255, which float16 stores exactly; raw embeddings lose ~3 decimal digits in float16
 (the default dtype, `dtype="float32"` keeps them whole).
+
+Absent rows: no audio stream (or an image) -> ABSENT "no_audio"; audio shorter than one example (15,600 samples =
+0.975 s at 16 kHz, the TF framing) -> ABSENT "too_short". Short audio is NOT zero-padded (TF VGGish returns no
+example for it either), and a trailing partial example of longer audio is dropped, so every stored step is 0.96 s of
+real audio. Step i is the example starting at i·0.96 s; beyond `max_steps` examples, `max_steps` are kept, one from
+the middle of each equal segment.
 """
 from __future__ import annotations
 
@@ -109,9 +115,17 @@ def _torch_load(path: Path, what: str) -> Any:
 
 
 def _numpy_safe_globals() -> list[Any]:
-    """The NumPy types an ndarray pickle refers to, for `torch.serialization.safe_globals`."""
+    """The NumPy types an ndarray pickle refers to, for `torch.serialization.safe_globals`.
+
+    The released PCA file was pickled by NumPy 1.x, whose pickles name `numpy.core.multiarray._reconstruct`;
+    NumPy 2 moved it to `numpy._core`, so the old spelling is allow-listed explicitly as (object, name) pairs.
+    """
     core = getattr(np, "_core", None) or np.core
-    out: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    out: list[Any] = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    for name in ("_reconstruct", "scalar"):
+        obj = getattr(core.multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            out.append((obj, f"{module}.{name}"))
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
@@ -179,7 +193,7 @@ def _as_f64(v: Any) -> np.ndarray:
 def pca_quantize(
     emb: np.ndarray, eigen_vectors: np.ndarray, means: np.ndarray, mode: str = "truncate"
 ) -> np.ndarray:
-    """AudioSet post-processing: E·(x − μ), clip [-2, 2], ·255/4 to [0, 255], truncate or round; float32 (N, 128)."""
+    """AudioSet post-processing: E·(x − μ), clip [-2, 2], ·255/4, truncate or round -> float32 (N, 128) in 0..255."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"vggish: pca_quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     x = np.asarray(emb, dtype=np.float64)
@@ -203,7 +217,6 @@ def embed_examples(
             x = x[:, None].to(device=device, dtype=dtype)
             out[s : s + x.shape[0]] = net(x, variant=variant).float().cpu().numpy()
     return out
-
 
 
 # ---- the extractor ----------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ def test_provenance_pins_the_real_files(ex) -> None:
     assert w["file"] == "dlib_face_recognition_resnet_model_v1.dat" and w["sha256"] == models.RECOGNITION.sha256
     assert w["landmarks"] == {"file": models.LANDMARKS_5.filename, "sha256": models.LANDMARKS_5.sha256}
     assert prov["variant"] == "hog" and prov["options"]["threshold"] == 0.5 and prov["options"]["num_jitters"] == 0
+    assert "random_init" not in prov["options"]
+    asked_random = create_extractor("dlib_face", random_init=True).provenance()
+    assert asked_random["weights"] == prov["weights"] and "ignored" in asked_random["options"]["random_init"]
     pkg = models.package_models_dir()
     assert pkg is not None
     for spec in models.ALL_MODELS:  # the pinned digests are those of the installed wheel's files
@@ -186,3 +189,54 @@ def test_mmod_cnn_detector(astronaut) -> None:
     np.testing.assert_allclose(faces[0].box, FACE_BOX, atol=12)
     hog = FacePipeline().faces(astronaut)[0]
     assert np.linalg.norm(faces[0].descriptor - hog.descriptor) < 0.2  # same face, slightly different box
+
+
+# ---- through the decoder: a lossless video and a PNG of the astronaut ----
+def _write_video(path: Path, frames: np.ndarray) -> None:
+    """25 fps lossless RGB video (libx264rgb, crf 0): decoded frames equal the written ones."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
+        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for f in frames:
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        c.mux(v.encode())
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """A lossless still image."""
+    import av
+
+    with av.open(str(path), "w", format="image2") as c:
+        v = c.add_stream("png", rate=1)
+        v.width, v.height, v.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+        c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+        c.mux(v.encode())
+
+
+def test_video_and_image_files_give_the_still_descriptor(ex, astronaut, tmp_path) -> None:
+    """Second 0 shows the astronaut, second 1 a face-free gradient: one face, then none; patch never kept."""
+    still = FacePipeline().faces(astronaut)
+    assert len(still) == 1
+    blank = np.broadcast_to(np.linspace(0, 255, 512, dtype=np.uint8)[None, :, None], (512, 512, 3))
+    frames = np.stack([astronaut] * 25 + [blank] * 25)
+    video = tmp_path / "astronaut.mkv"
+    _write_video(video, frames)
+    row = ex.extract_path(video)
+    assert row.status == Status.OK and row.values.shape == (2, 4, 128)
+    np.testing.assert_allclose(row.times, [0.0, 1.0])
+    np.testing.assert_array_equal(row.mask, [True, False])
+    np.testing.assert_array_equal(row.slot_mask[0], [True, False, False, False])  # the patch is not a face
+    np.testing.assert_array_equal(row.values[0, 0], still[0].descriptor)  # lossless video = the still: identical
+    np.testing.assert_array_equal(row.extras["box"][0, 0], still[0].box)
+    assert row.extras["score"][0, 0] == np.float32(still[0].score)
+    png = tmp_path / "astronaut.png"
+    _write_png(png, astronaut)
+    row = ex.extract_path(png)
+    assert row.status == Status.OK and row.values.shape == (1, 4, 128) and row.times.tolist() == [0.0]
+    np.testing.assert_array_equal(row.values[0, 0], still[0].descriptor)
+    empty = tmp_path / "blank.mkv"
+    _write_video(empty, frames[25:])
+    row = ex.extract_path(empty)
+    assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_face", (0, 4, 128))

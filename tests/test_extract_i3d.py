@@ -249,6 +249,17 @@ def test_flow_with_default_raft_large() -> None:
     assert ex.provenance()["options"]["flow_scaling"].startswith("uint8")
 
 
+def test_defaults_are_the_reference_recipe() -> None:
+    ex = create_extractor("i3d_flow", random_init=True, device="cpu")
+    assert (ex.stack_size, ex.step_size, ex.max_steps) == (64, 64, 64)
+    assert ex.flow.spec.name == "raft_large.C_T_SKHT_V1" and ex.flow.num_flow_updates == 20
+    assert ex.quantize_uint8 is False and ex.spec.modality == "motion" and ex.model.in_channels == 2
+    flow = ex.provenance()["options"]["flow"]
+    assert flow["variant"] == "raft_large.C_T_SKHT_V1" and "removed before cropping" in flow["padding"]
+    rgb = create_extractor("i3d_rgb", random_init=True, device="cpu")
+    assert rgb.model.in_channels == 3 and rgb.spec.modality == "appearance" and rgb.stack_size == 64
+
+
 # ---- weights files ---------------------------------------------------------------------------------------------
 
 
@@ -294,7 +305,6 @@ def _write_lossless(path: Path, frames: np.ndarray) -> None:
 
 
 def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: Path) -> None:
-    pytest.importorskip("extract.decode", reason="extract.decode not written yet")
     frames = _video(30)
     path = tmp_path / "clip.mkv"
     _write_lossless(path, frames)
@@ -305,7 +315,37 @@ def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: 
     np.testing.assert_array_equal(row.values, _run(ex, frames).values)
     short = tmp_path / "short.mkv"
     _write_lossless(short, frames[:12])
-    assert ex.extract_path(short).reason == "too_short"
+    row = ex.extract_path(short)
+    assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "13" in row.message
+    image = tmp_path / "still.png"
+    _write_png(image, frames[0])
+    row = ex.extract_path(image)
+    assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_motion", (0, 1024))
+
+
+def _write_png(path: Path, frame: np.ndarray) -> None:
+    """A lossless still image."""
+    import av
+
+    with av.open(str(path), "w", format="image2") as c:
+        v = c.add_stream("png", rate=1)
+        v.width, v.height, v.pix_fmt = frame.shape[1], frame.shape[0], "rgb24"
+        c.mux(v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(v.encode())
+
+
+def test_rgb_extract_path_on_a_lossless_video(tmp_path: Path) -> None:
+    frames = _video(21)
+    path = tmp_path / "clip.mkv"
+    _write_lossless(path, frames)
+    ex = create_extractor("i3d_rgb", random_init=True, seed=3, stack_size=10, step_size=10, device="cpu")
+    row = ex.extract_path(path)
+    assert row.status == Status.OK and row.values.shape == (2, 1024) and row.values.dtype == np.float16
+    np.testing.assert_allclose(row.times, [0.0, 0.4])
+    np.testing.assert_array_equal(row.values, _run(ex, frames).values)  # lossless: decoded = written frames
+    image = tmp_path / "still.png"
+    _write_png(image, frames[0])
+    assert ex.extract_path(image).reason == "too_short"
 
 
 @pytest.mark.gpu

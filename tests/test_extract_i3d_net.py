@@ -184,6 +184,109 @@ def test_wrong_shapes_and_wrong_stream_are_rejected(flow_model: InceptionI3d, tm
         load_i3d_checkpoint(path, in_channels=3)
 
 
+# ---- independent layouts: every key and shape written out here from the two repositories' model code ----------
+# (channels per Mixed block: b0, b1a, b1b, b2a, b2b, b3 — Inception-v1's table, as both ports spell it)
+_WIDTHS = {
+    "3b": (192, (64, 96, 128, 16, 32, 32)), "3c": (256, (128, 128, 192, 32, 96, 64)),
+    "4b": (480, (192, 96, 208, 16, 48, 64)), "4c": (512, (160, 112, 224, 24, 64, 64)),
+    "4d": (512, (128, 128, 256, 24, 64, 64)), "4e": (512, (112, 144, 288, 32, 64, 64)),
+    "4f": (528, (256, 160, 320, 32, 128, 128)), "5b": (832, (256, 160, 320, 32, 128, 128)),
+    "5c": (832, (384, 192, 384, 48, 128, 128)),
+}
+
+
+def _layout_shapes(layout: str, in_channels: int, counters: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a published checkpoint: piergiaj `InceptionI3d` / hassony2 `I3D` (= video_features)."""
+    pier = layout == "piergiaj"
+    bn = "bn" if pier else "batch3d"
+    out: dict[str, tuple[int, ...]] = {}
+
+    def unit(name: str, cout: int, cin: int, k: int) -> None:
+        out[f"{name}.conv3d.weight"] = (cout, cin, k, k, k)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{name}.{bn}.{p}"] = (cout,)
+        if counters:
+            out[f"{name}.{bn}.num_batches_tracked"] = ()
+
+    stem = ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3") if pier else (
+        "conv3d_1a_7x7", "conv3d_2b_1x1", "conv3d_2c_3x3")
+    unit(stem[0], 64, in_channels, 7)
+    unit(stem[1], 64, 64, 1)
+    unit(stem[2], 192, 64, 3)
+    for block, (cin, (c0, c1a, c1b, c2a, c2b, c3)) in _WIDTHS.items():
+        m = f"Mixed_{block}" if pier else f"mixed_{block}"
+        names = ("b0", "b1a", "b1b", "b2a", "b2b", "b3b") if pier else (
+            "branch_0", "branch_1.0", "branch_1.1", "branch_2.0", "branch_2.1", "branch_3.1")
+        for name, cout, cin_, k in zip(names, (c0, c1a, c1b, c2a, c2b, c3), (cin, cin, c1a, cin, c2a, cin),
+                                       (1, 1, 3, 1, 3, 1)):
+            unit(f"{m}.{name}", cout, cin_, k)
+    head = "logits" if pier else "conv3d_0c_1x1"
+    out[f"{head}.conv3d.weight"] = (400, 1024, 1, 1, 1)
+    out[f"{head}.conv3d.bias"] = (400,)
+    return out
+
+
+def _piergiaj_to_hassony2(key: str) -> str:
+    """Rename one piergiaj key to hassony2's spelling (plain string rules, independent of extract.i3d_net)."""
+    key = key.replace(".bn.", ".batch3d.")
+    for a, b in (("Conv3d_", "conv3d_"), ("Mixed_", "mixed_"), ("logits.", "conv3d_0c_1x1.")):
+        if key.startswith(a):
+            key = b + key[len(a):]
+    for a, b in ((".b0.", ".branch_0."), (".b1a.", ".branch_1.0."), (".b1b.", ".branch_1.1."),
+                 (".b2a.", ".branch_2.0."), (".b2b.", ".branch_2.1."), (".b3b.", ".branch_3.1.")):
+        key = key.replace(a, b)
+    return key
+
+
+def _synthetic_piergiaj(in_channels: int, counters: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random tensors under piergiaj's exact names and shapes; BN statistics kept in a sane range."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for key, shape in _layout_shapes("piergiaj", in_channels, counters).items():
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0)
+        elif key.endswith("running_var") or key.endswith("bn.weight"):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith("conv3d.weight"):
+            fan_in = shape[1] * shape[2] * shape[3] * shape[4]
+            sd[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g) * 0.1
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["piergiaj", "hassony2"])
+@pytest.mark.parametrize("in_channels", [2, 3])
+def test_exported_layout_equals_the_published_key_set(layout: str, in_channels: int) -> None:
+    model = InceptionI3d(in_channels, 400)
+    exported = {k: tuple(v.shape) for k, v in export_state_dict(model, layout).items()}
+    assert exported == _layout_shapes(layout, in_channels, counters=True)
+
+
+@pytest.mark.parametrize("in_channels", [2, 3])
+@pytest.mark.parametrize("counters", [True, False])
+def test_both_published_layouts_give_identical_outputs(tmp_path: Path, in_channels: int, counters: bool) -> None:
+    pier = _synthetic_piergiaj(in_channels, counters, seed=in_channels)
+    hass = {_piergiaj_to_hassony2(k): v.clone() for k, v in pier.items()}
+    assert set(hass) == set(_layout_shapes("hassony2", in_channels, counters))  # the rename hit every key
+    models = []
+    for layout, sd in (("piergiaj", pier), ("hassony2", hass)):
+        path = tmp_path / f"{layout}_{in_channels}.pt"
+        torch.save(sd, path, _use_new_zipfile_serialization=not counters)  # the 2017-18 files predate the zip format
+        model, found = load_i3d_checkpoint(path, in_channels=in_channels)
+        assert found == layout and model.num_classes == 400
+        models.append(model)
+    x = torch.rand(1, in_channels, 9, 64, 64, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.no_grad():
+        a, b = models[0].trunk(x), models[1].trunk(x)
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # spot check that values went where the names say (not only that both loads agree)
+    torch.testing.assert_close(models[0].mixed_4e.b2[1].conv.weight, pier["Mixed_4e.b2b.conv3d.weight"])
+    torch.testing.assert_close(models[1].mixed_5c.b3.bn.running_var, hass["mixed_5c.branch_3.1.batch3d.running_var"])
+    torch.testing.assert_close(models[1].logits.conv.bias, pier["logits.conv3d.bias"])
+
+
 def test_key_maps_cover_the_model_exactly() -> None:
     model_keys = set(InceptionI3d(3, 400).state_dict())
     for layout in ("piergiaj", "hassony2", "native"):

@@ -11,6 +11,7 @@ from torchvision.models.optical_flow import raft_small
 
 from extract._weights import WeightsError
 from extract.raft_flow import (
+    DEFAULT_FLOW_UPDATES,
     DEFAULT_RAFT,
     RAFT_WEIGHTS,
     FlowError,
@@ -153,4 +154,7 @@ def test_every_spec_pins_the_torchvision_hash_prefix() -> None:
     for spec in RAFT_WEIGHTS.values():
         assert spec.url in urls, spec.url
         assert spec.sha256 and spec.filename.endswith(f"-{spec.sha256}.pth")
-    assert RAFT_WEIGHTS[DEFAULT_RAFT].url == Raft_Large_Weights.DEFAULT.url
+    # default = the reference tool's raft-sintel.pth (paper weights, torchvision's C_T_SKHT_V1 port), 20 iterations
+    assert RAFT_WEIGHTS[DEFAULT_RAFT].url == Raft_Large_Weights.C_T_SKHT_V1.url
+    assert DEFAULT_FLOW_UPDATES == 20 and RaftFlow(random_init=True).num_flow_updates == 20
+    assert f"{Raft_Large_Weights.DEFAULT.name}" in {s.name.split(".")[1] for s in RAFT_WEIGHTS.values()}

@@ -193,6 +193,23 @@ def test_pca_file_and_formula(tmp_path, as_numpy: bool) -> None:
     np.testing.assert_array_equal(trunc.astype(np.float16).astype(np.float32), trunc)
 
 
+def test_pca_file_pickled_by_numpy1_loads(tmp_path) -> None:
+    """The released PCA .pth (2019) holds ndarrays pickled by NumPy 1.x, naming `numpy.core.multiarray`."""
+    import io
+
+    rng = np.random.default_rng(6)
+    e, mu = rng.standard_normal((128, 128)), rng.standard_normal((128, 1))
+    buf = io.BytesIO()
+    torch.save({"pca_eigen_vectors": e, "pca_means": mu}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    assert b"numpy._core.multiarray" in data  # protocol-2 GLOBAL lines: a plain rename gives NumPy 1's spelling
+    path = tmp_path / "vggish_pca_params-legacy.pth"
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    vecs, means = vggish.load_pca(path)
+    np.testing.assert_array_equal(vecs, e)
+    np.testing.assert_array_equal(means, mu[:, 0])
+
+
 def test_pca_bad_file(tmp_path) -> None:
     p = tmp_path / "pca.pth"
     torch.save({"eigen": torch.zeros(128, 128)}, p)
@@ -322,4 +339,55 @@ def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch) -> None:
     prov = ex.provenance()["weights"]
     assert prov["file"] == "vggish-10086976.pth" and prov["sha256"] == digest
     assert prov["pca"] == {"file": "vggish_pca_params-970ea276.pth", "sha256": pca_digest}
-    assert torch.equal(ex.net.state_dict()["embeddings.4.weight"], _synthetic_state_dict(seed=11)["embeddings.4.weight"])
+    loaded = ex.net.state_dict()["embeddings.4.weight"]
+    assert torch.equal(loaded, _synthetic_state_dict(seed=11)["embeddings.4.weight"])
+
+
+# ---- through the decoder (extract.decode) ----
+def _write_media(path, audio_i16: np.ndarray | None, video_frames: int = 0) -> None:
+    """A lossless file: 16 kHz mono PCM audio (s16) and/or a tiny 25 fps libx264rgb video."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        v = None
+        if video_frames:
+            v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
+            v.width, v.height, v.pix_fmt = 32, 32, "rgb24"
+        a = None
+        if audio_i16 is not None:
+            a = c.add_stream("pcm_s16le", rate=SR, layout="mono")
+        for k in range(video_frames):
+            img = np.full((32, 32, 3), (7 * k) % 256, np.uint8)
+            c.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        if v is not None:
+            c.mux(v.encode())
+        if a is not None:
+            for s in range(0, audio_i16.shape[0], 1024):  # 1024-sample frames, as a muxer would get them
+                frame = av.AudioFrame.from_ndarray(audio_i16[None, s : s + 1024], format="s16", layout="mono")
+                frame.sample_rate = SR
+                c.mux(a.encode(frame))
+            c.mux(a.encode())
+
+
+def test_extract_path_through_the_decoder(tiny_ex, tmp_path) -> None:
+    pcm = np.round(_audio(3.0, seed=4) * 32767).astype(np.int16)
+    wav = tmp_path / "speech.wav"
+    _write_media(wav, pcm)
+    row = tiny_ex.extract_path(wav)
+    assert row.status == Status.OK and row.values.shape == (3, 128)
+    np.testing.assert_allclose(row.times, [0.0, 0.96, 1.92], atol=1e-6)
+    exact = pcm.astype(np.float32) / 32768.0  # what the decoder must hand over for 16 kHz s16 input
+    ref = vggish.embed_examples(tiny_ex.net, vggish_frontend.waveform_to_examples(exact), variant="tf")
+    np.testing.assert_allclose(row.values, ref, atol=1e-5, rtol=1e-5)
+    # a video file with a PCM track gives the same row; one without audio is ABSENT no_audio
+    both = tmp_path / "both.mkv"
+    _write_media(both, pcm, video_frames=75)
+    np.testing.assert_allclose(tiny_ex.extract_path(both).values, row.values, atol=1e-5, rtol=1e-5)
+    silent = tmp_path / "silent.mkv"
+    _write_media(silent, None, video_frames=25)
+    row = tiny_ex.extract_path(silent)
+    assert (row.status, row.reason) == (Status.ABSENT, "no_audio")
+    short = tmp_path / "short.wav"
+    _write_media(short, pcm[:8000])  # 0.5 s < 0.975 s
+    row = tiny_ex.extract_path(short)
+    assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "8000 audio samples" in row.message
