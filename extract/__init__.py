@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from extract._api import (
+    RANDOM_IF_MISSING,
     CaptionExtractor,
     Extractor,
     FrameStepExtractor,
     FrameStepSession,
     ItemSession,
+    RandomWeightsWarning,
     StepPolicy,
     WeightsSpec,
 )
-from extract._registry import create_extractor, extractor_class, list_extractors, register_extractor
-from extract._weights import WeightsError, resolve_weights
+from extract._registry import create_extractor, extractor_class, list_extractors, register_extractor, weights_available
+from extract._weights import WeightsError, WeightsNotFound, resolve_weights
 
 # Registration happens on import.
 from extract import clip_frames, clip_text, dlib_face, i3d, resnet152, vggish, word_vectors  # noqa: E402,F401  isort: skip
@@ -22,12 +24,16 @@ __all__ = [
     "FrameStepExtractor",
     "FrameStepSession",
     "ItemSession",
+    "RANDOM_IF_MISSING",
+    "RandomWeightsWarning",
     "StepPolicy",
     "WeightsError",
+    "WeightsNotFound",
     "WeightsSpec",
     "create_extractor",
     "extractor_class",
     "list_extractors",
     "register_extractor",
     "resolve_weights",
+    "weights_available",
 ]

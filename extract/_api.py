@@ -10,11 +10,13 @@ import abc
 import contextlib
 import functools
 import importlib.metadata
+import logging
 import os
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -32,12 +34,23 @@ __all__ = [
     "FrameStepExtractor",
     "FrameStepSession",
     "ItemSession",
+    "RANDOM_IF_MISSING",
+    "RandomWeightsWarning",
     "StepPolicy",
     "WeightsSpec",
     "seeded",
     "to_store_dtype",
     "tvr_version",
 ]
+
+
+RANDOM_IF_MISSING = "missing"  # random_init value: real weights when they resolve, else seeded random
+RandomInit = bool | Literal["missing"]
+log = logging.getLogger("tvr.extract")
+
+
+class RandomWeightsWarning(UserWarning):
+    """An extractor fell back to seeded random weights because its weights file was not found."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +115,55 @@ class ItemSession(abc.ABC):
         """The row for the item: OK, or ABSENT with a reason."""
 
 
-class Extractor(abc.ABC):
-    """A feature extractor: a FeatureSpec, weights, and per-item streaming sessions."""
+class _ExtractorMeta(abc.ABCMeta):
+    """Implements ``random_init="missing"`` once, for every Extractor subclass and registry factory.
+
+    The extractor is built with real weights; if that raises `WeightsNotFound` (no file anywhere in the resolution
+    order; NOT a checksum mismatch or a missing explicit path) it is built again with ``random_init=True`` under
+    the same seed - exactly the weights ``random_init=True`` gives - with a loud warning, and its weights identity
+    becomes ``{"random": True, "seed": s, "reason": "weights not found: <file>"}``. The whole extractor becomes
+    random (every model it holds), so its store group has one weights identity.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Construct; with random_init="missing", real weights or the seeded random fallback."""
+        mode = kwargs.get("random_init", False)
+        if not isinstance(mode, str):
+            return super().__call__(*args, **kwargs)
+        if mode != RANDOM_IF_MISSING:
+            raise ValueError(f"extractor {getattr(cls, 'name', cls.__name__)!r}: random_init must be True, False or "
+                             f"{RANDOM_IF_MISSING!r}, got {mode!r}")
+        from extract._weights import WeightsError, WeightsNotFound
+
+        try:
+            return super().__call__(*args, **{**kwargs, "random_init": False})
+        except WeightsNotFound as missing:
+            first = missing
+        name = getattr(cls, "name", cls.__name__)
+        try:
+            ex = super().__call__(*args, **{**kwargs, "random_init": True})
+        except WeightsError as exc:  # e.g. dlib / word vectors: no random variant, the real files are required
+            raise WeightsError(f"{name}: {first} -- and {name} cannot run with random weights "
+                               f"(random_init='missing' fell back to random_init=True, which failed: {exc})") from exc
+        if ex.weights_identity.get("random") is not True:  # it found real files on the second try after all
+            return ex
+        reason = f"weights not found: {first.spec.filename}"
+        ex.weights_identity = {**ex.weights_identity, "random": True, "seed": ex.seed, "reason": reason}
+        ex.random_reason = reason
+        msg = (f"extractor {name!r}: USING SEEDED RANDOM WEIGHTS (seed {ex.seed}) because its weights were not found; "
+               f"its features are NOT meaningful and the store records weights={ex.weights_identity}. {first}")
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+        log.warning(msg)
+        return ex
+
+
+class Extractor(abc.ABC, metaclass=_ExtractorMeta):
+    """A feature extractor: a FeatureSpec, weights, and per-item streaming sessions.
+
+    ``random_init``: False (real weights, resolved by extract._weights; missing ones are an error), True (seeded
+    random weights, for tests and benchmarks) or "missing" (real weights where they resolve, else seeded random
+    with a warning and ``"reason"`` in the weights identity; see `_ExtractorMeta`).
+    """
 
     name: ClassVar[str]
     needs_frames: ClassVar[bool] = True
@@ -115,7 +175,7 @@ class Extractor(abc.ABC):
         *,
         weights_path: str | os.PathLike[str] | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
-        random_init: bool = False,
+        random_init: RandomInit = False,
         seed: int = 0,
         device: str = "auto",
         half: bool = False,
@@ -127,6 +187,10 @@ class Extractor(abc.ABC):
 
         if options:
             raise TypeError(f"extractor {self.name!r}: unknown options {sorted(options)}")
+        if isinstance(random_init, str):  # "missing" is resolved by the metaclass before __init__ runs
+            raise TypeError(f"extractor {self.name!r}: random_init reached __init__ as {random_init!r}; construct "
+                            f"extractors by calling the class or create_extractor(), which handle "
+                            f"{RANDOM_IF_MISSING!r}")
         self.weights_path = weights_path
         self.weights_dir = weights_dir
         self.random_init = bool(random_init)
@@ -135,7 +199,8 @@ class Extractor(abc.ABC):
         self.half = use_half(half, self.device)
         self.allow_download = bool(allow_download)
         self.weights: WeightsSpec | None = None  # the spec in use (real or random-initialised architecture)
-        self.weights_identity: dict[str, Any] = {}  # {"file", "sha256"} or {"random": True, "seed": s}
+        self.weights_identity: dict[str, Any] = {}  # {"file", "sha256"} or {"random": True, "seed": s[, "reason"]}
+        self.random_reason = ""  # set when random_init="missing" fell back to random weights
         self.preset: str = ""
         self.variant: str = ""
         self.options: dict[str, Any] = {}  # extractor-specific options recorded in provenance
@@ -209,7 +274,7 @@ class Extractor(abc.ABC):
 
         info = decode.probe(path)
         session = self.start(info)
-        if self.needs_frames:
+        if self.needs_frames and getattr(info, "has_video", True):  # audio-only file: the session says ABSENT
             for batch in decode.iter_frames(path, fps=DECODE_FPS):
                 session.add_frames(batch)
         if self.needs_audio and getattr(info, "has_audio", True):

@@ -51,5 +51,27 @@ def extractor_class(name: str) -> Callable[..., Extractor]:
 
 
 def create_extractor(name: str, **kwargs: Any) -> Extractor:
-    """Build the extractor registered under `name` with keyword options (weights_path, random_init, device, ...)."""
+    """Build the extractor registered under `name` with keyword options (weights_path, random_init, device, ...).
+
+    ``random_init`` is False, True, or "missing": real weights when they resolve, else seeded random weights with a
+    `RandomWeightsWarning` and ``provenance()["weights"] == {"random": True, "seed": s, "reason": "weights not
+    found: <file>"}`` (extract._api._ExtractorMeta).
+    """
     return extractor_class(name)(**kwargs)
+
+
+def weights_available(name: str, **kwargs: Any) -> bool:
+    """Whether extractor `name` can be built with real weights for these options (False: some file not found).
+
+    Costs one CPU construction of the extractor (models loaded, then dropped); a checksum mismatch or a missing
+    explicit path still raises WeightsError. Prefer ``create_extractor(name, random_init="missing")``, which
+    resolves once.
+    """
+    from extract._weights import WeightsNotFound
+
+    kwargs = {**kwargs, "random_init": False, "device": "cpu"}
+    try:
+        create_extractor(name, **kwargs)
+    except WeightsNotFound:
+        return False
+    return True

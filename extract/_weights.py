@@ -7,11 +7,16 @@ Resolution order of `resolve_weights(spec, ...)` (first hit wins):
    the file looked up is ``<dir>/<spec.filename>``.
 3. the library's own cache, when ``hub`` names one: ``hub="torch"`` -> ``torch.hub.get_dir()/checkpoints/<filename>``
    (where torchvision's own ``weights=`` download lands); ``hub="open_clip"`` -> the Hugging Face hub cache entries
-   ``spec.meta["hf_hub"]`` / ``spec.meta["hf_filenames"]`` (``huggingface_hub.try_to_load_from_cache``), then open_clip's
-   URL cache ``~/.cache/clip/<filename>``.
+   ``spec.meta["hf_hub"]`` / ``spec.meta["hf_filenames"]`` (``huggingface_hub.try_to_load_from_cache``; such a file
+   is open_clip's re-export, checked against the sha256 its LFS blob is named by), then open_clip's URL cache
+   ``~/.cache/clip/<filename>``.
 4. the library's own download (``torch.hub.download_url_to_file`` into the torch hub checkpoints dir, or open_clip's
-   ``download_pretrained_from_url``), ONLY when ``allow_download=True``.
-5. otherwise `WeightsError` naming the file, its URL, its sha256 and where to put it.
+   ``download_pretrained_from_hf`` / ``download_pretrained_from_url``), ONLY when ``allow_download=True``.
+5. otherwise `WeightsNotFound` (a `WeightsError`) naming the file, its URL, its sha256 and where to put it.
+
+Only `WeightsNotFound` means "the weights are not here": it is what ``random_init="missing"`` (extract._api) falls
+back on. An explicit path that does not exist and a checksum mismatch are plain `WeightsError`s: the user asked for
+a specific file, or a file is there but wrong, and silently swapping in random weights would hide that.
 
 Checksums. ``spec.sha256`` is either the full 64-hex digest (the file's digest must equal it) or a hex prefix
 (the digest must START WITH it, exactly as ``torch.hub``'s ``check_hash`` checks the 8 hex digits in torchvision
@@ -21,6 +26,7 @@ unpinned and its actual digest goes into provenance. Provenance always records t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -39,6 +45,15 @@ _digest_cache: dict[tuple[str, int, int], str] = {}
 
 class WeightsError(RuntimeError):
     """Weights are missing or do not match their pinned checksum; the message says what to do."""
+
+
+class WeightsNotFound(WeightsError):
+    """No file for `spec` in any place of the resolution order (offline-missing); the message says what to do."""
+
+    def __init__(self, message: str, spec: WeightsSpec) -> None:
+        """`spec`: the weights that were looked for (its filename goes into random-fallback provenance)."""
+        super().__init__(message)
+        self.spec = spec
 
 
 def sha256_file(path: Path) -> str:
@@ -98,9 +113,19 @@ def _torch_hub_file(spec: WeightsSpec) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
 
 
-def _open_clip_cached(spec: WeightsSpec) -> list[Path]:
-    """Candidate files in open_clip's caches (HF hub cache, then its URL cache), existing or not."""
-    out: list[Path] = []
+def _hf_blob_digest(path: Path) -> str:
+    """The sha256 a Hugging Face cache entry is stored under (LFS blobs are named by it), else ""."""
+    blob = Path(os.path.realpath(path)).name
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else ""
+
+
+def _open_clip_cached(spec: WeightsSpec) -> list[tuple[Path, WeightsSpec]]:
+    """Candidate files in open_clip's caches (HF hub cache, then its URL cache), existing or not, with their spec.
+
+    An HF cache hit is a different file from the one `spec` pins (open_clip's safetensors/bin re-export of the
+    weights), so it is checked against the digest the HF cache stored it under instead.
+    """
+    out: list[tuple[Path, WeightsSpec]] = []
     repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
     if repo:
         try:
@@ -112,27 +137,38 @@ def _open_clip_cached(spec: WeightsSpec) -> list[Path]:
             for name in names:
                 hit = try_to_load_from_cache(repo_id=repo, filename=str(name))
                 if isinstance(hit, str):
-                    out.append(Path(hit))
-    out.append(Path(os.path.expanduser("~/.cache/clip")) / spec.filename)
+                    hf_spec = dataclasses.replace(spec, filename=str(name), sha256=_hf_blob_digest(Path(hit)),
+                                                  url=f"https://huggingface.co/{repo}", meta={**spec.meta, "hf": True})
+                    out.append((Path(hit), hf_spec))
+    out.append((Path(os.path.expanduser("~/.cache/clip")) / spec.filename, spec))
     return out
 
 
-def _download(spec: WeightsSpec, hub: Hub) -> Path:
-    """Run the library's own download for `spec` (network); returns the downloaded file."""
+def _download(spec: WeightsSpec, hub: Hub) -> tuple[Path, WeightsSpec]:
+    """Run the library's own download for `spec` (network); the downloaded file and the spec to check it with.
+
+    open_clip: its Hugging Face re-export when the tag has one (open_clip's own preference), else the tag's URL.
+    """
     if hub == "open_clip":
         from open_clip import pretrained as ocp
 
-        if spec.url:
-            return Path(ocp.download_pretrained_from_url(spec.url, cache_dir=os.path.expanduser("~/.cache/clip")))
-        names = spec.meta.get("hf_filenames") or (spec.meta.get("hf_filename", spec.filename),)
-        return Path(ocp.download_pretrained_from_hf(str(spec.meta["hf_hub"]).strip("/"), filename=str(names[0])))
+        repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
+        if repo:
+            for name in spec.meta.get("hf_filenames") or (spec.meta.get("hf_filename", spec.filename),):
+                try:
+                    got = Path(ocp.download_pretrained_from_hf(repo, filename=str(name)))
+                except Exception:  # noqa: BLE001 - this name is not in the repo: try the next one
+                    continue
+                return got, dataclasses.replace(spec, filename=str(name), sha256=_hf_blob_digest(got))
+        got = Path(ocp.download_pretrained_from_url(spec.url, cache_dir=os.path.expanduser("~/.cache/clip")))
+        return got, spec
     import torch.hub
 
     dst = _torch_hub_file(spec)
     dst.parent.mkdir(parents=True, exist_ok=True)
     prefix = expected_digest(spec) or None
     torch.hub.download_url_to_file(spec.url, str(dst), hash_prefix=prefix, progress=False)
-    return dst
+    return dst, spec
 
 
 def resolve_weights(
@@ -155,25 +191,25 @@ def resolve_weights(
         return p
     tried: list[str] = []
     wdir = weights_dir if weights_dir is not None else os.environ.get(ENV_WEIGHTS_DIR) or None
-    candidates: list[Path] = []
+    candidates: list[tuple[Path, WeightsSpec]] = []
     if wdir is not None:
-        candidates.append(Path(wdir).expanduser() / spec.filename)
+        candidates.append((Path(wdir).expanduser() / spec.filename, spec))
     if hub == "torch":
-        candidates.append(_torch_hub_file(spec))
+        candidates.append((_torch_hub_file(spec), spec))
     elif hub == "open_clip":
         candidates.extend(_open_clip_cached(spec))
     elif hub is not None:
         raise ValueError(f"resolve_weights: hub must be 'torch', 'open_clip' or None, got {hub!r}")
-    for c in candidates:
+    for c, cspec in candidates:
         tried.append(str(c))
         if c.is_file():
-            verify_weights(c, spec)
+            verify_weights(c, cspec)
             return c
     if allow_download and hub is not None:
-        got = _download(spec, hub)
-        verify_weights(got, spec)
+        got, got_spec = _download(spec, hub)
+        verify_weights(got, got_spec)
         return got
-    raise WeightsError(_missing_message(spec, tried, hub is not None and not allow_download))
+    raise WeightsNotFound(_missing_message(spec, tried, hub is not None and not allow_download), spec)
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:
@@ -190,4 +226,6 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 
 def weights_identity(path: Path, spec: WeightsSpec) -> dict[str, str]:
     """Provenance identity of real weights: file name and full actual sha256."""
-    return {"file": spec.filename, "sha256": sha256_file(path)}
+    hf_names = [str(n) for n in spec.meta.get("hf_filenames", ())]
+    name = path.name if path.name in hf_names else spec.filename  # an HF cache hit is open_clip's re-export
+    return {"file": name, "sha256": sha256_file(path)}

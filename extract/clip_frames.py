@@ -8,6 +8,7 @@ resize, centre crop, CLIP mean/std). `load_clip` is shared with `extract.clip_te
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from extract._api import Extractor, FrameStepExtractor, WeightsSpec
 from extract._registry import register_extractor
+from extract._weights import WeightsError, expected_digest
 from extract.sampling import StepPolicy
 from extract.transforms import apply_pil_transform, open_clip_image_transform
 from store.schema import FeatureSpec
@@ -68,6 +70,34 @@ def clip_weights_spec(model_name: str, pretrained: str) -> WeightsSpec:
                        f"https://huggingface.co/{meta['hf_hub'].strip('/')}", preset="open_clip", meta=meta)
 
 
+def is_torchscript(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (OpenAI's released CLIP .pt files are)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def load_clip_checkpoint(model: nn.Module, path: Path, spec: WeightsSpec) -> None:
+    """Load a verified checkpoint strictly: state dicts with weights_only=True; a TorchScript archive only when
+    `spec` pins its full sha256 (OpenAI's release files: the digest already matched, so it is that exact file)."""
+    import open_clip
+
+    if not is_torchscript(path):
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        return
+    if len(expected_digest(spec)) != 64:
+        raise WeightsError(
+            f"clip: {path} is a TorchScript archive; tvr loads those only when a full sha256 pins them (the OpenAI "
+            "release files of the built-in tags). Put it in --weights-dir and use its pretrained tag, or pass "
+            "open_clip's safetensors/state-dict file instead"
+        )
+    sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):  # JIT-only attributes, not weights
+        sd.pop(key, None)
+    model.load_state_dict(sd, strict=True)
+
+
 def load_clip(ex: Extractor, model_name: str, pretrained: str, quick_gelu: bool | None = None) -> nn.Module:
     """Build (or reuse within this process) the open_clip model for `ex`'s weights options; sets its provenance."""
     import open_clip
@@ -87,10 +117,7 @@ def load_clip(ex: Extractor, model_name: str, pretrained: str, quick_gelu: bool 
     def make() -> nn.Module:
         return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg, device="cpu")
 
-    def load(model: nn.Module, path: Path) -> None:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-
-    model = ex.build_model(make, spec, hub="open_clip", load=load)
+    model = ex.build_model(make, spec, hub="open_clip", load=lambda m, p: load_clip_checkpoint(m, p, spec))
     _CACHE[key] = (model, spec, dict(ex.weights_identity))
     return model
 

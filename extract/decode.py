@@ -16,6 +16,7 @@ from typing import Any
 
 import av
 import av.error
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 SAMPLE_RATE = 16000
@@ -23,8 +24,12 @@ DEFAULT_FPS = 25.0
 # Container demuxers that hold still images; decoded as a one-frame "video" with no audio.
 _IMAGE_FORMATS = {"image2", "image2pipe"}
 _ANIMATED = {"gif", "gif_pipe", "apng", "webp_anim"}
-# A decode that stops this far short of the declared duration is reported as truncated.
-_TRUNCATION_SLACK_S = 0.5
+# A decode that stops short of the declared duration by more than this is reported as truncated. A stream's own
+# duration (header or Matroska DURATION tag) is exact up to a frame; the container's may include another, longer
+# stream, so it gets a looser bound. Audio allows for AAC priming/padding (1024 samples at 8 kHz = 0.13 s).
+_SLACK_CONTAINER_S = 0.5
+_SLACK_VIDEO_S = 0.1
+_SLACK_AUDIO_S = 0.2
 
 
 class DecodeError(Exception):
@@ -122,6 +127,35 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
     return float(value * time_base)
 
 
+def _tag_seconds(value: str | None) -> float | None:
+    """A Matroska-style DURATION tag ("HH:MM:SS.fffffffff") in seconds, or None."""
+    if not value:
+        return None
+    try:
+        h, m, sec = value.strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
+
+
+def _declared(container: Any, stream: Any) -> tuple[float | None, bool]:
+    """(declared duration of `stream` in seconds or None, whether it is the stream's own rather than the container's).
+
+    The container's duration is used only when the stream has none and is the container's only video/audio stream
+    of its kind (otherwise it may be a longer sibling stream's).
+    """
+    # Matroska's per-track DURATION tag is written by the muxer; FFmpeg may fill stream.duration with an estimate
+    own = _tag_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    if own is None:
+        own = _seconds(stream.duration, stream.time_base)
+    if own is not None and math.isfinite(own) and own > 0:
+        return own, True
+    media = [s for s in container.streams if s.type in ("video", "audio")]
+    if container.duration is not None and (len(media) == 1 or stream.type == "video"):
+        return container.duration / av.time_base, False
+    return None, False
+
+
 def _scan_duration(path: str, stream_index: int) -> float:
     """Duration from demuxed packet timestamps (no decoding) for containers whose headers omit it."""
     end = None
@@ -160,9 +194,7 @@ def probe(path: str | os.PathLike[str]) -> MediaInfo:
             return MediaInfo(p, "image", 0.0, True, False, int(cc.width or 0), int(cc.height or 0),
                              float("nan"), 1, cc.name or "", container=container, size_bytes=size)
         main = video if video is not None else audio
-        duration = _seconds(main.duration, main.time_base)
-        if duration is None and c.duration is not None:
-            duration = c.duration / av.time_base
+        duration, _ = _declared(c, main)
         vinfo: dict[str, Any] = {}
         if video is not None:
             cc = video.codec_context
@@ -195,11 +227,30 @@ def _out_size(w: int, h: int, height: int | None, short_side: int | None) -> tup
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
-    """An av.VideoFrame as RGB uint8 (H, W, 3), resized with swscale's bilinear filter when asked."""
-    if size is None or (size[0] == frame.width and size[1] == frame.height):
-        return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BILINEAR")
+class _ToRGB:
+    """Converts av.VideoFrames to RGB uint8 (H, W, 3), resized (bilinear, aspect kept by the caller) when asked.
+
+    Resizing first scales within the source pixel format and then converts at the output size: swscale's combined
+    scale+convert path is ~4x slower for yuv420p, and for planar RGB sources it keeps channels from bleeding.
+    Reformatters are kept across frames so swscale contexts are reused.
+    """
+
+    def __init__(self) -> None:
+        self.scale = VideoReformatter()
+        self.convert = VideoReformatter()
+        self.two_step = True
+
+    def __call__(self, frame: Any, size: tuple[int, int] | None) -> np.ndarray:
+        if size is None or (size[0] == frame.width and size[1] == frame.height):
+            return self.convert.reformat(frame, format="rgb24").to_ndarray()
+        if self.two_step:
+            try:
+                small = self.scale.reformat(frame, width=size[0], height=size[1], interpolation="BILINEAR")
+                return self.convert.reformat(small, format="rgb24").to_ndarray()
+            except (ValueError, av.error.FFmpegError):  # a pixel format swscale cannot scale in place
+                self.two_step = False
+        return self.convert.reformat(frame, format="rgb24", width=size[0], height=size[1],
+                                     interpolation="BILINEAR").to_ndarray()
 
 
 class _Batcher:
@@ -240,6 +291,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
     p = str(path)
     step = Fraction(fps).limit_denominator(1_000_000)  # output frames per second, exact
     batcher = _Batcher(batch_size, float(fps))
+    to_rgb = _ToRGB()
     with _open(p) as c:
         if not c.streams.video:
             raise DecodeError(p, "stream probe", "no video stream", "audio-only files have no frames; "
@@ -249,9 +301,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
         vs.thread_type = "AUTO"
         vs.codec_context.thread_count = threads
         tb = vs.time_base or Fraction(1, 1)
-        declared = None if image else _seconds(vs.duration, vs.time_base)
-        if declared is None and not image and c.duration is not None:
-            declared = c.duration / av.time_base
+        declared, own = (None, False) if image else _declared(c, vs)
         rate = vs.average_rate or vs.guessed_rate
         nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
 
@@ -269,7 +319,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             nonlocal k, held_rgb
             while k / step < limit:
                 if held_rgb is None:
-                    held_rgb = _rgb(held, size)
+                    held_rgb = to_rgb(held, size)
                 b = batcher.add(k, held_rgb)
                 k += 1
                 if b is not None:
@@ -304,7 +354,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             raise DecodeError(p, "packet decode", "no decodable video frame", "the file holds no readable "
                               "picture; re-encode it")
         if image:
-            b = batcher.add(0, _rgb(held, size))
+            b = batcher.add(0, to_rgb(held, size))
             if b is not None:
                 yield b
         else:
@@ -318,32 +368,44 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             raise error
         if not image and declared is not None and math.isfinite(declared):
             end = float(held_t + (Fraction(dur) * tb if dur else last_gap))
-            if end + _TRUNCATION_SLACK_S < declared:
+            slack = max(_SLACK_VIDEO_S, 2 * float(nominal)) if own else _SLACK_CONTAINER_S
+            if end + slack < declared:
                 raise TruncatedMedia(p, "packet decode", f"decoding stopped at {end:.2f} s of the declared "
                                      f"{declared:.2f} s", "the readable part was kept; re-encode or re-copy the file")
 
 
 def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
                chunk_samples: int = SAMPLE_RATE * 10) -> Iterator[np.ndarray]:
-    """Mono float32 samples in [-1, 1] at `sample_rate`, in chunks of about `chunk_samples`; nothing if no audio."""
+    """Mono float32 samples in [-1, 1] at `sample_rate`, in chunks of about `chunk_samples`; nothing if no audio.
+
+    Channels are averaged (as librosa and the VGGish reference do); FFmpeg's own downmix would scale correlated
+    stereo by sqrt(2) and clip it. Raises TruncatedMedia after the readable part when decoding breaks off or stops
+    short of the audio stream's declared duration.
+    """
     p = str(path)
     with _open(p) as c:
         if not c.streams.audio:
             return
         stream = c.streams.audio[0]
         stream.thread_type = "AUTO"
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        # The stream's own duration; the container's only when audio is all it holds (else it may be the video's).
+        declared, own = _declared(c, stream)
+        slack = _SLACK_AUDIO_S if own else _SLACK_CONTAINER_S
+        resampler: Any = None
         pending: list[np.ndarray] = []
         n_pending = 0
+        n_total = 0
         error: TruncatedMedia | None = None
 
-        def convert(frames: list[Any]) -> Iterator[np.ndarray]:
-            nonlocal n_pending
+        def convert(frames: list[Any], final: bool = False) -> Iterator[np.ndarray]:
+            nonlocal n_pending, n_total
             for f in frames:
-                a = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+                a = f.to_ndarray()  # planar float: (channels, samples)
+                a = a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
                 pending.append(a)
                 n_pending += a.size
-            if n_pending >= chunk_samples:
+                n_total += a.size
+            if pending and (n_pending >= chunk_samples or final):
                 out = np.clip(np.concatenate(pending), -1.0, 1.0)
                 pending.clear()
                 n_pending = 0
@@ -352,15 +414,19 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
         try:
             for frame in c.decode(stream):
                 frame.pts = None  # let the resampler count samples; gaps in pts are not silence here
+                if resampler is None:  # keeps the source channels: they are averaged in numpy
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=sample_rate)
                 yield from convert(resampler.resample(frame))
         except av.error.FFmpegError as e:
             error = TruncatedMedia(p, "audio decode", f"FFmpeg: {e}", "the readable part was kept; re-encode "
                                    "the file to recover the rest")
-        yield from convert(resampler.resample(None))
-        if pending:
-            yield np.clip(np.concatenate(pending), -1.0, 1.0)
+        yield from convert(resampler.resample(None) if resampler is not None else [], final=True)
         if error is not None:
             raise error
+        if declared is not None and n_total / sample_rate + slack < declared:
+            raise TruncatedMedia(p, "audio decode", f"decoding stopped at {n_total / sample_rate:.2f} s of the "
+                                 f"declared {declared:.2f} s", "the readable part was kept; re-encode or re-copy "
+                                 "the file")
 
 
 def read_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:

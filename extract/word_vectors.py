@@ -362,7 +362,11 @@ def load_vectors(path: Path, fmt: str) -> Vectors:
     key = (str(path.resolve()), fmt)
     if key not in _CACHE:
         if fmt == "kumo":
-            _CACHE[key] = _kumo_vectors(path, path.with_name(GLOVE_6B_50D.meta["index_file"]))
+            index = path.with_name(GLOVE_6B_50D.meta["index_file"])
+            if path.name == GLOVE_6B_50D.filename:  # the packaged pair: its vocabulary is pinned too
+                verify_weights(index, WeightsSpec(GLOVE_6B_50D.name, index.name, GLOVE_6B_50D.meta["index_sha256"],
+                                                  GLOVE_6B_50D.url, GLOVE_6B_50D.preset))
+            _CACHE[key] = _kumo_vectors(path, index)
         elif fmt == "word2vec_bin":
             _CACHE[key] = read_word2vec_bin(path)
         elif fmt == "text":

@@ -5,11 +5,25 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import hashlib
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from extract import FrameStepExtractor, StepPolicy, WeightsSpec, create_extractor, list_extractors
+from extract import (
+    FrameStepExtractor,
+    RandomWeightsWarning,
+    StepPolicy,
+    WeightsError,
+    WeightsNotFound,
+    WeightsSpec,
+    create_extractor,
+    list_extractors,
+    weights_available,
+)
 from extract._device import pick_device, use_half
 from extract._registry import UnknownExtractorError, _REGISTRY, register_extractor
 from extract.sampling import frame_indices, frame_times, uniform_times
@@ -35,19 +49,22 @@ def batches(n_frames: int, size: int = 7, hw: tuple[int, int] = (4, 6)) -> list[
     return out
 
 
+ECHO_WEIGHTS = WeightsSpec("t", "t.pth", "", "https://example.org/t.pth", "imagenet_v1")  # unpinned
+
+
 class IndexEcho(FrameStepExtractor):
     """Test extractor: the feature of a frame is its pixel value (= its index), via a real batched 'model'."""
 
     name = "index_echo"
 
     def __init__(self, *, fps: float | None = 1.0, count: int | None = None, max_steps: int = 64,
-                 batch_size: int = 3, **common: Any) -> None:
+                 batch_size: int = 3, weights: WeightsSpec = ECHO_WEIGHTS, **common: Any) -> None:
         super().__init__(**common)
         self.policy = StepPolicy(fps=fps, max_steps=max_steps, count=count)
         self.batch_size = batch_size
         self.spec = FeatureSpec(name="index_echo", dim=2, max_steps=self.policy.steps, dtype="float32")
         self.calls: list[int] = []
-        self.model = self.build_model(lambda: torch.nn.Linear(1, 2), WeightsSpec("t", "t.pth", "", "u", "imagenet_v1"))
+        self.model = self.build_model(lambda: torch.nn.Linear(1, 2), weights)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(frames[:, 0, 0, :1].astype(np.float32))
@@ -204,3 +221,60 @@ def test_session_with_gaps_uses_the_next_decoded_frame() -> None:
     r = s.finish()
     np.testing.assert_array_equal(r.values[:, 0], [0, 28, 50])
     np.testing.assert_allclose(r.times, [0.0, 1.12, 2.0], rtol=1e-6)
+
+
+@pytest.fixture
+def no_env_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TVR_WEIGHTS_DIR from the caller's environment."""
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+
+
+def test_random_if_missing_falls_back_loudly_to_the_seeded_random_weights(tmp_path: Path, no_env_weights: None,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.warns(RandomWeightsWarning, match="USING SEEDED RANDOM WEIGHTS.*seed 5.*t.pth.*example.org"):
+        ex = IndexEcho(random_init="missing", seed=5, weights_dir=tmp_path)
+    assert "USING SEEDED RANDOM WEIGHTS" in caplog.text  # also logged, for workers whose warnings are filtered
+    ref = IndexEcho(random_init=True, seed=5)
+    assert torch.equal(ex.model.weight, ref.model.weight) and torch.equal(ex.model.bias, ref.model.bias)
+    assert ex.random_init is True and ex.random_reason == "weights not found: t.pth"
+    assert ex.provenance()["weights"] == {"random": True, "seed": 5, "reason": "weights not found: t.pth"}
+    s = ex.start(SimpleNamespace(kind="video", duration=2.0))
+    for b in batches(50):
+        s.add_frames(b)
+    np.testing.assert_array_equal(s.finish().values[:, 0], [0, 25])  # and it runs like any extractor
+
+
+def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, no_env_weights: None) -> None:
+    src = torch.nn.Linear(1, 2)
+    torch.save(src.state_dict(), tmp_path / "t.pth")
+    digest = hashlib.sha256((tmp_path / "t.pth").read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)  # no fallback, so no warning
+        ex = IndexEcho(random_init="missing", weights_dir=tmp_path)
+    assert torch.equal(ex.model.weight, src.weight) and ex.random_init is False and ex.random_reason == ""
+    assert ex.provenance()["weights"] == {"file": "t.pth", "sha256": digest}
+    with pytest.warns(RandomWeightsWarning):  # the registry path goes through the same mechanism
+        try:
+            register_extractor("index_echo_missing")(IndexEcho)
+            assert weights_available("index_echo_missing", weights_dir=tmp_path)
+            assert not weights_available("index_echo_missing", weights_dir=tmp_path / "empty")
+            made = create_extractor("index_echo_missing", random_init="missing", weights_dir=tmp_path / "empty")
+        finally:
+            _REGISTRY.pop("index_echo_missing", None)
+    assert made.provenance()["weights"]["reason"] == "weights not found: t.pth"
+
+
+def test_random_if_missing_never_hides_a_wrong_or_named_file(tmp_path: Path, no_env_weights: None) -> None:
+    (tmp_path / "t.pth").write_bytes(b"not the pinned file")
+    pinned = WeightsSpec("t", "t.pth", "ab" * 32, "https://example.org/t.pth", "imagenet_v1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        with pytest.raises(WeightsError, match="checksum mismatch") as e:
+            IndexEcho(random_init="missing", weights=pinned, weights_dir=tmp_path)
+        assert not isinstance(e.value, WeightsNotFound)
+        with pytest.raises(WeightsError, match="does not exist"):
+            IndexEcho(random_init="missing", weights_path=tmp_path / "typo.pth")
+    with pytest.raises(ValueError, match="True, False or 'missing'"):
+        IndexEcho(random_init="sometimes")
+    with pytest.raises(WeightsNotFound, match="t.pth.*example.org"):
+        IndexEcho(weights_dir=tmp_path / "empty")  # the default stays strict

@@ -2,12 +2,15 @@
 
 Item extractors get a synthetic 1.2 s 64x48 clip (a moving pattern + a 440 Hz tone at 16 kHz) fed through
 sessions exactly as the pipeline does; caption extractors get a few captions. When `extract.decode` exists the
-same clip is also written losslessly with PyAV and run through `extract_path`.
+same clip is also written losslessly with PyAV, decoded by extract.decode and run through `extract_path`. Every
+extractor is also built with random_init="missing" in a place without weights: it must either find its real files
+(packaged ones) or become exactly the random_init=True extractor, with a warning and the reason recorded.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 
 import extract
-from extract import create_extractor, list_extractors, transforms
+from extract import RandomWeightsWarning, WeightsError, create_extractor, list_extractors, transforms
 from extract._api import CaptionExtractor, Extractor, FrameStepExtractor
 from store.schema import FeatureRows, FeatureSpec, Status
 
@@ -202,7 +205,6 @@ def write_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_extract_path_matches_sessions(name: str, media: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
-    pytest.importorskip("extract.decode", reason="extract.decode not written yet")
     ex = get(name)
     if isinstance(ex, CaptionExtractor):
         pytest.skip("caption feature")
@@ -224,3 +226,50 @@ def test_registry_lists_the_other_helpers_modules_when_present() -> None:
         if importlib.util.find_spec(f"extract.{mod}") is not None:
             assert names <= set(NAMES), mod
     assert extract.list_extractors is list_extractors
+
+
+@pytest.fixture
+def no_weights_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Empty weights dir env, torch hub dir, HOME (open_clip's URL cache) and HF cache; downloads fail loudly."""
+    import huggingface_hub
+    import torch
+
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+
+    def no_network(*a: object, **k: object) -> None:
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+PACKAGED = {"glove", "dlib_face"}  # real files ship in installed packages: found even with no weights dir
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_weights_anywhere: None) -> None:
+    opts = FAST.get(name, {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ex = create_extractor(name, random_init="missing", device="cpu", **opts)
+    fell_back = [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+    wid = ex.provenance()["weights"]
+    if name in PACKAGED or "weights_path" in opts:
+        assert not fell_back and wid.get("file") and "random" not in wid, wid
+        return
+    assert len(fell_back) == 1 and "USING SEEDED RANDOM WEIGHTS" in str(fell_back[0].message)
+    assert wid == {**get(name).provenance()["weights"], "reason": ex.random_reason}
+    assert wid["random"] is True and wid["seed"] == 0 and wid["reason"].startswith("weights not found: ")
+    assert ex.spec == get(name).spec
+    if isinstance(ex, CaptionExtractor):  # exactly the random_init=True weights
+        for a, b in zip(ex.encode_captions(CAPTIONS), get(name).encode_captions(CAPTIONS)):
+            same(a, b)
+    else:
+        same(run(ex, *media), run(get(name), *media))
+
+
+def test_random_if_missing_cannot_invent_word_vectors(no_weights_anywhere: None) -> None:
+    with pytest.raises(WeightsError, match="GoogleNews-vectors-negative300.bin.*cannot run with random weights"):
+        create_extractor("word2vec", random_init="missing")

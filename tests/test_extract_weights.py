@@ -113,21 +113,44 @@ def test_download_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         resolve_weights(spec(filename="other.pth"), allow_download=True)
 
 
-def test_open_clip_hub_cache_is_consulted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _hf_cache_entry(root: Path, name: str, data: bytes, blob: str | None = None) -> Path:
+    """A Hugging Face cache layout: blobs/<sha256> and snapshots/<rev>/<name> -> that blob."""
+    blob_path = root / "blobs" / (blob or hashlib.sha256(data).hexdigest())
+    blob_path.parent.mkdir(parents=True, exist_ok=True)
+    blob_path.write_bytes(data)
+    link = root / "snapshots" / "rev" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(blob_path)
+    return link
+
+
+def test_open_clip_hub_cache_is_consulted_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
-    cached = put(tmp_path / "hf", name="open_clip_model.safetensors")
+    hf = b"open_clip re-export of the weights"
+    cached = _hf_cache_entry(tmp_path / "hf", "open_clip_model.safetensors", hf)
     seen: list[tuple[str, str]] = []
+    hits = {"open_clip_model.safetensors": cached}
 
     def fake_cache(repo_id: str, filename: str, **kw: object) -> str | None:
         seen.append((repo_id, filename))
-        return str(cached) if filename == "open_clip_model.safetensors" else None
+        return str(hits[filename]) if filename in hits else None
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake_cache)
-    s = WeightsSpec("ViT.tag", "model.bin", DIGEST, "u", "open_clip",
-                    meta={"hf_hub": "org/repo/", "hf_filenames": ("open_clip_model.safetensors",)})
+    # the spec pins ANOTHER file (OpenAI's .pt): the HF hit is checked against its own blob digest instead
+    s = WeightsSpec("ViT.tag", "model.pt", DIGEST, "u", "open_clip",
+                    meta={"hf_hub": "org/repo/", "hf_filenames": ("open_clip_model.safetensors", "x.bin")})
     assert resolve_weights(s, hub="open_clip") == cached
-    assert seen == [("org/repo", "open_clip_model.safetensors")]
+    assert seen == [("org/repo", "open_clip_model.safetensors"), ("org/repo", "x.bin")]
+    assert W.weights_identity(cached, s) == {"file": "open_clip_model.safetensors",
+                                             "sha256": hashlib.sha256(hf).hexdigest()}
+    hits["open_clip_model.safetensors"] = _hf_cache_entry(tmp_path / "bad", "open_clip_model.safetensors", b"rot",
+                                                          blob=hashlib.sha256(hf).hexdigest())
+    with pytest.raises(WeightsError, match="checksum mismatch"):  # a corrupted blob is caught
+        resolve_weights(s, hub="open_clip")
+    hits.clear()
+    with pytest.raises(W.WeightsNotFound, match="model.pt"):
+        resolve_weights(s, hub="open_clip")
 
 
 def test_load_state_dict_weights_only(tmp_path: Path) -> None:

@@ -1,0 +1,416 @@
+"""extract.decode on real files written here with PyAV: exact 25 fps resampling, resize, audio, images, errors.
+
+Video pixels encode the source frame index (red = i % 256, green = i // 256; blue is a fixed spatial pattern),
+and the codecs are lossless (libx264rgb crf 0), so every output frame is checked against the exact source frame
+the contract says it must show: output k is the latest source frame whose timestamp is <= k/25.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import signal
+import tracemalloc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from extract.decode import (
+    DecodeError,
+    FrameBatch,
+    MediaInfo,
+    TruncatedMedia,
+    iter_audio,
+    iter_frames,
+    probe,
+    read_audio,
+    read_frames,
+)
+
+OUT_FPS = 25
+
+
+def source_frame(i: int, h: int, w: int) -> np.ndarray:
+    """Source frame i: red/green hold the index, blue a fixed spatial pattern (catches flips and shifts)."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[..., 0] = i % 256
+    img[..., 1] = i // 256
+    img[..., 2] = (np.arange(w)[None, :] * 7 + np.arange(h)[:, None] * 13) % 256
+    return img
+
+
+def shown_index(frames: np.ndarray) -> np.ndarray:
+    """Source index each output frame shows, read from its top-left pixel."""
+    return frames[:, 0, 0, 0].astype(np.int64) + 256 * frames[:, 0, 0, 1].astype(np.int64)
+
+
+def write_video(path: Path, times: Sequence[Fraction | float] | None = None, *, n: int = 0, rate: int = 25,
+                size: tuple[int, int] = (16, 24), time_base: Fraction | None = None,
+                audio: tuple[int, str, np.ndarray] | None = None) -> None:
+    """Lossless RGB video; frame i at `times[i]` s (needs `time_base`) or at i/rate; optional s16 PCM audio.
+
+    `audio` is (sample_rate, layout, int16 samples shaped (channels, n)).
+    """
+    h, w = size
+    count = len(times) if times is not None else n
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264rgb", rate=rate)
+        vs.width, vs.height, vs.pix_fmt, vs.options = w, h, "rgb24", {"crf": "0"}
+        if time_base is not None:  # both, or the encoder rounds pts to 1/rate and VFR is lost
+            vs.time_base = time_base
+            vs.codec_context.time_base = time_base
+        astream = None
+        if audio is not None:
+            astream = c.add_stream("pcm_s16le", rate=audio[0], layout=audio[1])
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(source_frame(i, h, w), format="rgb24")
+            frame.pts = i if times is None else round(Fraction(times[i]) / time_base)
+            c.mux(vs.encode(frame))
+        c.mux(vs.encode())
+        if astream is not None:
+            sr, layout, pcm = audio
+            for s in range(0, pcm.shape[1], 1024):
+                chunk = np.ascontiguousarray(pcm[:, s:s + 1024].T.reshape(1, -1))  # packed s16: interleaved
+                af = av.AudioFrame.from_ndarray(chunk, format="s16", layout=layout)
+                af.sample_rate, af.pts = sr, s
+                c.mux(astream.encode(af))
+            c.mux(astream.encode())
+
+
+def write_wav(path: Path, pcm: np.ndarray, sample_rate: int, codec: str = "pcm_s16le") -> None:
+    """Audio-only mono file from s16 samples shaped (n,); the container follows the suffix (.wav by default)."""
+    with av.open(str(path), "w") as c:
+        a = c.add_stream(codec, rate=sample_rate, layout="mono")
+        for s in range(0, pcm.shape[0], 1000):
+            af = av.AudioFrame.from_ndarray(pcm[None, s:s + 1000], format="s16", layout="mono")
+            af.sample_rate, af.pts = sample_rate, s
+            c.mux(a.encode(af))
+        c.mux(a.encode())
+
+
+def expected_mapping(times: Sequence[Fraction], n_out: int) -> np.ndarray:
+    """Contract: output k shows the latest source frame with timestamp <= k/25 (times relative to frame 0)."""
+    t0 = times[0]
+    out = []
+    for k in range(n_out):
+        t = Fraction(k, OUT_FPS)
+        out.append(max(i for i, ti in enumerate(times) if ti - t0 <= t))
+    return np.asarray(out, np.int64)
+
+
+def collect(path: Path, **kw: object) -> tuple[list[FrameBatch], BaseException | None]:
+    """All batches iter_frames yields, and the exception it ended with (if any)."""
+    batches: list[FrameBatch] = []
+    try:
+        for b in iter_frames(path, **kw):
+            batches.append(b)
+    except DecodeError as e:
+        return batches, e
+    return batches, None
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (SIGALRM; the tests run on Linux)."""
+    def boom(*_: object) -> None:
+        raise TimeoutError(f"decode did not finish within {seconds} s")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---- constant-rate sources above, at and below 25 fps ----
+@pytest.mark.parametrize("src_fps,n,ext", [(30, 45, "mp4"), (24, 36, "mkv"), (50, 60, "mkv"), (25, 20, "mp4"),
+                                           (10, 12, "mkv")])
+def test_constant_rate_resampled_exactly(tmp_path: Path, src_fps: int, n: int, ext: str) -> None:
+    path = tmp_path / f"v{src_fps}.{ext}"
+    write_video(path, n=n, rate=src_fps)
+    info = probe(path)
+    assert (info.kind, info.has_video, info.has_audio) == ("video", True, False)
+    assert info.duration == pytest.approx(n / src_fps, abs=2e-3)
+    assert (info.width, info.height) == (24, 16) and info.fps == pytest.approx(src_fps, rel=1e-3)
+    n_out = math.ceil(Fraction(n, src_fps) * OUT_FPS)
+    assert info.n_output_frames() == n_out
+    fb = read_frames(path)
+    assert fb.frames.shape == (n_out, 16, 24, 3) and fb.frames.dtype == np.uint8
+    want = expected_mapping([Fraction(i, src_fps) for i in range(n)], n_out)
+    np.testing.assert_array_equal(shown_index(fb.frames), want)
+    for k in range(n_out):  # whole frames, not just the index pixel
+        np.testing.assert_array_equal(fb.frames[k], source_frame(int(want[k]), 16, 24))
+    np.testing.assert_array_equal(fb.index, np.arange(n_out))
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_variable_frame_rate(tmp_path: Path, ext: str) -> None:
+    ms = [0, 10, 100, 130, 500, 520, 900, 1300]  # bursts, a frame superseded within one grid step, a long gap
+    times = [Fraction(t, 1000) for t in ms]
+    path = tmp_path / f"vfr.{ext}"
+    write_video(path, times, rate=25, time_base=Fraction(1, 1000))
+    with av.open(str(path)) as c:  # the file really is VFR (guards the fixture itself)
+        got = [float(f.pts * f.time_base) for f in c.decode(video=0)]
+    np.testing.assert_allclose(got, [float(t) for t in times], atol=1e-6)
+    info = probe(path)
+    assert 1.3 < info.duration <= 1.3 + 0.1  # last frame's start + its duration
+    fb = read_frames(path)
+    assert len(fb) == math.ceil(info.duration * OUT_FPS - 1e-9) == info.n_output_frames()
+    want = expected_mapping(times, len(fb))
+    np.testing.assert_array_equal(shown_index(fb.frames), want)
+    assert 4 not in want and want[-1] == 7  # 0.50 s is replaced by 0.52 s before any grid point shows it
+    np.testing.assert_array_equal(fb.frames[3], source_frame(2, 16, 24))
+
+
+def test_batches_bounded_with_grid_times(tmp_path: Path) -> None:
+    path = tmp_path / "v.mp4"
+    write_video(path, n=45, rate=30)
+    batches, err = collect(path, batch_size=7)
+    assert err is None
+    assert [len(b) for b in batches] == [7, 7, 7, 7, 7, 3]  # 38 output frames
+    for b in batches:
+        assert b.frames.shape[0] == b.times.shape[0] == b.index.shape[0] == len(b)
+        assert b.times.dtype == np.float64 and b.index.dtype == np.int64
+        np.testing.assert_array_equal(b.times, b.index / 25.0)
+    index = np.concatenate([b.index for b in batches])
+    np.testing.assert_array_equal(index, np.arange(38))
+    frames = np.concatenate([b.frames for b in batches])
+    np.testing.assert_array_equal(frames, read_frames(path, batch_size=64).frames)  # batching changes nothing
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter_frames(path, batch_size=0))
+    with pytest.raises(ValueError, match="fps"):
+        next(iter_frames(path, fps=0))
+
+
+def test_other_output_fps(tmp_path: Path) -> None:
+    path = tmp_path / "v.mkv"
+    write_video(path, n=30, rate=30)
+    fb = read_frames(path, fps=10.0)
+    assert len(fb) == 10
+    np.testing.assert_array_equal(shown_index(fb.frames), np.arange(10) * 3)
+    np.testing.assert_allclose(fb.times, np.arange(10) / 10.0)
+
+
+@pytest.mark.parametrize("size,kw,want_hw", [((30, 40), {"height": 12}, (12, 16)),
+                                             ((40, 30), {"short_side": 15}, (20, 15)),
+                                             ((30, 40), {"short_side": 15}, (15, 20)),
+                                             ((36, 64), {"height": 18}, (18, 32))])
+def test_resize_keeps_aspect(tmp_path: Path, size: tuple[int, int], kw: dict, want_hw: tuple[int, int]) -> None:
+    path = tmp_path / "v.mkv"
+    write_video(path, n=10, rate=25, size=size)
+    fb = read_frames(path, **kw)
+    assert fb.frames.shape == (10, *want_hw, 3)
+    # red/green are constant per frame, so scaling keeps them up to swscale's rounding: the mapping survives
+    red = fb.frames[..., 0].astype(int)
+    assert (np.abs(red - np.arange(10)[:, None, None]) <= 2).all()  # bilinear rounding
+    np.testing.assert_array_equal(np.median(red.reshape(10, -1), axis=1), np.arange(10))
+    assert (fb.frames[..., 1] <= 2).all()
+
+
+def test_resize_needs_one_rule(tmp_path: Path) -> None:
+    path = tmp_path / "v.mkv"
+    write_video(path, n=2)
+    with pytest.raises(ValueError, match="height or short_side"):
+        list(iter_frames(path, height=8, short_side=8))
+
+
+# ---- audio ----
+def test_video_with_44k_stereo_audio_resampled_to_16k_mono(tmp_path: Path) -> None:
+    sr, seconds = 44100, 2.0
+    t = np.arange(int(sr * seconds)) / sr
+    left = 0.6 * np.sin(2 * np.pi * 440 * t)
+    right = 0.2 * np.sin(2 * np.pi * 1000 * t)
+    pcm = np.round(np.stack([left, right]) * 32767).astype(np.int16)
+    path = tmp_path / "av.mkv"
+    write_video(path, n=50, rate=25, audio=(sr, "stereo", pcm))
+    info = probe(path)
+    assert info.has_audio and info.has_video and info.kind == "video"
+    assert (info.audio_sample_rate, info.audio_channels) == (sr, 2)
+    a = read_audio(path)
+    assert a is not None and a.dtype == np.float32 and a.ndim == 1
+    assert abs(a.size - 32000) <= 32  # duration * 16 kHz
+    assert np.abs(a).max() <= 1.0
+    # mono = mean of the channels: 0.3 at 440 Hz + 0.1 at 1 kHz (FFT bins are exactly 0.5 Hz wide over 2 s)
+    seg = a[:32000].astype(np.float64)
+    spec = np.abs(np.fft.rfft(seg)) * 2 / seg.size
+    freqs = np.fft.rfftfreq(seg.size, 1 / 16000)
+    assert spec[freqs == 440][0] == pytest.approx(0.3, abs=0.01)
+    assert spec[freqs == 1000][0] == pytest.approx(0.1, abs=0.01)
+    others = spec.copy()
+    others[(np.abs(freqs - 440) < 3) | (np.abs(freqs - 1000) < 3)] = 0
+    assert others.max() < 0.01
+    # chunks stream in order and add up to the whole track
+    chunks = list(iter_audio(path, chunk_samples=5000))
+    assert len(chunks) >= 6 and all(ch.dtype == np.float32 for ch in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), a)
+    # the video track is untouched by the audio track
+    np.testing.assert_array_equal(shown_index(read_frames(path).frames), np.arange(50))
+
+
+def test_full_scale_stereo_is_not_clipped(tmp_path: Path) -> None:
+    sr = 16000
+    t = np.arange(sr) / sr
+    wave = 0.9 * np.sin(2 * np.pi * 250 * t)
+    pcm = np.round(np.stack([wave, wave]) * 32767).astype(np.int16)
+    path = tmp_path / "loud.mkv"
+    write_video(path, n=25, audio=(sr, "stereo", pcm))
+    a = read_audio(path)
+    assert a is not None
+    np.testing.assert_allclose(a[:sr], pcm[0].astype(np.float32) / 32768, atol=1e-4)  # mean of equal channels
+
+
+def test_video_without_audio(tmp_path: Path) -> None:
+    path = tmp_path / "silent.mp4"
+    write_video(path, n=10)
+    info = probe(path)
+    assert info.has_audio is False and info.audio_sample_rate == 0
+    assert list(iter_audio(path)) == []
+    assert read_audio(path) is None
+
+
+def test_audio_only_wav(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pcm = rng.integers(-20000, 20000, 24000, dtype=np.int16)
+    path = tmp_path / "speech.wav"
+    write_wav(path, pcm, 16000)
+    info = probe(path)
+    assert (info.kind, info.has_video, info.has_audio) == ("audio", False, True)
+    assert info.duration == pytest.approx(1.5, abs=1e-3) and info.n_output_frames() == 0
+    a = read_audio(path)
+    np.testing.assert_array_equal(a, pcm.astype(np.float32) / 32768.0)  # 16 kHz mono s16: exact
+    with pytest.raises(DecodeError) as ei:
+        list(iter_frames(path))
+    assert ei.value.stage == "stream probe" and str(path) in str(ei.value) and "no video stream" in str(ei.value)
+
+
+@pytest.mark.parametrize("ext,codec", [("flac", "flac"), ("mka", "pcm_s16le")])
+def test_truncated_audio_reports_after_readable_part(tmp_path: Path, ext: str, codec: str) -> None:
+    # (a cut .wav cannot be told from a short one: FFmpeg sizes its data chunk from the file)
+    pcm = np.random.default_rng(1).integers(-20000, 20000, 48000, dtype=np.int16)
+    path = tmp_path / f"cut.{ext}"
+    write_wav(path, pcm, 16000, codec)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3])
+    assert probe(path).duration == pytest.approx(3.0, abs=0.01)  # the header still declares 3 s
+    got: list[np.ndarray] = []
+    with deadline(20), pytest.raises(TruncatedMedia) as ei:
+        for chunk in iter_audio(path, chunk_samples=4000):
+            got.append(chunk)
+    a = np.concatenate(got)
+    assert 4000 < a.size < 24000
+    np.testing.assert_array_equal(a, pcm[:a.size].astype(np.float32) / 32768.0)
+    assert str(path) in str(ei.value) and ei.value.stage == "audio decode"
+
+
+# ---- still images ----
+def write_image(path: Path, img: np.ndarray, codec: str, pix_fmt: str, options: dict[str, str]) -> None:
+    """One picture through FFmpeg's image2 muxer."""
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream(codec, rate=1, options=options)
+        s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], pix_fmt
+        c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)))
+        c.mux(s.encode())
+
+
+@pytest.mark.parametrize("ext,codec,pix_fmt,options,tol", [("png", "png", "rgb24", {}, 0),
+                                                            ("jpg", "mjpeg", "yuvj444p", {"qscale": "2"}, 12),
+                                                            ("webp", "libwebp", "bgra", {"lossless": "1"}, 0)])
+def test_still_images(tmp_path: Path, ext: str, codec: str, pix_fmt: str, options: dict, tol: int) -> None:
+    img = source_frame(0, 20, 30)
+    img[..., 0] = np.arange(30)[None, :] * 8
+    img[..., 1] = (np.arange(20) * 12)[:, None]
+    img = np.ascontiguousarray(img)
+    path = tmp_path / f"pic.{ext}"
+    write_image(path, img, codec, pix_fmt, options)
+    info = probe(path)
+    assert info.kind == "image" and info.is_image and info.duration == 0.0
+    assert (info.has_video, info.has_audio, info.width, info.height) == (True, False, 30, 20)
+    assert info.n_output_frames() == 1
+    batches, err = collect(path, batch_size=4)
+    assert err is None and len(batches) == 1
+    b = batches[0]
+    assert b.frames.shape == (1, 20, 30, 3) and b.times.tolist() == [0.0] and b.index.tolist() == [0]
+    diff = np.abs(b.frames[0].astype(int) - img.astype(int))
+    if tol == 0:  # lossless formats: exact pixels
+        np.testing.assert_array_equal(b.frames[0], img)
+    else:
+        assert diff.mean() <= tol / 4 and diff.max() <= tol * 4
+    assert read_audio(path) is None and list(iter_audio(path)) == []
+    assert read_frames(path, height=10).frames.shape == (1, 10, 15, 3)
+
+
+# ---- broken input ----
+def test_truncated_video_yields_readable_part_then_raises(tmp_path: Path) -> None:
+    path = tmp_path / "cut.mkv"
+    write_video(path, n=100, rate=25, size=(32, 32))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    assert probe(path).duration == pytest.approx(4.0)  # the header still promises 4 s
+    with deadline(30):
+        batches, err = collect(path, batch_size=8)
+    assert isinstance(err, TruncatedMedia)
+    assert str(path) in str(err) and err.stage == "packet decode"
+    frames = np.concatenate([b.frames for b in batches])
+    assert 10 <= len(frames) < 100
+    np.testing.assert_array_equal(np.concatenate([b.index for b in batches]), np.arange(len(frames)))
+    for k in range(len(frames)):  # what was yielded is the real picture, not garbage
+        np.testing.assert_array_equal(frames[k], source_frame(k, 32, 32))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "text"])
+def test_unreadable_files_name_file_and_stage(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "clip.mp4"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("this is not a video\n" * 50)
+    calls = [probe, lambda p: list(iter_frames(p)), read_audio, lambda p: list(iter_audio(p)), read_frames]
+    for call in calls:
+        with deadline(20), pytest.raises(DecodeError) as ei:
+            call(path)
+        e = ei.value
+        assert not isinstance(e, TruncatedMedia)
+        assert e.path == str(path) and e.stage == "open"
+        assert str(path) in str(e) and "open failed" in str(e) and "fix:" in str(e)
+    want = {"missing": "not found", "empty": "empty", "text": "Invalid data"}[case]
+    assert want in str(e)
+
+
+def test_decode_error_survives_pickling() -> None:
+    e = TruncatedMedia("/x/clip.mp4", "packet decode", "FFmpeg: boom", "re-encode")
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is TruncatedMedia and str(back) == str(e) and back.stage == "packet decode"
+
+
+def test_media_info_fields() -> None:
+    info = MediaInfo("a.mp4", "video", 2.01, True, False)
+    assert info.n_output_frames() == 51 and info.n_output_frames(10.0) == 21 and not info.is_image
+
+
+# ---- streaming: memory does not grow with video length ----
+def peak_while_streaming(path: Path) -> tuple[int, int]:
+    """tracemalloc peak (bytes) while iterating in batches of 4, and the number of frames seen."""
+    tracemalloc.start()
+    try:
+        n = 0
+        for b in iter_frames(path, batch_size=4):
+            n += len(b)
+        return tracemalloc.get_traced_memory()[1], n
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_flat_with_length(tmp_path: Path) -> None:
+    short, long = tmp_path / "short.mkv", tmp_path / "long.mkv"
+    write_video(short, n=20, size=(64, 64))
+    write_video(long, n=400, size=(64, 64))  # 400 x 12 KiB = 4.7 MiB if it were all held
+    peak_short, n_short = peak_while_streaming(short)
+    peak_long, n_long = peak_while_streaming(long)
+    assert (n_short, n_long) == (20, 400)
+    assert peak_long < 1 << 20, peak_long
+    assert peak_long < 2 * peak_short + (256 << 10), (peak_short, peak_long)
