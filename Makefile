@@ -14,7 +14,9 @@ install: $(STAMP)
 # torch and torchvision are installed together first: CUDA builds that also run on CPU
 # (the CPU-only torch build has no matching torchvision wheel). dlib compiles from source (~10 min; pip caches the wheel).
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "tvr needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1). Run: make PYTHON=python3.11 ..."; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || { echo "'$(PYTHON) -m venv' failed: install your Python's venv module (Debian/Ubuntu: apt-get install python3-venv) and rerun"; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[dev]'

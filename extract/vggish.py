@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from extract import vggish_frontend as fe
-from extract._api import Extractor, ItemSession, WeightsSpec
+from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
 from extract._weights import resolve_weights, weights_identity
 from extract.transforms import register_preset
@@ -379,6 +379,6 @@ class VGGishSession(ItemSession):
                 f"example needs {fe.EXAMPLE_SAMPLES} ({fe.EXAMPLE_SAMPLES / fe.SAMPLE_RATE:.4f} s)",
             )
         keep = sorted(self._emb) if self.planned else select_examples(n, spec.max_steps).tolist()
-        values = np.stack([self._emb[i] for i in keep]).astype(spec.dtype)
+        values = to_store_dtype(np.stack([self._emb[i] for i in keep]), spec, f"vggish: {self.path}")
         times = (np.asarray(keep, dtype=np.float64) * fe.EXAMPLE_SECONDS).astype(np.float32)
         return FeatureRows(status=Status.OK, values=values, times=times)

@@ -415,6 +415,8 @@ class WordVectors(CaptionExtractor):
         self.spec = FeatureSpec(name=self.name, dim=self.dim, max_steps=self.max_words, dtype=dtype,
                                 modality="words", axis="caption", chunk_rows=chunk_rows)
         self.options = {"max_words": self.max_words, "lowercase": self.lowercase, "format": self.fmt}
+        if self.random_init:  # nothing to initialise randomly: say so in provenance rather than pretend
+            self.options["random_init"] = "ignored: word vectors are always the real, recorded file"
         self.totals = {"captions": 0, "tokens": 0, "oov": 0, "truncated": 0}
 
     def _find_file(self) -> Path:

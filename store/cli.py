@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from store.schema import StoreError
 
@@ -15,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="per-feature counts of OK/ABSENT/FAILED/PENDING rows and top reasons")
     info.add_argument("store", help="store path or URL")
-    info.add_argument("--json", action="store_true", help="print exactly one JSON document")
+    info.add_argument("--json", action="store_true",
+                      help='print one JSON document: {"items": N, "features": {name: {"ok", "absent", "failed", '
+                           '"pending"}}, "failure_reasons": {name: [{"reason", "count"}]}}')
     info.add_argument("--top", type=int, default=5, help="how many reasons to list per feature")
     plot = sub.add_parser("plot", help="save the availability figure (PNG, SVG, PDF by extension)")
     plot.add_argument("store", help="store path or URL")
@@ -47,8 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(coverage_table(store, args.top))
         return 0
-    availability_figure(store).savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        print(f"tvr-store plot: folder {out.parent} does not exist; create it or pick another output path",
+              file=sys.stderr)
+        return 2
+    try:
+        availability_figure(store).savefig(out, dpi=100)
+    except ValueError as e:  # matplotlib: unknown format from the extension
+        print(f"tvr-store plot: cannot write {out}: {e}; use a .png, .svg or .pdf name", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 

@@ -29,36 +29,39 @@ def reason_counts(store: FeatureStore, feature: str, status: Status = Status.FAI
 
 
 def summary(store: FeatureStore, top: int = 5) -> dict[str, Any]:
-    """The `tvr-store info --json` document: counts per feature plus top failure and absence reasons."""
-    features: dict[str, Any] = {}
+    """The `tvr-store info --json` document.
+
+    ``{"items": N, "features": {name: {"ok": n, "absent": n, "failed": n, "pending": n}},
+    "failure_reasons": {name: [{"reason": r, "count": n}, ...]}}``; reasons are the `top` most common among FAILED
+    rows, most frequent first, and every feature has an entry (an empty list when nothing failed).
+    """
+    features: dict[str, dict[str, int]] = {}
+    failures: dict[str, list[dict[str, Any]]] = {}
     for name in store.features:
         st = store.status(name)
         counts = np.bincount(st, minlength=4)
+        features[name] = {s.name.lower(): int(counts[s]) for s in _ORDER}
         reasons = store.reasons(name, st)
-        spec = store.spec(name)
-        features[name] = {
-            **{s.name.lower(): int(counts[s]) for s in _ORDER},
-            "reasons": dict(Counter(reasons[st == Status.FAILED].tolist()).most_common(top)),
-            "absent_reasons": dict(Counter(reasons[st == Status.ABSENT].tolist()).most_common(top)),
-            "axis": spec.axis,
-            "modality": spec.modality,
-            "rows": int(st.shape[0]),
-        }
-    return {"items": store.n_items, "captions": store.n_captions, "features": features}
+        failures[name] = [{"reason": r, "count": n}
+                          for r, n in Counter(reasons[st == Status.FAILED].tolist()).most_common(top)]
+    return {"items": store.n_items, "features": features, "failure_reasons": failures}
 
 
 def coverage_table(store: FeatureStore, top: int = 3) -> str:
     """Plain-text table: one line per feature with OK/ABSENT/FAILED/PENDING counts and top reasons."""
-    info = summary(store, top)
     head = f"{'feature':<16} {'modality':<10} {'axis':<7} {'rows':>7} {'ok':>7} {'absent':>7} {'failed':>7} " \
            f"{'pending':>7}  top reasons"
-    lines = [f"store: {store.url}  items: {info['items']}  captions: {info['captions']}", head, "-" * len(head)]
-    for name, f in info["features"].items():
-        why = [f"failed:{r}={n}" for r, n in f["reasons"].items()]
-        why += [f"absent:{r}={n}" for r, n in f["absent_reasons"].items()]
-        lines.append(f"{name:<16} {f['modality']:<10} {f['axis']:<7} {f['rows']:>7} {f['ok']:>7} {f['absent']:>7} "
-                     f"{f['failed']:>7} {f['pending']:>7}  {', '.join(why) or '-'}")
-    if not info["features"]:
+    lines = [f"store: {store.url}  items: {store.n_items}  captions: {store.n_captions}", head, "-" * len(head)]
+    for name in store.features:
+        spec, st = store.spec(name), store.status(name)
+        counts = np.bincount(st, minlength=4)
+        reasons = store.reasons(name, st)
+        why = [f"{s.name.lower()}:{r}={n}" for s in (Status.FAILED, Status.ABSENT)
+               for r, n in Counter(reasons[st == s].tolist()).most_common(top)]
+        lines.append(f"{name:<16} {spec.modality:<10} {spec.axis:<7} {st.shape[0]:>7} {counts[Status.OK]:>7} "
+                     f"{counts[Status.ABSENT]:>7} {counts[Status.FAILED]:>7} {counts[Status.PENDING]:>7}  "
+                     f"{', '.join(why) or '-'}")
+    if not store.features:
         lines.append("(no features yet)")
     return "\n".join(lines)
 
@@ -75,6 +78,20 @@ def status_dataarray(store: FeatureStore) -> Any:
                                "flag_meanings": " ".join(s.name.lower() for s in Status)})
 
 
+def worst_status(status: np.ndarray, step: int) -> np.ndarray:
+    """(N, F) status codes -> (ceil(N/step), F): per block of `step` rows the worst, FAILED > PENDING > ABSENT > OK.
+
+    Plain subsampling would hide a lone failure among thousands of rows; the worst-of-block keeps it visible.
+    """
+    if step == 1 or not status.size:
+        return status
+    rank = np.array([2, 0, 1, 3], dtype=np.uint8)  # rank by status code: PENDING 2, OK 0, ABSENT 1, FAILED 3
+    pad = -len(status) % step
+    ranked = np.pad(rank[status], ((0, pad), (0, 0)))  # padding ranks as OK, so it never wins
+    worst = ranked.reshape(-1, step, status.shape[1]).max(axis=1)
+    return np.argsort(rank)[worst].astype(np.uint8)
+
+
 def availability_figure(store: FeatureStore, max_items: int = 400) -> Any:
     """Matplotlib Figure: items x features status heat-map (item-axis features) and per-feature status bars."""
     from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -88,12 +105,13 @@ def availability_figure(store: FeatureStore, max_items: int = 400) -> Any:
     cmap = ListedColormap([STATUS_COLORS[s] for s in Status])
     norm = BoundaryNorm(np.arange(len(Status) + 1) - 0.5, cmap.N)
     data = da.values
-    step = max(1, -(-data.shape[0] // max_items))  # subsample rows so huge stores stay legible
-    heat.imshow(data[::step].T if data.size else np.zeros((1, 1)), aspect="auto", interpolation="nearest",
+    step = max(1, -(-data.shape[0] // max_items))  # one column per `step` rows so huge stores stay legible
+    shown = worst_status(data, step)
+    heat.imshow(shown.T if shown.size else np.zeros((1, 1)), aspect="auto", interpolation="nearest",
                 cmap=cmap, norm=norm)
     heat.set_yticks(range(data.shape[1]),
                     [f"{n} ({store.spec(n).modality})" for n in da.coords["feature"].values])
-    heat.set_xlabel(f"item row{f' (every {step}th)' if step > 1 else ''}")
+    heat.set_xlabel("item row" if step == 1 else f"item rows, {step} per column (the worst status shown)")
     heat.set_title("status per item and feature")
     counts = store.coverage()
     left = np.zeros(len(names))

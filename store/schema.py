@@ -197,3 +197,128 @@ class FeatureBatch:
     available: np.ndarray  # (n,) bool = status == OK
     slot_mask: np.ndarray | None = None  # (n, T, K) bool for slot features, False where not OK
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, T, [K,] *shape)
+
+
+# --- on-disk layout and row validation (used by store.zarr_store) ---
+STR_DTYPE = "str"  # zarr 3 variable-length UTF-8 strings
+# name -> (dtype, dimension, fill value); item_id / caption_id are written last when extending.
+ROOT_ARRAYS: dict[str, tuple[str, str, Any]] = {
+    "item_path": (STR_DTYPE, "item", ""),
+    "item_kind": (STR_DTYPE, "item", ""),
+    "item_split": (STR_DTYPE, "item", ""),
+    "item_duration": ("float64", "item", float("nan")),
+    "item_id": (STR_DTYPE, "item", ""),
+    "caption_item": ("int64", "caption", -1),
+    "caption_text": (STR_DTYPE, "caption", ""),
+    "caption_id": (STR_DTYPE, "caption", ""),
+}
+
+
+def feature_arrays(spec: FeatureSpec, rows: int) -> dict[str, dict[str, Any]]:
+    """The arrays of a feature group: name -> create_array kwargs (shape, chunks, dtype, dims, fill, codecs)."""
+    n, c = spec.name, spec.chunk_rows
+    row, step = spec.axis, f"{n}_step"
+    slot = (f"{n}_slot",) if spec.slots else ()
+    k = (spec.slots,) if spec.slots else ()
+    t = spec.max_steps
+    small = {"compressors": None}  # tiny chunks: compression costs more than it saves (and enables fast scans)
+    # zstd level 1 packs float16 features as tightly as zarr's default level 3 at about a third of the encode time
+    big = {"compressors": [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]}
+    out: dict[str, dict[str, Any]] = {
+        "values": dict(shape=(rows, t, *k, spec.dim), chunks=(c, t, *k, spec.dim), dtype=spec.dtype,
+                       dimension_names=(row, step, *slot, f"{n}_dim"), fill_value=0, **big),
+        "mask": dict(shape=(rows, t), chunks=(c, t), dtype="bool", dimension_names=(row, step),
+                     fill_value=False, **small),
+        "time": dict(shape=(rows, t), chunks=(c, t), dtype="float32", dimension_names=(row, step),
+                     fill_value=float("nan"), **small),
+    }
+    if spec.slots:
+        out["slot_mask"] = dict(shape=(rows, t, *k), chunks=(c, t, *k), dtype="bool",
+                                dimension_names=(row, step, *slot), fill_value=False, **small)
+    for e in spec.extras:
+        tail = tuple(f"{n}_{e.name}" if len(e.shape) == 1 else f"{n}_{e.name}_{i}" for i in range(len(e.shape)))
+        out[f"extra_{e.name}"] = dict(shape=(rows, t, *k, *e.shape), chunks=(c, t, *k, *e.shape), dtype=e.dtype,
+                                      dimension_names=(row, step, *slot, *tail), fill_value=0, **big)
+    for name, dtype, fill in (("status", "uint8", 0), ("reason", STR_DTYPE, ""), ("message", STR_DTYPE, "")):
+        out[name] = dict(shape=(rows,), chunks=(c,), dtype=dtype, dimension_names=(row,), fill_value=fill, **small)
+    return out
+
+
+def codec_problem(meta: Mapping[str, Any]) -> str | None:
+    """Why an array's raw metadata is refused (pickle/object codecs, sharding, Zarr v2), or None."""
+    text = json.dumps(meta).lower()
+    if "pickle" in text:
+        return "uses the pickle codec (unpickling runs arbitrary code)"
+    if meta.get("zarr_format") == 2:
+        if "|o" in str(meta.get("dtype", "")).lower():
+            return "has an object dtype (Zarr v2 '|O')"
+        return "is a Zarr v2 array (tvr stores are Zarr v3 only)"
+    dtype = meta.get("data_type")
+    dname = dtype.get("name") if isinstance(dtype, Mapping) else dtype
+    if str(dname).lower() in ("object", "|o", "o"):
+        return "has an object data type"
+    if "sharding_indexed" in text:
+        return "is sharded (concurrent writers of one shard lose writes; tvr uses plain chunks)"
+    return None
+
+
+def pad_row(spec: FeatureSpec, row: int, r: FeatureRows) -> dict[str, Any]:
+    """Validate one FeatureRows against `spec` and pad it to max_steps; error messages name feature and row."""
+    where = f"feature '{spec.name}' row {row}"
+    if not isinstance(r, FeatureRows):
+        raise StoreError(f"{where}: expected FeatureRows, got {type(r).__name__}")
+    status = Status(r.status)
+    if status not in (Status.OK, Status.ABSENT):
+        raise StoreError(f"{where}: FeatureRows.status must be OK or ABSENT (use write_failed for FAILED), "
+                         f"got {status.name}")
+    t, k, d = spec.max_steps, spec.slots, spec.dim
+    vals = np.asarray(r.values)
+    n = vals.shape[0] if vals.ndim else 0
+    want = "(n, K, D)" if k else "(n, D)"
+    if vals.ndim != (3 if k else 2) or vals.shape[1:] != ((k, d) if k else (d,)) or n > t:
+        raise StoreError(f"{where}: values have shape {vals.shape}, expected {want} with n <= max_steps={t}"
+                         + (f", K={k}" if k else "") + f", D={d}")
+    if status is Status.OK and n == 0:
+        raise StoreError(f"{where}: an OK row needs at least one step; return ABSENT with a reason instead")
+    times = np.asarray(r.times, dtype=np.float32).reshape(-1)
+    if times.shape != (n,):
+        raise StoreError(f"{where}: times have shape {np.shape(r.times)}, expected ({n},)")
+    mask = np.ones(n, bool) if r.mask is None else np.asarray(r.mask)
+    if mask.shape != (n,) or mask.dtype != bool:
+        raise StoreError(f"{where}: mask must be bool of shape ({n},), got {mask.dtype} {mask.shape}")
+    out: dict[str, Any] = {}
+    v = np.zeros((t, *vals.shape[1:]), dtype=spec.dtype)
+    v[:n] = vals
+    if not np.isfinite(v[:n][mask]).all():
+        raise StoreError(f"{where}: values contain NaN/inf on valid steps (or overflow {spec.dtype})")
+    out["values"] = v
+    out["mask"] = np.zeros(t, bool)
+    out["mask"][:n] = mask
+    out["time"] = np.full(t, np.nan, np.float32)
+    out["time"][:n] = times
+    if k:
+        sm = np.ones((n, k), bool) if r.slot_mask is None else np.asarray(r.slot_mask)
+        if sm.shape != (n, k) or sm.dtype != bool:
+            raise StoreError(f"{where}: slot_mask must be bool of shape ({n}, {k}), got {sm.dtype} {sm.shape}")
+        out["slot_mask"] = np.zeros((t, k), bool)
+        out["slot_mask"][:n] = sm
+    elif r.slot_mask is not None:
+        raise StoreError(f"{where}: slot_mask given but the feature has no slots")
+    unknown = set(r.extras) - {e.name for e in spec.extras}
+    if unknown:
+        raise StoreError(f"{where}: unknown extras {sorted(unknown)}; the spec has {[e.name for e in spec.extras]}")
+    for e in spec.extras:
+        shape = (n, *((k,) if k else ()), *e.shape)
+        x = np.zeros((t, *shape[1:]), dtype=e.dtype)
+        if e.name in r.extras:
+            got = np.asarray(r.extras[e.name])
+            if got.shape != shape:
+                raise StoreError(f"{where}: extra '{e.name}' has shape {got.shape}, expected {shape}")
+            x[:n] = got
+        elif status is Status.OK:
+            raise StoreError(f"{where}: extra '{e.name}' is missing from an OK row")
+        out[f"extra_{e.name}"] = x
+    out["reason"] = r.reason or ("" if status is Status.OK else "absent")
+    out["message"] = r.message
+    out["status"] = np.uint8(status)
+    return out

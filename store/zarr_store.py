@@ -17,7 +17,6 @@ Strings (ids, paths, captions, reasons) are zarr 3 `str` arrays (vlen-utf8). xar
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import json
 import os
@@ -27,12 +26,24 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+
+from store._zarr_io import (
+    _check_dims,
+    _dtype_ok,
+    _fast_status,
+    _gather,
+    _get,
+    _get_json,
+    _jsonable,
+    _listdir,
+    _looks_like_tvr,
+    _never_written,
+    _set_all,
+)
 
 from store.schema import (
+    ROOT_ARRAYS,
     SCHEMA_VERSION,
     CaptionRecord,
     CaptionTable,
@@ -43,22 +54,13 @@ from store.schema import (
     ItemTable,
     Status,
     StoreError,
+    codec_problem,
+    feature_arrays,
+    pad_row,
 )
 
 ROOT_CHUNK = 16384  # rows per chunk of the root tables (written by one process, read whole)
 IDENTITY_KEYS = ("weights", "preset", "variant")  # provenance keys that must match to share a feature group
-_STR = "str"
-# name -> (dtype, dimension, fill value); item_id / caption_id are written last when extending.
-ROOT_ARRAYS: dict[str, tuple[str, str, Any]] = {
-    "item_path": (_STR, "item", ""),
-    "item_kind": (_STR, "item", ""),
-    "item_split": (_STR, "item", ""),
-    "item_duration": ("float64", "item", float("nan")),
-    "item_id": (_STR, "item", ""),
-    "caption_item": ("int64", "caption", -1),
-    "caption_text": (_STR, "caption", ""),
-    "caption_id": (_STR, "caption", ""),
-}
 _META_FILES = {"zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"}
 
 
@@ -78,34 +80,6 @@ def _now() -> str:
 
 def _is_local(url: str | os.PathLike) -> bool:
     return isinstance(url, os.PathLike) or "://" not in str(url)
-
-
-def feature_arrays(spec: FeatureSpec, rows: int) -> dict[str, dict[str, Any]]:
-    """The arrays of a feature group: name -> create_array kwargs (shape, chunks, dtype, dims, fill, codecs)."""
-    n, c = spec.name, spec.chunk_rows
-    row, step = spec.axis, f"{n}_step"
-    slot = (f"{n}_slot",) if spec.slots else ()
-    k = (spec.slots,) if spec.slots else ()
-    t = spec.max_steps
-    small = {"compressors": None}  # tiny chunks: compression costs more than it saves (and enables fast scans)
-    out: dict[str, dict[str, Any]] = {
-        "values": dict(shape=(rows, t, *k, spec.dim), chunks=(c, t, *k, spec.dim), dtype=spec.dtype,
-                       dimension_names=(row, step, *slot, f"{n}_dim"), fill_value=0),
-        "mask": dict(shape=(rows, t), chunks=(c, t), dtype="bool", dimension_names=(row, step),
-                     fill_value=False, **small),
-        "time": dict(shape=(rows, t), chunks=(c, t), dtype="float32", dimension_names=(row, step),
-                     fill_value=float("nan"), **small),
-    }
-    if spec.slots:
-        out["slot_mask"] = dict(shape=(rows, t, *k), chunks=(c, t, *k), dtype="bool",
-                                dimension_names=(row, step, *slot), fill_value=False, **small)
-    for e in spec.extras:
-        tail = tuple(f"{n}_{e.name}" if len(e.shape) == 1 else f"{n}_{e.name}_{i}" for i in range(len(e.shape)))
-        out[f"extra_{e.name}"] = dict(shape=(rows, t, *k, *e.shape), chunks=(c, t, *k, *e.shape), dtype=e.dtype,
-                                      dimension_names=(row, step, *slot, *tail), fill_value=0)
-    for name, dtype, fill in (("status", "uint8", 0), ("reason", _STR, ""), ("message", _STR, "")):
-        out[name] = dict(shape=(rows,), chunks=(c,), dtype=dtype, dimension_names=(row,), fill_value=fill, **small)
-    return out
 
 
 def _check_records(items: Sequence[ItemRecord], captions: Sequence[CaptionRecord],
@@ -130,24 +104,6 @@ def _check_records(items: Sequence[ItemRecord], captions: Sequence[CaptionRecord
         seen.add(cap.id)
         out[i] = rows[cap.item]
     return out
-
-
-def _codec_problem(meta: Mapping[str, Any]) -> str | None:
-    """Why an array's raw metadata is refused (pickle/object codecs, sharding, Zarr v2), or None."""
-    text = json.dumps(meta).lower()
-    if "pickle" in text:
-        return "uses the pickle codec (unpickling runs arbitrary code)"
-    if meta.get("zarr_format") == 2:
-        if "|o" in str(meta.get("dtype", "")).lower():
-            return "has an object dtype (Zarr v2 '|O')"
-        return "is a Zarr v2 array (tvr stores are Zarr v3 only)"
-    dtype = meta.get("data_type")
-    dname = dtype.get("name") if isinstance(dtype, Mapping) else dtype
-    if str(dname).lower() in ("object", "|o", "o"):
-        return "has an object data type"
-    if "sharding_indexed" in text:
-        return "is sharded (concurrent writers of one shard lose writes; tvr uses plain chunks)"
-    return None
 
 
 class FeatureStore:
@@ -177,7 +133,8 @@ class FeatureStore:
                 if not overwrite:
                     raise StoreError(f"{url} already exists; open it with FeatureStore.open, or pass overwrite=True")
                 if not _looks_like_tvr(p):
-                    raise StoreError(f"{url} exists and is not a tvr store; refusing to overwrite it (pick another path)")
+                    raise StoreError(f"{url} exists and is not a tvr store; refusing to overwrite it "
+                                     "(pick another path)")
         kw = {"storage_options": dict(storage_options)} if storage_options else {}
         try:
             g = zarr.open_group(str(url), mode="w" if overwrite else "w-", zarr_format=3, **kw)
@@ -263,7 +220,7 @@ class FeatureStore:
                     if depth == 0:
                         walk(key, 1)
                     continue
-                problem = _codec_problem(meta)
+                problem = codec_problem(meta)
                 if problem:
                     raise StoreError(f"{self.url}: array '{key}' {problem}; tvr refuses such stores. "
                                      "Remove that array or rebuild the store with tvr.")
@@ -440,7 +397,7 @@ class FeatureStore:
         if spec.chunk_rows != 1:
             raise StoreError(f"feature '{feature}' has chunk_rows={spec.chunk_rows}; write whole chunks with "
                              "write_block so two writers never share a chunk")
-        self._commit(feature, row, [_pad(spec, row, result)])
+        self._commit(feature, row, [pad_row(spec, row, result)])
 
     def write_block(self, feature: str, start: int, results: Sequence[FeatureRows]) -> None:
         """Write rows start..start+len(results), which must cover whole chunks (or end at the last row)."""
@@ -449,7 +406,7 @@ class FeatureStore:
         if start % spec.chunk_rows or (stop % spec.chunk_rows and stop != total) or not results:
             raise StoreError(f"feature '{feature}': write_block rows {start}:{stop} do not cover whole chunks of "
                              f"{spec.chunk_rows} rows (or end at row {total}); align the block to chunk_rows")
-        self._commit(feature, start, [_pad(spec, start + i, r) for i, r in enumerate(results)])
+        self._commit(feature, start, [pad_row(spec, start + i, r) for i, r in enumerate(results)])
 
     def write_failed(self, feature: str, row: int, reason: str, message: str = "") -> None:
         """Mark a row FAILED (for chunk_rows > 1: the whole chunk starting at the aligned `row`)."""
@@ -463,7 +420,7 @@ class FeatureStore:
         empty = FeatureRows.absent(spec, reason or "failed", message or reason)
         padded = []
         for i in range(n):
-            p = _pad(spec, row + i, empty)
+            p = pad_row(spec, row + i, empty)
             p["status"] = np.uint8(Status.FAILED)
             padded.append(p)
         self._commit(feature, row, padded)
@@ -478,7 +435,9 @@ class FeatureStore:
                 else np.array([p[k] for p in padded], dtype=object if k != "status" else np.uint8)
                 for k in padded[0]}
         # PENDING first, so re-writing a finished row and crashing midway cannot leave stale data marked done
-        _set_all({"status": arrays["status"]}, sel, {"status": np.zeros(len(padded), np.uint8)})
+        # (a row whose status chunk was never written is PENDING already: one round trip saved per fresh row)
+        if not _never_written(arrays["status"], sel):
+            _set_all({"status": arrays["status"]}, sel, {"status": np.zeros(len(padded), np.uint8)})
         _set_all(arrays, sel, {k: v for k, v in data.items() if k != "status"})
         _set_all(arrays, sel, {"status": data["status"]})  # the commit point
 
@@ -532,6 +491,19 @@ class FeatureStore:
                             slot_mask=slot_mask,
                             extras={e.name: np.asarray(got[f"extra_{e.name}"]) for e in spec.extras})
 
+    def read_many(self, features: Sequence[str],
+                  rows: Sequence[int] | np.ndarray | slice | None = None) -> dict[str, FeatureBatch]:
+        """The same rows of several features of one axis (items, or captions for text features): name -> batch."""
+        axes = {f: self.spec(f).axis for f in features}
+        if len(set(axes.values())) > 1:
+            raise StoreError(f"read_many: features {axes} mix item and caption axes; their rows differ, so read "
+                             "item features and caption features in separate calls")
+        return {f: self.read(f, rows) for f in features}
+
+    def caption_rows(self, item_rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Caption rows (int64, store order) describing any of the given item rows."""
+        return np.flatnonzero(np.isin(self.captions().item, np.asarray(item_rows, dtype=np.int64)))
+
     def coverage(self) -> dict[str, dict[str, int]]:
         """Per feature, how many rows are ok / absent / failed / pending."""
         out = {}
@@ -555,150 +527,3 @@ class FeatureStore:
 def open_store(url: str | os.PathLike, mode: Literal["r", "r+"] = "r", **kw: Any) -> FeatureStore:
     """Shorthand for FeatureStore.open."""
     return FeatureStore.open(url, mode, **kw)
-
-
-# ---- helpers ----
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-def _looks_like_tvr(p: Path) -> bool:
-    try:
-        return "tvr_store" in json.loads((p / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-
-
-def _dtype_ok(a: zarr.Array, dtype: str) -> bool:
-    return a.dtype.kind in "OTU" if dtype == _STR else a.dtype == np.dtype(dtype)
-
-
-def _check_dims(url: str, name: str, a: zarr.Array, dims: tuple[str, ...]) -> None:
-    got = tuple(a.metadata.dimension_names or ()) if a.metadata.zarr_format == 3 else ()
-    if got != tuple(dims):
-        raise StoreError(f"{url}: array '{name}' has dimension_names {got or None}, expected {tuple(dims)} "
-                         "(xarray needs them); recreate the store with tvr")
-
-
-def _listdir(store: Any, prefix: str) -> list[str]:
-    async def run() -> list[str]:
-        return [k async for k in store.list_dir(prefix)]
-
-    return sync(run())
-
-
-def _get_json(store: Any, key: str) -> dict[str, Any] | None:
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    if buf is None:
-        return None
-    try:
-        return json.loads(buf.to_bytes())
-    except ValueError:
-        return {"unparseable": True}
-
-
-def _set_all(arrays: Mapping[str, zarr.Array], sel: slice, data: Mapping[str, np.ndarray]) -> None:
-    """Write several arrays' rows concurrently (one event-loop round trip)."""
-    sync(_gather([arrays[k].async_array.setitem(sel, v) for k, v in data.items()]))
-
-
-async def _gather(coros: list[Any]) -> list[Any]:
-    """Gather inside zarr's event loop (asyncio.gather outside it binds the wrong loop)."""
-    return list(await asyncio.gather(*coros))
-
-
-async def _get(a: zarr.Array, sel: slice | np.ndarray) -> Any:
-    if isinstance(sel, slice):
-        return await a.async_array.getitem(sel)
-    return await a.async_array.get_orthogonal_selection((sel,))
-
-
-def _fast_status(a: zarr.Array) -> np.ndarray | None:
-    """Read an uncompressed uint8 status array of a local store straight from its chunk files, or None."""
-    store, meta = a.store_path.store, a.metadata
-    enc = getattr(meta, "chunk_key_encoding", None)
-    if not (isinstance(store, LocalStore) and meta.zarr_format == 3 and len(meta.codecs) == 1
-            and isinstance(meta.codecs[0], BytesCodec) and a.dtype == np.uint8 and a.fill_value == 0
-            and getattr(enc, "name", "") == "default" and getattr(enc, "separator", "") == "/"):
-        return None
-    total, per = a.shape[0], a.chunks[0]
-    nchunks = -(-total // per)
-    out = np.zeros((nchunks, per), dtype=np.uint8)
-    folder = Path(store.root) / a.path / "c"
-    try:
-        names = [n for n in os.listdir(folder) if n.isdigit()]  # skips zarr's '<n>.<uuid>.partial' temp files
-    except FileNotFoundError:
-        return out.reshape(-1)[:total]
-    idx = np.fromiter((int(n) for n in names), dtype=np.int64, count=len(names))
-    buf = bytearray()
-    for n in names:
-        with open(folder / n, "rb") as f:
-            chunk = f.read()
-        if len(chunk) != per:
-            return None
-        buf += chunk
-    keep = idx < nchunks
-    out[idx[keep]] = np.frombuffer(bytes(buf), dtype=np.uint8).reshape(-1, per)[keep]
-    return out.reshape(-1)[:total]
-
-
-def _pad(spec: FeatureSpec, row: int, r: FeatureRows) -> dict[str, Any]:
-    """Validate one FeatureRows against `spec` and pad it to max_steps; error messages name feature and row."""
-    where = f"feature '{spec.name}' row {row}"
-    if not isinstance(r, FeatureRows):
-        raise StoreError(f"{where}: expected FeatureRows, got {type(r).__name__}")
-    status = Status(r.status)
-    if status not in (Status.OK, Status.ABSENT):
-        raise StoreError(f"{where}: FeatureRows.status must be OK or ABSENT (use write_failed for FAILED), "
-                         f"got {status.name}")
-    t, k, d = spec.max_steps, spec.slots, spec.dim
-    vals = np.asarray(r.values)
-    n = vals.shape[0] if vals.ndim else 0
-    want = "(n, K, D)" if k else "(n, D)"
-    if vals.ndim != (3 if k else 2) or vals.shape[1:] != ((k, d) if k else (d,)) or n > t:
-        raise StoreError(f"{where}: values have shape {vals.shape}, expected {want} with n <= max_steps={t}"
-                         + (f", K={k}" if k else "") + f", D={d}")
-    if status is Status.OK and n == 0:
-        raise StoreError(f"{where}: an OK row needs at least one step; return ABSENT with a reason instead")
-    times = np.asarray(r.times, dtype=np.float32).reshape(-1)
-    if times.shape != (n,):
-        raise StoreError(f"{where}: times have shape {np.shape(r.times)}, expected ({n},)")
-    mask = np.ones(n, bool) if r.mask is None else np.asarray(r.mask)
-    if mask.shape != (n,) or mask.dtype != bool:
-        raise StoreError(f"{where}: mask must be bool of shape ({n},), got {mask.dtype} {mask.shape}")
-    out: dict[str, Any] = {}
-    v = np.zeros((t, *vals.shape[1:]), dtype=spec.dtype)
-    v[:n] = vals
-    if not np.isfinite(v[:n][mask]).all():
-        raise StoreError(f"{where}: values contain NaN/inf on valid steps (or overflow {spec.dtype})")
-    out["values"] = v
-    out["mask"] = np.zeros(t, bool)
-    out["mask"][:n] = mask
-    out["time"] = np.full(t, np.nan, np.float32)
-    out["time"][:n] = times
-    if k:
-        sm = np.ones((n, k), bool) if r.slot_mask is None else np.asarray(r.slot_mask)
-        if sm.shape != (n, k) or sm.dtype != bool:
-            raise StoreError(f"{where}: slot_mask must be bool of shape ({n}, {k}), got {sm.dtype} {sm.shape}")
-        out["slot_mask"] = np.zeros((t, k), bool)
-        out["slot_mask"][:n] = sm
-    elif r.slot_mask is not None:
-        raise StoreError(f"{where}: slot_mask given but the feature has no slots")
-    unknown = set(r.extras) - {e.name for e in spec.extras}
-    if unknown:
-        raise StoreError(f"{where}: unknown extras {sorted(unknown)}; the spec has {[e.name for e in spec.extras]}")
-    for e in spec.extras:
-        shape = (n, *((k,) if k else ()), *e.shape)
-        x = np.zeros((t, *shape[1:]), dtype=e.dtype)
-        if e.name in r.extras:
-            got = np.asarray(r.extras[e.name])
-            if got.shape != shape:
-                raise StoreError(f"{where}: extra '{e.name}' has shape {got.shape}, expected {shape}")
-            x[:n] = got
-        elif status is Status.OK:
-            raise StoreError(f"{where}: extra '{e.name}' is missing from an OK row")
-        out[f"extra_{e.name}"] = x
-    out["reason"] = r.reason or ("" if status is Status.OK else "absent")
-    out["message"] = r.message
-    out["status"] = np.uint8(status)
-    return out

@@ -195,6 +195,7 @@ def test_random_init_is_seeded_and_recorded() -> None:
 
 def test_device_choice() -> None:
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert IndexEcho(random_init=True).device == pick_device("auto")  # extractors default to "auto"
     assert pick_device("cpu") == torch.device("cpu")
     assert not use_half(True, torch.device("cpu")) and use_half(True, torch.device("cuda"))
     with pytest.raises(ValueError, match="not a torch device"):

@@ -344,6 +344,27 @@ def test_still_images(tmp_path: Path, ext: str, codec: str, pix_fmt: str, option
     assert read_frames(path, height=10).frames.shape == (1, 10, 15, 3)
 
 
+def test_animated_gif_is_a_video_not_an_image(tmp_path: Path) -> None:
+    path = tmp_path / "anim.gif"
+    with av.open(str(path), "w") as c:  # 10 frames at 10 fps; frame i lights column i (exact in GIF's palette)
+        s = c.add_stream("gif", rate=10)
+        s.width, s.height, s.pix_fmt = 16, 8, "rgb8"
+        for i in range(10):
+            img = np.zeros((8, 16, 3), np.uint8)
+            img[:, i] = 255
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    info = probe(path)
+    assert (info.kind, info.is_image, info.has_audio) == ("video", False, False)
+    assert info.duration == pytest.approx(1.0)
+    fb = read_frames(path)
+    assert len(fb) == 25 == info.n_output_frames()
+    want = expected_mapping([Fraction(i, 10) for i in range(10)], 25)
+    np.testing.assert_array_equal(fb.frames[:, 0, :, 0].argmax(axis=1), want)
+
+
 # ---- broken input ----
 def test_truncated_video_yields_readable_part_then_raises(tmp_path: Path) -> None:
     path = tmp_path / "cut.mkv"
@@ -360,6 +381,72 @@ def test_truncated_video_yields_readable_part_then_raises(tmp_path: Path) -> Non
     np.testing.assert_array_equal(np.concatenate([b.index for b in batches]), np.arange(len(frames)))
     for k in range(len(frames)):  # what was yielded is the real picture, not garbage
         np.testing.assert_array_equal(frames[k], source_frame(k, 32, 32))
+
+
+def tone(sample_rate: int, seconds: float) -> np.ndarray:
+    """Mono s16 samples (1, n): a 440 Hz tone whose amplitude ramps up, so a prefix identifies its position."""
+    t = np.arange(int(round(sample_rate * seconds))) / sample_rate
+    return np.round((0.1 + 0.8 * t / seconds) * np.sin(2 * np.pi * 440 * t) * 32767)[None].astype(np.int16)
+
+
+# FLV has no per-stream durations (only the container's, shared by both streams) and takes 22.05 kHz, not 16 kHz.
+AV_FORMATS = [("mkv", 16000), ("flv", 22050)]
+
+
+def decode_all(path: Path) -> tuple[np.ndarray, np.ndarray, BaseException | None, BaseException | None]:
+    """Frames and audio as far as they decode, with the exception each stream ended with (or None)."""
+    batches, verr = collect(path, batch_size=8)
+    chunks: list[np.ndarray] = []
+    aerr: BaseException | None = None
+    try:
+        for chunk in iter_audio(path, chunk_samples=4000):
+            chunks.append(chunk)
+    except DecodeError as e:
+        aerr = e
+    frames = np.concatenate([b.frames for b in batches]) if batches else np.zeros((0, 1, 1, 3), np.uint8)
+    return frames, np.concatenate(chunks) if chunks else np.zeros(0, np.float32), verr, aerr
+
+
+@pytest.mark.parametrize("ext,sr", AV_FORMATS)
+def test_truncated_video_with_audio_reports_both_streams(tmp_path: Path, ext: str, sr: int) -> None:
+    path = tmp_path / f"cut.{ext}"
+    pcm = tone(sr, 4.0)
+    write_video(path, n=100, rate=25, size=(32, 32), audio=(sr, "mono", pcm))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    assert probe(path).duration == pytest.approx(4.0)  # the header still promises 4 s
+    with deadline(30):
+        frames, audio, verr, aerr = decode_all(path)
+    assert isinstance(verr, TruncatedMedia) and verr.stage == "packet decode" and str(path) in str(verr)
+    assert isinstance(aerr, TruncatedMedia) and aerr.stage == "audio decode" and str(path) in str(aerr)
+    assert "of the declared 4.00 s" in str(verr) and "of the declared 4.00 s" in str(aerr)
+    assert 25 <= len(frames) < 100 and 1.0 * 16000 <= audio.size < 3.5 * 16000
+    for k in range(len(frames)):  # the readable part is the real picture
+        np.testing.assert_array_equal(frames[k], source_frame(k, 32, 32))
+    ref = pcm[0].astype(np.float32) / 32768
+    if sr == 16000:  # and the real sound (PCM at 16 kHz is not resampled: exact)
+        np.testing.assert_array_equal(audio, ref[:audio.size])
+    else:  # resampled: same envelope as the source prefix
+        n = audio.size * sr // 16000
+        assert np.abs(audio).max() == pytest.approx(np.abs(ref[:n]).max(), abs=0.02)
+
+
+# Per-stream durations: MKV (DURATION tags) and MP4 have both; NUT and FLV only the container's; AVI none for audio.
+@pytest.mark.parametrize("ext,sr", AV_FORMATS + [("mp4", 16000), ("nut", 16000), ("avi", 16000)])
+@pytest.mark.parametrize("video_s,audio_s", [(2.0, 3.0), (4.0, 2.0)], ids=["audio_longer", "video_longer"])
+def test_intact_streams_of_different_lengths_are_not_truncated(tmp_path: Path, ext: str, sr: int,
+                                                               video_s: float, audio_s: float) -> None:
+    path = tmp_path / f"av.{ext}"
+    pcm = tone(sr, audio_s)
+    n = int(video_s * 25)
+    write_video(path, n=n, rate=25, size=(16, 16), audio=(sr, "mono", pcm))
+    with deadline(30):
+        frames, audio, verr, aerr = decode_all(path)
+    assert verr is None and aerr is None, (verr, aerr)
+    np.testing.assert_array_equal(shown_index(frames), np.arange(n))
+    assert abs(audio.size - audio_s * 16000) <= 16
+    if sr == 16000:
+        np.testing.assert_array_equal(audio, pcm[0].astype(np.float32) / 32768)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "text"])
@@ -414,3 +501,52 @@ def test_memory_flat_with_length(tmp_path: Path) -> None:
     assert (n_short, n_long) == (20, 400)
     assert peak_long < 1 << 20, peak_long
     assert peak_long < 2 * peak_short + (256 << 10), (peak_short, peak_long)
+
+
+_RSS_CHILD = """
+import json, sys
+from extract.decode import iter_frames
+def vm(key):  # VmHWM is this process's own peak (ru_maxrss would include the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+before = vm("VmRSS")
+n = sum(len(b) for b in iter_frames(sys.argv[1], batch_size=16))
+print(json.dumps([n, before, vm("VmHWM")]))
+"""
+
+
+def write_h264(path: Path, n: int, size: tuple[int, int] = (360, 640), rate: int = 30) -> None:
+    """Real (lossy, yuv420p) H.264 with moving gradients: decoder buffers as for ordinary videos."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=rate)
+        vs.width, vs.height, vs.pix_fmt, vs.options = w, h, "yuv420p", {"preset": "ultrafast"}
+        for i in range(n):
+            img = np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, (xx + yy + i) % 256], axis=-1).astype(np.uint8)
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(vs.encode())
+
+
+@pytest.mark.slow
+def test_peak_rss_flat_with_video_length(tmp_path: Path) -> None:
+    # Peak RSS of a fresh process (FFmpeg's own buffers included, which tracemalloc does not see).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    got = {}
+    for name, n in (("short", 90), ("long", 360)):  # 3 s and 12 s at 30 fps, 640x360
+        path = tmp_path / f"{name}.mp4"
+        write_h264(path, n)
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path)], env=env, check=True,
+                             capture_output=True, text=True, timeout=240).stdout
+        frames, before, peak = json.loads(out.strip().splitlines()[-1])
+        got[name] = (frames, (peak - before) / 1024)  # MiB the decode added
+    assert got["short"][0] == 75 and got["long"][0] == 300
+    held_long = 300 * 360 * 640 * 3 / 2**20  # 198 MiB if every output frame were kept
+    assert got["long"][1] < got["short"][1] + 32, got
+    assert got["long"][1] < held_long / 2, got

@@ -240,3 +240,20 @@ def test_video_and_image_files_give_the_still_descriptor(ex, astronaut, tmp_path
     _write_video(empty, frames[25:])
     row = ex.extract_path(empty)
     assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_face", (0, 4, 128))
+
+
+def test_missing_models_are_weights_not_found_with_the_pip_hint(tmp_path, monkeypatch) -> None:
+    from extract import WeightsNotFound
+
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+    monkeypatch.setattr(models, "package_models_dir", lambda: None)  # as if face_recognition_models were absent
+    with pytest.raises(WeightsNotFound) as e:
+        models.resolve_dlib_model(models.LANDMARKS_5, weights_dir=tmp_path)
+    msg = str(e.value)
+    for needle in (models.LANDMARKS_5.filename, models.LANDMARKS_5.url, models.LANDMARKS_5.sha256, "--weights-dir",
+                   "pip install face_recognition_models"):
+        assert needle in msg, needle
+    assert e.value.spec is models.LANDMARKS_5
+    # there is no random dlib network to fall back on: "missing" says so instead of inventing one
+    with pytest.raises(WeightsError, match="dlib_face_recognition_resnet_model_v1.dat.*cannot run with random"):
+        create_extractor("dlib_face", random_init="missing", weights_dir=tmp_path)

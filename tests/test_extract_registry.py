@@ -138,7 +138,7 @@ def test_spec_and_weights_fields(name: str) -> None:
     w = ex.weights
     assert w is not None, "every extractor declares its weights spec"
     assert w.filename and "/" not in w.filename and w.url and w.name
-    assert re.fullmatch(r"[0-9a-f]*", w.sha256) and len(w.sha256) in (0, 8, 64) or len(w.sha256) >= 6
+    assert re.fullmatch(r"[0-9a-f]*", w.sha256) and (len(w.sha256) in (0, 64) or len(w.sha256) >= 6), w.sha256
     assert w.preset in transforms.PRESETS, f"preset {w.preset!r} not registered in extract.transforms"
     prov = ex.provenance()
     assert prov["tvr_version"] and "weights" in prov and "preset" in prov and prov["preset"] in transforms.PRESETS
@@ -161,10 +161,24 @@ def test_video_rows_shapes_and_determinism(name: str, media: tuple[np.ndarray, n
     frames, audio = media
     a = run(ex, frames, audio)
     check_row(ex.spec, a)
-    if ex.spec.modality not in ("face",):  # faces may legitimately be absent from a synthetic pattern
+    if ex.spec.modality == "face":  # the synthetic pattern has no face: the whole item is ABSENT no_face
+        assert (a.status, a.reason) == (Status.ABSENT, "no_face"), a.message
+    else:
         assert a.status == Status.OK, f"{name}: {a.reason} {a.message}"
         assert float(a.times.max()) < SECONDS
+        if ex.spec.slots == 0 and a.mask is not None:
+            assert a.mask.all(), "frame/stack/example steps are all real ones"
     same(a, run(ex, frames, audio))
+    if ex.needs_audio:  # the same video without an audio stream
+        silent = run(ex, frames, None)
+        check_row(ex.spec, silent)
+        assert (silent.status, silent.reason) == (Status.ABSENT, "no_audio")
+        short = run(ex, frames, audio[: 15599])  # one sample short of VGGish's first 0.975 s example
+        assert (short.status, short.reason) == (Status.ABSENT, "too_short")
+
+
+# What a still image gives: no motion, no audio, no stack of frames, and the synthetic pattern has no face.
+IMAGE_ABSENT = {"motion": "no_motion", "audio": "no_audio", "face": "no_face"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -174,11 +188,12 @@ def test_image_rows(name: str, media: tuple[np.ndarray, np.ndarray]) -> None:
         pytest.skip("caption feature")
     r = run(ex, media[0][:1], None, kind="image")
     check_row(ex.spec, r)
-    if ex.spec.modality in ("motion", "audio"):
-        assert r.status == Status.ABSENT  # an image has no motion and no audio
-    elif isinstance(ex, FrameStepExtractor):  # frame-level features: one step at t=0
+    if isinstance(ex, FrameStepExtractor):  # frame-level features: one step at t=0
         assert r.status == Status.OK and r.values.shape[0] == 1
         np.testing.assert_array_equal(r.times, [0.0])
+    else:
+        want = IMAGE_ABSENT.get(ex.spec.modality, "too_short")  # i3d_rgb: one frame is no 10-frame stack
+        assert (r.status, r.reason) == (Status.ABSENT, want), r.message
 
 
 def write_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
@@ -273,3 +288,105 @@ def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_w
 def test_random_if_missing_cannot_invent_word_vectors(no_weights_anywhere: None) -> None:
     with pytest.raises(WeightsError, match="GoogleNews-vectors-negative300.bin.*cannot run with random weights"):
         create_extractor("word2vec", random_init="missing")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builders_take_keyword_arguments_only(name: str) -> None:
+    import inspect
+
+    cls = extract.extractor_class(name)
+    assert isinstance(cls, type) and issubclass(cls, Extractor)
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or not issubclass(klass, Extractor):
+            continue
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # drop self
+        bad = [p.name for p in params if p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+        assert not bad, f"{klass.__name__}.__init__ takes {bad} positionally"
+    with pytest.raises(TypeError):
+        cls("positional")  # refused before anything is built
+
+
+def _declared_weights_specs() -> list[tuple[str, Any]]:
+    """Every WeightsSpec an extractor module declares at module level (alone, or in dicts/tuples)."""
+    import importlib
+
+    from extract import WeightsSpec
+    from extract.clip_frames import DEFAULT_MODEL, DEFAULT_PRETRAINED, clip_weights_spec
+
+    found: dict[int, tuple[str, Any]] = {}
+    for mod in ("resnet152", "i3d", "raft_flow", "vggish", "_dlib_models", "word_vectors"):
+        for attr, value in vars(importlib.import_module(f"extract.{mod}")).items():
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else [value]
+            for v in values:
+                if isinstance(v, WeightsSpec):
+                    found.setdefault(id(v), (f"{mod}.{attr}:{v.name}", v))
+    found[0] = ("clip_frames default", clip_weights_spec(DEFAULT_MODEL, DEFAULT_PRETRAINED))
+    return sorted(found.values(), key=lambda kv: kv[0])
+
+
+def test_every_declared_weights_spec_is_well_formed() -> None:
+    from extract._weights import HASH_IN_NAME
+
+    specs = _declared_weights_specs()
+    assert len(specs) >= 20  # 2 ResNet + 6 I3D + 8 RAFT + 2 VGGish + 4 dlib + 2 word vectors + CLIP
+    names = [s.name for _, s in specs]
+    assert len(names) == len(set(names)), "weights variant names are unique"
+    for where, s in specs:
+        assert s.name and s.filename and "/" not in s.filename, where
+        assert s.url.startswith(("http://", "https://")), where
+        assert s.preset in transforms.PRESETS, where
+        assert re.fullmatch(r"[0-9a-f]*", s.sha256) and (s.sha256 == "" or 6 <= len(s.sha256) <= 64), where
+        m = HASH_IN_NAME.search(s.filename)
+        if m and s.sha256:  # a torch.hub-style name: the pinned digest agrees with the name's prefix
+            assert s.sha256.startswith(m.group(1)) or m.group(1).startswith(s.sha256), where
+
+
+_DIGEST = '''
+import hashlib
+import torch
+
+
+def weights_digest(ex):
+    """sha256 over every torch module an extractor holds (ex.model, ex.net, ex.flow.model, ...)."""
+    h = hashlib.sha256()
+    mods = []
+    for key in sorted(vars(ex)):
+        v = vars(ex)[key]
+        if isinstance(v, torch.nn.Module):
+            mods.append((key, v))
+        elif isinstance(getattr(v, "model", None), torch.nn.Module):
+            mods.append((key + ".model", v.model))
+    assert mods, type(ex)
+    for key, m in mods:
+        for k, t in sorted(m.state_dict().items()):
+            h.update(f"{key}.{k}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+'''
+RANDOM_CAPABLE = [n for n in NAMES if n not in PACKAGED and n != "word2vec"]  # torch models with random weights
+
+
+@pytest.mark.slow
+def test_random_weights_are_identical_in_another_worker_process() -> None:
+    """A fresh process (as a Ray worker is), with a different global RNG state, builds byte-identical weights."""
+    import json
+    import subprocess
+    import sys
+
+    ns: dict[str, Any] = {}
+    exec(_DIGEST, ns)  # noqa: S102 - the same digest code runs in both processes
+    here = {n: ns["weights_digest"](get(n)) for n in RANDOM_CAPABLE}
+    code = _DIGEST + (
+        "import json, sys, numpy as np\n"
+        "torch.manual_seed(12345); np.random.seed(54321)  # a worker's RNG state is whatever it is\n"
+        "from extract import create_extractor\n"
+        f"names, fast = {RANDOM_CAPABLE!r}, {({k: v for k, v in FAST.items() if k != 'word2vec'})!r}\n"
+        "print(json.dumps({n: weights_digest(create_extractor(n, random_init=True, device='cpu', "
+        "**fast.get(n, {}))) for n in names}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(there) == set(here) >= {"resnet152", "clip", "i3d_flow", "vggish"}
+    assert there == here

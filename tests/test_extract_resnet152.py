@@ -56,6 +56,10 @@ def test_output_is_the_global_average_pool(ex: R.ResNet152) -> None:
 
 def test_session_steps_at_1fps_capped(ex: R.ResNet152) -> None:
     assert ex.spec.dim == 2048 and ex.spec.dtype == "float16" and ex.spec.max_steps == 3
+    assert ex.policy.fps == 1.0 and ex.spec.modality == "appearance"  # 1 fps by default
+    prov = ex.provenance()  # V1 (resize 256, crop 224) is the default variant; random weights say so
+    assert (prov["variant"], prov["preset"]) == ("IMAGENET1K_V1", "imagenet_v1")
+    assert prov["weights"] == {"random": True, "seed": 0} and prov["weights_url"].endswith("resnet152-394f9c45.pth")
     s = ex.start(SimpleNamespace(kind="video", duration=4.0))  # 4 steps at 1 fps > max 3 -> uniform middles
     f = frames(100, 32, 40, seed=1)
     for a in range(0, 100, 25):

@@ -391,3 +391,9 @@ def test_extract_path_through_the_decoder(tiny_ex, tmp_path) -> None:
     _write_media(short, pcm[:8000])  # 0.5 s < 0.975 s
     row = tiny_ex.extract_path(short)
     assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "8000 audio samples" in row.message
+
+
+def test_non_finite_embeddings_are_an_error(tiny_ex, monkeypatch) -> None:
+    monkeypatch.setattr(tiny_ex, "embed", lambda e: np.full((e.shape[0], 128), np.inf, np.float32))
+    with pytest.raises(ValueError, match="vggish: mem.mp4: the model produced NaN/inf"):
+        _run(tiny_ex, _audio(2.0), _info(2.0))

@@ -180,3 +180,130 @@ def test_real_weights_provenance_and_loading(tmp_path: Path) -> None:
     assert ex.provenance()["weights"] == {"file": "tiny.pth", "sha256": digest}
     with pytest.raises(WeightsError, match="not found"):
         Tiny(weights_dir=tmp_path / "none").build_model(lambda: torch.nn.Linear(2, 2), s)
+
+
+def test_checksum_is_verified_before_anything_is_built_or_loaded(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract._api import Extractor
+    from extract.raft_flow import RAFT_WEIGHTS, RaftFlow
+
+    class Tiny(Extractor):
+        name = "tiny"
+
+        def start(self, info: object) -> None:  # type: ignore[override]
+            raise NotImplementedError
+
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "net.pth")  # loadable, but not the pinned file
+    raft = RAFT_WEIGHTS["raft_small.C_T_V2"]
+    torch.save({"x": torch.zeros(1)}, tmp_path / raft.filename)
+    loads: list[object] = []
+    built: list[int] = []
+
+    def no_load(*a: object, **k: object) -> None:
+        loads.append(a)
+        raise AssertionError("torch.load ran before the checksum was checked")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        Tiny(weights_dir=tmp_path).build_model(lambda: built.append(1) or torch.nn.Linear(2, 2), spec("ab" * 32))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        RaftFlow("raft_small.C_T_V2", weights_dir=tmp_path)
+    assert loads == [] and built == []  # resolution (with its sha256 check) comes first; nothing was unpickled
+
+
+EVIDENCE: list[str] = []
+
+
+def _leave_evidence(what: str) -> dict[str, torch.Tensor]:
+    """What a malicious checkpoint would run while being unpickled."""
+    EVIDENCE.append(what)
+    return {}
+
+
+class _Evil:
+    """Pickles as a call to `_leave_evidence`: a stand-in for code hidden in a checkpoint."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _leave_evidence, ("pickled code ran",)
+
+
+def _loaders() -> dict[str, object]:
+    """Every checkpoint loader in extract/, as path -> anything."""
+    from extract import i3d_net, vggish
+    from extract.clip_frames import load_clip_checkpoint
+    from extract.raft_flow import RaftFlow
+    from torchvision.models.optical_flow import raft_small
+
+    return {
+        "generic": W.load_state_dict,
+        "i3d": i3d_net.load_i3d_checkpoint,
+        "vggish": vggish.load_vggish,
+        "vggish_pca": vggish.load_pca,
+        "raft": lambda p: RaftFlow("raft_small.C_T_V2", random_init=True)._load(raft_small(), p),
+        "open_clip": lambda p: load_clip_checkpoint(torch.nn.Linear(1, 1), p, WeightsSpec("t", "t", "", "u", "o")),
+    }
+
+
+@pytest.mark.parametrize("loader", ["generic", "i3d", "vggish", "vggish_pca", "raft", "open_clip"])
+def test_checkpoints_load_with_weights_only(loader: str, tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "payload": _Evil()}, path)
+    EVIDENCE.clear()
+    with pytest.raises(Exception) as e:  # noqa: PT011 - each loader wraps the refusal in its own error type
+        _loaders()[loader](path)  # type: ignore[operator]
+    assert EVIDENCE == [], "a checkpoint's pickled code was executed"
+    assert "_leave_evidence" in str(e.value) or "weights_only" in str(e.value) or "Unsupported global" in str(e.value)
+
+
+def test_every_torch_load_in_extract_passes_weights_only_true() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "extract"
+    calls = 0
+    for py in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            f = node.func
+            kw = {k.arg: k.value for k in node.keywords}
+            if f.attr == "load" and isinstance(f.value, ast.Name) and f.value.id == "torch":
+                calls += 1
+                w = kw.get("weights_only")
+                assert isinstance(w, ast.Constant) and w.value is True, f"{py.name}:{node.lineno}"
+            if f.attr == "load" and isinstance(f.value, ast.Name) and f.value.id == "np":
+                a = kw.get("allow_pickle")
+                assert a is None or (isinstance(a, ast.Constant) and a.value is False), f"{py.name}:{node.lineno}"
+            if f.attr == "load" and isinstance(f.value, ast.Attribute) and f.value.attr == "jit":
+                assert py.name == "clip_frames.py", f"{py.name}:{node.lineno}: TorchScript only for pinned CLIP files"
+    assert calls >= 4
+
+
+def test_open_clip_download_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from open_clip import pretrained as ocp
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    data = b"open_clip safetensors bytes"
+    blob = tmp_path / "hf" / "blobs" / hashlib.sha256(data).hexdigest()  # HF names LFS blobs by their sha256
+    calls: list[tuple[str, str]] = []
+
+    def fake_hf(repo: str, filename: str = "", **kw: object) -> str:
+        calls.append((repo, filename))
+        if filename != "open_clip_model.safetensors":
+            raise FileNotFoundError(filename)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        return str(blob)
+
+    monkeypatch.setattr(ocp, "download_pretrained_from_hf", fake_hf)
+    s = WeightsSpec("ViT.tag", "model.pt", DIGEST, "https://example.org/model.pt", "open_clip",
+                    meta={"hf_hub": "org/repo", "hf_filenames": ("open_clip_model.safetensors", "x.bin")})
+    with pytest.raises(W.WeightsNotFound, match="allow_download=True"):
+        resolve_weights(s, hub="open_clip")
+    assert calls == []
+    assert resolve_weights(s, hub="open_clip", allow_download=True) == blob
+    assert calls == [("org/repo", "open_clip_model.safetensors")]
+    monkeypatch.setattr(ocp, "download_pretrained_from_hf",
+                        lambda repo, filename="", **kw: (blob.write_bytes(b"rot"), str(blob))[1])
+    with pytest.raises(WeightsError, match="checksum mismatch"):  # a corrupted download is caught too
+        resolve_weights(s, hub="open_clip", allow_download=True)

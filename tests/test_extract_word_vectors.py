@@ -38,6 +38,9 @@ def test_packaged_glove_spec_and_vocabulary(glove: WV.Glove) -> None:
     index = path.with_name(WV.GLOVE_6B_50D.meta["index_file"])
     assert hashlib.sha256(index.read_bytes()).hexdigest() == WV.GLOVE_6B_50D.meta["index_sha256"]
     assert glove.provenance()["weights"] == {"file": path.name, "sha256": WV.GLOVE_6B_50D.sha256}
+    assert "random_init" not in glove.provenance()["options"]
+    asked = create_extractor("glove", random_init=True).provenance()  # no random vectors: real ones, said so
+    assert asked["weights"] == glove.provenance()["weights"] and "ignored" in asked["options"]["random_init"]
     words = WV.read_parquet_strings(index)
     assert len(words) == 400_000 == len(set(words))
     assert words[:6] == ["the", ",", ".", "of", "to", "and"]  # GloVe files are in corpus-frequency order
@@ -136,3 +139,20 @@ def test_snappy_and_rle_helpers() -> None:
                          bitorder="little").tobytes()
     buf = bytes([3 << 1, 5]) + bytes([(1 << 1) | 1]) + packed
     np.testing.assert_array_equal(WV._rle_hybrid(buf, 0, len(buf), 3, 11), [5, 5, 5, 0, 1, 2, 3, 4, 5, 6, 7])
+
+
+def test_known_caption_vectors_are_the_right_words(glove: WV.Glove) -> None:
+    """Each word's row is its GloVe vector: related words are close (a vocabulary/matrix misalignment breaks this)."""
+    (r,) = glove.encode_captions(["A cat plays the guitar in Paris"])
+    assert r.status == Status.OK and r.values.shape == (7, 50) and "oov=0" in r.message
+    words = ["a", "cat", "plays", "the", "guitar", "in", "paris"]
+    v = r.values.astype(np.float32)
+
+    def nearest(word: str, candidates: list[str]) -> str:
+        x = v[words.index(word)]
+        m = np.stack([glove.vectors.matrix[glove.vectors.index[c]] for c in candidates]).astype(np.float32)
+        return candidates[int(np.argmax(m @ x / np.linalg.norm(m, axis=1) / np.linalg.norm(x)))]
+
+    assert nearest("cat", ["economy", "parliament", "dog", "guitar"]) == "dog"  # cosine 0.92 in GloVe 6B 50d
+    assert nearest("paris", ["banana", "france", "seven", "dog"]) == "france"  # 0.80
+    assert nearest("guitar", ["tax", "cat", "piano", "france"]) == "piano"  # 0.83

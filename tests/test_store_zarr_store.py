@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from store import (
     StoreError,
     open_store,
 )
-from store.zarr_store import _fast_status
+from store.zarr_store import _fast_status, _never_written
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM = {"weights": {"random": True, "seed": 0}, "preset": "test"}
@@ -99,7 +97,9 @@ def test_values_round_trip_with_padding(store: FeatureStore, spec: FeatureSpec) 
     np.testing.assert_array_equal(b.available, [True, True, False])
     assert b.mask[1].all() and not b.mask[2].any()
     np.testing.assert_array_equal(b.rows, [3, 0, 1])
-    assert zarr.open_array(f"{store.url}/{spec.name}/values", mode="r").dtype == np.dtype(spec.dtype)
+    values = zarr.open_array(f"{store.url}/{spec.name}/values", mode="r")
+    assert values.dtype == np.dtype(spec.dtype) and values.compressors[0].to_dict()["name"] == "zstd"
+    assert zarr.open_array(f"{store.url}/{spec.name}/status", mode="r").compressors == ()  # raw: fast scans
 
 
 def test_slots_and_extras_round_trip(store: FeatureStore) -> None:
@@ -350,20 +350,38 @@ def dying(arrays, sel, data):
     real(arrays, sel, data)
 zs._set_all = dying
 s = FeatureStore.open({url!r}, "r+")
-s.write("resnet152", 1, FeatureRows(Status.OK, np.full((3, 6), 7.0), np.arange(3)))
+s.write("resnet152", {row}, FeatureRows(Status.OK, np.full((3, 6), 7.0), np.arange(3)))
 """
 
 
-def test_writer_killed_before_status_leaves_row_pending(store: FeatureStore) -> None:
-    store.write("resnet152", 1, rows(SPEC16, 2, seed=8))  # an earlier successful run of the same row
-    assert store.status("resnet152")[1] == Status.OK
-    proc = subprocess.run([sys.executable, "-c", _CRASH.format(root=str(ROOT), url=store.url)], timeout=120)
+@pytest.mark.parametrize("rewrite", [True, False], ids=["rewrite_of_ok_row", "fresh_row"])
+def test_writer_killed_before_status_leaves_row_pending(store: FeatureStore, rewrite: bool) -> None:
+    if rewrite:
+        store.write("resnet152", 1, rows(SPEC16, 2, seed=8))  # an earlier successful run of the same row
+        assert store.status("resnet152")[1] == Status.OK
+    proc = subprocess.run([sys.executable, "-c", _CRASH.format(root=str(ROOT), url=store.url, row=1)],
+                          timeout=120)
     assert proc.returncode == 17
     values = zarr.open_array(f"{store.url}/resnet152/values", mode="r")
     assert (values[1, :3] == 7.0).all()  # the new values did land ...
     s = FeatureStore.open(store.url)
     assert s.status("resnet152")[1] == Status.PENDING  # ... but the row is not marked done
     assert not s.read("resnet152", [1]).available[0]
+    np.testing.assert_array_equal(zarr.open_array(f"{store.url}/resnet152/status", mode="r")[:], [0] * 6)
+
+
+def test_fresh_rows_skip_the_pending_write_only_when_never_written(store: FeatureStore) -> None:
+    status = zarr.open_array(f"{store.url}/resnet152/status", mode="r")
+    assert _never_written(status, slice(2, 3))
+    store.write("resnet152", 2, rows(SPEC16, 1, seed=13))
+    assert not _never_written(status, slice(2, 3)) and _never_written(status, slice(3, 4))
+    text = zarr.open_array(f"{store.url}/clip_text/status", mode="r")  # 4 rows per chunk
+    store.write_block("clip_text", 4, [FeatureRows(Status.OK, np.ones((1, 4)), np.zeros(1))] * 4)
+    assert _never_written(text, slice(0, 4)) and not _never_written(text, slice(4, 8))
+    assert not _never_written(text, slice(0, 8))  # any covered chunk on disk: not fresh
+    remote = FeatureStore.create("memory://tvr-never-written.zarr", make_items(2), overwrite=True)
+    remote.ensure_feature(SPEC16, RANDOM)
+    assert not _never_written(remote._arrays["resnet152"]["status"], slice(0, 1))  # unsure: write PENDING first
 
 
 def test_xarray_opens_root_groups_and_tree(store: FeatureStore) -> None:
@@ -421,3 +439,23 @@ def test_fsspec_memory_url_store() -> None:
     again = FeatureStore.open(url)
     np.testing.assert_array_equal(again.status("vggish"), [0, 0, 1])  # zarr path (no local fast path)
     np.testing.assert_array_equal(again.read("vggish", [2]).values[0, :2], rows(SPEC32, 2, seed=10).values)
+
+
+def test_read_many_features_and_caption_rows(store: FeatureStore) -> None:
+    store.write("resnet152", 2, rows(SPEC16, 2, seed=11))
+    store.write("vggish", 2, FeatureRows.absent(SPEC32, "no_audio"))
+    store.write("vggish", 4, rows(SPEC32, 3, seed=12))
+    got = store.read_many(["resnet152", "vggish", "dlib_face"], [4, 2])
+    assert list(got) == ["resnet152", "vggish", "dlib_face"]
+    np.testing.assert_array_equal(got["resnet152"].available, [False, True])
+    np.testing.assert_array_equal(got["vggish"].available, [True, False])
+    np.testing.assert_array_equal(got["vggish"].values[0], rows(SPEC32, 3, seed=12).values)
+    assert got["dlib_face"].values.shape == (2, 4, 2, 3) and not got["dlib_face"].available.any()
+    for name, b in got.items():  # the same as reading each feature alone
+        np.testing.assert_array_equal(b.values, store.read(name, [4, 2]).values)
+    with pytest.raises(StoreError, match="mix item and caption axes"):
+        store.read_many(["resnet152", "clip_text"])
+    caps = store.caption_rows([4, 1])
+    np.testing.assert_array_equal(caps, [2, 3, 8, 9])
+    assert list(store.captions().id[caps]) == ["v1/c0", "v1/c1", "v4/c0", "v4/c1"]
+    assert store.read_many(["clip_text"], caps)["clip_text"].values.shape == (4, 1, 4)

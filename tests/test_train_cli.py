@@ -40,8 +40,9 @@ def _same_weights(a, b) -> bool:
 def test_train_resume_and_eval(model, store_url, tmp_path, capsys):
     straight = tmp_path / "straight"
     assert main(_args(model, store_url, straight)) == 0
-    out = capsys.readouterr().out
-    assert "t2v" in out and "v2t" in out
+    captured = capsys.readouterr()
+    assert "t2v" in captured.out and "v2t" in captured.out
+    assert "epoch 1/2" in captured.err and "batch" in captured.err  # per-epoch progress bar (tqdm, stderr)
 
     # run contents
     cfg = yaml.safe_load((straight / "config.yaml").read_text())
@@ -142,3 +143,13 @@ def test_errors(store_url, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["mee", "--store", store_url, "--out", str(run), "--resume"]) == 2  # model mismatch
     assert "xpool" in capsys.readouterr().err
+
+
+def test_recipe_flag_is_resolved_into_the_saved_config(store_url, tmp_path):
+    run = tmp_path / "recipe"
+    assert main(["tmass", "--store", store_url, "--out", str(run), "--recipe", "lsmdc", "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["recipe"] == "lsmdc" and cfg["lr"] == 1e-5 and cfg["batch_size"] == 8
+    assert cfg["model_config"] == {"support_weight": 0.0, "prior": "normal", "prior_std": 3e-3}
+    assert main(["eval", str(run), "--split", "val"]) == 0

@@ -170,3 +170,30 @@ def test_empty_eval_split_error(tmp_path):
         data = StoreData(FeatureStore.open(url), url, "mee")
     with pytest.raises(DataError, match="split 'val' has no videos"):
         data.eval_set("val")
+
+
+def test_mee_without_some_experts(tmp_path):
+    """MEE trains on the experts a store has (with a warning naming the rest); the text feature stays required."""
+    import shutil
+
+    from store.zarr_store import FeatureStore
+    from train.config import build_config
+    from train.engine import build_model
+
+    url = str(tmp_path / "noface.zarr")
+    synth.generate(url, items=12, captions_per_item=1, small=True, seed=3)
+    shutil.rmtree(tmp_path / "noface.zarr" / "dlib_face")
+    shutil.rmtree(tmp_path / "noface.zarr" / "vggish")
+    st = FeatureStore.open(url)
+    assert "dlib_face" not in st.features
+    with pytest.warns(UserWarning, match="lacks video feature.*vggish, dlib_face.*--features vggish,dlib_face"):
+        data = StoreData(st, url, "mee")
+    assert data.video_features == ("resnet152", "i3d_flow")
+    model = build_model(build_config("mee"), data)
+    assert model.modalities == ("appearance", "motion")
+    rows, caps = data.epoch_pairs(0, 0, 0.0)
+    loss, _ = model.loss(model.encode_text(data.text_batch(caps[:4])), model.encode_video(data.video_batch(rows[:4])))
+    assert torch.isfinite(loss)
+    shutil.rmtree(tmp_path / "noface.zarr" / "glove")
+    with pytest.raises(DataError, match="lacks feature.*glove"):
+        StoreData(FeatureStore.open(url), url, "mee")

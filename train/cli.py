@@ -1,11 +1,11 @@
 """`tvr-train`: train MEE / T-MASS / X-Pool on a tvr feature store, or evaluate a run.
 
-    tvr-train mee|tmass|xpool --store STORE --out RUN [--config FILE.yaml] [--epochs E] [--batch-size B]
+    tvr-train mee|tmass|xpool --store STORE --out RUN [--recipe NAME] [--config FILE.yaml] [--epochs E] [--batch-size B]
               [--lr LR] [--device auto|cpu|cuda] [--seed S] [--image-rate A] [--zero-fill-missing] [--resume]
               [--stop-after N]
     tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last]
 
-Config precedence: model defaults < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
+Config precedence: model defaults < --recipe < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from train.config import MODELS, ConfigError, build_config, config_from_run_yaml, load_yaml
+from train.config import MODELS, RECIPES, ConfigError, build_config, config_from_run_yaml, load_yaml
 
 _FLAGS = {  # CLI dest -> TrainConfig key
     "epochs": "epochs",
@@ -26,6 +26,7 @@ _FLAGS = {  # CLI dest -> TrainConfig key
     "seed": "seed",
     "image_rate": "image_rate",
     "eval_chunk": "eval_chunk",
+    "recipe": "recipe",
 }
 
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("--store", help="tvr store path (required unless --resume finds it in RUN/config.yaml)")
         t.add_argument("--out", required=True, metavar="RUN", help="run directory")
         t.add_argument("--config", metavar="FILE.yaml", help="YAML with TrainConfig keys (model_config: nested)")
+        t.add_argument("--recipe", choices=sorted(RECIPES[name]),
+                       help="reference recipe over the defaults (e.g. msrvtt: " + ", ".join(
+                           f"{k}={v}" for k, v in RECIPES[name]["msrvtt"].items()) + ")")
         t.add_argument("--epochs", type=int)
         t.add_argument("--batch-size", type=int)
         t.add_argument("--lr", type=float)

@@ -1,6 +1,7 @@
 """Training configuration: one dataclass, per-model defaults, YAML load/save with key checking.
 
-Precedence (lowest first): per-model defaults (`MODEL_DEFAULTS`), `--config FILE.yaml`, command-line flags.
+Precedence (lowest first): per-model defaults (`MODEL_DEFAULTS`), a named recipe (`RECIPES`, `--recipe` or the
+`recipe` key), `--config FILE.yaml`, command-line flags.
 The resolved config is saved as `RUN/config.yaml` and is what `--resume` and `tvr-train eval` read back.
 
 Defaults follow the reference implementations (see docs): MEE uses Adam, lr 1e-4 (the MSR-VTT README recipe is
@@ -30,6 +31,7 @@ class TrainConfig:
 
     model: str = "mee"  # mee | tmass | xpool
     model_config: dict[str, Any] = field(default_factory=dict)  # fields of the model's config dataclass
+    recipe: str = ""  # named reference recipe (RECIPES) applied over the model defaults; "" = none
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-4
@@ -63,6 +65,23 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         epochs=5, batch_size=32, lr=1e-5, optimizer="adamw", weight_decay=0.2, schedule="cosine",
         lr_decay=1.0, warmup=0.1, grad_clip=1.0, image_rate=0.0, seed=24,
     ),
+}
+
+# Reference recipes (paper READMEs), applied over MODEL_DEFAULTS and under --config / flags.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "mee": {
+        "msrvtt": dict(lr=4e-4, batch_size=64, epochs=100, image_rate=0.5),  # MEE README, MSR-VTT with COCO
+        "lsmdc": dict(lr=1e-4, batch_size=512, epochs=50),  # MEE README, MPII/LSMDC
+    },
+    "tmass": {
+        "msrvtt": dict(lr=3e-5, model_config={"support_weight": 0.8}),  # T-MASS README, MSR-VTT-9k
+        "lsmdc": dict(lr=1e-5, model_config={"support_weight": 0.0, "prior": "normal", "prior_std": 3e-3}),
+        "didemo": dict(lr=1e-5, model_config={"support_weight": 0.0, "dropout": 0.4}),
+    },
+    "xpool": {
+        "msrvtt": dict(lr=3e-5),  # X-Pool README, MSR-VTT-9k
+        "lsmdc": dict(lr=1e-5),
+    },
 }
 
 _CHOICES = {
@@ -114,13 +133,21 @@ def build_config(model: str, overrides: Mapping[str, Any] = (), where: str = "co
     if model not in MODELS:
         raise ConfigError(f"{where}: unknown model {model!r}; choose one of {MODELS}")
     values: dict[str, Any] = {"model": model, **MODEL_DEFAULTS[model]}
+    overrides = dict(overrides)
+    recipe = overrides.get("recipe") or ""
+    if recipe:
+        if recipe not in RECIPES[model]:
+            raise ConfigError(f"{where}: unknown recipe {recipe!r} for {model}; choose one of {sorted(RECIPES[model])}")
+        values.update({k: (dict(v) if k == "model_config" else v) for k, v in RECIPES[model][recipe].items()})
     names = set(field_names())
-    for key, value in dict(overrides).items():
+    for key, value in overrides.items():
         if key not in names:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
         if key == "model" and value != model:
             raise ConfigError(f"{where}: key 'model' is {value!r} but the command trains {model!r}")
-        values[key] = _coerce(key, value, where)
+        value = _coerce(key, value, where)
+        # model_config merges over the recipe's keys instead of replacing them
+        values[key] = {**values.get("model_config", {}), **value} if key == "model_config" else value
     cfg = TrainConfig(**values)
     validate(cfg, where)
     return cfg

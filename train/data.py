@@ -51,16 +51,32 @@ def fallback_split(item_id: str, kind: str = "video") -> str:
     return "train" if u < FALLBACK_SPLIT[0] else "val" if u < FALLBACK_SPLIT[1] else "test"
 
 
-def check_features(store, url: str, model: str, video: Sequence[str], text: str) -> None:
-    """Raise DataError listing the features `model` needs that the store lacks, with the extraction command."""
+OPTIONAL_VIDEO = {"mee"}  # models that train on any non-empty subset of their video features (MEE's experts)
+
+
+def check_features(store, url: str, model: str, video: Sequence[str], text: str) -> tuple[str, ...]:
+    """Video features to use; DataError naming what `model` needs that the store lacks, with the extraction command.
+
+    MEE needs its text feature and at least one of its video features (absent experts are dropped, with a
+    warning); T-MASS / X-Pool need all of theirs.
+    """
     have = set(store.features)
     missing = [f for f in (*video, text) if f not in have]
-    if missing:
-        raise DataError(
-            f"store {url} lacks feature(s) {', '.join(missing)} needed by model {model!r} "
-            f"(it has: {', '.join(sorted(have)) or 'none'}); run: tvr-extract SOURCE --store {url} "
-            f"--features {','.join(missing)}"
+    present = tuple(f for f in video if f in have)
+    if not missing:
+        return present
+    hint = f"run: tvr-extract SOURCE --store {url} --features {','.join(missing)}"
+    if model in OPTIONAL_VIDEO and text in have and present:
+        warnings.warn(
+            f"store {url} lacks video feature(s) {', '.join(missing)}; training {model!r} without those experts "
+            f"(to add them, {hint})",
+            stacklevel=3,
         )
+        return present
+    raise DataError(
+        f"store {url} lacks feature(s) {', '.join(missing)} needed by model {model!r} "
+        f"(it has: {', '.join(sorted(have)) or 'none'}); {hint}"
+    )
 
 
 class FeatureSource:
@@ -70,13 +86,17 @@ class FeatureSource:
         self.store, self.spec, self.zero_fill = store, spec, zero_fill
         self.status = np.asarray(store.status(spec.name))
         k = max(spec.slots, 1)
-        need = int(len(rows)) * spec.max_steps * k * spec.dim * 4
+        # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic
+        self.cache_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+        itemsize = 2 if self.cache_dtype == torch.float16 else 4
+        need = int(len(rows)) * spec.max_steps * k * spec.dim * itemsize
         self.cache: dict[str, torch.Tensor] | None = None
         self.pos: dict[int, int] = {}
         if len(rows) and need <= budget[0]:
             budget[0] -= need
             rows = np.unique(rows)
             self.cache = self._load(rows)
+            self.cache["f"] = self.cache["f"].to(self.cache_dtype)
             self.pos = {int(r): i for i, r in enumerate(rows)}
 
     @property
@@ -108,7 +128,9 @@ class FeatureSource:
         rows = np.asarray(rows, dtype=np.int64)
         if self.cache is not None and all(int(r) in self.pos for r in rows):
             idx = torch.as_tensor([self.pos[int(r)] for r in rows], dtype=torch.long)
-            return {k: v[idx] for k, v in self.cache.items()}
+            out = {k: v[idx] for k, v in self.cache.items()}
+            out["f"] = out["f"].float()
+            return out
         uniq, inv = np.unique(rows, return_inverse=True)  # rows outside the cached selection: read them
         part = self._load(uniq)
         idx = torch.from_numpy(inv.reshape(-1).astype(np.int64))
@@ -150,8 +172,8 @@ class StoreData:
         if model not in MODEL_FEATURES:
             raise DataError(f"no feature set for model {model!r}; known: {sorted(MODEL_FEATURES)}")
         self.store, self.url, self.model = store, url, model
-        self.video_features, self.text_feature = MODEL_FEATURES[model]
-        check_features(store, url, model, self.video_features, self.text_feature)
+        video, self.text_feature = MODEL_FEATURES[model]
+        self.video_features = check_features(store, url, model, video, self.text_feature)
         items = store.items()
         self.item_ids = np.asarray(items.id).astype(str)
         self.kind = np.asarray(items.kind).astype(str)

@@ -5,6 +5,8 @@ Fidelity notes:
   papers, CLIP is not fine-tuned and there is no frame augmentation, so absolute numbers are lower. Their
   optimisation otherwise follows the reference: AdamW (wd 0.2), cosine schedule with 10% linear warm-up,
   gradient clipping at 1.0, logit-scale clamp (`model.clamp_logit_scale()`) after every step.
+  The logit scale is its own parameter group at `logit_scale_lr` (1e-6, the reference's CLIP-group lr), scaled
+  by the same schedule.
 - MEE: Adam, lr x0.95 per epoch (`lr_decay`), no clipping.
 - Model selection: after each epoch the val split is evaluated; the best checkpoint maximises
   t2v R@1 + R@5 + R@10 (ties keep the earlier epoch). The test split is only used for the final metrics.json.
@@ -85,11 +87,20 @@ def _cat(parts: list[Any]) -> Any:
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (MEE) or AdamW (T-MASS/X-Pool, eps 1e-6 as in the reference)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Adam (MEE) or AdamW (T-MASS/X-Pool, eps 1e-6 as in the reference) over the model's parameter groups.
+
+    Each group keeps its own base lr in `base_lr` (e.g. the logit scale at its reference CLIP-group lr); the
+    schedule scales every group by the same factor `lr_at(...) / cfg.lr`.
+    """
+    groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    for g in groups:
+        g["base_lr"] = float(g.get("lr", cfg.lr))
+        g["lr"] = g["base_lr"]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
@@ -113,6 +124,7 @@ def train_one_epoch(
     device: torch.device,
     step0: int,
     total_steps: int,
+    progress: bool = True,
 ) -> tuple[dict[str, float], int]:
     """One pass over the epoch's pairs; returns (mean losses, next global step)."""
     model.train()
@@ -123,10 +135,12 @@ def train_one_epoch(
     bar = tqdm(
         data.train_batches(epoch, cfg.seed, cfg.batch_size, cfg.image_rate),
         total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr, leave=False,
+        disable=not progress,
     )
     for text, video in bar:
+        factor = lr_at(cfg, epoch, step, total_steps) / cfg.lr
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch, step, total_steps)
+            group["lr"] = group.get("base_lr", cfg.lr) * factor
         t_emb = model.encode_text(_to(text, device))
         v_emb = model.encode_video(_to(video, device))
         loss, parts = model.loss(t_emb, v_emb)
@@ -241,11 +255,12 @@ def fit(
     resume: bool = False,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any] | None:
     """Train per `cfg`, checkpointing into `run`; returns the test metrics of the best checkpoint.
 
     `stop_after` ends the process after that many completed epochs (as an interruption would; continue with
-    `resume=True`) and returns None without the final test evaluation.
+    `resume=True`) and returns None without the final test evaluation. `progress=False` hides the per-epoch bars.
     """
     from train.plots import plot_history
 
@@ -271,7 +286,7 @@ def fit(
         total = cfg.epochs * data.n_train_batches(cfg.batch_size, cfg.image_rate)
         end = cfg.epochs if stop_after is None else min(cfg.epochs, max(stop_after, start))
         for epoch in range(start, end):
-            losses, step = train_one_epoch(model, data, opt, cfg, epoch, device, step, total)
+            losses, step = train_one_epoch(model, data, opt, cfg, epoch, device, step, total, progress)
             val = evaluate(model, data, cfg.val_split, cfg, device)
             score = val_score(val)
             record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, max(step - 1, 0), total), **losses, "val": val, "val_score": score}

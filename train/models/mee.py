@@ -44,13 +44,8 @@ class MEEConfig:
     netvlad_mask_padding: bool = True  # False = reference: zero padding gets soft assignments
     margin: float = 0.2  # max-margin delta (reference train.py default)
     exclude_diagonal: bool = False  # drop the j = i hinge terms (reference keeps them: +margin/n)
-    # optimiser settings for the training loop (reference train.py / README)
-    optimizer: str = "adam"  # Adam, no weight decay
-    lr: float = 1e-4  # README MSR-VTT recipe: 4e-4 with batch 64
-    lr_decay: float = 0.95  # x per epoch
-    weight_decay: float = 0.0
-    batch_size: int = 128  # drop_last in the reference
-    epochs: int = 50
+    # Optimiser, lr schedule, batch size and epochs are TrainConfig keys (train/config.py MODEL_DEFAULTS and
+    # RECIPES: Adam, lr 1e-4, x0.95 per epoch, batch 128, 50 epochs; MSR-VTT recipe lr 4e-4 batch 64).
 
 
 class GatedEmbeddingUnit(nn.Module):

@@ -13,8 +13,10 @@ which leaks the answer; `leaky_reference_similarity` reproduces that only for pa
 
 Evaluation noise: eps_k(t) is drawn once per text from a generator seeded by (seed, block of 256 texts) and shared by
 every candidate video (common random numbers), so scores do not depend on chunk sizes or on the global RNG.
-cos(t + eps_k * R, p) = (t.p + eps_k.(R*p)) / (sqrt(|t|^2 + 2 eps_k.(t*R) + eps_k^2.R^2) |p|), so the trials cost
-three batched matrix products per chunk and no (texts x videos x trials x D) tensor is ever built.
+cos(t + eps_k * R, p) = (t.p + eps_k.(R*p)) / (sqrt(|t|^2 + (2 eps_k t).R + eps_k^2.R^2) |p|): t.p and |p| come
+from X-Pool's (HF+2)-term forms, the trials cost three batched matrix products per chunk of ~4k pairs (cache-sized),
+and no (texts x videos x trials x D) tensor is ever built. Per pair the D-sized work is R (Linear(F -> D) + exp),
+pool(v|t) as an (HF+2)-term sum, and the products with the K trial vectors.
 """
 from __future__ import annotations
 
@@ -27,11 +29,10 @@ from torch import nn
 
 from train.losses import symmetric_cross_entropy
 from train.models._api import Emb, ModelConfigError, feature_dims_from, register_model, resolve_config
-from train.models.xpool import XPoolBase, XPoolConfig, _identity_, frames_count
+from train.models.xpool import COS_EPS, XPoolBase, XPoolConfig, _identity_, frames_count
 
 PRIORS = ("uniform01", "normal")
 NOISE_BLOCK = 256  # texts per seeded noise block (fixed so scores do not depend on `chunk`)
-TEXT_BLOCK = 1024  # texts whose noise is held at once during evaluation
 
 
 @dataclass
@@ -94,20 +95,29 @@ class TMASS(XPoolBase):
         return torch.cat(parts, 0)[t0 - first : t1 - first]
 
     # ---- training -----------------------------------------------------------------------------------------
+    def paired_radius(self, t: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, D) R of text i from the frames of its paired video i (training, as in the reference)."""
+        s = F.cosine_similarity(t[:, None, :], frames, dim=-1) * keep.to(t.dtype)  # (B, F)
+        return self.radius(s)
+
+    @staticmethod
+    def support_text(t: torch.Tensor, r: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """t_sup,i = t_i + R_i * (vbar_i - t_i) / |vbar_i - t_i| with vbar_i = mean_j pool(v_i | t_j); pooled (Bv, Bt, D)."""
+        vbar = pooled.mean(dim=1)
+        return t + r * F.normalize(vbar - t, dim=-1)
+
     def loss(self, text_emb: Emb, video_emb: Emb) -> tuple[torch.Tensor, dict[str, float]]:
         """L_s + alpha * L_sup for a batch of paired (text i, video i); eps from the global torch RNG."""
         t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
         pooled = self.pool(t, frames, keep)  # (Bv, Bt, D)
-        s = F.cosine_similarity(t[:, None, :], frames, dim=-1) * keep.to(t.dtype)  # (B, F): text i vs its video i
-        r = self.radius(s)  # (B, D)
+        r = self.paired_radius(t, frames, keep)  # (B, D)
         t_s = t + self.sample_prior(tuple(t.shape), device=t.device).to(t.dtype) * r
         sim = F.cosine_similarity(t_s[None], pooled, dim=-1).t()  # [i, j] = cos(t_s,i, pool(v_j | t_i))
         loss_s = symmetric_cross_entropy(sim, self.logit_scale)
         parts = {"loss_s": float(loss_s.detach())}
         loss = loss_s
         if self.config.support_weight:
-            vbar = pooled.mean(dim=1)  # (B, D): mean_j pool(v_i | t_j)
-            t_sup = t + r * F.normalize(vbar - t, dim=-1)
+            t_sup = self.support_text(t, r, pooled)
             sim_sup = F.cosine_similarity(t_sup[None], pooled, dim=-1).t()
             loss_sup = symmetric_cross_entropy(sim_sup, self.logit_scale)
             loss = loss + self.config.support_weight * loss_sup
@@ -121,45 +131,59 @@ class TMASS(XPoolBase):
         """(Nt, Nv) max_k cos(t_s^k(t|v), pool(v|t)), chunked over texts and videos (eval-mode pooling).
 
         Args:
-            chunk: texts per chunk (videos per chunk = config.eval_pairs_per_chunk // chunk).
+            chunk: at most this many texts per chunk (pairs per chunk: config.eval_pairs_per_chunk).
             seed: noise seed (default config.eval_seed); `generator`, when given, draws the seed instead.
         """
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         seed = self.config.eval_seed if seed is None else int(seed)
-        t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
+        t, frames = text_emb["t"], video_emb["frames"]
         nt, nv = t.shape[0], frames.shape[0]
-        tc, vc = self._chunks(nt, nv, chunk)
+        tc, vc = self._chunks(nt, chunk)
         out = t.new_empty(nt, nv)
         with torch.no_grad():
-            q_all = self.pool.text_queries(t)
-            for b0 in range(0, nt, max(TEXT_BLOCK, tc)):
-                b1 = min(nt, b0 + max(TEXT_BLOCK, tc))
-                eps_block = self.eval_noise(b0, b1, seed).to(device=t.device, dtype=t.dtype)
-                for v0 in range(0, nv, vc):
-                    fr, kp = frames[v0 : v0 + vc], keep[v0 : v0 + vc]
-                    cache = self.pool.video_cache(fr, kp)
-                    for t0 in range(b0, b1, tc):
-                        t1 = min(b1, t0 + tc)
-                        out[t0:t1, v0 : v0 + vc] = self._score_chunk(
-                            t[t0:t1], q_all[t0:t1], eps_block[t0 - b0 : t1 - b0], fr, kp, cache
-                        )
+            q = self.pool.text_queries(t)
+            tn = F.normalize(t, dim=-1)
+            lin = self.radius.linear
+            w_r = lin.weight.t().contiguous()  # (F, D): log R = s @ w_r + b_r
+            for b0, b1, cache in self.video_blocks(video_emb):
+                vn = F.normalize(frames[b0:b1], dim=-1)
+                parts = []
+                for v0 in range(b0, b1, vc):
+                    v1 = min(b1, v0 + vc)
+                    part = {k: x[v0 - b0 : v1 - b0] for k, x in cache.items()}
+                    part["vn_t"] = vn[v0 - b0 : v1 - b0].flatten(0, 1).t().contiguous()  # (D, Vc*F)
+                    parts.append((v0, v1, part))
+                for n0 in range(0, nt, NOISE_BLOCK):
+                    n1 = min(nt, n0 + NOISE_BLOCK)
+                    eps_block = self.eval_noise(n0, n1, seed).to(device=t.device, dtype=t.dtype)
+                    for t0 in range(n0, n1, tc):
+                        t1 = min(n1, t0 + tc)
+                        eps = eps_block[t0 - n0 : t1 - n0]  # (Tc, K, D)
+                        # |t + eps R|^2 = |t|^2 + (2 eps t) . R + eps^2 . R^2: the text-only factors, once per chunk
+                        e_tr, e_rr = 2.0 * eps * t[t0:t1, None, :], eps.square()
+                        tt = t[t0:t1].square().sum(-1)
+                        for v0, v1, part in parts:
+                            out[t0:t1, v0:v1] = self._score_chunk(
+                                t[t0:t1], tn[t0:t1], q[t0:t1], eps, e_tr, e_rr, tt, part, w_r, lin.bias
+                            )
         return out
 
-    def _score_chunk(self, t: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, frames: torch.Tensor,
-                     keep: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(Tc, Vc) scores of one chunk without materialising the trials."""
-        p = self.pool.pool_fast(q, cache)  # (Vc, Tc, D)
-        r = self.radius(self.frame_cosines(t, frames, keep))  # (Vc, Tc, D)
-        tp = (p * t[None]).sum(-1).t()  # (Tc, Vc)
-        pn = p.square().sum(-1).sqrt().t()
-        rp = (r * p).permute(1, 2, 0)  # (Tc, D, Vc)
-        tr = (r * t[None]).permute(1, 2, 0)
-        r2 = r.square_().permute(1, 2, 0)
-        num = tp[:, None, :] + torch.bmm(eps, rp)  # (Tc, K, Vc)
-        norm2 = t.square().sum(-1)[:, None, None] + 2.0 * torch.bmm(eps, tr) + torch.bmm(eps.square(), r2)
-        tiny = 1e-8  # as F.cosine_similarity's eps
-        cos = num / (norm2.clamp(min=0.0).sqrt().clamp(min=tiny) * pn.clamp(min=tiny)[:, None, :])
+    def _score_chunk(self, t: torch.Tensor, tn: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, e_tr: torch.Tensor,
+                     e_rr: torch.Tensor, tt: torch.Tensor, part: Mapping[str, torch.Tensor], w_r: torch.Tensor,
+                     b_r: torch.Tensor) -> torch.Tensor:
+        """(Tc, Vc) scores of one chunk; the trials are three batched matrix products, never (Tc, Vc, K, D)."""
+        at = self.pool.mix_weights(q, part)  # (Tc, Vc, HF+2): pool(v|t) = at @ zt
+        tp = self.pool.pool_dot(at, part, t)  # t . p
+        pn = self.pool.pool_norm(at, part).clamp(min=COS_EPS)  # |p|
+        tc, vc = at.shape[:2]
+        s = (tn @ part["vn_t"]).view(tc, vc, -1) * part["keep"].to(t.dtype)  # (Tc, Vc, F) frame cosines
+        r = torch.addmm(b_r, s.view(tc * vc, -1), w_r).view(tc, vc, -1).exp_()  # radius R (Tc, Vc, D)
+        rp = torch.mul(r, self.pool.pool_values(at, part).transpose(0, 1))  # R * p, text-major for the bmm
+        num = torch.baddbmm(tp[:, None, :], eps, rp.transpose(1, 2))  # (Tc, K, Vc): t.p + eps.(R p)
+        norm2 = torch.baddbmm(tt[:, None, None], e_tr, r.transpose(1, 2))
+        norm2 = torch.baddbmm(norm2, e_rr, r.square_().transpose(1, 2))  # |t + eps R|^2
+        cos = num / (norm2.clamp_(min=0.0).sqrt_().clamp_(min=COS_EPS) * pn[:, None, :])
         return cos.amax(dim=1)
 
 

@@ -11,14 +11,16 @@ Every Linear is initialised to the identity with zero bias, as in the reference.
 Evaluation never builds pool for all pairs through the D x D maps. Because alpha sums to one per head, Wo sum_f alpha_f
 u_f + bo = sum_f alpha_f w_f with per-video w_f; the LN2 statistics are a quadratic form of alpha with the (F x F)
 Gram matrix of the centred w_f; and (with dropout off) o + Wl o + bl is affine in the centred, LN2-normalised x, so
-sigma * pre-LN3 = sum_f alpha_f z_f + sigma * c with per-video z_f = (I + Wl) diag(g2) (w_f - mean w_f). Hence the
-per-pair work is one (F+1)-term weighted sum of D-vectors; every D x D product is done once per video.
+sigma * pre-LN3 = sum_f alpha_f z_f + sigma * c with per-video z_f = (I + Wl) diag(g2) (w_f - mean w_f). Folding LN3
+in, pool(v|t) = sum_j at_j zt_j with per-video rows zt = [centred z * g3; b3] and per-pair weights at (HF+2 of them).
+So t . pool(v|t) and |pool(v|t)| are (HF+2)-term forms (X-Pool scores need no per-pair D-vector at all), and where
+T-MASS needs pool itself it is one (HF+2)-term weighted sum; every D x D product is done once per video or text.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from train.losses import symmetric_cross_entropy
 from train.models._api import Emb, ModelConfigError, RetrievalModel, feature_dims_from, register_model, resolve_config
 
 LN100 = math.log(100.0)
+COS_EPS = 1e-8  # norm floor of cosines, as F.cosine_similarity's eps
 
 
 @dataclass
@@ -41,17 +44,11 @@ class XPoolConfig:
     dropout: float = 0.3  # dropout on the residual linear (transformer_dropout)
     logit_scale_init: float = LN100  # tau init (CLIP's pretrained ln 100)
     logit_scale_max: float = LN100  # tau clamped to <= this after every step
-    eval_pairs_per_chunk: int = 16384  # (text, video) pairs per evaluation chunk; bounds memory to ~pairs*D*4*5 bytes
-    # optimiser settings for the training loop (reference: AdamW eps 1e-6, cosine schedule)
-    optimizer: str = "adamw"
-    lr: float = 1e-5  # noclip_lr default; README MSR-VTT-9k uses 3e-5
+    eval_pairs_per_chunk: int = 4096  # (text, video) pairs per eval chunk: ~24 MB of temporaries at D=512
+    eval_video_block: int = 512  # videos whose pooling cache (~ (3F + 2) * D floats each) is held at once
     logit_scale_lr: float = 1e-6  # the reference trains tau in the CLIP group (clip_lr); see param_groups()
-    weight_decay: float = 0.2  # applied to all parameters in the reference
-    adam_eps: float = 1e-6
-    warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine
-    grad_clip: float = 1.0  # max gradient norm
-    batch_size: int = 32
-    epochs: int = 5
+    # Optimiser, schedule, batch size and epochs are TrainConfig keys (train/config.py MODEL_DEFAULTS: AdamW with
+    # weight decay 0.2 and eps 1e-6, cosine schedule with 10% warm-up, clipping 1.0, batch 32, 5 epochs, lr 1e-5).
 
 
 def _identity_(linear: nn.Linear) -> None:
@@ -107,7 +104,7 @@ class XPoolHead(nn.Module):
         return self.q_proj(self.ln1(text)).view(text.shape[0], self.heads, dh) / math.sqrt(dh)
 
     def video_cache(self, frames: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per-video tensors of the pair-free algebra: keys, centred z_f (+ c row), Gram matrices, LN2 terms."""
+        """Per-video tensors of the pair-free algebra: keys, Gram matrices and the mixing rows zt (Nv, HF+2, D)."""
         nv, nf, d = frames.shape
         h, dh = self.heads, d // self.heads
         vf = self.ln1(frames)
@@ -119,29 +116,49 @@ class XPoolHead(nn.Module):
         wc = w - w.mean(dim=2, keepdim=True)  # centring removes mean(x), which LN2 subtracts anyway
         gram_w = wc @ wc.transpose(1, 2) / d  # var(x) = alpha^T gram_w alpha
         m = (torch.eye(d, device=w.device, dtype=w.dtype) + self.linear_proj.weight) * self.ln2.weight  # (I+Wl) diag(g2)
-        c = (self.ln2.bias + self.linear_proj(self.ln2.bias))  # (I+Wl) b2 + bl
+        c = self.ln2.bias + self.linear_proj(self.ln2.bias)  # (I+Wl) b2 + bl
         z = torch.cat([wc @ m.t(), c.expand(nv, 1, d)], dim=1)  # (Nv, HF+1, D); last row weighted by sigma
         zc = z - z.mean(dim=2, keepdim=True)
         gram_z = zc @ zc.transpose(1, 2) / d
-        keep = frame_mask(frames, mask)
-        return {"k": k, "gram_w": gram_w, "zc": zc, "gram_z": gram_z, "keep": keep}
+        # pool(v|t) = sum_j at_j zt_j with zt = [zc * g3; b3] and at = [scale * a1, 1] (see mix_weights)
+        zt = torch.cat([zc * self.ln3.weight, self.ln3.bias.expand(nv, 1, d)], dim=1)
+        return {"k": k, "keep": frame_mask(frames, mask), "gram_w": gram_w, "gram_z": gram_z, "zt": zt,
+                "gram_t": zt @ zt.transpose(1, 2)}
 
     def attention(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(Nv, Nt, H*F) attention weights for every (video, text) pair of a chunk."""
-        logits = torch.einsum("thc,vfhc->vthf", q, cache["k"])
-        logits = logits.masked_fill(~cache["keep"][:, None, None, :], float("-inf"))
+        """(Nt, Nv, H*F) attention weights of every (text, video) pair of a chunk."""
+        logits = torch.einsum("thc,vfhc->tvhf", q, cache["k"])
+        logits = logits.masked_fill(~cache["keep"][None, :, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1).flatten(2)
+
+    def mix_weights(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(Nt, Nv, HF+2) weights `at` with pool(v|t) = at[t, v] @ cache["zt"][v] (eval mode)."""
+        a = self.attention(q, cache)
+        var_x = torch.einsum("tvj,vjk,tvk->tv", a, cache["gram_w"], a).clamp(min=0.0)
+        sigma = torch.sqrt(var_x + self.ln2.eps)  # LN2 denominator
+        a1 = torch.cat([a, sigma[..., None]], dim=-1)  # sigma * pre-LN3 = a1 @ zc
+        var_y = torch.einsum("tvj,vjk,tvk->tv", a1, cache["gram_z"], a1).clamp(min=0.0)
+        scale = torch.rsqrt(var_y + self.ln3.eps * sigma.square())  # LN3 of (a1 @ zc) / sigma
+        return torch.cat([a1 * scale[..., None], torch.ones_like(scale)[..., None]], dim=-1)
+
+    @staticmethod
+    def pool_dot(at: torch.Tensor, cache: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """(Nt, Nv) x_t . pool(v|t) for x (Nt, D), without building pool (one (HF+2)-term dot per pair)."""
+        return (at * torch.matmul(cache["zt"], x.t()).permute(2, 0, 1)).sum(-1)
+
+    @staticmethod
+    def pool_norm(at: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(Nt, Nv) |pool(v|t)| from the (HF+2)^2 Gram matrix of zt."""
+        return torch.einsum("tvj,vjk,tvk->tv", at, cache["gram_t"], at).clamp(min=0.0).sqrt()
+
+    @staticmethod
+    def pool_values(at: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(Nv, Nt, D) pool(v|t) from mixing weights (one (HF+2)-term weighted sum of D-vectors per pair)."""
+        return torch.bmm(at.transpose(0, 1), cache["zt"])
 
     def pool_fast(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Eval-mode pool(v|t) for a chunk: (Nv, Nt, D), equal to forward() without any per-pair D x D product."""
-        a = self.attention(q, cache)  # (Nv, Nt, HF)
-        var_x = ((a @ cache["gram_w"]) * a).sum(-1).clamp(min=0.0)
-        sigma = torch.sqrt(var_x + self.ln2.eps)
-        a1 = torch.cat([a, sigma[..., None]], dim=-1)  # (Nv, Nt, HF+1)
-        yc = torch.bmm(a1, cache["zc"])  # sigma * (pre-LN3 - its mean)
-        var_y = ((a1 @ cache["gram_z"]) * a1).sum(-1).clamp(min=0.0)
-        scale = torch.rsqrt(var_y + self.ln3.eps * sigma.square())  # LN3 of yc / sigma
-        return torch.addcmul(self.ln3.bias, yc * scale[..., None], self.ln3.weight)
+        return self.pool_values(self.mix_weights(q, cache), cache)
 
 
 def cosine_to_frames(text: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -198,10 +215,19 @@ class XPoolBase(RetrievalModel):
         rest = [p for n, p in self.named_parameters() if n != "logit_scale" and p.requires_grad]
         return [{"params": rest, "lr": lr}, {"params": [self.logit_scale], "lr": self.config.logit_scale_lr}]
 
-    def _chunks(self, nt: int, nv: int, chunk: int) -> tuple[int, int]:
-        """(texts, videos) per evaluation chunk."""
-        tc = max(1, min(int(chunk), nt))
-        return tc, max(1, self.config.eval_pairs_per_chunk // tc)
+    def _chunks(self, nt: int, chunk: int) -> tuple[int, int]:
+        """(texts, videos) per evaluation chunk: at most `chunk` texts and about eval_pairs_per_chunk pairs."""
+        pairs = max(1, int(self.config.eval_pairs_per_chunk))
+        tc = max(1, min(int(chunk), nt, math.isqrt(pairs)))
+        return tc, max(1, pairs // tc)
+
+    def video_blocks(self, video_emb: Emb) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """(v0, v1, pooling cache) for blocks of eval_video_block videos (bounds the cache memory)."""
+        frames, mask = video_emb["frames"], video_emb["frames_mask"]
+        step = max(1, int(self.config.eval_video_block))
+        for v0 in range(0, frames.shape[0], step):
+            v1 = min(frames.shape[0], v0 + step)
+            yield v0, v1, self.pool.video_cache(frames[v0:v1], mask[v0:v1])
 
 
 class XPoolModel(XPoolBase):
@@ -216,19 +242,23 @@ class XPoolModel(XPoolBase):
         return loss, {"loss_xpool": float(loss.detach()), "logit_scale": float(self.logit_scale.detach().exp())}
 
     def similarity(self, text_emb: Emb, video_emb: Emb, *, chunk: int = 256) -> torch.Tensor:
-        """(Nt, Nv) cos(t, pool(v|t)) in (text, video) chunks (eval mode: dropout off)."""
-        t, frames, mask = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
-        nt, nv = t.shape[0], frames.shape[0]
-        tc, vc = self._chunks(nt, nv, chunk)
+        """(Nt, Nv) cos(t, pool(v|t)) in (text, video) chunks (eval mode: dropout off); no D-vector per pair."""
+        t = text_emb["t"]
+        nt, nv = t.shape[0], video_emb["frames"].shape[0]
+        tc, vc = self._chunks(nt, chunk)
         out = t.new_empty(nt, nv)
         with torch.no_grad():
             q = self.pool.text_queries(t)
-            tn = F.normalize(t, dim=-1)
-            for v0 in range(0, nv, vc):
-                cache = self.pool.video_cache(frames[v0 : v0 + vc], mask[v0 : v0 + vc])
-                for t0 in range(0, nt, tc):
-                    p = F.normalize(self.pool.pool_fast(q[t0 : t0 + tc], cache), dim=-1)  # (Vc, Tc, D)
-                    out[t0 : t0 + tc, v0 : v0 + vc] = (p * tn[t0 : t0 + tc][None]).sum(-1).t()
+            tnorm = t.norm(dim=-1).clamp(min=COS_EPS)
+            for b0, b1, cache in self.video_blocks(video_emb):
+                for v0 in range(b0, b1, vc):
+                    v1 = min(b1, v0 + vc)
+                    part = {k: x[v0 - b0 : v1 - b0] for k, x in cache.items()}
+                    for t0 in range(0, nt, tc):
+                        at = self.pool.mix_weights(q[t0 : t0 + tc], part)
+                        dots = self.pool.pool_dot(at, part, t[t0 : t0 + tc])
+                        norms = self.pool.pool_norm(at, part).clamp(min=COS_EPS) * tnorm[t0 : t0 + tc, None]
+                        out[t0 : t0 + tc, v0:v1] = dots / norms
         return out
 
 

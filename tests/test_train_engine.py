@@ -1,0 +1,51 @@
+"""Tests of train/engine.py pieces: optimiser groups, learning-rate schedules, device choice, checkpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.config import build_config
+from train.engine import RunError, load_checkpoint, lr_at, make_optimizer, resolve_device
+from train.models import create_model
+
+
+def test_optimizer_groups_keep_the_logit_scale_lr():
+    cfg = build_config("tmass")
+    model = create_model("tmass", feature_dims={"clip": 8, "clip_text": 8}, num_frames=4)
+    opt = make_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["eps"] == 1e-6
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.2]
+    scale = next(g for g in opt.param_groups if any(p is model.logit_scale for p in g["params"]))
+    assert scale["base_lr"] == 1e-6 and len(scale["params"]) == 1
+    rest = next(g for g in opt.param_groups if g is not scale)
+    assert rest["base_lr"] == cfg.lr
+    mee = make_optimizer(build_config("mee"), create_model("mee", feature_dims={"resnet152": 4, "glove": 3},
+                                                           text_clusters=2))
+    assert isinstance(mee, torch.optim.Adam) and not isinstance(mee, torch.optim.AdamW)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = build_config("tmass", {"lr": 1.0})  # warmup 0.1
+    total = 100
+    assert lr_at(cfg, 0, 0, total) == pytest.approx(0.1)  # linear warm-up over 10 steps
+    assert lr_at(cfg, 0, 9, total) == pytest.approx(1.0)
+    assert lr_at(cfg, 0, 10, total) == pytest.approx(1.0)
+    assert lr_at(cfg, 2, 55, total) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(cfg, 4, 100, total) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_exponential_schedule():
+    cfg = build_config("mee", {"lr": 1.0})
+    assert [lr_at(cfg, e, 123, 1000) for e in range(3)] == pytest.approx([1.0, 0.95, 0.95**2])
+
+
+def test_device_and_checkpoint_errors(tmp_path):
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RunError, match="--device cpu"):
+            resolve_device("cuda")
+    with pytest.raises(RunError, match="does not exist"):
+        load_checkpoint(tmp_path / "last.pt")

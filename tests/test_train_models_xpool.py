@@ -1,0 +1,130 @@
+"""Tests of train/models/xpool.py: reference pooling, identity init, the pair-free evaluation algebra, chunking."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.models import create_model
+from train.models._api import ModelConfigError
+from train.models.xpool import XPoolHead
+
+D, NF = 16, 5
+
+
+def _perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> None:
+    """Move every parameter off its (identity / LayerNorm) init so no layer is trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _inputs(nt: int = 7, nv: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(nt, D, generator=g) * 3
+    frames = torch.randn(nv, NF, D, generator=g) * 3
+    mask = torch.rand(nv, NF, generator=g) > 0.3
+    mask[0] = False  # a video without a valid frame: treated as all valid
+    return t, frames, mask
+
+
+def hand_pool(head: XPoolHead, t: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """pool(v|t) for one text (D,) and one video (F, D) from the module docstring equations (1 head)."""
+    t_hat, v_hat = head.ln1(t), head.ln1(frames)
+    q, k, u = head.q_proj(t_hat), head.k_proj(v_hat), head.v_proj(v_hat)
+    logits = (k @ q) / math.sqrt(D)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    alpha = torch.softmax(logits, 0)
+    o = head.ln2(head.out_proj((alpha[:, None] * u).sum(0)))
+    return head.ln3(o + head.linear_proj(o))
+
+
+def test_identity_init_and_defaults():
+    m = create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_frames=NF)
+    for lin in (m.pool.q_proj, m.pool.k_proj, m.pool.v_proj, m.pool.out_proj, m.pool.linear_proj):
+        assert torch.equal(lin.weight, torch.eye(D)) and torch.equal(lin.bias, torch.zeros(D))
+    assert m.pool.dropout.p == 0.3 and m.pool.heads == 1
+    assert m.logit_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        m.logit_scale.fill_(7.0)
+    m.clamp_logit_scale()
+    assert m.logit_scale.item() == pytest.approx(math.log(100))
+    groups = m.param_groups(1e-5)
+    assert groups[1]["params"] == [m.logit_scale] and groups[1]["lr"] == 1e-6 and groups[0]["lr"] == 1e-5
+
+
+def test_forward_matches_hand_equations():
+    m = create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_frames=NF).eval()
+    _perturb(m)
+    t, frames, mask = _inputs()
+    keep = m.encode_video({"clip": frames, "clip_mask": mask})["frames_mask"]
+    assert keep[0].all() and torch.equal(keep[1:], mask[1:])
+    with torch.no_grad():
+        out = m.pool(t, frames, keep)  # (Nv, Nt, D)
+        for v in range(frames.shape[0]):
+            for i in range(t.shape[0]):
+                assert torch.allclose(out[v, i], hand_pool(m.pool, t[i], frames[v], keep[v]), atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_pool_fast_equals_forward_in_eval_mode(heads):
+    head = XPoolHead(D, heads, dropout=0.3).eval()
+    _perturb(head, seed=heads)
+    t, frames, mask = _inputs()
+    keep = mask | ~mask.any(1, keepdim=True)
+    with torch.no_grad():
+        ref = head(t, frames, keep)
+        cache = head.video_cache(frames, keep)
+        q = head.text_queries(t)
+        fast = head.pool_fast(q, cache)
+        at = head.mix_weights(q, cache)
+        assert torch.allclose(fast, ref, atol=1e-5)
+        assert torch.allclose(head.pool_dot(at, cache, t), (ref * t[None]).sum(-1).t(), atol=1e-4)
+        assert torch.allclose(head.pool_norm(at, cache), ref.norm(dim=-1).t(), atol=1e-4)
+    head.train()  # dropout active: forward is stochastic, unlike the eval fast path
+    torch.manual_seed(0)
+    a = head(t, frames, keep)
+    b = head(t, frames, keep)
+    assert not torch.allclose(a, b)
+
+
+def test_masked_frames_do_not_change_the_pooling():
+    head = XPoolHead(D).eval()
+    _perturb(head)
+    t, frames, mask = _inputs()
+    keep = mask | ~mask.any(1, keepdim=True)
+    base = head(t, frames, keep)
+    frames2 = torch.where(keep[..., None], frames, torch.randn_like(frames) * 100)
+    assert torch.allclose(head(t, frames2, keep), base, atol=1e-5)
+
+
+def test_similarity_is_cos_t_pool_and_chunk_independent():
+    m = create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_frames=NF).eval()
+    _perturb(m)
+    t, frames, mask = _inputs(nt=11, nv=9)
+    te, ve = m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask})
+    with torch.no_grad():
+        brute = F.cosine_similarity(t[None], m.pool(t, frames, ve["frames_mask"]), dim=-1).t()
+    sim = m.similarity(te, ve)
+    assert sim.shape == (11, 9) and torch.allclose(sim, brute, atol=1e-5)
+    for chunk, pairs, block in ((1, 1024, 512), (3, 7, 512), (256, 5, 2), (4, 1, 1), (1, 1024, 4)):
+        m.config.eval_pairs_per_chunk, m.config.eval_video_block = pairs, block
+        assert torch.allclose(m.similarity(te, ve, chunk=chunk), sim, atol=1e-6), (chunk, pairs, block)
+
+
+def test_loss_and_build_errors():
+    m = create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_frames=NF)
+    t, frames, mask = _inputs(nt=4, nv=4)
+    loss, parts = m.loss(m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask}))
+    assert torch.isfinite(loss) and parts["loss_xpool"] == pytest.approx(loss.item())
+    with pytest.raises(ModelConfigError, match="clip_text"):
+        create_model("xpool", feature_dims={"clip": D})
+    with pytest.raises(ModelConfigError, match="dim"):
+        create_model("xpool", feature_dims={"clip": D, "clip_text": D + 1})
+    with pytest.raises(ModelConfigError, match="divisible"):
+        create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_heads=3)
+    with pytest.raises(ValueError, match="num_frames"):
+        m.encode_video({"clip": torch.zeros(2, NF + 1, D)})
