@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import av
 import numpy as np
@@ -50,8 +51,8 @@ def make_videos(root: Path, n: int, seconds: float, size: tuple[int, int]) -> li
     return paths
 
 
-def bare_throughput(paths: list[Path], features: list[str], device: str, threads: int) -> float:
-    """Items/s of the extractors' sessions fed pre-decoded frames in this process (no Ray, no decode in timing)."""
+def bare_runner(paths: list[Path], features: list[str], device: str, threads: int) -> Callable[[], float]:
+    """A function measuring items/s of the extractors' sessions fed pre-decoded frames (no Ray, no decode timed)."""
     import torch
 
     import extract  # noqa: F401
@@ -61,26 +62,29 @@ def bare_throughput(paths: list[Path], features: list[str], device: str, threads
     torch.set_num_threads(threads)
     exs = {f: create_extractor(f, random_init=True, seed=0, device=device) for f in features}
     decoded = [(decode.probe(p), list(decode.iter_frames(p, fps=25.0, batch_size=16))) for p in paths]
-    # warm-up on one item so lazy init (kernels, allocator) is not timed
-    info, batches = decoded[0]
-    for ex in exs.values():
-        s = ex.start(info)
-        for b in batches:
-            s.add_frames(b)
-        s.finish()
-    t0 = time.perf_counter()
-    for info, batches in decoded:
+
+    def one(info: Any, batches: list[Any]) -> None:
         for ex in exs.values():
             s = ex.start(info)
             for b in batches:
                 s.add_frames(b)
             s.finish()
-    return len(paths) / (time.perf_counter() - t0)
+
+    one(*decoded[0])  # warm-up, so lazy init (kernels, allocator) is not timed
+
+    def measure() -> float:
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        for info, batches in decoded:
+            one(info, batches)
+        return len(paths) / (time.perf_counter() - t0)
+
+    return measure
 
 
 def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tmp: Path, gpus: float,
-                        plugins: list[str], queue_size: int = 4) -> tuple[float, float]:
-    """(processing items/s, end-to-end items/s) of `pipelines.run` on a fresh store."""
+                        plugins: list[str], queue_size: int = 4) -> tuple[float, float, float]:
+    """(processing items/s, end-to-end items/s, share of worker time inside the models) on a fresh store."""
     from pipelines.config import ExtractConfig
     from pipelines.run import run
 
@@ -94,7 +98,11 @@ def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tm
     res = run(cfg)
     total = time.perf_counter() - t0
     assert res.exit_code == 0, res.table()
-    return len(paths) / res.process_seconds, len(paths) / total
+    busy = sum(res.model_seconds.values()) / (res.process_seconds * workers)
+    in_task = res.task_seconds / (res.process_seconds * workers)
+    print(f"workers={workers} q{queue_size}: {in_task:.0%} of worker time inside tasks, {busy:.0%} inside models; "
+          f"{res.time_line()}", flush=True)
+    return len(paths) / res.process_seconds, len(paths) / total, busy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,21 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = make_videos(tmp, args.items, args.seconds, tuple(args.size))
-        bare_cpu = bare_throughput(paths, features, "cpu", cpus)
+        # The machine is shared: the bare rate is measured right before and after each pipeline run, and the
+        # efficiency uses their mean, so load that changes between runs moves both sides alike.
+        bare_cpu = bare_runner(paths, features, "cpu", cpus)
+        last = bare_cpu()
         for w, q in ((1, 4), (2, 4), (1, 0), (2, 0)):
-            proc, e2e = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q)
-            rows.append((f"cpu q{q}", w, bare_cpu, proc, e2e))
+            proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q)
+            after = bare_cpu()
+            rows.append((f"cpu q{q}", w, (last + after) / 2, proc, e2e, busy, abs(after - last) / (last + after) * 2))
+            last = after
         if gpus:
-            bare_gpu = bare_throughput(paths, features, "cuda", cpus)
-            proc, e2e = pipeline_throughput(paths, features, gpus, tmp, 1.0, plugins)
-            rows.append((f"{gpus}xgpu q4", gpus, bare_gpu * gpus, proc, e2e))
+            bare_gpu = bare_runner(paths, features, "cuda", cpus)
+            before = bare_gpu()
+            proc, e2e, busy = pipeline_throughput(paths, features, gpus, tmp, 1.0, plugins)
+            after = bare_gpu()
+            rows.append((f"{gpus}xgpu q4", gpus, (before + after) / 2 * gpus, proc, e2e, busy,
+                         abs(after - before) / (before + after) * 2))
     ray.shutdown()
     print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]}, features {features}, "
           f"random weights, {cpus} CPUs, {gpus} GPUs")
     print("q4: decode thread with a 4-batch queue inside each worker; q0: decode inline in the worker")
-    print(f"{'device':<10}{'workers':>8}{'bare it/s':>11}{'pipeline it/s':>15}{'end-to-end it/s':>17}{'efficiency':>12}")
-    for dev, w, bare, proc, e2e in rows:
-        print(f"{dev:<10}{w:>8}{bare:>11.3f}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}")
+    print("in-model: share of each worker's processing time spent inside the extractors (the rest: waiting for "
+          "decode, store writes, Ray)")
+    print("bare: mean of the bare rate measured just before and just after that row's pipeline run (+-: their "
+          "relative difference, a gauge of how much the machine's load moved)")
+    print(f"{'device':<10}{'workers':>8}{'bare it/s':>11}{'+-':>6}{'pipeline it/s':>15}{'end-to-end it/s':>17}"
+          f"{'efficiency':>12}{'in-model':>10}")
+    for dev, w, bare, proc, e2e, busy, spread in rows:
+        print(f"{dev:<10}{w:>8}{bare:>11.3f}{spread:>6.0%}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}{busy:>10.0%}")
     return 0
 
 

@@ -11,7 +11,10 @@ Resolution order of `resolve_weights(spec, ...)` (first hit wins):
    is open_clip's re-export, checked against the sha256 its LFS blob is named by), then open_clip's URL cache
    ``~/.cache/clip/<filename>``.
 4. the library's own download (``torch.hub.download_url_to_file`` into the torch hub checkpoints dir, or open_clip's
-   ``download_pretrained_from_hf`` / ``download_pretrained_from_url``), ONLY when ``allow_download=True``.
+   ``download_pretrained_from_hf`` / ``download_pretrained_from_url``), ONLY when ``allow_download=True`` and the
+   ``TVR_OFFLINE`` environment variable is not set to 1. A download that fails for lack of network (any OSError:
+   DNS, connection, HTTP) counts as "not found"; a downloaded file with the wrong digest is a checksum error.
+   The library API defaults to ``allow_download=False``; ``tvr-extract`` downloads unless ``--no-download``.
 5. otherwise `WeightsNotFound` (a `WeightsError`) naming the file, its URL, its sha256 and where to put it.
 
 Only `WeightsNotFound` means "the weights are not here": it is what ``random_init="missing"`` (extract._api) falls
@@ -36,6 +39,12 @@ from typing import Any, Literal
 from extract._api import WeightsSpec
 
 ENV_WEIGHTS_DIR = "TVR_WEIGHTS_DIR"
+ENV_OFFLINE = "TVR_OFFLINE"  # "1": never download (offline clusters, the test suite)
+
+
+def offline() -> bool:
+    """True when $TVR_OFFLINE forbids every download."""
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes")
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: <name>-<sha256 prefix>.<ext>
 _HEX = re.compile(r"^[0-9a-f]*$")
 Hub = Literal["torch", "open_clip"] | None
@@ -97,7 +106,8 @@ def verify_weights(path: Path, spec: WeightsSpec) -> str:
 def _missing_message(spec: WeightsSpec, tried: list[str], download_hint: bool) -> str:
     """The text of the offline-missing error: what file, from where, which digest, where to put it."""
     pinned = expected_digest(spec) or "(not pinned)"
-    how = " or allow the library download (allow_download=True / tvr-extract --allow-download)" if download_hint else ""
+    how = (" or let the library download it (allow_download=True; tvr-extract does unless --no-download, and "
+           f"never with {ENV_OFFLINE}=1)") if download_hint else ""
     return (
         f"weights file {spec.filename!r} ({spec.name}) not found. Download it from {spec.url} "
         f"(sha256 {pinned}) and put it in a directory passed as --weights-dir DIR (or set {ENV_WEIGHTS_DIR}=DIR), "
@@ -205,11 +215,20 @@ def resolve_weights(
         if c.is_file():
             verify_weights(c, cspec)
             return c
-    if allow_download and hub is not None:
-        got, got_spec = _download(spec, hub)
-        verify_weights(got, got_spec)
-        return got
-    raise WeightsNotFound(_missing_message(spec, tried, hub is not None and not allow_download), spec)
+    may_download = allow_download and hub is not None and not offline()
+    if may_download:
+        try:
+            got, got_spec = _download(spec, hub)
+        except OSError as e:  # no network, DNS, HTTP errors: the weights are not to be had from here
+            tried.append(f"download from {spec.url or hub} ({type(e).__name__}: {str(e)[:200]})")
+        except RuntimeError as e:  # torch.hub's hash_prefix check on the downloaded bytes
+            raise WeightsError(f"downloaded {spec.filename} ({spec.name}) from {spec.url}: {e}; the download is "
+                               "corrupt or the file changed upstream. Delete it from the cache and retry, or put "
+                               "the right file in --weights-dir") from e
+        else:
+            verify_weights(got, got_spec)
+            return got
+    raise WeightsNotFound(_missing_message(spec, tried, hub is not None and not may_download), spec)
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:

@@ -266,7 +266,9 @@ class _StackSession(ItemSession):
         ready = item >= 0 and item in self.frames and k in self.frames and item not in self.items
         if ready and self._item_needed(item):
             self.pending.append(item)
-        if len(self.pending) >= self.ex.pair_batch:
+        # Until the first stack is complete the item may turn out too short for any stack: computing RAFT pairs
+        # then would be wasted (seconds per pair on CPU); _build computes them once the stack is certain.
+        if len(self.pending) >= self.ex.pair_batch and self.j > 0:
             self._compute_pending()
         built = False
         while (s := self._start(self.j)) is not None and s + self.ex.stack_size <= k:

@@ -8,13 +8,31 @@ import argparse
 import sys
 from typing import Sequence
 
-from pipelines.config import ConfigError, ExtractConfig, load_yaml
+from pipelines.config import RANDOM_IF_MISSING, ConfigError, ExtractConfig, load_yaml
 from pipelines.dataset import DatasetError
+
+_RANDOM_MODES = {"all": True, RANDOM_IF_MISSING: RANDOM_IF_MISSING}
 
 
 def _csv(text: str) -> list[str]:
     """Split a comma-separated option."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _random_mode(text: str) -> bool | str:
+    """`--random-weights [all|missing]` value."""
+    if text not in _RANDOM_MODES:
+        raise argparse.ArgumentTypeError(f"expected 'all' or {RANDOM_IF_MISSING!r}, got {text!r}")
+    return _RANDOM_MODES[text]
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """A bare `--random-weights` means 'all', so it never swallows the SOURCE that may follow it."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--random-weights" and (i + 1 == len(out) or out[i + 1] not in _RANDOM_MODES):
+            out[i] = "--random-weights=all"
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=_csv, help="comma-separated extractors (default: all registered; caption "
                    "features only when the dataset has captions)")
     p.add_argument("--weights-dir", help="folder with weight files")
-    p.add_argument("--random-weights", action="store_true", default=None, help="seeded random weights (testing)")
+    p.add_argument("--random-weights", type=_random_mode, metavar="{all,missing}", default=None,
+                   help="seeded random weights: 'all' (the default when given bare; tests, benchmarks) or 'missing' "
+                   "(only for models whose weights are not found; the output names them)")
+    p.add_argument("--no-download", dest="allow_download", action="store_false", default=None,
+                   help="never download weights (default: torchvision / open_clip download missing ones into their "
+                   "caches when online; TVR_OFFLINE=1 does the same as this flag)")
     p.add_argument("--seed", type=int, help="seed for --random-weights (default 0)")
     p.add_argument("--workers", type=int, help="number of model-holding workers (default: one per GPU, else cpus//2)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker, fractions allowed (default 1 with GPUs)")
@@ -53,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None) -> ExtractConfig:
     """Defaults < --config YAML < command line."""
-    args = vars(build_parser().parse_args(argv))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = vars(build_parser().parse_args(_normalise_argv(raw)))
     cfg = ExtractConfig()
     config_file = args.pop("config")
     if config_file:
@@ -73,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tvr-extract: error: {e}", file=sys.stderr)
         return 2
     print(result.table())
+    print(result.weights_table())
+    print(result.time_line())
     print(f"{result.tasks} task(s) in {result.seconds:.1f}s; {result.retried} retried after a worker died; "
           f"exit code {result.exit_code}")
     return result.exit_code

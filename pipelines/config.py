@@ -9,6 +9,9 @@ from typing import Any, Mapping
 import yaml
 
 
+RANDOM_IF_MISSING = "missing"  # random_weights value: real weights where they resolve, else seeded random
+
+
 class ConfigError(Exception):
     """A configuration file or value is unusable; the message says which key and how to fix it."""
 
@@ -21,7 +24,8 @@ class ExtractConfig:
     store: str = ""  # feature store path or URL zarr/fsspec accepts
     features: list[str] | None = None  # None: every registered item feature (+ caption features when captions exist)
     weights_dir: str | None = None  # folder holding weight files (see extract/_weights.py for the lookup order)
-    random_weights: bool = False  # seeded random weights (tests, benchmarks); provenance records it
+    random_weights: bool | str = False  # True: seeded random weights for every model; "missing": only where not found
+    allow_download: bool = True  # torchvision / open_clip download missing weights into their caches when online
     seed: int = 0  # seed for random weights
     workers: int | None = None  # actors holding models; None: one per GPU, else max(1, cpus // 2)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -75,6 +79,9 @@ class ExtractConfig:
             raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.random_weights not in (True, False, RANDOM_IF_MISSING):
+            raise ConfigError(f"random_weights must be true, false or {RANDOM_IF_MISSING!r}, "
+                              f"got {self.random_weights!r}")
         if self.fps <= 0:
             raise ConfigError(f"--fps must be > 0, got {self.fps}")
         return self

@@ -120,13 +120,37 @@ def layout_pools(
         n_gpu = workers or max(1, int(math.floor(cluster_gpus / gpw + 1e-9)))
         pools = []
         if gpu_feats:
-            per = cpus_per_worker or max(0.5, min(1.0, cpus / (n_gpu + (1 if cpu_feats else 0))))
+            # one CPU per GPU actor for its decode thread, less when CPUs are scarce (the CPU pool needs some too)
+            per = cpus_per_worker or _round_down(min(1.0, cpus / (n_gpu + (1 if cpu_feats else 0))))
             pools.append(PoolSpec("gpu", gpu_feats, n_gpu, per, gpw, max(1, int(per)), "cuda"))
         if cpu_feats:
-            left = max(1.0, cpus - sum(p.actors * p.num_cpus for p in pools))
-            n_cpu = max(1, int(left))
-            pools.append(PoolSpec("cpu", cpu_feats, n_cpu, left / n_cpu, 0.0, max(1, int(left / n_cpu)), "cpu"))
+            left = max(cpus - sum(p.actors * p.num_cpus for p in pools), _round_down(cpus / (n_gpu + 1)))
+            n_cpu = max(1, int(left))  # dlib is single-threaded: one CPU per actor
+            per_cpu = _round_down(left / n_cpu)
+            pools.append(PoolSpec("cpu", cpu_feats, n_cpu, per_cpu, 0.0, max(1, int(per_cpu)), "cpu"))
         return pools
     n = workers or max(1, int(cpus // 2))
-    per = cpus_per_worker or cpus / n
+    per = cpus_per_worker or _round_down(cpus / n)
     return [PoolSpec("cpu", tuple(features), n, per, 0.0, max(1, int(per)), "cpu")]
+
+
+def _round_down(x: float) -> float:
+    """`x` rounded down to Ray's resource precision (1e-4), so n actors of x never exceed the total."""
+    return math.floor(x * 10000) / 10000
+
+
+def cpu_bound_features(features: Sequence[str], cluster_gpus: float, dlib_cuda: bool | None = None) -> tuple[str, ...]:
+    """Features that get a CPU pool on a GPU cluster: dlib_face unless dlib was built with CUDA.
+
+    `dlib_cuda` None: ask the installed dlib (`dlib.DLIB_USE_CUDA`; no dlib counts as no CUDA).
+    """
+    if cluster_gpus <= 0:
+        return ()
+    if dlib_cuda is None:
+        try:
+            import dlib
+
+            dlib_cuda = bool(getattr(dlib, "DLIB_USE_CUDA", False))
+        except ImportError:
+            dlib_cuda = False
+    return () if dlib_cuda else tuple(f for f in features if f in CPU_BOUND_FEATURES)

@@ -18,7 +18,8 @@ import numpy as np
 
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset, DatasetError, is_url, read_source
-from pipelines.plan import CaptionTask, ItemTask, PoolSpec, layout_pools, plan_captions, plan_items
+from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
+                            plan_items)
 from pipelines.worker import ExtractWorker, import_plugins, spec_from_description
 from store.schema import FeatureSpec, Status
 
@@ -37,6 +38,9 @@ class RunResult:
     exit_code: int = 0
     process_seconds: float = 0.0  # dispatch to last result, all workers up and models loaded
     log: list[str] = field(default_factory=list)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)  # feature -> weights identity (provenance)
+    model_seconds: dict[str, float] = field(default_factory=dict)  # feature -> worker seconds inside its model
+    task_seconds: float = 0.0  # worker seconds inside tasks (decode waits, models, writes), all workers
 
     def table(self) -> str:
         """Summary table: one line per feature with ok / absent / failed / pending and top failure reasons."""
@@ -45,6 +49,26 @@ class RunResult:
             top = ", ".join(f"{r} x{n}" for r, n in self.reasons.get(f, [])[:3]) or "-"
             lines.append(f"{f:<14}{cov['ok']:>7}{cov['absent']:>8}{cov['failed']:>8}{cov['pending']:>9}  {top}")
         return "\n".join(lines)
+
+    def time_line(self) -> str:
+        """Where the workers' time went: seconds inside each feature's extractor, largest first."""
+        parts = [f"{f} {s:.1f}s" for f, s in sorted(self.model_seconds.items(), key=lambda kv: -kv[1])]
+        return "worker time per feature: " + (", ".join(parts) if parts else "-")
+
+    def weights_table(self) -> str:
+        """One line per feature saying plainly which weights produced its values (real file or seeded random)."""
+        return "weights per feature:\n" + "\n".join(f"  {f:<14}{describe_weights(w)}" for f, w in self.weights.items())
+
+
+def describe_weights(identity: dict[str, Any]) -> str:
+    """Human text for a provenance weights identity."""
+    if identity.get("random"):
+        why = identity.get("reason") or "--random-weights"
+        return f"SEEDED RANDOM weights (seed {identity.get('seed', 0)}; {why}): values are NOT meaningful"
+    if "file" in identity:
+        return f"real weights {identity['file']} (sha256 {str(identity.get('sha256', ''))[:16]})"
+    files = [f"{v.get('file', k)}" for k, v in identity.items() if isinstance(v, dict)]
+    return "real weights " + (", ".join(files) if files else str(identity))
 
 
 DEFAULT_CAPTION_FEATURES = ("clip_text", "glove")
@@ -132,6 +156,7 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
     kwargs = {
         "weights_dir": cfg.weights_dir,
         "random_init": cfg.random_weights,
+        "allow_download": cfg.allow_download,
         "seed": cfg.seed,
         "device": pool.device,
     }
@@ -148,6 +173,8 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
             batch_size=cfg.batch_size,
             decode_height=cfg.decode_height,
             queue_size=cfg.queue_size,
+            # CPU actors give their CPUs to torch; one decoder thread beside it avoids oversubscribing them
+            decode_threads=1 if pool.device == "cpu" else 0,
         )
         for _ in range(pool.actors)
     ]
@@ -202,17 +229,22 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
     actors: list[list[Any]] = []
     try:
         res = ray.cluster_resources()
-        gpu_bound = _cpu_bound_features(requested, float(res.get("GPU", 0)))
+        cpu_bound = cpu_bound_features(requested, float(res.get("GPU", 0)))
         pools = layout_pools(requested, cluster_cpus=res.get("CPU", 1), cluster_gpus=res.get("GPU", 0),
                              workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
-                             cpus_per_worker=cfg.cpus_per_worker, cpu_bound=gpu_bound)
+                             cpus_per_worker=cfg.cpus_per_worker, cpu_bound=cpu_bound)
         actors = [_create_pool(ray, p, cfg) for p in pools]
         desc = _describe(ray, pools, actors, err)
         specs = {f: (spec_from_description(desc[f]), desc[f]["provenance"]) for f in requested}
+        weights = {f: dict(specs[f][1].get("weights", {})) for f in requested}
+        for f, w in weights.items():
+            if w.get("random"):
+                print(f"tvr-extract: {f}: {describe_weights(w)}", file=err)
         item_feats = [f for f in requested if specs[f][0].axis == "item"]
         cap_feats = [f for f in requested if specs[f][0].axis == "caption"]
         store = open_or_create_store(cfg, ds, specs)
         result = _execute(ray, cfg, ds, store, pools, actors, item_feats, cap_feats, err)
+        result.weights = weights
     finally:
         for acts in actors:  # free the cluster's resources even when the run stops early
             for a in acts:
@@ -221,18 +253,6 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
             ray.shutdown()
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _cpu_bound_features(requested: list[str], gpus: float) -> tuple[str, ...]:
-    """dlib_face runs in a CPU pool on GPU clusters unless dlib was built with CUDA."""
-    if gpus <= 0 or "dlib_face" not in requested:
-        return ()
-    try:
-        import dlib
-
-        return () if bool(getattr(dlib, "DLIB_USE_CUDA", False)) else ("dlib_face",)
-    except ImportError:
-        return ("dlib_face",)
 
 
 def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], actors: list[list[Any]],
@@ -271,20 +291,30 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
     attempts: Counter = Counter()
     retried = 0
     ok = failed = 0
+    model_seconds: Counter = Counter()
+    task_seconds = 0.0
     idle = [deque(range(len(a))) for a in actors]
+    reserved: list[dict[int, ItemTask]] = [{} for _ in actors]  # actor -> its next item (being prefetched)
     inflight: dict[Any, tuple[int, int, ItemTask | CaptionTask | None]] = {}  # task None = a health ping
     pings: dict[tuple[int, int], tuple[float, int]] = {}  # recovering actor -> (next ping time, failed pings)
     try:
-        while inflight or any(queues) or pings:
+        while inflight or any(queues) or pings or any(reserved):
             now = time.monotonic()
             for (p, a), (when, _) in list(pings.items()):
                 if when <= now and not any(v[:2] == (p, a) for v in inflight.values()):
                     inflight[actors[p][a].pid.remote()] = (p, a, None)
             for p, q in enumerate(queues):
-                while q and idle[p]:
-                    a = idle[p].popleft()
-                    task = q.popleft()
-                    inflight[_submit(actors[p][a], cfg, task, cap_texts)] = (p, a, task)
+                for a in list(idle[p]):
+                    if not q and a not in reserved[p]:
+                        continue
+                    idle[p].remove(a)
+                    task = reserved[p].pop(a) if a in reserved[p] else q.popleft()
+                    hint = None
+                    if cfg.queue_size and isinstance(task, ItemTask) and q and isinstance(q[0], ItemTask):
+                        # this actor's next item, named now so its decoding overlaps this item's compute
+                        reserved[p][a] = q.popleft()
+                        hint = (reserved[p][a].path, list(reserved[p][a].features))
+                    inflight[_submit(actors[p][a], cfg, task, cap_texts, hint)] = (p, a, task)
             if not inflight:
                 time.sleep(0.2)
                 continue
@@ -311,6 +341,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
                     # Ray reports both "died running this task" and "restarting" this way; the actor only ever
                     # runs one task at a time and gets none until a ping succeeds, so this task was the one.
                     pings[(p, a)] = (time.monotonic(), 0)
+                    if a in reserved[p]:  # its next item was never started: any actor may take it
+                        queues[p].appendleft(reserved[p].pop(a))
                     key = (p, _task_key(task))
                     attempts[key] += 1
                     if attempts[key] <= cfg.max_retries:
@@ -330,6 +362,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
                     bar.update(1)
                     continue
                 idle[p].append(a)
+                model_seconds.update(summary.get("model_seconds", {}))
+                task_seconds += float(summary.get("seconds", 0.0))
                 res = summary["results"]
                 vals = res.values() if isinstance(res, dict) else res
                 if any(s == Status.FAILED for s, _ in vals):
@@ -351,13 +385,16 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
         reasons[f] = Counter(str(r) for r in rs).most_common()
     any_failed = any(c["failed"] > 0 for c in coverage.values())
     return RunResult(coverage=coverage, reasons=reasons, tasks=total, seconds=0.0, retried=retried,
-                     exit_code=1 if any_failed else 0, process_seconds=process_seconds)
+                     exit_code=1 if any_failed else 0, process_seconds=process_seconds,
+                     model_seconds={f: float(model_seconds[f]) for f in feats if f in model_seconds},
+                     task_seconds=task_seconds)
 
 
-def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_texts: Any) -> Any:
-    """Send one task to an actor; returns the result ref."""
+def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_texts: Any,
+            prefetch: tuple[str, list[str]] | None = None) -> Any:
+    """Send one task to an actor (with the path of its next item to prefetch); returns the result ref."""
     if isinstance(task, ItemTask):
-        return actor.process.remote(cfg.store, task.row, task.path, list(task.features))
+        return actor.process.remote(cfg.store, task.row, task.path, list(task.features), prefetch)
     texts = [str(t) for t in cap_texts[task.start:task.stop]]
     return actor.captions.remote(cfg.store, task.feature, task.start, texts)
 

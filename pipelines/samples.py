@@ -9,6 +9,7 @@ import av
 import numpy as np
 
 FPS = 25
+CORRUPT_ID = "broken"  # the one sample item that is not a video (FAILED decode_error by design)
 SAMPLE_RATE = 16000
 
 
@@ -93,7 +94,7 @@ def make_sample_dataset(root: str | Path) -> Path:
          "captions": ["portrait photo of an astronaut"]},
         {"id": "coffee", "path": "media/coffee.jpg", "kind": "image", "split": "test",
          "captions": ["a cup of coffee on a saucer"]},
-        {"id": "broken", "path": "media/broken.mp4", "split": "train", "captions": ["a corrupt file"]},
+        {"id": CORRUPT_ID, "path": "media/broken.mp4", "split": "train", "captions": ["a corrupt file"]},
     ]
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))

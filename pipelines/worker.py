@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -60,7 +62,9 @@ class ExtractWorker:
         batch_size: int = 16,
         decode_height: int | None = None,
         queue_size: int = 4,
+        decode_threads: int = 0,
     ) -> None:
+        """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides)."""
         import torch
 
         import extract  # noqa: F401  (registers the built-in extractors)
@@ -68,11 +72,17 @@ class ExtractWorker:
 
         torch.set_num_threads(max(1, int(threads)))
         import_plugins(plugins)
+        from extract._api import RandomWeightsWarning
+
         kw = dict(extractor_kwargs or {})
         opts = extractor_options or {}
-        self.extractors = {f: _registry.create_extractor(f, **kw, **dict(opts.get(f, {}))) for f in features}
+        with warnings.catch_warnings():  # extract also logs it, and the driver names every random feature
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            self.extractors = {f: _registry.create_extractor(f, **kw, **dict(opts.get(f, {}))) for f in features}
         self.fps, self.batch_size, self.height, self.queue_size = fps, batch_size, decode_height, queue_size
+        self.decode_threads = int(decode_threads)
         self._stores: dict[str, Any] = {}
+        self._prefetched: _Stream | None = None  # the next item's decode, started early
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Spec (JSON), provenance and needs of every extractor, for the driver to create store groups."""
@@ -99,11 +109,17 @@ class ExtractWorker:
         return self._stores[url]
 
     # ---------------------------------------------------------------- items
-    def process(self, store_url: str, row: int, path: str, features: Sequence[str]) -> dict[str, Any]:
-        """Extract `features` for item `row` from `path`, write each row (status last); return a small summary."""
+    def process(self, store_url: str, row: int, path: str, features: Sequence[str],
+                prefetch: tuple[str, Sequence[str]] | None = None) -> dict[str, Any]:
+        """Extract `features` for item `row` from `path`, write each row (status last); return a small summary.
+
+        `prefetch` = (path, features) of this worker's next item: its decoding starts as soon as this item's
+        stream is decoded, so it overlaps this item's remaining compute (models that run at `finish`) and writes.
+        """
         t0 = time.perf_counter()
         store = self._store(store_url)
         results: dict[str, tuple[int, str]] = {}
+        spent: dict[str, float] = dict.fromkeys(features, 0.0)  # model seconds per feature (profiling)
 
         def fail(feature: str, reason: str, message: str) -> None:
             store.write_failed(feature, row, reason, message[:2000])
@@ -116,28 +132,28 @@ class ExtractWorker:
         except decode.DecodeError as e:
             for f in features:
                 fail(f, "decode_error", f"decode_error: {e}")
-            return self._summary(row, results, t0)
+            if prefetch is not None:
+                self._prefetch(decode, *prefetch)
+            return self._summary(row, results, t0, spent)
 
         sessions: dict[str, Any] = {}
         for f in features:
             try:
+                t = time.perf_counter()
                 sessions[f] = self.extractors[f].start(info)
+                spent[f] += time.perf_counter() - t
             except Exception as e:  # one extractor failing leaves the others running
                 fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
 
-        want_frames = any(getattr(self.extractors[f], "needs_frames", True) for f in sessions)
-        want_audio = any(getattr(self.extractors[f], "needs_audio", False) for f in sessions) and bool(
-            getattr(info, "has_audio", True)
-        )
+        want_frames, want_audio = self._wants(list(sessions), info)
         decode_failure: tuple[str, str] | None = None
-        stop = threading.Event()
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.queue_size))
-        producer = threading.Thread(
-            target=self._decode_into, args=(decode, path, want_frames, want_audio, q, stop), daemon=True
-        )
-        stream = self._drain(q) if self.queue_size else self._decode_inline(decode, path, want_frames, want_audio)
+        live: _Stream | None = None
         if self.queue_size:
-            producer.start()
+            live = self._take_prefetched(path, want_frames, want_audio)
+            live = live or self._start_decode(decode, path, want_frames, want_audio)
+            stream = self._drain(live.queue)
+        else:
+            stream = self._decode_inline(decode, path, want_frames, want_audio)
         try:
             for kind, payload in stream:
                 if kind == "error":
@@ -156,26 +172,31 @@ class ExtractWorker:
                     if kind == "audio" and not getattr(ex, "needs_audio", False):
                         continue
                     try:
+                        t = time.perf_counter()
                         if kind == "frames":
                             sessions[f].add_frames(payload)
                         else:
                             sessions[f].add_audio(payload)
+                        spent[f] += time.perf_counter() - t
                     except Exception as e:
                         del sessions[f]
                         fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
                 if not sessions:
                     break
         finally:
-            stop.set()
-            if self.queue_size:
-                producer.join(timeout=30)
+            if live is not None:
+                live.close()
+        if prefetch is not None and self.queue_size:
+            self._prefetch(decode, *prefetch)
 
         for f, sess in sessions.items():
             if decode_failure is not None:
                 fail(f, *decode_failure)
                 continue
             try:
+                t = time.perf_counter()
                 result = sess.finish()
+                spent[f] += time.perf_counter() - t
             except Exception as e:
                 fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
                 continue
@@ -185,7 +206,42 @@ class ExtractWorker:
                 fail(f, "write_error", f"write_error: {_short(e)}")
                 continue
             results[f] = (int(result.status), result.reason)
-        return self._summary(row, results, t0)
+        return self._summary(row, results, t0, spent)
+
+    def _wants(self, features: Sequence[str], info: Any) -> tuple[bool, bool]:
+        """(decode frames?, decode audio?) for `features` of an item described by `info`."""
+        frames = any(getattr(self.extractors[f], "needs_frames", True) for f in features)
+        audio = any(getattr(self.extractors[f], "needs_audio", False) for f in features)
+        return frames, audio and bool(getattr(info, "has_audio", True))
+
+    def _start_decode(self, decode: Any, path: str, frames: bool, audio: bool) -> "_Stream":
+        """A decode thread filling a bounded queue for `path`."""
+        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.queue_size))
+        thread = threading.Thread(target=self._decode_into, args=(decode, path, frames, audio, q, stop), daemon=True)
+        thread.start()
+        return _Stream(path, frames, audio, q, stop, thread)
+
+    def _prefetch(self, decode: Any, path: str, features: Sequence[str]) -> None:
+        """Start decoding the next item; a probe failure is left for its own `process` call to record."""
+        if self._prefetched is not None:
+            self._prefetched.close()
+            self._prefetched = None
+        try:
+            info = decode.probe(path)
+        except Exception:  # noqa: BLE001 - process() probes again and records the reason
+            return
+        frames, audio = self._wants([f for f in features if f in self.extractors], info)
+        self._prefetched = self._start_decode(decode, path, frames, audio)
+
+    def _take_prefetched(self, path: str, frames: bool, audio: bool) -> "_Stream | None":
+        """The prefetched stream when it is this item's, decoding the same streams; otherwise drop it."""
+        pre, self._prefetched = self._prefetched, None
+        if pre is not None and (pre.path, pre.frames, pre.audio) == (path, frames, audio):
+            return pre
+        if pre is not None:
+            pre.close()
+        return None
 
     def _decode_into(
         self, decode: Any, path: str, frames: bool, audio: bool, q: queue.Queue, stop: threading.Event
@@ -201,10 +257,11 @@ class ExtractWorker:
                     continue
             return False
 
+        _lower_priority()
         try:
             if frames:
                 for batch in decode.iter_frames(
-                    path, fps=self.fps, batch_size=self.batch_size, height=self.height
+                    path, fps=self.fps, batch_size=self.batch_size, height=self.height, threads=self.decode_threads
                 ):
                     if not put(("frames", batch)):
                         return
@@ -221,7 +278,8 @@ class ExtractWorker:
         """Decode in the calling thread (queue_size=0): frame batches, then audio chunks, or the error."""
         try:
             if frames:
-                for batch in decode.iter_frames(path, fps=self.fps, batch_size=self.batch_size, height=self.height):
+                for batch in decode.iter_frames(path, fps=self.fps, batch_size=self.batch_size, height=self.height,
+                                                threads=self.decode_threads):
                     yield "frames", batch
             if audio:
                 for chunk in decode.iter_audio(path):
@@ -239,9 +297,11 @@ class ExtractWorker:
             yield item
 
     @staticmethod
-    def _summary(row: int, results: dict[str, tuple[int, str]], t0: float) -> dict[str, Any]:
-        """What goes back to the driver: statuses and reasons only, never arrays."""
-        return {"row": row, "results": results, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+    def _summary(row: int, results: dict[str, tuple[int, str]], t0: float,
+                 spent: dict[str, float] | None = None) -> dict[str, Any]:
+        """What goes back to the driver: statuses, reasons and timings only, never arrays."""
+        return {"row": row, "results": results, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+                "model_seconds": dict(spent or {})}
 
     # ------------------------------------------------------------- captions
     def captions(self, store_url: str, feature: str, start: int, texts: Sequence[str]) -> dict[str, Any]:
@@ -249,7 +309,9 @@ class ExtractWorker:
         t0 = time.perf_counter()
         store = self._store(store_url)
         try:
+            t = time.perf_counter()
             rows = self.extractors[feature].encode_captions(list(texts))
+            spent = time.perf_counter() - t
             if len(rows) != len(texts):
                 raise ValueError(f"encode_captions returned {len(rows)} rows for {len(texts)} captions")
             store.write_block(feature, start, rows)
@@ -259,7 +321,37 @@ class ExtractWorker:
             for r in range(start, start + len(texts), store.spec(feature).chunk_rows):
                 store.write_failed(feature, r, "extractor_error", msg)
             statuses = [(int(Status.FAILED), "extractor_error")] * len(texts)
-        return {"feature": feature, "start": start, "results": statuses, "seconds": time.perf_counter() - t0}
+            spent = time.perf_counter() - t0
+        return {"feature": feature, "start": start, "results": statuses, "seconds": time.perf_counter() - t0,
+                "model_seconds": {feature: spent}}
+
+
+DECODE_NICE = 5  # decode threads yield to model threads on shared CPUs; they only need to stay ahead
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux threads are tasks with their own nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
+@dataclass
+class _Stream:
+    """One item's decode thread and the bounded queue it fills."""
+
+    path: str
+    frames: bool
+    audio: bool
+    queue: queue.Queue
+    stop: threading.Event
+    thread: threading.Thread
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked on a full queue) and wait for it."""
+        self.stop.set()
+        self.thread.join(timeout=30)
 
 
 def spec_from_description(desc: Mapping[str, Any]) -> FeatureSpec:

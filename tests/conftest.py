@@ -13,6 +13,8 @@ if str(ROOT) not in sys.path:
 
 # Two cores: keep BLAS/torch from oversubscribing when tests run subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests never touch the network: no weights download, in this process and in every Ray worker / subprocess it starts.
+os.environ["TVR_OFFLINE"] = "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -86,6 +86,49 @@ class _MeanSession(ItemSession):
                            times=np.asarray(self.times, dtype=np.float32))
 
 
+@register_extractor("test_max")
+class MaxColour(Extractor):
+    """Max RGB of each of the first 64 frames: a second frame extractor fed by the same decode."""
+
+    needs_frames = True
+
+    def __init__(self, *, delay: float = 0.0, **kw: Any) -> None:
+        """`delay`: seconds slept per frame batch (overlap tests)."""
+        super().__init__(**kw)
+        self.delay = float(delay)
+        self.spec = FeatureSpec(name="test_max", dim=3, max_steps=64, dtype="float32")
+        _identity(self)
+
+    def start(self, info: Any) -> ItemSession:
+        """A session for one item."""
+        return _MaxSession(self)
+
+
+class _MaxSession(ItemSession):
+    """Accumulates per-frame maxima."""
+
+    def __init__(self, ex: MaxColour) -> None:
+        self.ex = ex
+        self.values: list[np.ndarray] = []
+        self.times: list[float] = []
+
+    def add_frames(self, batch: Any) -> None:
+        """Max colour of every frame up to 64."""
+        if self.ex.delay:
+            time.sleep(self.ex.delay)
+        for f, t in zip(np.asarray(batch.frames), np.asarray(batch.times)):
+            if len(self.values) < self.ex.spec.max_steps:
+                self.values.append(f.reshape(-1, 3).max(axis=0) / 255.0)
+                self.times.append(float(t))
+
+    def finish(self) -> FeatureRows:
+        """OK with one step per frame, or ABSENT when nothing was decoded."""
+        if not self.values:
+            return FeatureRows.absent(self.ex.spec, "no_video")
+        return FeatureRows(status=Status.OK, values=np.stack(self.values).astype(np.float32),
+                           times=np.asarray(self.times, dtype=np.float32))
+
+
 @register_extractor("test_rms")
 class AudioRms(Extractor):
     """RMS of each audio chunk (ABSENT no_audio for silent videos and images)."""

@@ -203,6 +203,22 @@ def test_image_and_too_short_video_are_absent() -> None:
         assert (row.status, row.reason) == (Status.ABSENT, "no_video")
 
 
+def test_too_short_video_runs_no_flow_and_long_video_streams_it() -> None:
+    flow = I3DFlow(stack_size=10, step_size=10, raft_batch_size=2, **FAST_FLOW)
+    pairs: list[int] = []
+    real = flow.flow
+
+    def counting(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        pairs.append(first.shape[0])
+        return real(first, second)
+
+    flow.flow = counting
+    assert _run(flow, _video(10)).reason == "too_short"
+    assert pairs == []  # no stack can complete, so no RAFT pair was computed
+    row = _run(flow, _video(31))  # stacks at 0, 10, 20: every pair of every stack is computed, none twice
+    assert row.status == Status.OK and len(row.values) == 3 and sum(pairs) == 30
+
+
 def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="stack_size must be >= 9"):
         I3DRgb(random_init=True, stack_size=8)

@@ -102,10 +102,16 @@ def test_download_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(dst).write_bytes(PAYLOAD)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.delenv(W.ENV_OFFLINE, raising=False)  # conftest forbids downloads; this test fakes them
     s = spec()
     with pytest.raises(WeightsError):
         resolve_weights(s, hub="torch")  # not allowed: no download
     assert calls == []
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    with pytest.raises(W.WeightsNotFound, match="TVR_OFFLINE=1"):
+        resolve_weights(s, hub="torch", allow_download=True)  # allowed, but the offline switch wins
+    assert calls == []
+    monkeypatch.delenv(W.ENV_OFFLINE)
     got = resolve_weights(s, hub="torch", allow_download=True)
     assert got == isolated / "checkpoints" / "net.pth" and got.read_bytes() == PAYLOAD
     assert calls == [(s.url, str(got), DIGEST)]
@@ -296,6 +302,7 @@ def test_open_clip_download_only_when_allowed(tmp_path: Path, monkeypatch: pytes
         return str(blob)
 
     monkeypatch.setattr(ocp, "download_pretrained_from_hf", fake_hf)
+    monkeypatch.delenv(W.ENV_OFFLINE, raising=False)  # conftest forbids downloads; this test fakes them
     s = WeightsSpec("ViT.tag", "model.pt", DIGEST, "https://example.org/model.pt", "open_clip",
                     meta={"hf_hub": "org/repo", "hf_filenames": ("open_clip_model.safetensors", "x.bin")})
     with pytest.raises(W.WeightsNotFound, match="allow_download=True"):
@@ -307,3 +314,27 @@ def test_open_clip_download_only_when_allowed(tmp_path: Path, monkeypatch: pytes
                         lambda repo, filename="", **kw: (blob.write_bytes(b"rot"), str(blob))[1])
     with pytest.raises(WeightsError, match="checksum mismatch"):  # a corrupted download is caught too
         resolve_weights(s, hub="open_clip", allow_download=True)
+
+
+def test_failed_download_is_not_found_and_bad_download_is_a_checksum_error(
+        monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    import urllib.error
+
+    monkeypatch.delenv(W.ENV_OFFLINE, raising=False)
+
+    def no_dns(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_dns)
+    s = spec()
+    with pytest.raises(W.WeightsNotFound, match="name resolution") as err:  # offline: random "missing" may fall back
+        resolve_weights(s, hub="torch", allow_download=True)
+    assert s.filename in str(err.value) and s.url in str(err.value)
+
+    def wrong_bytes(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "0bad")')
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", wrong_bytes)
+    with pytest.raises(WeightsError, match="download is corrupt") as err:
+        resolve_weights(s, hub="torch", allow_download=True)
+    assert not isinstance(err.value, W.WeightsNotFound)  # never silently replaced by random weights

@@ -115,7 +115,8 @@ def test_ray_job_submit_fills_a_store(tmp_path: Path) -> None:
 
         cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                "python", "-m", "pipelines.extract", str(manifest), "--store", str(store),
-               "--features", "test_mean,test_caption", "--plugins", os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext"), "--no-progress"]
+               "--features", "test_mean,test_caption", "--plugins",
+               os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext"), "--no-progress"]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-4000:]

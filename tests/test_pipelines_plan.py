@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pipelines.config import ConfigError, ExtractConfig, load_yaml
-from pipelines.plan import CaptionTask, ItemTask, layout_pools, needs_work, plan_captions, plan_items
+from pipelines.plan import (CaptionTask, ItemTask, cpu_bound_features, layout_pools, needs_work, plan_captions,
+                            plan_items)
 from store.schema import Status
 
 P, O, A, F = int(Status.PENDING), int(Status.OK), int(Status.ABSENT), int(Status.FAILED)
@@ -66,3 +67,43 @@ def test_config_yaml_and_unknown_keys(tmp_path) -> None:
     f.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_yaml(f)
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("gpus", [0, 1, 2, 4, 8])
+@pytest.mark.parametrize("dlib_cuda", [False, True])
+def test_layout_every_actor_fits_at_once(cpus: int, gpus: int, dlib_cuda: bool) -> None:
+    feats = ["resnet152", "clip", "dlib_face", "clip_text"]
+    bound = cpu_bound_features(feats, gpus, dlib_cuda=dlib_cuda)
+    pools = layout_pools(feats, cluster_cpus=cpus, cluster_gpus=gpus, cpu_bound=bound)
+    assert sum(p.actors * p.num_cpus for p in pools) <= cpus + 1e-9  # nothing waits for a CPU another holds
+    assert sum(p.actors * p.num_gpus for p in pools) <= gpus + 1e-9
+    assert all(p.num_cpus > 0 and p.actors >= 1 and p.threads >= 1 for p in pools)
+    assert sorted(f for p in pools for f in p.features) == sorted(feats)  # every feature placed exactly once
+    if gpus:
+        gpu = next(p for p in pools if p.device == "cuda")
+        assert gpu.actors == gpus and gpu.num_gpus == 1.0  # one worker per GPU
+        assert ("dlib_face" in gpu.features) == dlib_cuda  # dlib on the GPU only when built with CUDA
+    else:
+        assert [p.device for p in pools] == ["cpu"] and pools[0].actors == max(1, cpus // 2)
+
+
+def test_layout_gpus_per_worker_fraction_and_explicit_workers() -> None:
+    (pool,) = layout_pools(["resnet152"], cluster_cpus=16, cluster_gpus=2, gpus_per_worker=0.25)
+    assert (pool.actors, pool.num_gpus, pool.device) == (8, 0.25, "cuda")
+    (pool,) = layout_pools(["resnet152"], cluster_cpus=16, cluster_gpus=2, workers=3, gpus_per_worker=0.5)
+    assert (pool.actors, pool.num_gpus) == (3, 0.5)
+    (pool,) = layout_pools(["resnet152"], cluster_cpus=16, cluster_gpus=2, gpus_per_worker=0)
+    assert (pool.device, pool.num_gpus, pool.actors) == ("cpu", 0.0, 8)  # GPUs present but not asked for
+
+
+def test_cpu_bound_features_follow_dlib_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    assert cpu_bound_features(["dlib_face", "clip"], 0) == ()  # no GPU: one pool anyway
+    monkeypatch.setitem(sys.modules, "dlib", types.SimpleNamespace(DLIB_USE_CUDA=False))
+    assert cpu_bound_features(["dlib_face", "clip"], 1) == ("dlib_face",)
+    monkeypatch.setitem(sys.modules, "dlib", types.SimpleNamespace(DLIB_USE_CUDA=True))
+    assert cpu_bound_features(["dlib_face", "clip"], 1) == ()
+    assert cpu_bound_features(["clip"], 2, dlib_cuda=False) == ()

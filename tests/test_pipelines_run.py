@@ -188,7 +188,7 @@ def test_csv_manifest_captions(ray_session: None, tmp_path: Path) -> None:
     man = tmp_path / "m.csv"
     man.write_text("id,path,caption\na,m/a.png,first\nb,m/b.mkv,second\na,m/a.png,third\n")
     store = tmp_path / "c.zarr"
-    assert _run(man, store) == 0
+    assert _run(man, store, "--workers", "3") == 0  # 3 actors on 2 CPUs (fractional): all start, no deadlock
     fs = _open(store)
     assert [str(c) for c in fs.captions().text] == ["first", "third", "second"]
     assert fs.coverage()["test_caption"]["ok"] == 3
@@ -234,37 +234,53 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def test_sigkill_driver_then_rerun_matches_clean_run(ray_session: None, tmp_path: Path) -> None:
-    man, _ = make_dataset(tmp_path, n_good=6)
-    cfg = tmp_path / "slow.yaml"
+@pytest.fixture(scope="module")
+def kill_case(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(manifest, slow config, clean store): one uninterrupted run shared by the kill tests."""
+    root = tmp_path_factory.mktemp("kill")
+    man, _ = make_dataset(root, n_good=6)
+    cfg = root / "slow.yaml"
     cfg.write_text("extractor_options:\n  test_mean: {delay: 0.15}\n")
-    clean = tmp_path / "clean.zarr"
+    clean = root / "clean.zarr"
     assert _run(man, clean, "--config", str(cfg), features="test_mean,test_rms") == 1
+    return man, cfg, clean
+
+
+@pytest.mark.parametrize("moment", ["while_writing", "any"])
+def test_sigkill_driver_then_rerun_matches_clean_run(kill_case: tuple[Path, Path, Path], tmp_path: Path,
+                                                     moment: str) -> None:
+    """SIGKILL the driver (and its Ray) once items are being written, or at a random moment from its start."""
+    man, cfg, clean = kill_case
     killed = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "pipelines.extract", str(man), "--store", str(killed), "--features",
            "test_mean,test_rms", "--plugins", PLUGIN, "--config", str(cfg), "--no-progress", "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.time() + 120
-        done = 0
-        while time.time() < deadline and proc.poll() is None:  # wait until items are being written
-            if (killed / "test_mean" / "status").exists():
-                try:
-                    done = int((_open(killed).status("test_mean") != PENDING).sum())
-                except Exception:
-                    done = 0
-                if done >= 1:
-                    break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(random.uniform(0.0, 1.0))
+        if moment == "any":  # before Ray is up, during store creation, or while items run
+            time.sleep(random.uniform(0.0, 12.0))
+        else:
+            deadline = time.time() + 120
+            done = 0
+            while time.time() < deadline and proc.poll() is None:  # wait until items are being written
+                if (killed / "test_mean" / "status").exists():
+                    try:
+                        done = int((_open(killed).status("test_mean") != PENDING).sum())
+                    except Exception:
+                        done = 0
+                    if done >= 1:
+                        break
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(random.uniform(0.0, 1.0))
     finally:
         _kill_driver_and_its_ray(proc)
-    partial = _open(killed).coverage()["test_mean"]
-    assert partial["pending"] > 0, partial  # it really was interrupted
+    if moment == "while_writing":
+        partial = _open(killed).coverage()["test_mean"]
+        assert partial["pending"] > 0, partial  # it really was interrupted
     assert _run(man, killed, "--config", str(cfg), features="test_mean,test_rms") == 1
     a, b = _open(clean), _open(killed)
+    assert [str(i) for i in a.items().id] == [str(i) for i in b.items().id]
     for f in ("test_mean", "test_rms"):
         np.testing.assert_array_equal(a.status(f), b.status(f))
         np.testing.assert_array_equal(a.reasons(f), b.reasons(f))
@@ -272,6 +288,7 @@ def test_sigkill_driver_then_rerun_matches_clean_run(ray_session: None, tmp_path
         np.testing.assert_array_equal(ra.values, rb.values)
         np.testing.assert_array_equal(ra.mask, rb.mask)
         np.testing.assert_array_equal(ra.time, rb.time)
+    assert not list(tmp_path.glob("killed.zarr.partial-*"))  # a half-made store from a kill is cleaned up
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:

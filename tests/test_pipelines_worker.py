@@ -1,0 +1,163 @@
+"""The worker without Ray: one decode per item feeds every extractor, decode overlaps compute, failures stay local."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from pipelines.worker import ExtractWorker
+from store.schema import ItemRecord, Status
+from tests.test_pipelines_run import write_image, write_video
+
+PLUGIN = "tests.pipelines_testext"
+FEATURES = ["test_mean", "test_max", "test_rms"]
+
+
+def _worker(features: list[str] = FEATURES, **kw: Any) -> ExtractWorker:
+    return ExtractWorker(features, plugins=[PLUGIN], extractor_kwargs={"random_init": True, "seed": 0}, **kw)
+
+
+def _store(tmp_path: Path, worker: ExtractWorker, paths: dict[str, Path]) -> str:
+    from pipelines.worker import spec_from_description
+    from store.zarr_store import FeatureStore
+
+    url = str(tmp_path / "w.zarr")
+    kinds = {k: ("image" if p.suffix == ".png" else "video") for k, p in paths.items()}
+    fs = FeatureStore.create(url, [ItemRecord(id=k, path=str(p), kind=kinds[k]) for k, p in paths.items()])
+    for d in worker.describe().values():
+        fs.ensure_feature(spec_from_description(d), d["provenance"])
+    return url
+
+
+def _plain(obj: Any) -> bool:
+    """Only small plain values (no arrays) in a summary sent back to the driver."""
+    if isinstance(obj, dict):
+        return all(_plain(k) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return isinstance(obj, (int, float, str, bool, type(None)))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> dict[str, int]:
+    """Count (and optionally slow down) every call into the decoder's frame and audio iterators."""
+    from extract import decode
+
+    calls = {"frames": 0, "audio": 0}
+    real_frames, real_audio = decode.iter_frames, decode.iter_audio
+
+    def slowed(it: Iterator[Any]) -> Iterator[Any]:
+        for b in it:
+            time.sleep(delay)
+            yield b
+
+    def frames(*a: Any, **k: Any) -> Iterator[Any]:
+        calls["frames"] += 1  # counted at the call, not at the first batch (the call comes before any thread waits)
+        return slowed(real_frames(*a, **k))
+
+    def audio(*a: Any, **k: Any) -> Iterator[Any]:
+        calls["audio"] += 1
+        yield from real_audio(*a, **k)
+
+    monkeypatch.setattr(decode, "iter_frames", frames)
+    monkeypatch.setattr(decode, "iter_audio", audio)
+    return calls
+
+
+def test_each_item_is_decoded_once_for_every_extractor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (10, 8, 12, 3), dtype=np.uint8)
+    write_video(tmp_path / "a.mkv", frames, audio=np.sin(np.arange(8000) * 0.05) * 0.5)
+    w = _worker(batch_size=4)
+    url = _store(tmp_path, w, {"a": tmp_path / "a.mkv"})
+    calls = _counting(monkeypatch)
+    summary = w.process(url, 0, str(tmp_path / "a.mkv"), FEATURES)
+    assert calls == {"frames": 1, "audio": 1}  # three extractors, one decode of each stream
+    assert summary["results"] == {f: (int(Status.OK), "") for f in FEATURES}
+    assert _plain(summary)  # statuses and timings only; the arrays went to the store
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    flat = frames.reshape(10, -1, 3).astype(np.float64)
+    np.testing.assert_allclose(fs.read("test_mean").values[0, :10], flat.mean(1) / 255, atol=1e-6)
+    np.testing.assert_allclose(fs.read("test_max").values[0, :10], flat.max(1) / 255, atol=1e-6)
+
+
+def test_decode_thread_overlaps_model_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = np.random.default_rng(2).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    write_video(tmp_path / "v.mkv", frames)
+    delay = 0.08  # per batch, in decode and in the model: sleeps, so the overlap shows even on a busy machine
+    opts = {"test_mean": {"delay": delay}}
+    took, values = {}, {}
+    _counting(monkeypatch, delay=delay)
+    for q in (0, 4):
+        w = _worker(["test_mean"], batch_size=2, queue_size=q, extractor_options=opts)
+        url = _store(tmp_path / f"q{q}", w, {"v": tmp_path / "v.mkv"})
+        t0 = time.perf_counter()
+        assert w.process(url, 0, str(tmp_path / "v.mkv"), ["test_mean"])["results"]["test_mean"][0] == Status.OK
+        took[q] = time.perf_counter() - t0
+        from store.zarr_store import FeatureStore
+
+        values[q] = FeatureStore.open(url).read("test_mean").values
+    # 8 batches: inline ~ 8 * (decode + model) = 1.28 s, overlapped ~ 8 * max(...) + one = 0.72 s
+    assert took[4] < 0.8 * took[0], took
+    np.testing.assert_array_equal(values[0], values[4])
+
+
+def test_one_failing_extractor_or_file_leaves_everything_else(tmp_path: Path) -> None:
+    frames = np.full((5, 8, 8, 3), 60, np.uint8)
+    write_video(tmp_path / "boom.mkv", frames)
+    write_image(tmp_path / "p.png", np.full((6, 6, 3), 9, np.uint8))
+    (tmp_path / "bad.mp4").write_text("not a video\n")
+    w = _worker()
+    paths = {"boom": tmp_path / "boom.mkv", "bad": tmp_path / "bad.mp4", "p": tmp_path / "p.png"}
+    url = _store(tmp_path, w, paths)
+    res = {k: w.process(url, r, str(p), FEATURES)["results"] for r, (k, p) in enumerate(paths.items())}
+    assert res["boom"]["test_mean"] == (int(Status.FAILED), "extractor_error")
+    assert res["boom"]["test_max"] == (int(Status.OK), "")  # same item, other extractor: unaffected
+    assert res["boom"]["test_rms"] == (int(Status.ABSENT), "no_audio")
+    assert all(v == (int(Status.FAILED), "decode_error") for v in res["bad"].values())
+    assert res["p"]["test_mean"] == (int(Status.OK), "") and res["p"]["test_rms"] == (int(Status.ABSENT), "no_audio")
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    assert "scripted test failure" in str(fs.messages("test_mean", [0])[0])
+    assert [str(r) for r in fs.reasons("test_mean")] == ["extractor_error", "decode_error", ""]
+    assert fs.status("test_max").tolist() == [Status.OK, Status.FAILED, Status.OK]
+
+
+def test_next_item_is_prefetched_once_and_a_wrong_hint_is_dropped(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    clips = {k: rng.integers(0, 256, (6 + i, 8, 8, 3), dtype=np.uint8) for i, k in enumerate(("a", "b", "c"))}
+    for k, f in clips.items():
+        write_video(tmp_path / f"{k}.mkv", f)
+    w = _worker(["test_mean", "test_max"], batch_size=2)
+    paths = {k: tmp_path / f"{k}.mkv" for k in clips}
+    url = _store(tmp_path, w, paths)
+    calls = _counting(monkeypatch)
+    feats = ["test_mean", "test_max"]
+    def settled(n: int) -> int:
+        """The call count once the prefetch thread has had time to start (it calls the decoder itself)."""
+        end = time.time() + 10
+        while calls["frames"] < n and time.time() < end:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        return calls["frames"]
+
+    w.process(url, 0, str(paths["a"]), feats, prefetch=(str(paths["b"]), feats))
+    assert settled(2) == 2  # a, and b started early
+    w.process(url, 1, str(paths["b"]), feats, prefetch=(str(paths["a"]), feats))  # a hint that turns out wrong
+    assert settled(3) == 3  # b reused its prefetched stream; the one new call is the (wrong) prefetch of a
+    w.process(url, 2, str(paths["c"]), feats)
+    assert calls["frames"] == 4  # the wrong prefetch (a) was dropped, c decoded fresh
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    assert fs.status("test_mean").tolist() == [Status.OK] * 3
+    vals = fs.read("test_mean").values
+    for r, (k, f) in enumerate(clips.items()):
+        want = f.reshape(len(f), -1, 3).astype(np.float64).mean(1) / 255
+        np.testing.assert_allclose(vals[r, : len(f)], want, atol=1e-6)  # every item got its own frames
