@@ -33,6 +33,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +156,36 @@ def _open_clip_cached(spec: WeightsSpec) -> list[tuple[Path, WeightsSpec]]:
     return out
 
 
+_REACH: dict[str, str] = {}  # host -> "" (reachable) or why not; one probe per host and process
+
+
+def _unreachable(url: str) -> str:
+    """Why `url`'s host cannot be reached right now ("" when it can): one 3 s TCP connect, cached per process.
+
+    Checked before a download so an offline machine fails over in milliseconds instead of sitting through the
+    libraries' own retry loops (huggingface_hub backs off for ~25 s per file).
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+    if not host:
+        return f"no host in {url!r}"
+    if host not in _REACH:
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            _REACH[host] = ""
+        except OSError as e:
+            _REACH[host] = f"{host}:{port} unreachable ({type(e).__name__}: {e})"
+    return _REACH[host]
+
+
+def _download_url(spec: WeightsSpec, hub: Hub) -> str:
+    """The URL the library's own download for `spec` contacts first."""
+    repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
+    if hub == "open_clip" and repo:
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return spec.url
+
+
 def _download(spec: WeightsSpec, hub: Hub) -> tuple[Path, WeightsSpec]:
     """Run the library's own download for `spec` (network); the downloaded file and the spec to check it with.
 
@@ -216,7 +248,10 @@ def resolve_weights(
             verify_weights(c, cspec)
             return c
     may_download = allow_download and hub is not None and not offline()
-    if may_download:
+    why = _unreachable(_download_url(spec, hub)) if may_download else ""
+    if why:
+        tried.append(f"download skipped: {why}")
+    elif may_download:
         try:
             got, got_spec = _download(spec, hub)
         except OSError as e:  # no network, DNS, HTTP errors: the weights are not to be had from here

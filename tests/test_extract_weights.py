@@ -103,6 +103,7 @@ def test_download_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     monkeypatch.delenv(W.ENV_OFFLINE, raising=False)  # conftest forbids downloads; this test fakes them
+    monkeypatch.setattr(W, "_unreachable", lambda url: "")  # and never probes the network
     s = spec()
     with pytest.raises(WeightsError):
         resolve_weights(s, hub="torch")  # not allowed: no download
@@ -303,6 +304,7 @@ def test_open_clip_download_only_when_allowed(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(ocp, "download_pretrained_from_hf", fake_hf)
     monkeypatch.delenv(W.ENV_OFFLINE, raising=False)  # conftest forbids downloads; this test fakes them
+    monkeypatch.setattr(W, "_unreachable", lambda url: "")  # and never probes the network
     s = WeightsSpec("ViT.tag", "model.pt", DIGEST, "https://example.org/model.pt", "open_clip",
                     meta={"hf_hub": "org/repo", "hf_filenames": ("open_clip_model.safetensors", "x.bin")})
     with pytest.raises(W.WeightsNotFound, match="allow_download=True"):
@@ -321,6 +323,7 @@ def test_failed_download_is_not_found_and_bad_download_is_a_checksum_error(
     import urllib.error
 
     monkeypatch.delenv(W.ENV_OFFLINE, raising=False)
+    monkeypatch.setattr(W, "_unreachable", lambda url: "")
 
     def no_dns(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -338,3 +341,22 @@ def test_failed_download_is_not_found_and_bad_download_is_a_checksum_error(
     with pytest.raises(WeightsError, match="download is corrupt") as err:
         resolve_weights(s, hub="torch", allow_download=True)
     assert not isinstance(err.value, W.WeightsNotFound)  # never silently replaced by random weights
+
+
+def test_unreachable_host_skips_the_download_fast(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    import socket
+
+    monkeypatch.delenv(W.ENV_OFFLINE, raising=False)
+    monkeypatch.setattr(W, "_REACH", {})
+    probes: list[tuple[str, int]] = []
+
+    def refuse(addr: tuple[str, int], timeout: float = 0.0) -> None:
+        probes.append(addr)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    s = spec()  # torch hub: download_url_to_file fails loudly if it is reached (see `isolated`)
+    for _ in range(2):
+        with pytest.raises(W.WeightsNotFound, match="download skipped: example.org:443 unreachable"):
+            resolve_weights(s, hub="torch", allow_download=True)
+    assert probes == [("example.org", 443)]  # probed once per host, then cached
