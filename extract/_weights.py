@@ -42,16 +42,21 @@ from extract._api import WeightsSpec
 
 ENV_WEIGHTS_DIR = "TVR_WEIGHTS_DIR"
 ENV_OFFLINE = "TVR_OFFLINE"  # "1": never download (offline clusters, the test suite)
-
-
-def offline() -> bool:
-    """True when $TVR_OFFLINE forbids every download."""
-    return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes")
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: <name>-<sha256 prefix>.<ext>
 _HEX = re.compile(r"^[0-9a-f]*$")
 Hub = Literal["torch", "open_clip"] | None
 
 _digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+def offline() -> bool:
+    """True when $TVR_OFFLINE forbids every download."""
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes")
+
+
+def _hf_repo(spec: WeightsSpec) -> str:
+    """The Hugging Face repo of an open_clip weights spec ("" when it has none)."""
+    return str(spec.meta.get("hf_hub", "") or "").strip("/")
 
 
 class WeightsError(RuntimeError):
@@ -138,7 +143,7 @@ def _open_clip_cached(spec: WeightsSpec) -> list[tuple[Path, WeightsSpec]]:
     weights), so it is checked against the digest the HF cache stored it under instead.
     """
     out: list[tuple[Path, WeightsSpec]] = []
-    repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
+    repo = _hf_repo(spec)
     if repo:
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -180,8 +185,7 @@ def _unreachable(url: str) -> str:
 
 def _download_url(spec: WeightsSpec, hub: Hub) -> str:
     """The URL the library's own download for `spec` contacts first."""
-    repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
-    if hub == "open_clip" and repo:
+    if hub == "open_clip" and _hf_repo(spec):
         return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     return spec.url
 
@@ -194,7 +198,7 @@ def _download(spec: WeightsSpec, hub: Hub) -> tuple[Path, WeightsSpec]:
     if hub == "open_clip":
         from open_clip import pretrained as ocp
 
-        repo = str(spec.meta.get("hf_hub", "") or "").strip("/")
+        repo = _hf_repo(spec)
         if repo:
             for name in spec.meta.get("hf_filenames") or (spec.meta.get("hf_filename", spec.filename),):
                 try:

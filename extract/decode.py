@@ -158,16 +158,20 @@ def _declared(container: Any, stream: Any) -> tuple[float | None, str]:
     return container.duration / av.time_base, "container" if len(media) == 1 else "shared"
 
 
-def _stops_short(path: str, end: float, declared: float | None, source: str, own_slack: float) -> bool:
-    """Whether a stream that decoded up to `end` s falls short of its declared duration (see `_declared`)."""
+def _check_complete(path: str, stage: str, end: float, declared: float | None, source: str,
+                    own_slack: float) -> None:
+    """Raise TruncatedMedia when a stream that decoded up to `end` s falls short of its declared duration."""
     if declared is None or not math.isfinite(declared):
-        return False
+        return
     slack = own_slack if source == "own" else _SLACK_CONTAINER_S
     if end + slack >= declared:
-        return False
+        return
     # A shared duration may be a longer sibling's: the file is cut only if no stream's packets reach it either.
     # The scan reads the whole file (no decoding); it runs only here, and once per file for video and audio.
-    return source != "shared" or _scan_cached(path, *_file_key(path)) + _SLACK_CONTAINER_S < declared
+    if source == "shared" and _scan_cached(path, *_file_key(path)) + _SLACK_CONTAINER_S >= declared:
+        return
+    raise TruncatedMedia(path, stage, f"decoding stopped at {end:.2f} s of the declared {declared:.2f} s",
+                         "the readable part was kept; re-encode or re-copy the file")
 
 
 def _file_key(path: str) -> tuple[int, int]:
@@ -398,9 +402,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             raise error
         if not image:
             end = float(held_t + tail)
-            if _stops_short(p, end, declared, source, max(_SLACK_VIDEO_S, 2 * float(nominal))):
-                raise TruncatedMedia(p, "packet decode", f"decoding stopped at {end:.2f} s of the declared "
-                                     f"{declared:.2f} s", "the readable part was kept; re-encode or re-copy the file")
+            _check_complete(p, "packet decode", end, declared, source, max(_SLACK_VIDEO_S, 2 * float(nominal)))
 
 
 def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
@@ -450,10 +452,7 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
         yield from convert(resampler.resample(None) if resampler is not None else [], final=True)
         if error is not None:
             raise error
-        if _stops_short(p, n_total / sample_rate, declared, source, _SLACK_AUDIO_S):
-            raise TruncatedMedia(p, "audio decode", f"decoding stopped at {n_total / sample_rate:.2f} s of the "
-                                 f"declared {declared:.2f} s", "the readable part was kept; re-encode or re-copy "
-                                 "the file")
+        _check_complete(p, "audio decode", n_total / sample_rate, declared, source, _SLACK_AUDIO_S)
 
 
 def read_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:

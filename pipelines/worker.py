@@ -259,23 +259,16 @@ class ExtractWorker:
 
         _lower_priority()
         try:
-            if frames:
-                for batch in decode.iter_frames(
-                    path, fps=self.fps, batch_size=self.batch_size, height=self.height, threads=self.decode_threads
-                ):
-                    if not put(("frames", batch)):
-                        return
-            if audio:
-                for chunk in decode.iter_audio(path):
-                    if not put(("audio", chunk)):
-                        return
-        except BaseException as e:  # handed to the consumer, which records it per feature
+            for item in self._decode_inline(decode, path, frames, audio):
+                if not put(item) or item[0] == "error":
+                    return
+        except BaseException as e:  # not an Exception (e.g. SystemExit): still handed to the consumer
             put(("error", e))
             return
         put(_DONE)
 
     def _decode_inline(self, decode: Any, path: str, frames: bool, audio: bool) -> Iterator[tuple[str, Any]]:
-        """Decode in the calling thread (queue_size=0): frame batches, then audio chunks, or the error."""
+        """Frame batches, then audio chunks, then the error if decoding failed (inline, or inside the producer)."""
         try:
             if frames:
                 for batch in decode.iter_frames(path, fps=self.fps, batch_size=self.batch_size, height=self.height,

@@ -20,12 +20,22 @@ STATUS_COLORS = {  # pending grey, ok green, absent amber, failed red
 _ORDER = (Status.OK, Status.ABSENT, Status.FAILED, Status.PENDING)
 
 
+def _scan(store: FeatureStore, feature: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(status per row, row count per status code, reason per row) of `feature`, from one status read."""
+    st = store.status(feature)
+    return st, np.bincount(st, minlength=4), store.reasons(feature, st)
+
+
+def _top(st: np.ndarray, reasons: np.ndarray, status: Status, top: int | None) -> list[tuple[str, int]]:
+    """Most common reasons among the rows with `status`, most frequent first."""
+    return Counter(reasons[st == status].tolist()).most_common(top)
+
+
 def reason_counts(store: FeatureStore, feature: str, status: Status = Status.FAILED,
                   top: int | None = None) -> list[tuple[str, int]]:
     """Most common reasons among rows of `feature` with `status` (FAILED or ABSENT), most frequent first."""
-    st = store.status(feature)
-    reasons = store.reasons(feature, st)
-    return Counter(reasons[st == status].tolist()).most_common(top)
+    st, _, reasons = _scan(store, feature)
+    return _top(st, reasons, status, top)
 
 
 def summary(store: FeatureStore, top: int = 5) -> dict[str, Any]:
@@ -38,12 +48,9 @@ def summary(store: FeatureStore, top: int = 5) -> dict[str, Any]:
     features: dict[str, dict[str, int]] = {}
     failures: dict[str, list[dict[str, Any]]] = {}
     for name in store.features:
-        st = store.status(name)
-        counts = np.bincount(st, minlength=4)
+        st, counts, reasons = _scan(store, name)
         features[name] = {s.name.lower(): int(counts[s]) for s in _ORDER}
-        reasons = store.reasons(name, st)
-        failures[name] = [{"reason": r, "count": n}
-                          for r, n in Counter(reasons[st == Status.FAILED].tolist()).most_common(top)]
+        failures[name] = [{"reason": r, "count": n} for r, n in _top(st, reasons, Status.FAILED, top)]
     return {"items": store.n_items, "features": features, "failure_reasons": failures}
 
 
@@ -53,11 +60,10 @@ def coverage_table(store: FeatureStore, top: int = 3) -> str:
            f"{'pending':>7}  top reasons"
     lines = [f"store: {store.url}  items: {store.n_items}  captions: {store.n_captions}", head, "-" * len(head)]
     for name in store.features:
-        spec, st = store.spec(name), store.status(name)
-        counts = np.bincount(st, minlength=4)
-        reasons = store.reasons(name, st)
+        spec = store.spec(name)
+        st, counts, reasons = _scan(store, name)
         why = [f"{s.name.lower()}:{r}={n}" for s in (Status.FAILED, Status.ABSENT)
-               for r, n in Counter(reasons[st == s].tolist()).most_common(top)]
+               for r, n in _top(st, reasons, s, top)]
         lines.append(f"{name:<16} {spec.modality:<10} {spec.axis:<7} {st.shape[0]:>7} {counts[Status.OK]:>7} "
                      f"{counts[Status.ABSENT]:>7} {counts[Status.FAILED]:>7} {counts[Status.PENDING]:>7}  "
                      f"{', '.join(why) or '-'}")
