@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,7 @@ from store.schema import (
 
 ROOT_CHUNK = 16384  # rows per chunk of the root tables (written by one process, read whole)
 IDENTITY_KEYS = ("weights", "preset", "variant")  # provenance keys that must match to share a feature group
+STORE_ID_ATTR = "tvr_store_id"  # uuid4 hex written at creation; old stores get one on their first r+ open
 _META_FILES = {"zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"}
 
 
@@ -147,7 +149,8 @@ class FeatureStore:
         self._load_root()
         self._append_root(items, captions, cap_rows)
         # tvr attrs last: a crash before this line leaves something `open` rejects instead of a half store
-        g.attrs.update({"tvr_store": SCHEMA_VERSION, "tvr_version": tvr_version(), "created": _now()})
+        g.attrs.update({"tvr_store": SCHEMA_VERSION, "tvr_version": tvr_version(), "created": _now(),
+                        STORE_ID_ATTR: uuid.uuid4().hex})
         return self
 
     @classmethod
@@ -173,6 +176,8 @@ class FeatureStore:
             raise StoreError(f"{url} is a Zarr v2 store; tvr stores are Zarr v3, {hint}")
         self = cls(g, str(url), mode)
         self._validate()
+        if mode == "r+" and not self._g.attrs.get(STORE_ID_ATTR):
+            self._g.attrs.update({STORE_ID_ATTR: uuid.uuid4().hex})  # stores made before store ids existed
         return self
 
     def _validate(self) -> None:
@@ -333,6 +338,11 @@ class FeatureStore:
         self._specs[spec.name], self._arrays[spec.name] = spec, arrays
 
     # ---- metadata ----
+    @property
+    def store_id(self) -> str:
+        """This store's identity (uuid4 hex, root attr `tvr_store_id`); "" for an old store opened read-only."""
+        return str(self._g.attrs.get(STORE_ID_ATTR, ""))
+
     @property
     def features(self) -> list[str]:
         """Feature group names, sorted."""

@@ -459,3 +459,23 @@ def test_read_many_features_and_caption_rows(store: FeatureStore) -> None:
     np.testing.assert_array_equal(caps, [2, 3, 8, 9])
     assert list(store.captions().id[caps]) == ["v1/c0", "v1/c1", "v4/c0", "v4/c1"]
     assert store.read_many(["clip_text"], caps)["clip_text"].values.shape == (4, 1, 4)
+
+
+def test_store_id_is_created_once_and_survives_reopen(tmp_path: Path) -> None:
+    a = FeatureStore.create(tmp_path / "a.zarr", make_items(2))
+    b = FeatureStore.create(tmp_path / "b.zarr", make_items(2))
+    assert len(a.store_id) == 32 and int(a.store_id, 16) >= 0 and a.store_id != b.store_id
+    assert FeatureStore.open(a.url).store_id == a.store_id == FeatureStore.open(a.url, "r+").store_id
+    assert zarr.open_group(a.url, mode="r").attrs["tvr_store_id"] == a.store_id
+
+
+def test_store_id_of_an_old_store_appears_on_first_write_open(tmp_path: Path) -> None:
+    s = FeatureStore.create(tmp_path / "old.zarr", make_items(2))
+    g = zarr.open_group(s.url, mode="r+")
+    attrs = g.attrs.asdict()
+    del attrs["tvr_store_id"]
+    g.attrs.clear()
+    g.attrs.update(attrs)  # as written before store ids existed
+    assert FeatureStore.open(s.url).store_id == ""  # read-only: nothing is written
+    made = FeatureStore.open(s.url, "r+").store_id
+    assert len(made) == 32 and FeatureStore.open(s.url).store_id == made
