@@ -1,8 +1,17 @@
 """PyAV decoding: probe, 25 fps presentation-time resampling of video, 16 kHz mono audio, still images.
 
-Video output frame k represents t = k/fps seconds (relative to the first video frame) and is the latest source
-frame whose timestamp is <= t, so variable-frame-rate sources and sources above or below the target rate all map
-onto one exact grid. Frames stream out in bounded batches; nothing holds a whole video in memory.
+Video is resampled onto an exact grid of `fps` output frames per second. By default (`frame_rule="nearest"`)
+the choice of source frame is FFmpeg's own `fps` filter as `ffmpeg -i VIDEO -vf fps=25` applies it: output
+slot n shows the latest source frame with t < (n + 0.5)/fps (t from the container's start time), and the stream
+ends at round(t_end * fps) with t_end the last frame's end (`extract.decode_grid`). `frame_rule="floor"` keeps
+the older rule: output k shows the latest source frame with t - t_first <= k/fps. Output index k counts from 0
+at the first output frame either way. Frames come out upright: a display matrix (phone rotation) is applied as
+ffmpeg's autorotate does. Frames stream out in bounded batches; nothing holds a whole video in memory.
+
+A decode is reported truncated (TruncatedMedia) only on evidence of missing data: a demuxer or decoder error,
+an incomplete packet, or file structure/index pointing past the end of the file (`extract.decode_integrity`).
+Containers with no structure check (MPEG-TS, NUT, Ogg, ...) fall back to comparing the decoded end with the
+declared duration.
 """
 from __future__ import annotations
 
@@ -20,14 +29,19 @@ import av.error
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
+from extract.decode_grid import FRAME_RULES as FRAME_RULES  # re-exported: the accepted `frame_rule` values
+from extract.decode_grid import FrameGrid, check_rule, count_output_frames, display_transform, round_half_away
+from extract.decode_integrity import file_size, index_gap, packet_gap, structural_gap
+
 SAMPLE_RATE = 16000
 DEFAULT_FPS = 25.0
 # Container demuxers that hold still images; decoded as a one-frame "video" with no audio.
 _IMAGE_FORMATS = {"image2", "image2pipe"}
 _ANIMATED = {"gif", "gif_pipe", "apng", "webp_anim"}
-# A decode that stops short of the declared duration by more than this is reported as truncated. A stream's own
-# duration (header or Matroska DURATION tag) is exact up to a frame; the container's may include another, longer
-# stream, so it gets a looser bound. Audio allows for AAC priming/padding (1024 samples at 8 kHz = 0.13 s).
+# Fallback for containers without a structure check: a decode that stops short of the declared duration by more
+# than this is reported as truncated. A stream's own duration (header or Matroska DURATION tag) is exact up to a
+# frame; the container's may include another, longer stream, so it gets a looser bound. Audio allows for AAC
+# priming/padding (1024 samples at 8 kHz = 0.13 s).
 _SLACK_CONTAINER_S = 0.5
 _SLACK_VIDEO_S = 0.1
 _SLACK_AUDIO_S = 0.2
@@ -52,14 +66,14 @@ class TruncatedMedia(DecodeError):
 
 @dataclass(frozen=True)
 class MediaInfo:
-    """What `probe` learns from container headers (and a packet scan when headers lack a duration)."""
+    """What `probe` learns from container headers, the first decoded frame and the last packets."""
 
     path: str
     kind: str  # "video" | "image" | "audio" (audio-only file)
     duration: float  # seconds; 0.0 for images
     has_video: bool
     has_audio: bool
-    width: int = 0
+    width: int = 0  # as displayed: after the rotation below, like the frames iter_frames yields
     height: int = 0
     fps: float = float("nan")  # average source frame rate (NaN when unknown / images)
     n_frames: int = 0  # source frame count from the header, 0 when the container does not say
@@ -69,19 +83,46 @@ class MediaInfo:
     audio_channels: int = 0
     container: str = ""
     size_bytes: int = 0
+    rotation: int = 0  # clockwise degrees applied to show frames upright (display matrix / `rotate` tag)
+    # Exact (first frame start, last frame end) in seconds on FFmpeg's timeline (from the container start);
+    # None when unknown. n_output_frames counts from it; video_start/video_end are the same as floats.
+    video_span: tuple[Fraction, Fraction] | None = None
 
     @property
     def is_image(self) -> bool:
         """True for still images (one frame at t=0, no audio)."""
         return self.kind == "image"
 
-    def n_output_frames(self, fps: float = DEFAULT_FPS) -> int:
-        """How many frames `iter_frames(fps=fps)` yields for an intact file."""
+    @property
+    def video_start(self) -> float:
+        """Seconds from the container start to the first video frame (NaN when unknown)."""
+        return float(self.video_span[0]) if self.video_span else float("nan")
+
+    @property
+    def video_end(self) -> float:
+        """Seconds from the container start to the end of the last video frame (NaN when unknown)."""
+        return float(self.video_span[1]) if self.video_span else float("nan")
+
+    def n_output_frames(self, fps: float = DEFAULT_FPS, frame_rule: str = "nearest") -> int:
+        """How many frames `iter_frames(fps=fps, frame_rule=frame_rule)` yields for an intact file."""
+        check_rule(frame_rule)
         if not self.has_video:
             return 0
         if self.kind == "image":
             return 1
-        return max(1, math.ceil(self.duration * fps - 1e-9))
+        step = _step(fps)
+        if self.video_span is not None:
+            first, end = self.video_span
+            return count_output_frames(frame_rule, step, first, first, end)
+        dur = Fraction(repr(self.duration)) if math.isfinite(self.duration) else Fraction(0)  # decimal, exact
+        return count_output_frames(frame_rule, step, Fraction(0), Fraction(0), dur)
+
+
+def _step(fps: float) -> Fraction:
+    """Output frames per second as an exact fraction (25.0 -> 25, 29.97 -> 2997/100)."""
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    return Fraction(fps).limit_denominator(1_000_000)
 
 
 @dataclass
@@ -108,6 +149,10 @@ def _open(path: str | os.PathLike[str]) -> Any:
     try:
         return av.open(p, "r", metadata_errors="ignore")
     except av.error.FFmpegError as e:
+        _, gap = structural_gap(p)
+        if gap is not None:  # e.g. an MP4 cut before its moov box: nothing is readable
+            raise TruncatedMedia(p, "open", f"FFmpeg: {e}; the file is cut short: {gap}",
+                                 "re-copy or re-download the whole file") from e
         raise DecodeError(p, "open", f"FFmpeg: {e}") from e
     except (OSError, ValueError) as e:
         raise DecodeError(p, "open", f"{type(e).__name__}: {e}") from e
@@ -213,7 +258,11 @@ def _scan_duration(path: str, stream_index: int | None = None) -> float:
 
 
 def probe(path: str | os.PathLike[str]) -> MediaInfo:
-    """Metadata without decoding frames: kind, duration, size, rates, codecs."""
+    """Metadata without decoding the video: kind, duration, size, rates, codecs, rotation, exact video span.
+
+    Decodes only the first video frame (its timestamp and display matrix) and demuxes the last group of
+    pictures (the last frame's end), so `n_output_frames` equals what `iter_frames` yields.
+    """
     p = str(path)
     with _open(p) as c:
         video = c.streams.video[0] if c.streams.video else None
@@ -242,10 +291,80 @@ def probe(path: str | os.PathLike[str]) -> MediaInfo:
             ainfo = dict(audio_codec=acc.name or "", audio_sample_rate=int(acc.sample_rate or 0),
                          audio_channels=int(acc.channels or 0))
         main_index = main.index
+    if video is not None:
+        vinfo.update(_probe_video(p))
     if duration is None or not math.isfinite(duration) or duration <= 0:
         duration = _scan_duration(p, main_index)
     return MediaInfo(p, "video" if video is not None else "audio", float(duration), video is not None,
                      audio is not None, container=container, size_bytes=size, **vinfo, **ainfo)
+
+
+def _probe_video(path: str) -> dict[str, Any]:
+    """Rotation, displayed size and exact span of the first video stream; {} when no frame decodes."""
+    with _open(path) as c:
+        vs = c.streams.video[0]
+        tb = vs.time_base or Fraction(1, 1)
+        offset = _start_offset(c, tb)
+        first = None
+        try:
+            for frame in c.decode(vs):
+                first = frame
+                break
+        except av.error.FFmpegError:
+            pass
+        if first is None:
+            return {}
+        rot, _, _ = display_transform(_display_matrix(first))
+        w, h = (first.height, first.width) if rot in (90, 270) else (first.width, first.height)
+        out: dict[str, Any] = dict(rotation=rot, width=int(w), height=int(h))
+        t0 = first.pts if first.pts is not None else first.dts
+        tail = _tail_packets(c, vs)
+    if t0 is None or not tail:
+        return out
+    rate = vs.average_rate or vs.guessed_rate
+    nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
+    pts = sorted(tail)
+    last, dur = pts[-1], tail[pts[-1]]
+    gap = (last - pts[-2]) * tb if len(pts) > 1 else nominal
+    end = (last - offset) * tb + (dur * tb if dur else gap)
+    out["video_span"] = ((t0 - offset) * tb, max(end, (t0 - offset) * tb))
+    return out
+
+
+def _tail_packets(c: Any, vs: Any) -> dict[int, int]:
+    """{pts: duration} of the video packets from the last keyframe on (no decoding); {} when unreadable."""
+    try:
+        c.seek(1 << 62, stream=vs, backward=True)
+    except (av.error.FFmpegError, OverflowError, ValueError):
+        pass  # not seekable: the demux below continues from the first frame
+    tail: dict[int, int] = {}
+    try:
+        for pkt in c.demux(vs):
+            if pkt.size and pkt.pts is not None:
+                tail[int(pkt.pts)] = int(pkt.duration or 0)
+    except av.error.FFmpegError:
+        pass  # a cut file: what was read is still the best estimate
+    return tail
+
+
+def _start_offset(c: Any, tb: Fraction) -> int:
+    """The container start time in stream ticks: what `ffmpeg` (without -copyts) subtracts from every pts."""
+    start = c.start_time
+    if start is None:
+        return 0
+    return round_half_away(Fraction(int(start), 1_000_000) / tb)
+
+
+def _display_matrix(frame: Any) -> tuple[int, ...] | None:
+    """The frame's DISPLAYMATRIX side data as 9 int32, or None."""
+    try:
+        sd = frame.side_data.get("DISPLAYMATRIX")
+    except (AttributeError, KeyError, ValueError):
+        return None
+    if sd is None:
+        return None
+    raw = bytes(sd)
+    return tuple(int(v) for v in np.frombuffer(raw[:36], dtype="<i4")) if len(raw) >= 36 else None
 
 
 def _out_size(w: int, h: int, height: int | None, short_side: int | None) -> tuple[int, int]:
@@ -273,8 +392,23 @@ class _ToRGB:
         self.scale = VideoReformatter()
         self.convert = VideoReformatter()
         self.two_step = True
+        self.turn = (0, False, False)  # (clockwise degrees, hflip, vflip) applied after conversion
 
     def __call__(self, frame: Any, size: tuple[int, int] | None) -> np.ndarray:
+        """Upright RGB at `size` (width, height as displayed; None = source size)."""
+        rot, hflip, vflip = self.turn
+        if size is not None and rot in (90, 270):
+            size = (size[1], size[0])  # scale in the coded orientation, then turn
+        rgb = self._rgb(frame, size)
+        if rot:
+            rgb = np.rot90(rgb, k={90: -1, 180: 2, 270: 1}[rot])
+        if hflip:
+            rgb = rgb[:, ::-1]
+        if vflip:
+            rgb = rgb[::-1]
+        return np.ascontiguousarray(rgb) if (rot or hflip or vflip) else rgb
+
+    def _rgb(self, frame: Any, size: tuple[int, int] | None) -> np.ndarray:
         if size is None or (size[0] == frame.width and size[1] == frame.height):
             return self.convert.reformat(frame, format="rgb24").to_ndarray()
         if self.two_step:
@@ -309,25 +443,108 @@ class _Batcher:
         return batch
 
 
+class _Packets:
+    """Decoded frames of one stream, packet by packet; evidence of missing data is noted, not raised."""
+
+    def __init__(self, container: Any, stream: Any, path: str) -> None:
+        self.c, self.stream, self.path = container, stream, path
+        self.size = file_size(path)
+        self.gap: str | None = None  # an incomplete packet
+        self.error: str | None = None  # a demuxer/decoder error
+
+    def frames(self) -> Iterator[Any]:
+        """Frames in decode order; stops at the first incomplete packet or error, after flushing the decoder."""
+        try:
+            for pkt in self.c.demux(self.stream):
+                if pkt.size:
+                    self.gap = packet_gap(pkt, self.size)
+                    if self.gap is not None:
+                        break
+                yield from pkt.decode()
+        except av.error.FFmpegError as e:
+            self.error = f"FFmpeg: {e}"
+        if self.gap is not None or self.error is not None:
+            try:  # frames the decoder still holds (threads, reordering) are readable
+                yield from self.stream.decode(None)
+            except av.error.FFmpegError:
+                pass
+
+    def check(self, stage: str, end: float, declared: float | None, source: str, own_slack: float,
+              done: str = "") -> None:
+        """Raise TruncatedMedia on evidence of missing data (or, for unchecked containers, a short decode)."""
+        if self.error is not None:
+            raise TruncatedMedia(self.path, stage, f"{self.error}{done}", _FIX_CUT)
+        stopped = ""
+        if declared is not None and math.isfinite(declared) and end < declared:
+            stopped = f"; decoding stopped at {end:.2f} s of the declared {declared:.2f} s"
+        known = _raise_if_cut(self.path, stage, self.c, self.gap, stopped)
+        if not known:
+            _check_complete(self.path, stage, end, declared, source, own_slack)
+
+
+_FIX_CUT = "the readable part was kept; re-encode or re-copy the file to recover the rest"
+
+
+def _raise_if_cut(path: str, stage: str, container: Any, gap: str | None = None, more: str = "") -> bool:
+    """Raise TruncatedMedia when `gap` or the file's structure or index shows missing data; else whether the
+    container's structure could be checked at all."""
+    known, structural = structural_gap(path)
+    gap = gap or structural or index_gap(container, file_size(path))
+    if gap is not None:
+        raise TruncatedMedia(path, stage, f"the file is cut short: {gap}{more}", _FIX_CUT)
+    return known
+
+
+class _Held:
+    """The source frame shown by the next output frames, converted to RGB once, and the output batches."""
+
+    def __init__(self, batch_size: int, fps: float, height: int | None, short_side: int | None) -> None:
+        self.batcher = _Batcher(batch_size, fps)
+        self.to_rgb = _ToRGB()
+        self.height, self.short_side = height, short_side
+        self.frame: Any = None
+        self.rgb: np.ndarray | None = None
+        self.size: tuple[int, int] | None = None
+        self.k = 0  # next output index
+
+    def hold(self, frame: Any) -> None:
+        if self.frame is None:  # the first frame fixes orientation and output size
+            self.to_rgb.turn = display_transform(_display_matrix(frame))
+            w, h = frame.width, frame.height
+            if self.to_rgb.turn[0] in (90, 270):
+                w, h = h, w
+            self.size = _out_size(w, h, self.height, self.short_side)
+        self.frame, self.rgb = frame, None
+
+    def emit(self, n: int) -> Iterator[FrameBatch]:
+        """`n` output frames showing the held frame."""
+        for _ in range(n):
+            if self.rgb is None:
+                self.rgb = self.to_rgb(self.frame, self.size)
+            b = self.batcher.add(self.k, self.rgb)
+            self.k += 1
+            if b is not None:
+                yield b
+
+
 def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_size: int = 32,
                 height: int | None = None, short_side: int | None = None,
-                threads: int = 0) -> Iterator[FrameBatch]:
-    """RGB frames resampled to `fps` by presentation time, in batches; images give one frame at t=0.
+                threads: int = 0, frame_rule: str = "nearest") -> Iterator[FrameBatch]:
+    """Upright RGB frames resampled to `fps` by presentation time, in batches; images give one frame at t=0.
 
+    `frame_rule`: "nearest" (FFmpeg's fps filter, default) or "floor" (see the module docstring).
     Raises DecodeError before anything is yielded when the file cannot be opened, and TruncatedMedia after the
-    readable part has been yielded when decoding breaks off or stops short of the declared duration.
-    `threads` is FFmpeg's decoder thread count (0 = FFmpeg decides).
+    readable part has been yielded on evidence of missing data. `threads`: FFmpeg decoder threads (0 = auto).
     """
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+    check_rule(frame_rule)
+    step = _step(fps)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     p = str(path)
-    step = Fraction(fps).limit_denominator(1_000_000)  # output frames per second, exact
-    batcher = _Batcher(batch_size, float(fps))
-    to_rgb = _ToRGB()
+    held = _Held(batch_size, float(fps), height, short_side)
     with _open(p) as c:
         if not c.streams.video:
+            _raise_if_cut(p, "stream probe", c)  # a cut MP4 may lose the video track's header
             raise DecodeError(p, "stream probe", "no video stream", "audio-only files have no frames; "
                               "only audio features apply to them")
         vs = c.streams.video[0]
@@ -338,80 +555,51 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
         declared, source = (None, "") if image else _declared(c, vs)
         rate = vs.average_rate or vs.guessed_rate
         nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
-
-        size: tuple[int, int] | None = None
-        held: Any = None  # the latest source frame not yet superseded
-        held_t = Fraction(0)
-        held_rgb: np.ndarray | None = None
-        first_pts: int | None = None
-        k = 0  # next output frame index
+        offset = _start_offset(c, tb) if frame_rule == "nearest" else 0
+        grid = FrameGrid(frame_rule, step)
+        packets = _Packets(c, vs, p)
+        t_first = t_last = t_max = Fraction(0)
         last_gap = nominal
-        error: DecodeError | None = None
-
-        def emit_until(limit: Fraction) -> Iterator[FrameBatch]:
-            """Output frames k with k/fps < limit, all showing the held frame."""
-            nonlocal k, held_rgb
-            while k / step < limit:
-                if held_rgb is None:
-                    held_rgb = to_rgb(held, size)
-                b = batcher.add(k, held_rgb)
-                k += 1
-                if b is not None:
-                    yield b
-
-        try:
-            for frame in c.decode(vs):
-                if size is None:
-                    size = _out_size(frame.width, frame.height, height, short_side)
-                if image:
-                    held, held_rgb = frame, None
-                    break
-                pts = frame.pts if frame.pts is not None else frame.dts
-                if pts is None:  # no timestamps at all: assume the nominal rate
-                    t = held_t + nominal if held is not None else Fraction(0)
-                else:
-                    first_pts = pts if first_pts is None else first_pts
-                    t = (pts - first_pts) * tb
-                if held is not None:
-                    if t <= held_t:  # same or earlier timestamp: the later frame wins
-                        held, held_rgb = frame, None
-                        continue
-                    last_gap = t - held_t
-                    yield from emit_until(t)
-                held, held_t, held_rgb = frame, t, None
-        except av.error.FFmpegError as e:
-            error = TruncatedMedia(p, "packet decode", f"FFmpeg: {e} after {k} output frame(s)",
-                                   "the readable part was kept; re-encode the file to recover the rest")
-        if held is None:
-            if error is not None:
-                raise DecodeError(p, "packet decode", error.detail) from None
+        for frame in packets.frames():
+            if image:
+                held.hold(frame)
+                break
+            pts = frame.pts if frame.pts is not None else frame.dts
+            t = (pts - offset) * tb if pts is not None else (t_last + nominal if held.frame is not None else t_first)
+            if held.frame is None:
+                t_first = t_max = t
+            elif t > t_max:
+                last_gap, t_max = t - t_max, t
+            yield from held.emit(grid.push(t))
+            held.hold(frame)
+            t_last = t
+        if held.frame is None:
+            _raise_if_cut(p, "packet decode", c, packets.gap, "; no frame before the cut")
+            if packets.error is not None:
+                raise DecodeError(p, "packet decode", f"{packets.error} before any frame")
             raise DecodeError(p, "packet decode", "no decodable video frame", "the file holds no readable "
                               "picture; re-encode it")
         if image:
-            b = batcher.add(0, to_rgb(held, size))
-            if b is not None:
-                yield b
+            yield from held.emit(1)
         else:
-            dur = getattr(held, "duration", None)
+            dur = getattr(held.frame, "duration", None)
             tail = Fraction(dur) * tb if dur else last_gap
-            yield from emit_until(held_t + tail)
-        last = batcher.flush()
+            yield from held.emit(grid.finish((t_last if frame_rule == "nearest" else t_max) + tail))
+        last = held.batcher.flush()
         if last is not None:
             yield last
-        if error is not None:
-            raise error
         if not image:
-            end = float(held_t + tail)
-            _check_complete(p, "packet decode", end, declared, source, max(_SLACK_VIDEO_S, 2 * float(nominal)))
+            packets.check("packet decode", float(t_max + tail - t_first), declared, source,
+                          max(_SLACK_VIDEO_S, 2 * float(nominal)), f" after {held.k} output frame(s)")
 
 
 def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
                chunk_samples: int = SAMPLE_RATE * 10) -> Iterator[np.ndarray]:
-    """Mono float32 samples in [-1, 1] at `sample_rate`, in chunks of about `chunk_samples`; nothing if no audio.
+    """Mono float32 samples at `sample_rate`, in chunks of about `chunk_samples`; nothing if no audio.
 
     Channels are averaged (as librosa and the VGGish reference do); FFmpeg's own downmix would scale correlated
-    stereo by sqrt(2) and clip it. Raises TruncatedMedia after the readable part when decoding breaks off or stops
-    short of the audio stream's declared duration.
+    stereo by sqrt(2). Samples are not clipped: float sources and resampling overshoot may exceed [-1, 1], as in
+    FFmpeg and TF VGGish. Raises TruncatedMedia after the readable part on evidence of missing data.
     """
     p = str(path)
     with _open(p) as c:
@@ -424,7 +612,7 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
         pending: list[np.ndarray] = []
         n_pending = 0
         n_total = 0
-        error: TruncatedMedia | None = None
+        packets = _Packets(c, stream, p)
 
         def convert(frames: list[Any], final: bool = False) -> Iterator[np.ndarray]:
             nonlocal n_pending, n_total
@@ -435,28 +623,25 @@ def iter_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE,
                 n_pending += a.size
                 n_total += a.size
             if pending and (n_pending >= chunk_samples or final):
-                out = np.clip(np.concatenate(pending), -1.0, 1.0)
+                out = np.concatenate(pending)
                 pending.clear()
                 n_pending = 0
                 yield out
 
         try:
-            for frame in c.decode(stream):
+            for frame in packets.frames():
                 frame.pts = None  # let the resampler count samples; gaps in pts are not silence here
                 if resampler is None:  # keeps the source channels: they are averaged in numpy
                     resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=sample_rate)
                 yield from convert(resampler.resample(frame))
-        except av.error.FFmpegError as e:
-            error = TruncatedMedia(p, "audio decode", f"FFmpeg: {e}", "the readable part was kept; re-encode "
-                                   "the file to recover the rest")
+        except av.error.FFmpegError as e:  # the resampler: same outcome as a decoder error
+            packets.error = f"FFmpeg: {e}"
         yield from convert(resampler.resample(None) if resampler is not None else [], final=True)
-        if error is not None:
-            raise error
-        _check_complete(p, "audio decode", n_total / sample_rate, declared, source, _SLACK_AUDIO_S)
+        packets.check("audio decode", n_total / sample_rate, declared, source, _SLACK_AUDIO_S)
 
 
 def read_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """The whole audio track as mono float32 in [-1, 1]; None when the file has no audio stream."""
+    """The whole audio track as mono float32 (not clipped); None when the file has no audio stream."""
     info = probe(path)
     if not info.has_audio:
         return None

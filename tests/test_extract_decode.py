@@ -2,7 +2,9 @@
 
 Video pixels encode the source frame index (red = i % 256, green = i // 256; blue is a fixed spatial pattern),
 and the codecs are lossless (libx264rgb crf 0), so every output frame is checked against the exact source frame
-the contract says it must show: output k is the latest source frame whose timestamp is <= k/25.
+the contract says it must show. The exact-mapping tests here pin the "floor" rule (output k is the latest source
+frame whose timestamp is <= k/25); the default "nearest" rule is checked against FFmpeg's own fps filter in
+test_extract_decode_fps.py.
 """
 from __future__ import annotations
 
@@ -138,8 +140,8 @@ def test_constant_rate_resampled_exactly(tmp_path: Path, src_fps: int, n: int, e
     assert info.duration == pytest.approx(n / src_fps, abs=2e-3)
     assert (info.width, info.height) == (24, 16) and info.fps == pytest.approx(src_fps, rel=1e-3)
     n_out = math.ceil(Fraction(n, src_fps) * OUT_FPS)
-    assert info.n_output_frames() == n_out
-    fb = read_frames(path)
+    assert info.n_output_frames(frame_rule="floor") == n_out
+    fb = read_frames(path, frame_rule="floor")
     assert fb.frames.shape == (n_out, 16, 24, 3) and fb.frames.dtype == np.uint8
     want = expected_mapping([Fraction(i, src_fps) for i in range(n)], n_out)
     np.testing.assert_array_equal(shown_index(fb.frames), want)
@@ -159,8 +161,8 @@ def test_variable_frame_rate(tmp_path: Path, ext: str) -> None:
     np.testing.assert_allclose(got, [float(t) for t in times], atol=1e-6)
     info = probe(path)
     assert 1.3 < info.duration <= 1.3 + 0.1  # last frame's start + its duration
-    fb = read_frames(path)
-    assert len(fb) == math.ceil(info.duration * OUT_FPS - 1e-9) == info.n_output_frames()
+    fb = read_frames(path, frame_rule="floor")
+    assert len(fb) == math.ceil(info.duration * OUT_FPS - 1e-9) == info.n_output_frames(frame_rule="floor")
     want = expected_mapping(times, len(fb))
     np.testing.assert_array_equal(shown_index(fb.frames), want)
     assert 4 not in want and want[-1] == 7  # 0.50 s is replaced by 0.52 s before any grid point shows it
@@ -190,9 +192,12 @@ def test_batches_bounded_with_grid_times(tmp_path: Path) -> None:
 def test_other_output_fps(tmp_path: Path) -> None:
     path = tmp_path / "v.mkv"
     write_video(path, n=30, rate=30)
-    fb = read_frames(path, fps=10.0)
+    fb = read_frames(path, fps=10.0, frame_rule="floor")
     assert len(fb) == 10
     np.testing.assert_array_equal(shown_index(fb.frames), np.arange(10) * 3)
+    np.testing.assert_allclose(fb.times, np.arange(10) / 10.0)
+    fb = read_frames(path, fps=10.0)  # nearest: slot n shows the latest frame with t < (n + 0.5)/10
+    np.testing.assert_array_equal(shown_index(fb.frames), np.arange(10) * 3 + 1)
     np.testing.assert_allclose(fb.times, np.arange(10) / 10.0)
 
 
@@ -475,8 +480,12 @@ def test_decode_error_survives_pickling() -> None:
 
 
 def test_media_info_fields() -> None:
-    info = MediaInfo("a.mp4", "video", 2.01, True, False)
-    assert info.n_output_frames() == 51 and info.n_output_frames(10.0) == 21 and not info.is_image
+    info = MediaInfo("a.mp4", "video", 2.01, True, False)  # no exact span: counted from the duration
+    assert info.n_output_frames(frame_rule="floor") == 51 and info.n_output_frames(10.0, "floor") == 21
+    assert info.n_output_frames() == 50 and info.n_output_frames(10.0) == 20 and not info.is_image
+    assert MediaInfo("a.mp4", "video", 1.6, True, False).n_output_frames(frame_rule="floor") == 40
+    with pytest.raises(ValueError, match="frame_rule"):
+        info.n_output_frames(frame_rule="round")
 
 
 # ---- streaming: memory does not grow with video length ----
