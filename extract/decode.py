@@ -26,10 +26,11 @@ from typing import Any
 
 import av
 import av.error
-from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from extract.decode_grid import FRAME_RULES as FRAME_RULES  # re-exported: the accepted `frame_rule` values
+from extract.decode_frames import FrameBatch as FrameBatch  # re-exported: what iter_frames yields
+from extract.decode_frames import Held, display_matrix
 from extract.decode_grid import FrameGrid, check_rule, count_output_frames, display_transform, round_half_away
 from extract.decode_integrity import file_size, index_gap, packet_gap, structural_gap
 
@@ -123,18 +124,6 @@ def _step(fps: float) -> Fraction:
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a finite number > 0, got {fps}")
     return Fraction(fps).limit_denominator(1_000_000)
-
-
-@dataclass
-class FrameBatch:
-    """Consecutive output frames: RGB uint8 (B, H, W, 3), their times k/fps (B,) and indices k (B,)."""
-
-    frames: np.ndarray
-    times: np.ndarray
-    index: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.frames.shape[0])
 
 
 def _open(path: str | os.PathLike[str]) -> Any:
@@ -314,7 +303,7 @@ def _probe_video(path: str) -> dict[str, Any]:
             pass
         if first is None:
             return {}
-        rot, _, _ = display_transform(_display_matrix(first))
+        rot, _, _ = display_transform(display_matrix(first))
         w, h = (first.height, first.width) if rot in (90, 270) else (first.width, first.height)
         out: dict[str, Any] = dict(rotation=rot, width=int(w), height=int(h))
         t0 = first.pts if first.pts is not None else first.dts
@@ -353,94 +342,6 @@ def _start_offset(c: Any, tb: Fraction) -> int:
     if start is None:
         return 0
     return round_half_away(Fraction(int(start), 1_000_000) / tb)
-
-
-def _display_matrix(frame: Any) -> tuple[int, ...] | None:
-    """The frame's DISPLAYMATRIX side data as 9 int32, or None."""
-    try:
-        sd = frame.side_data.get("DISPLAYMATRIX")
-    except (AttributeError, KeyError, ValueError):
-        return None
-    if sd is None:
-        return None
-    raw = bytes(sd)
-    return tuple(int(v) for v in np.frombuffer(raw[:36], dtype="<i4")) if len(raw) >= 36 else None
-
-
-def _out_size(w: int, h: int, height: int | None, short_side: int | None) -> tuple[int, int]:
-    """Output (width, height) keeping the aspect ratio; even-free, at least 1 px."""
-    if height is not None and short_side is not None:
-        raise ValueError("give either height or short_side, not both")
-    if height is not None:
-        scale = height / h
-    elif short_side is not None:
-        scale = short_side / min(w, h)
-    else:
-        return w, h
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-class _ToRGB:
-    """Converts av.VideoFrames to RGB uint8 (H, W, 3), resized (bilinear, aspect kept by the caller) when asked.
-
-    Resizing first scales within the source pixel format and then converts at the output size: swscale's combined
-    scale+convert path is ~4x slower for yuv420p, and for planar RGB sources it keeps channels from bleeding.
-    Reformatters are kept across frames so swscale contexts are reused.
-    """
-
-    def __init__(self) -> None:
-        self.scale = VideoReformatter()
-        self.convert = VideoReformatter()
-        self.two_step = True
-        self.turn = (0, False, False)  # (clockwise degrees, hflip, vflip) applied after conversion
-
-    def __call__(self, frame: Any, size: tuple[int, int] | None) -> np.ndarray:
-        """Upright RGB at `size` (width, height as displayed; None = source size)."""
-        rot, hflip, vflip = self.turn
-        if size is not None and rot in (90, 270):
-            size = (size[1], size[0])  # scale in the coded orientation, then turn
-        rgb = self._rgb(frame, size)
-        if rot:
-            rgb = np.rot90(rgb, k={90: -1, 180: 2, 270: 1}[rot])
-        if hflip:
-            rgb = rgb[:, ::-1]
-        if vflip:
-            rgb = rgb[::-1]
-        return np.ascontiguousarray(rgb) if (rot or hflip or vflip) else rgb
-
-    def _rgb(self, frame: Any, size: tuple[int, int] | None) -> np.ndarray:
-        if size is None or (size[0] == frame.width and size[1] == frame.height):
-            return self.convert.reformat(frame, format="rgb24").to_ndarray()
-        if self.two_step:
-            try:
-                small = self.scale.reformat(frame, width=size[0], height=size[1], interpolation="BILINEAR")
-                return self.convert.reformat(small, format="rgb24").to_ndarray()
-            except (ValueError, av.error.FFmpegError):  # a pixel format swscale cannot scale in place
-                self.two_step = False
-        return self.convert.reformat(frame, format="rgb24", width=size[0], height=size[1],
-                                     interpolation="BILINEAR").to_ndarray()
-
-
-class _Batcher:
-    """Collects output frames and hands out FrameBatches of `batch_size`."""
-
-    def __init__(self, batch_size: int, fps: float) -> None:
-        self.batch_size, self.fps = batch_size, fps
-        self.frames: list[np.ndarray] = []
-        self.index: list[int] = []
-
-    def add(self, k: int, rgb: np.ndarray) -> FrameBatch | None:
-        self.frames.append(rgb)
-        self.index.append(k)
-        return self.flush() if len(self.frames) >= self.batch_size else None
-
-    def flush(self) -> FrameBatch | None:
-        if not self.frames:
-            return None
-        idx = np.asarray(self.index, dtype=np.int64)
-        batch = FrameBatch(np.stack(self.frames), idx.astype(np.float64) / self.fps, idx)
-        self.frames, self.index = [], []
-        return batch
 
 
 class _Packets:
@@ -495,38 +396,6 @@ def _raise_if_cut(path: str, stage: str, container: Any, gap: str | None = None,
     return known
 
 
-class _Held:
-    """The source frame shown by the next output frames, converted to RGB once, and the output batches."""
-
-    def __init__(self, batch_size: int, fps: float, height: int | None, short_side: int | None) -> None:
-        self.batcher = _Batcher(batch_size, fps)
-        self.to_rgb = _ToRGB()
-        self.height, self.short_side = height, short_side
-        self.frame: Any = None
-        self.rgb: np.ndarray | None = None
-        self.size: tuple[int, int] | None = None
-        self.k = 0  # next output index
-
-    def hold(self, frame: Any) -> None:
-        if self.frame is None:  # the first frame fixes orientation and output size
-            self.to_rgb.turn = display_transform(_display_matrix(frame))
-            w, h = frame.width, frame.height
-            if self.to_rgb.turn[0] in (90, 270):
-                w, h = h, w
-            self.size = _out_size(w, h, self.height, self.short_side)
-        self.frame, self.rgb = frame, None
-
-    def emit(self, n: int) -> Iterator[FrameBatch]:
-        """`n` output frames showing the held frame."""
-        for _ in range(n):
-            if self.rgb is None:
-                self.rgb = self.to_rgb(self.frame, self.size)
-            b = self.batcher.add(self.k, self.rgb)
-            self.k += 1
-            if b is not None:
-                yield b
-
-
 def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_size: int = 32,
                 height: int | None = None, short_side: int | None = None,
                 threads: int = 0, frame_rule: str = "nearest") -> Iterator[FrameBatch]:
@@ -541,7 +410,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     p = str(path)
-    held = _Held(batch_size, float(fps), height, short_side)
+    held = Held(batch_size, float(fps), height, short_side)
     with _open(p) as c:
         if not c.streams.video:
             _raise_if_cut(p, "stream probe", c)  # a cut MP4 may lose the video track's header

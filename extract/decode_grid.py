@@ -113,6 +113,7 @@ def display_transform(matrix: tuple[int, ...] | None) -> tuple[int, bool, bool]:
         return (270, False, True) if matrix[3] > 0 else (90, False, False)
     if quarter == 270:  # transpose=clock_flip when matrix[3] < 0, else cclock
         return (90, False, True) if matrix[3] < 0 else (270, False, False)
-    if quarter == 180:
-        return 0, matrix[0] < 0, matrix[4] < 0  # hflip + vflip = a half turn
+    if quarter == 180:  # hflip when matrix[0] < 0, vflip when matrix[4] < 0; both = a half turn
+        h, v = matrix[0] < 0, matrix[4] < 0
+        return (180, not v, not h) if (h or v) else (0, False, False)
     return 0, False, matrix[4] < 0
