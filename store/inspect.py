@@ -169,10 +169,21 @@ def demo_store(path: str | os.PathLike, n_items: int = 24, seed: int = 0) -> Fea
         block = [FeatureRows(Status.OK, rng.standard_normal((1, text.dim)), np.zeros(1))
                  for _ in range(min(text.chunk_rows, len(captions) - start))]
         store.write_block(text.name, start, block)
+    store.pack_ready(partial=True)  # a finished store: everything packed, as after tvr-extract
     return store
 
 
 def feature_frame(store: FeatureStore, feature: str, rows: Sequence[int]) -> Any:
-    """Small xarray Dataset of selected rows, loaded into memory, for printing in notebooks."""
-    ds = store.to_xarray(feature)
-    return ds.isel({store.spec(feature).axis: list(rows)}).load()
+    """Small xarray Dataset of selected rows, loaded into memory, for printing in notebooks (staged rows included)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*staged rows that xarray does not see")
+        ds = store.to_xarray(feature)
+    ds = ds.isel({store.spec(feature).axis: list(rows)}).load()
+    if not store.staged_count(feature):
+        return ds
+    idx = np.asarray(rows, dtype=np.int64)
+    got = store._read_rows(feature, idx, idx, list(ds.data_vars))  # packed rows merged with staged ones
+    return ds.assign({k: (ds[k].dims, got[k].astype(str) if ds[k].dtype.kind in "OTU" else got[k].astype(ds[k].dtype))
+                      for k in ds.data_vars})

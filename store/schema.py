@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sharded arrays with a staging area (design.md §1); 1: one chunk per row, read-only
 VALUE_DTYPES = ("float16", "float32")
 AXES = ("item", "caption")
 KINDS = ("video", "image")
@@ -214,9 +214,30 @@ ROOT_ARRAYS: dict[str, tuple[str, str, Any]] = {
 }
 
 
-def feature_arrays(spec: FeatureSpec, rows: int) -> dict[str, dict[str, Any]]:
-    """The arrays of a feature group: name -> create_array kwargs (shape, chunks, dtype, dims, fill, codecs)."""
+SMALL_INNER_ROWS = 256  # inner chunk rows of the small per-row arrays (mask, time, status, reason, message)
+ROOT_SHARD_ROWS, ROOT_INNER_ROWS = 65536, 4096  # root tables: read whole, so bigger inner chunks
+SHARD_BYTES = 64 << 20  # default target size of one values shard
+MIN_SHARD_ROWS, MAX_SHARD_ROWS = 256, 16384  # >= 256 keeps files/item low; <= 16384 bounds staging per shard
+
+
+def auto_shard_rows(spec: FeatureSpec, shard_bytes: int = SHARD_BYTES) -> int:
+    """Rows per shard for `spec`: a power of two near `shard_bytes` of values, a multiple of chunk_rows."""
+    row = math.prod(spec.value_shape()) * np.dtype(spec.dtype).itemsize
+    s = 1 << max(0, int(math.log2(max(1, shard_bytes // row))))
+    s = min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, s))
+    return -(-s // spec.chunk_rows) * spec.chunk_rows
+
+
+def feature_arrays(spec: FeatureSpec, rows: int, shard_rows: int | None = None) -> dict[str, dict[str, Any]]:
+    """The arrays of a feature group: name -> create_array kwargs (shape, chunks, [shards,] dtype, dims, fill).
+
+    `shard_rows=None` is the v1 layout (one chunk of chunk_rows rows, no sharding); otherwise v2: shards of
+    `shard_rows` rows, an inner chunk of one row for the per-step data and of SMALL_INNER_ROWS for the rest.
+    v2 `values` use NaN as fill value so a lost chunk or shard never reads as valid zeros.
+    """
     n, c = spec.name, spec.chunk_rows
+    big_inner = c if shard_rows is None else 1
+    small_inner = c if shard_rows is None else math.gcd(shard_rows, SMALL_INNER_ROWS)
     row, step = spec.axis, f"{n}_step"
     slot = (f"{n}_slot",) if spec.slots else ()
     k = (spec.slots,) if spec.slots else ()
@@ -224,23 +245,28 @@ def feature_arrays(spec: FeatureSpec, rows: int) -> dict[str, dict[str, Any]]:
     small = {"compressors": None}  # tiny chunks: compression costs more than it saves (and enables fast scans)
     # zstd level 1 packs float16 features as tightly as zarr's default level 3 at about a third of the encode time
     big = {"compressors": [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]}
+
+    def arr(trail: tuple[int, ...], dtype: str, dims: tuple[str, ...], fill: Any, inner: int,
+            codec: dict[str, Any]) -> dict[str, Any]:
+        kw = dict(shape=(rows, *trail), chunks=(inner, *trail), dtype=dtype, dimension_names=(row, *dims),
+                  fill_value=fill, **codec)
+        if shard_rows is not None:
+            kw["shards"] = (shard_rows, *trail)
+        return kw
+
+    vfill = 0 if shard_rows is None else float("nan")
     out: dict[str, dict[str, Any]] = {
-        "values": dict(shape=(rows, t, *k, spec.dim), chunks=(c, t, *k, spec.dim), dtype=spec.dtype,
-                       dimension_names=(row, step, *slot, f"{n}_dim"), fill_value=0, **big),
-        "mask": dict(shape=(rows, t), chunks=(c, t), dtype="bool", dimension_names=(row, step),
-                     fill_value=False, **small),
-        "time": dict(shape=(rows, t), chunks=(c, t), dtype="float32", dimension_names=(row, step),
-                     fill_value=float("nan"), **small),
+        "values": arr((t, *k, spec.dim), spec.dtype, (step, *slot, f"{n}_dim"), vfill, big_inner, big),
+        "mask": arr((t,), "bool", (step,), False, small_inner, small),
+        "time": arr((t,), "float32", (step,), float("nan"), small_inner, small),
     }
     if spec.slots:
-        out["slot_mask"] = dict(shape=(rows, t, *k), chunks=(c, t, *k), dtype="bool",
-                                dimension_names=(row, step, *slot), fill_value=False, **small)
+        out["slot_mask"] = arr((t, *k), "bool", (step, *slot), False, big_inner, small)
     for e in spec.extras:
         tail = tuple(f"{n}_{e.name}" if len(e.shape) == 1 else f"{n}_{e.name}_{i}" for i in range(len(e.shape)))
-        out[f"extra_{e.name}"] = dict(shape=(rows, t, *k, *e.shape), chunks=(c, t, *k, *e.shape), dtype=e.dtype,
-                                      dimension_names=(row, step, *slot, *tail), fill_value=0, **big)
+        out[f"extra_{e.name}"] = arr((t, *k, *e.shape), e.dtype, (step, *slot, *tail), 0, big_inner, big)
     for name, dtype, fill in (("status", "uint8", 0), ("reason", STR_DTYPE, ""), ("message", STR_DTYPE, "")):
-        out[name] = dict(shape=(rows,), chunks=(c,), dtype=dtype, dimension_names=(row,), fill_value=fill, **small)
+        out[name] = arr((), dtype, (), fill, small_inner, small)
     return out
 
 
@@ -257,8 +283,6 @@ def codec_problem(meta: Mapping[str, Any]) -> str | None:
     dname = dtype.get("name") if isinstance(dtype, Mapping) else dtype
     if str(dname).lower() in ("object", "|o", "o"):
         return "has an object data type"
-    if "sharding_indexed" in text:
-        return "is sharded (concurrent writers of one shard lose writes; tvr uses plain chunks)"
     return None
 
 
@@ -291,6 +315,10 @@ def pad_row(spec: FeatureSpec, row: int, r: FeatureRows) -> dict[str, Any]:
     v[:n] = vals
     if not np.isfinite(v[:n][mask]).all():
         raise StoreError(f"{where}: values contain NaN/inf on valid steps (or overflow {spec.dtype})")
+    if status is Status.OK and not mask.any():
+        raise StoreError(f"{where}: an OK row needs at least one valid (mask=True) step; return ABSENT instead")
+    head = v[:n]
+    head[~np.isfinite(head)] = 0  # only on invalid steps (checked above): NaN on disk means lost data (v2 fill)
     out["values"] = v
     out["mask"] = np.zeros(t, bool)
     out["mask"][:n] = mask

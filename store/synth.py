@@ -36,6 +36,7 @@ N_CLUSTERS_FRACTION = 0.1  # clusters per item: items share a concept centre wit
 CAPTION_NOISE = 1.0  # caption latent = z + this * noise
 TEXT_SHARED = 0.3  # share of the clip_text projection that equals the clip frame projection (zero-shot strength)
 CAPTION_CHUNK = 256  # caption-axis chunk rows
+PACK_EVERY_ROWS = 4096  # pack finished shards this often while writing
 
 # modality -> (feature name, ABSENT reason) for --missing keys given as modality names
 MISSING_KEYS = {
@@ -265,8 +266,11 @@ def generate(
                 result.values *= clip_scale
                 result.values = result.values.astype(np.float32)
             store.write(name, row, result)
+        if row % PACK_EVERY_ROWS == PACK_EVERY_ROWS - 1:
+            store.pack_ready()  # keeps the staging area to the shards in progress
 
     _write_captions(store, rng, specs, projs["clip"], offsets["clip"] * 0.6, clip_scale, z, captions_per_item)
+    store.pack_ready(partial=True)
     if choices:
         _write_choices(str(url), rng, records, caps, captions_per_item, choices)
     return FeatureStore.open(str(url))

@@ -1,34 +1,39 @@
 """FeatureStore: the Zarr v3 store that extraction writes, training reads and notebooks inspect (design.md §1).
 
-Layout and write protocol are in docs/design.md §1. Two consequences worth knowing:
+Layout and write protocol are in docs/design.md §1. Schema v2 in short:
 
-* File count. Item features use one chunk per row so each item has exactly one writer; every array of a
-  feature therefore holds one file per item. A store with N items and F features has roughly
-  N * F * (6 + extras) small files (values, mask, time, status, reason, message, [slot_mask, extras]),
-  e.g. 100k items x 7 features ~ 5M files. Rows whose chunk equals the fill value (ABSENT/FAILED rows, empty
-  reasons) write no file. On file systems with inode quotas, copy the finished store into bigger chunks
-  before training at scale.
-* Status scans. `status(feature)` must look at N tiny chunks. Through zarr that costs ~0.15 ms per chunk;
-  for local stores whose status array is uncompressed (how tvr creates it) the chunk files are read
-  directly (~10x faster, see benchmarks/bench_store.py), falling back to zarr's batched read otherwise.
+* Every per-row array is sharded: one object per shard of S rows per array (S per feature, from the row size),
+  so a store of N items and F features holds about N * F * 8 / S files instead of one per row and array.
+* Writers never touch shards. `write`/`write_block`/`write_failed` put one atomic object per call into the
+  staging area (`.tvr/staging/`, see store/_staging.py); `pack_ready()` moves staged rows into the shards, one
+  process per shard (lock), status last. Reads (`status`, `read`, `reasons`, `coverage`) merge staged rows;
+  xarray/dask see packed rows only (pack with `pack_ready(partial=True)` first).
+* Integrity: v2 `values` use NaN as fill value, so an OK row whose chunk or shard was lost is an error, never
+  zeros. v1 stores (one chunk per row) open read-only; `tvr-store compact` converts them.
 
 Strings (ids, paths, captions, reasons) are zarr 3 `str` arrays (vlen-utf8). xarray opens them as numpy
 `StringDType` arrays and indexes them fine; this API returns them as object-dtype numpy arrays.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
+from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
+                           tvr_version)
+from store._lock import StoreLock
+from store._staging import Staging
 from store._zarr_io import (
     _check_dims,
     _dtype_ok,
@@ -39,13 +44,14 @@ from store._zarr_io import (
     _jsonable,
     _listdir,
     _looks_like_tvr,
-    _never_written,
     _set_all,
 )
-
 from store.schema import (
     ROOT_ARRAYS,
+    ROOT_INNER_ROWS,
+    ROOT_SHARD_ROWS,
     SCHEMA_VERSION,
+    SHARD_BYTES,
     CaptionRecord,
     CaptionTable,
     FeatureBatch,
@@ -55,57 +61,28 @@ from store.schema import (
     ItemTable,
     Status,
     StoreError,
+    auto_shard_rows,
     codec_problem,
     feature_arrays,
     pad_row,
 )
 
-ROOT_CHUNK = 16384  # rows per chunk of the root tables (written by one process, read whole)
+ROOT_CHUNK = 16384  # v1 rows per chunk of the root tables
 IDENTITY_KEYS = ("weights", "preset", "variant")  # provenance keys that must match to share a feature group
 STORE_ID_ATTR = "tvr_store_id"  # uuid4 hex written at creation; old stores get one on their first r+ open
+LAYOUT_ATTR = "tvr_layout"  # root: {"shard_bytes", "shard_rows"}; feature group attr "layout": {"shard_rows"}
+LOCK_TIMEOUT = 120.0  # seconds a structural change waits for another process's structural change
 _META_FILES = {"zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"}
+_MAX_CODE = max(int(s) for s in Status)
+__all__ = ["FeatureStore", "StoreExistsError", "open_store", "tvr_version"]
 
 
-def tvr_version() -> str:
-    """Installed tvr version, for provenance."""
-    try:
-        from importlib.metadata import version
-
-        return version("tvr")
-    except Exception:
-        return "0.1.0+unknown"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _is_local(url: str | os.PathLike) -> bool:
-    return isinstance(url, os.PathLike) or "://" not in str(url)
-
-
-def _check_records(items: Sequence[ItemRecord], captions: Sequence[CaptionRecord],
-                   known_items: Mapping[str, int], known_captions: set[str]) -> np.ndarray:
-    """Validate new items/captions against each other and the store; return caption item rows."""
-    rows = dict(known_items)
-    for i, it in enumerate(items):
-        if not isinstance(it, ItemRecord):
-            raise StoreError(f"items[{i}] is {type(it).__name__}, expected store.ItemRecord")
-        if it.id in rows:
-            raise StoreError(f"duplicate item id {it.id!r} (items[{i}]); item ids must be unique in a store")
-        rows[it.id] = len(rows)
-    seen = set(known_captions)
-    out = np.empty(len(captions), dtype=np.int64)
-    for i, cap in enumerate(captions):
-        if not isinstance(cap, CaptionRecord):
-            raise StoreError(f"captions[{i}] is {type(cap).__name__}, expected store.CaptionRecord")
-        if cap.id in seen:
-            raise StoreError(f"duplicate caption id {cap.id!r} (captions[{i}]); caption ids must be unique")
-        if cap.item not in rows:
-            raise StoreError(f"caption {cap.id!r} refers to unknown item {cap.item!r}; add the item first")
-        seen.add(cap.id)
-        out[i] = rows[cap.item]
-    return out
+@contextmanager
+def _quiet_members() -> Iterator[None]:
+    """Hide zarr's warning about tvr's own non-zarr folders (.tvr/ staging and locks) while listing members."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+        yield
 
 
 class FeatureStore:
@@ -117,6 +94,11 @@ class FeatureStore:
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
         self._root: dict[str, zarr.Array] = {}
         self._id_rows: dict[str, int] | None = None
+        self._shard_rows: dict[str, int] = {}  # feature -> rows per shard (0: v1 row-chunked)
+        store = group.store
+        self._local_root = Path(store.root) / group.path if isinstance(store, LocalStore) else None
+        self._staging: Staging | None = Staging(store, self._local_root)
+        self.version = SCHEMA_VERSION
 
     def __repr__(self) -> str:
         return (f"FeatureStore({self.url!r}, mode={self.mode!r}, items={self.n_items}, "
@@ -125,33 +107,67 @@ class FeatureStore:
     # ---- opening and creating ----
     @classmethod
     def create(cls, url: str | os.PathLike, items: Sequence[ItemRecord], captions: Sequence[CaptionRecord] = (),
-               *, overwrite: bool = False, storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
-        """Create a store holding `items` and `captions`; refuses to replace anything but a tvr store."""
+               *, features: Sequence[tuple[FeatureSpec, Mapping[str, Any]]] = (), overwrite: bool = False,
+               storage_options: Mapping[str, Any] | None = None, shard_bytes: int = SHARD_BYTES,
+               shard_rows: int | None = None) -> FeatureStore:
+        """Create a store holding `items`, `captions` and the feature groups `features` ((spec, provenance)).
+
+        Refuses to replace anything but a tvr store. Local stores appear atomically (built in a marked temp folder,
+        then renamed); a process that loses a creation race gets StoreExistsError. `shard_rows` fixes the rows
+        per shard of every feature; otherwise each feature gets about `shard_bytes` of values per shard.
+        """
         items, captions = list(items), list(captions)
-        cap_rows = _check_records(items, captions, {}, set())
-        if _is_local(url):
+        cap_rows = check_records(items, captions, {}, set())
+        layout = {"shard_bytes": int(shard_bytes), "shard_rows": shard_rows}
+
+        def build(g: zarr.Group, where: str) -> None:
+            self = cls(g, where, "r+")
+            self._build(items, captions, cap_rows, features, layout)
+
+        if is_local(url):
             p = Path(url)
             if p.exists() and (p.is_file() or any(p.iterdir())):
                 if not overwrite:
-                    raise StoreError(f"{url} already exists; open it with FeatureStore.open, or pass overwrite=True")
+                    raise StoreExistsError(f"{url} already exists; open it with FeatureStore.open, or pass "
+                                           "overwrite=True")
                 if not _looks_like_tvr(p):
                     raise StoreError(f"{url} exists and is not a tvr store; refusing to overwrite it "
                                      "(pick another path)")
+            else:
+                create_local_atomic(p, lambda tmp: build(zarr.open_group(str(tmp), mode="a", zarr_format=3),
+                                                         str(tmp)))
+                return cls.open(url, "r+", storage_options=storage_options)
         kw = {"storage_options": dict(storage_options)} if storage_options else {}
         try:
             g = zarr.open_group(str(url), mode="w" if overwrite else "w-", zarr_format=3, **kw)
         except Exception as e:  # zarr raises several types for an existing node
-            raise StoreError(f"cannot create a store at {url}: {e}") from e
+            raise StoreExistsError(f"cannot create a store at {url}: {e}; open it with FeatureStore.open") from e
+        lock = cls(g, str(url), "r+")._lock("create", "store creation")
+        if not lock.try_acquire():
+            raise StoreExistsError(f"{url}: another process is creating this store right now; open it with "
+                                   "FeatureStore.open(url, 'r+') once it is done")
+        try:
+            build(g, str(url))
+        finally:
+            lock.release()
+        return cls.open(url, "r+", storage_options=storage_options)
+
+    def _build(self, items: list[ItemRecord], captions: list[CaptionRecord], cap_rows: np.ndarray,
+               features: Sequence[tuple[FeatureSpec, Mapping[str, Any]]], layout: dict[str, Any]) -> None:
+        """Fill a new, empty group: root tables, feature groups, then the tvr attrs (last)."""
+        g = self._g
         for name, (dtype, dim, fill) in ROOT_ARRAYS.items():
-            chunks = (ROOT_CHUNK,)
-            g.create_array(name, shape=(0,), chunks=chunks, dtype=dtype, dimension_names=(dim,), fill_value=fill)
-        self = cls(g, str(url), "r+")
+            g.create_array(name, shape=(0,), chunks=(ROOT_INNER_ROWS,), shards=(ROOT_SHARD_ROWS,), dtype=dtype,
+                           dimension_names=(dim,), fill_value=fill, compressors=None)
+        g.attrs.update({LAYOUT_ATTR: layout})
         self._load_root()
         self._append_root(items, captions, cap_rows)
+        for spec, prov in features:
+            self._check_new_feature(spec, prov)
+            self._create_feature(spec, prov)
         # tvr attrs last: a crash before this line leaves something `open` rejects instead of a half store
-        g.attrs.update({"tvr_store": SCHEMA_VERSION, "tvr_version": tvr_version(), "created": _now(),
+        g.attrs.update({"tvr_store": SCHEMA_VERSION, "tvr_version": tvr_version(), "created": now(),
                         STORE_ID_ATTR: uuid.uuid4().hex})
-        return self
 
     @classmethod
     def open(cls, url: str | os.PathLike, mode: Literal["r", "r+"] = "r", *,
@@ -160,7 +176,7 @@ class FeatureStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         hint = "create one with FeatureStore.create(...) or `tvr-extract`"
-        if _is_local(url):
+        if is_local(url):
             p = Path(url)
             if not p.exists():
                 raise StoreError(f"{url}: no tvr store here (the path does not exist); {hint}")
@@ -176,8 +192,15 @@ class FeatureStore:
             raise StoreError(f"{url} is a Zarr v2 store; tvr stores are Zarr v3, {hint}")
         self = cls(g, str(url), mode)
         self._validate()
-        if mode == "r+" and not self._g.attrs.get(STORE_ID_ATTR):
-            self._g.attrs.update({STORE_ID_ATTR: uuid.uuid4().hex})  # stores made before store ids existed
+        if self.version < 2 and mode == "r+":
+            raise StoreError(f"{url} is a schema v1 tvr store (one chunk file per row); tvr opens it read-only. "
+                             f"Convert it with `tvr-store compact {url}` (writes a sharded v2 store and checks it "
+                             "is equal), then extract into or train from the result")
+        if mode == "r+":
+            if not self._g.attrs.get(STORE_ID_ATTR):
+                self._g.attrs.update({STORE_ID_ATTR: uuid.uuid4().hex})  # stores made before store ids existed
+            if self._local_root is not None:
+                (self._local_root / PARTIAL_MARKER).unlink(missing_ok=True)  # a rename that crashed right after
         return self
 
     def _validate(self) -> None:
@@ -191,6 +214,9 @@ class FeatureStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{url}: store schema version {version} is newer than this tvr supports "
                              f"({SCHEMA_VERSION}); upgrade tvr to read it")
+        self.version = version
+        if version < 2:
+            self._staging = None
         self._scan_metadata()
         self._load_root()
         n, c = self.n_items, self.n_captions
@@ -200,7 +226,9 @@ class FeatureStore:
             if a.shape != (want,):
                 raise StoreError(f"{url}: root array '{name}' has shape {a.shape}, expected ({want},) "
                                  "(an interrupted add_items?); recreate the store")
-        for key, node in self._g.members():
+        with _quiet_members():
+            members = list(self._g.members())
+        for key, node in members:
             if key in ROOT_ARRAYS:
                 continue
             if not isinstance(node, zarr.Group):
@@ -209,10 +237,10 @@ class FeatureStore:
             self._load_feature(key, node)
 
     def _scan_metadata(self) -> None:
-        """Refuse pickle/object codecs and foreign nodes by reading raw metadata (zarr may not even parse them)."""
-        store, base = self._g.store, self._g.path
+        """Refuse corrupt metadata and pickle/object codecs in every array at any depth, from raw metadata."""
+        store = self._g.store
 
-        def walk(prefix: str, depth: int) -> None:
+        def walk(prefix: str) -> None:
             for child in _listdir(store, prefix):
                 if child in _META_FILES or child.startswith("."):
                     continue
@@ -220,20 +248,30 @@ class FeatureStore:
                 v3, v2 = _get_json(store, f"{key}/zarr.json"), _get_json(store, f"{key}/.zarray")
                 meta = v3 if v3 is not None else v2
                 if meta is None:
+                    if not any(k in _META_FILES for k in _listdir(store, key)):
+                        walk(key)  # a plain folder (no node): arrays below it still count
                     continue
+                if meta.get("unparseable"):
+                    raise StoreError(f"{self.url}: the metadata of '{key}' ({key}/zarr.json) is not valid JSON "
+                                     "(corrupt or truncated file); restore it from a backup, or delete that "
+                                     "array's feature group and re-run extraction")
                 if v3 is not None and v3.get("node_type") == "group":
-                    if depth == 0:
-                        walk(key, 1)
+                    walk(key)
                     continue
                 problem = codec_problem(meta)
                 if problem:
                     raise StoreError(f"{self.url}: array '{key}' {problem}; tvr refuses such stores. "
                                      "Remove that array or rebuild the store with tvr.")
 
-        walk(base, 0)
+        walk(self._g.path)
 
     def _load_root(self) -> None:
-        members = dict(self._g.arrays())
+        try:
+            with _quiet_members():
+                members = dict(self._g.arrays())
+        except Exception as e:
+            raise StoreError(f"{self.url}: cannot read the root arrays' metadata ({e}); the store is damaged, "
+                             "restore it from a backup or recreate it") from e
         missing = [k for k in ROOT_ARRAYS if k not in members]
         if missing:
             raise StoreError(f"{self.url}: required root arrays missing: {missing}; recreate the store")
@@ -255,19 +293,44 @@ class FeatureStore:
             spec = FeatureSpec.from_dict(attrs["spec"])
         except Exception as e:
             raise StoreError(f"{where} has an unreadable 'spec' attribute: {e}") from e
+        shard_rows = int(attrs.get("layout", {}).get("shard_rows", 0)) if self.version >= 2 else 0
+        if self.version >= 2 and shard_rows <= 0:
+            raise StoreError(f"{where} lacks its 'layout' attribute (rows per shard); delete the group and re-run "
+                             "extraction")
         rows = self.n_items if spec.axis == "item" else self.n_captions
-        members = dict(group.arrays())
+        try:
+            members = dict(group.arrays())
+        except Exception as e:
+            raise StoreError(f"{where}: cannot read its arrays' metadata ({e}); a zarr.json there is damaged: "
+                             "restore it, or delete the group and re-run extraction") from e
         arrays = {}
-        for aname, kw in feature_arrays(spec, rows).items():
+        for aname, kw in feature_arrays(spec, rows, shard_rows or None).items():
             if aname not in members:
                 raise StoreError(f"{where} is missing array '{aname}'; delete the group and re-run extraction")
             a = members[aname]
             _check_dims(self.url, f"{name}/{aname}", a, kw["dimension_names"])
-            if a.shape != kw["shape"] or a.chunks != kw["chunks"] or not _dtype_ok(a, kw["dtype"]):
-                raise StoreError(f"{where}: array '{aname}' has shape {a.shape} chunks {a.chunks} dtype {a.dtype}, "
-                                 f"expected {kw['shape']} {kw['chunks']} {kw['dtype']} from its spec")
+            shards = tuple(kw["shards"]) if "shards" in kw else None
+            if (a.shape != kw["shape"] or a.chunks != kw["chunks"] or a.shards != shards
+                    or not _dtype_ok(a, kw["dtype"])):
+                raise StoreError(f"{where}: array '{aname}' has shape {a.shape} chunks {a.chunks} shards {a.shards} "
+                                 f"dtype {a.dtype}, expected {kw['shape']} {kw['chunks']} {shards} {kw['dtype']} "
+                                 "from its spec")
             arrays[aname] = a
-        self._specs[name], self._arrays[name] = spec, arrays
+        self._specs[name], self._arrays[name], self._shard_rows[name] = spec, arrays, shard_rows
+
+    def _reload(self) -> None:
+        """Re-read the whole store from disk (after taking the structural lock: shapes may have changed)."""
+        self._g = zarr.open_group(store=self._g.store, path=self._g.path, mode=self.mode)
+        self._specs, self._arrays, self._shard_rows = {}, {}, {}
+        self._validate()
+
+    def _open_arrays(self, feature: str) -> dict[str, zarr.Array]:
+        """Fresh handles (current shapes) of a feature's arrays."""
+        base = f"{self._g.path}/{feature}" if self._g.path else feature
+        return {k: zarr.open_array(store=self._g.store, path=f"{base}/{k}", mode="r+") for k in self._arrays[feature]}
+
+    def _lock(self, name: str, purpose: str, timeout: float = LOCK_TIMEOUT) -> StoreLock:
+        return StoreLock(self._g.store, self._local_root, name, url=self.url, purpose=purpose, timeout=timeout)
 
     # ---- extending ----
     def _require_write(self) -> None:
@@ -296,46 +359,71 @@ class FeatureStore:
         self._id_rows = None
 
     def add_items(self, items: Sequence[ItemRecord], captions: Sequence[CaptionRecord] = ()) -> None:
-        """Append items and captions (driver only); every feature gains PENDING rows for them."""
+        """Append items and captions under the structural lock; every feature gains PENDING rows for them."""
         self._require_write()
-        items, captions = list(items), list(captions)
-        known_caps = set(self._read_str("caption_id"))
-        cap_rows = _check_records(items, captions, self._rows(), known_caps)
-        n, c = self.n_items + len(items), self.n_captions + len(captions)
-        for name, spec in self._specs.items():  # features first: new rows read as PENDING (fill values)
-            rows = n if spec.axis == "item" else c
-            for a in self._arrays[name].values():
-                a.resize((rows, *a.shape[1:]))
-        self._append_root(items, captions, cap_rows)
+        with self._lock("structure", "structural (add_items / ensure_feature)"):
+            self._reload()  # another driver may have added rows or features since we opened: never use stale shapes
+            items, captions = list(items), list(captions)
+            known_caps = set(self._read_str("caption_id"))
+            cap_rows = check_records(items, captions, self._rows(), known_caps)
+            n, c = self.n_items + len(items), self.n_captions + len(captions)
+            for name, spec in self._specs.items():  # features first: new rows read as PENDING (fill values)
+                rows = n if spec.axis == "item" else c
+                for a in self._arrays[name].values():
+                    a.resize((rows, *a.shape[1:]))
+            self._append_root(items, captions, cap_rows)
 
-    def ensure_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any]) -> None:
-        """Create the group for `spec` if missing; refuse an existing group with another spec or weights."""
-        self._require_write()
+    def _check_new_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any]) -> None:
         w = provenance.get("weights") if isinstance(provenance, Mapping) else None
         if not isinstance(w, Mapping) or not (("file" in w and "sha256" in w) or w.get("random") is True):
             raise StoreError(f"feature '{spec.name}': provenance['weights'] must be {{'file', 'sha256'}} or "
                              f"{{'random': True, 'seed': s}}, got {w!r}")
         if spec.name in ROOT_ARRAYS:
             raise StoreError(f"feature name '{spec.name}' collides with a root array; pick another name")
+
+    def ensure_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any], *,
+                       shard_rows: int | None = None) -> None:
+        """Create the group for `spec` if missing (under the structural lock); refuse a different existing one."""
+        self._require_write()
+        self._check_new_feature(spec, provenance)
         if spec.name in self._specs:
-            old, old_prov = self._specs[spec.name], self.provenance(spec.name)
-            diffs = [f for f in spec.__dataclass_fields__ if getattr(spec, f) != getattr(old, f)]
-            diffs += [k for k in IDENTITY_KEYS if _jsonable(old_prov.get(k)) != _jsonable(provenance.get(k))]
-            if diffs:
-                raise StoreError(
-                    f"feature '{spec.name}' in {self.url} already holds rows made with a different "
-                    f"{', '.join(diffs)} (stored weights: {old_prov.get('weights')}, new: {w}). Mixing weights, "
-                    "preprocessing or layouts in one feature group is refused because its rows would not be "
-                    f"comparable. Use a new store, or a new feature name (e.g. '{spec.name}_v2').")
+            self._same_feature(spec, provenance)
             return
+        with self._lock("structure", "structural (add_items / ensure_feature)"):
+            self._reload()
+            if spec.name in self._specs:  # another driver created it meanwhile
+                self._same_feature(spec, provenance)
+                return
+            self._create_feature(spec, provenance, shard_rows)
+
+    def _same_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any]) -> None:
+        old, old_prov = self._specs[spec.name], self.provenance(spec.name)
+        diffs = [f for f in spec.__dataclass_fields__ if getattr(spec, f) != getattr(old, f)]
+        diffs += [k for k in IDENTITY_KEYS if _jsonable(old_prov.get(k)) != _jsonable(provenance.get(k))]
+        if diffs:
+            raise StoreError(
+                f"feature '{spec.name}' in {self.url} already holds rows made with a different "
+                f"{', '.join(diffs)} (stored weights: {old_prov.get('weights')}, new: {provenance.get('weights')}). "
+                "Mixing weights, preprocessing or layouts in one feature group is refused because its rows would "
+                f"not be comparable. Use a new store, or a new feature name (e.g. '{spec.name}_v2').")
+
+    def _create_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any], shard_rows: int | None = None,
+                        keep_provenance: bool = False) -> None:
+        layout = self._g.attrs.get(LAYOUT_ATTR) or {}
+        s = shard_rows or layout.get("shard_rows") or auto_shard_rows(spec, layout.get("shard_bytes", SHARD_BYTES))
+        if s % spec.chunk_rows:
+            raise StoreError(f"feature '{spec.name}': shard_rows={s} must be a multiple of chunk_rows="
+                             f"{spec.chunk_rows} (a written block never spans two shards)")
         rows = self.n_items if spec.axis == "item" else self.n_captions
         group = self._g.create_group(spec.name)
-        arrays = {n: group.create_array(n, **kw) for n, kw in feature_arrays(spec, rows).items()}
-        arrays["status"].attrs.update({"flag_values": [int(s) for s in Status],
-                                       "flag_meanings": " ".join(s.name.lower() for s in Status)})
-        prov = {**_jsonable(dict(provenance)), "tvr_version": tvr_version(), "created": _now()}
-        group.attrs.update({"spec": json.loads(spec.to_json()), "provenance": prov})
-        self._specs[spec.name], self._arrays[spec.name] = spec, arrays
+        arrays = {n: group.create_array(n, **kw) for n, kw in feature_arrays(spec, rows, s).items()}
+        arrays["status"].attrs.update({"flag_values": [int(c) for c in Status],
+                                       "flag_meanings": " ".join(c.name.lower() for c in Status)})
+        prov = _jsonable(dict(provenance))
+        if not keep_provenance:
+            prov = {**prov, "tvr_version": tvr_version(), "created": now()}
+        group.attrs.update({"spec": json.loads(spec.to_json()), "provenance": prov, "layout": {"shard_rows": s}})
+        self._specs[spec.name], self._arrays[spec.name], self._shard_rows[spec.name] = spec, arrays, s
 
     # ---- metadata ----
     @property
@@ -436,46 +524,119 @@ class FeatureStore:
         self._commit(feature, row, padded)
 
     def _commit(self, feature: str, start: int, padded: list[dict[str, Any]]) -> None:
+        """Stage rows start.. as one atomic object per shard they touch (a crash leaves them PENDING)."""
         self._require_write()
         total = self.n_rows(feature)
         if start < 0 or start + len(padded) > total:
             raise StoreError(f"feature '{feature}': rows {start}:{start + len(padded)} out of range 0:{total}")
-        arrays, sel = self._arrays[feature], slice(start, start + len(padded))
         data = {k: np.stack([p[k] for p in padded]) if k not in ("reason", "message", "status")
                 else np.array([p[k] for p in padded], dtype=object if k != "status" else np.uint8)
                 for k in padded[0]}
-        # PENDING first, so re-writing a finished row and crashing midway cannot leave stale data marked done
-        # (a row whose status chunk was never written is PENDING already: one round trip saved per fresh row)
-        if not _never_written(arrays["status"], sel):
-            _set_all({"status": arrays["status"]}, sel, {"status": np.zeros(len(padded), np.uint8)})
-        _set_all(arrays, sel, {k: v for k, v in data.items() if k != "status"})
-        _set_all(arrays, sel, {"status": data["status"]})  # the commit point
+        s, i = self._shard_rows[feature], 0
+        while i < len(padded):
+            shard = (start + i) // s
+            j = min(len(padded), (shard + 1) * s - start)
+            self._staging.put(feature, shard, start + i, data["status"][i:j], {k: v[i:j] for k, v in data.items()})
+            i = j
+
+    def pack_ready(self, feature: str | None = None, *, partial: bool = False) -> int:
+        """Pack every shard whose rows are all final (OK/ABSENT/FAILED) into the sharded arrays; returns shards packed.
+
+        Safe to call from any number of processes at any time (one packer per shard, by lock; a crash midway is
+        repaired by the next call). `partial=True` also packs shards that still have PENDING rows (end of a run,
+        before xarray/dask reads). No-op for read-only and v1 stores is an error: they cannot be written.
+        """
+        from store._pack import pack_ready
+
+        return pack_ready(self, feature, partial)
+
+    def staged_count(self, feature: str) -> int:
+        """How many staged (not yet packed) objects `feature` has."""
+        self._check_feature(feature)
+        return 0 if self._staging is None else self._staging.count(feature)
 
     # ---- reading ----
     def status(self, feature: str) -> np.ndarray:
-        """(R,) uint8 Status codes of every row; missing chunks read as PENDING."""
+        """(R,) uint8 Status codes of every row (staged rows included); invalid codes are a StoreError."""
+        from store._pack import effective_status
+
         self._check_feature(feature)
         a = self._arrays[feature]["status"]
-        fast = _fast_status(a)
-        return fast if fast is not None else np.asarray(a[:], dtype=np.uint8)
+        try:
+            fast = _fast_status(a) if self.version < 2 else None
+            packed = fast if fast is not None else np.asarray(a[:], dtype=np.uint8)
+        except Exception as e:
+            raise StoreError(f"{self.url}: cannot read '{feature}/status' ({type(e).__name__}: {e}); a status chunk "
+                             f"or shard file is damaged. Run `tvr-store verify {self.url}` to locate it; deleting "
+                             "the damaged file turns its rows PENDING so extraction redoes them") from e
+        st = packed
+        if self._staging is not None:
+            entries = self._staging.list(feature)
+            if entries:
+                st = effective_status(self, feature, packed, 0, entries)
+        bad = np.flatnonzero(st > _MAX_CODE)
+        if len(bad):
+            raise StoreError(f"{self.url}: '{feature}/status' holds invalid codes {sorted(set(st[bad].tolist()))[:5]} "
+                             f"at {len(bad)} row(s), e.g. {bad[:5].tolist()} (valid: 0-{_MAX_CODE}); run "
+                             f"`tvr-store verify {self.url} --repair` to reset them to PENDING so extraction redoes them")
+        return st
+
+    def _overlay(self, feature: str, idx: np.ndarray, got: dict[str, np.ndarray]) -> bool:
+        """Apply staged rows (oldest first) to `got` (arrays aligned with `idx`); False if one vanished meanwhile."""
+        entries = self._staging.list(feature) if self._staging is not None else []
+        if not entries:
+            return True
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        hits = []
+        for e in entries:
+            lo, hi = np.searchsorted(sidx, [e.start, e.stop])
+            if lo < hi:
+                hits.append((e, order[lo:hi]))
+        blocks = self._staging.read([e for e, _ in hits]) if hits else []
+        for (e, pos), blk in zip(hits, blocks):
+            if not blk:
+                return False  # packed and removed after we listed it: read again
+            for k, v in got.items():
+                v[pos] = blk[k][idx[pos] - e.start]
+        return True
+
+    def _read_rows(self, feature: str, sel: slice | np.ndarray, idx: np.ndarray, names: list[str]) -> dict[str, Any]:
+        """Packed rows merged with staged rows, as writable numpy arrays (strings as objects)."""
+        arrays = self._arrays[feature]
+        for _ in range(5):
+            try:
+                raw = sync(_gather([_get(arrays[k], sel) for k in names]))
+            except Exception as e:
+                raise StoreError(f"{self.url}: cannot read feature '{feature}' ({type(e).__name__}: {e}); a chunk "
+                                 f"or shard file is damaged: run `tvr-store verify {self.url}`") from e
+            got = {k: (np.asarray(v, dtype=object) if arrays[k].dtype.kind in "OTU" else np.array(v))
+                   for k, v in zip(names, raw)}
+            if self._overlay(feature, idx, got):
+                return got
+        raise StoreError(f"{self.url}: feature '{feature}' kept changing while being read; retry")
+
+    def _rows_of(self, feature: str, status: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        idx = np.flatnonzero(status)
+        return self._read_rows(feature, idx, idx, names) if len(idx) else {k: np.zeros(0, object) for k in names}
 
     def reasons(self, feature: str, status: np.ndarray | None = None) -> np.ndarray:
         """(R,) reason codes (object dtype); only ABSENT/FAILED rows are read, others are ''."""
         st = self.status(feature) if status is None else status
         out = np.full(st.shape, "", dtype=object)
-        idx = np.flatnonzero((st == Status.ABSENT) | (st == Status.FAILED))
-        if len(idx):
-            out[idx] = np.asarray(self._arrays[feature]["reason"].get_orthogonal_selection((idx,)), dtype=object)
+        want = (st == Status.ABSENT) | (st == Status.FAILED)
+        if want.any():
+            out[want] = self._rows_of(feature, want, ["reason"])["reason"]
         return out
 
     def messages(self, feature: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Messages of the given rows (object dtype)."""
         self._check_feature(feature)
         idx = np.asarray(rows, dtype=np.int64).ravel()
-        return np.asarray(self._arrays[feature]["message"].get_orthogonal_selection((idx,)), dtype=object)
+        return self._read_rows(feature, idx, idx, ["message"])["message"]
 
     def read(self, feature: str, rows: Sequence[int] | np.ndarray | slice | None = None) -> FeatureBatch:
-        """Rows of a feature as float32 with masks and availability, read in one batched zarr call per array."""
+        """Rows of a feature as float32 with masks and availability; an OK row whose data was lost is an error."""
         spec, total = self.spec(feature), self.n_rows(feature)
         if rows is None:
             rows = slice(0, total)
@@ -487,19 +648,37 @@ class FeatureStore:
             raise StoreError(f"feature '{feature}': rows out of range 0:{total}")
         contiguous = len(idx) > 0 and bool(np.all(np.diff(idx) == 1))
         sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
-        arrays = self._arrays[feature]
-        names = [k for k in arrays if k not in ("reason", "message")]
-        got = dict(zip(names, sync(_gather([_get(arrays[k], sel) for k in names]))))
-        status = np.asarray(got["status"], dtype=np.uint8)
+        names = [k for k in self._arrays[feature] if k not in ("reason", "message")]
+        got = self._read_rows(feature, sel, idx, names)
+        status = got["status"].astype(np.uint8)
         ok = status == Status.OK
-        mask = np.asarray(got["mask"], dtype=bool) & ok[:, None]
+        values = got["values"].astype(np.float32, copy=False)
+        mask = got["mask"].astype(bool)
+        self._check_rows(feature, idx, status, values, mask)
+        values[~ok] = 0  # v2 PENDING rows hold the NaN fill value
+        mask &= ok[:, None]
         slot_mask = got.get("slot_mask")
         if slot_mask is not None:
-            slot_mask = np.asarray(slot_mask, dtype=bool) & ok[:, None, None]
-        return FeatureBatch(rows=idx, values=np.asarray(got["values"], dtype=np.float32), mask=mask,
-                            time=np.asarray(got["time"], dtype=np.float32), status=status, available=ok,
-                            slot_mask=slot_mask,
-                            extras={e.name: np.asarray(got[f"extra_{e.name}"]) for e in spec.extras})
+            slot_mask = slot_mask.astype(bool) & ok[:, None, None]
+        return FeatureBatch(rows=idx, values=values, mask=mask, time=got["time"].astype(np.float32), status=status,
+                            available=ok, slot_mask=slot_mask,
+                            extras={e.name: got[f"extra_{e.name}"] for e in spec.extras})
+
+    def _check_rows(self, feature: str, idx: np.ndarray, status: np.ndarray, values: np.ndarray,
+                    mask: np.ndarray) -> None:
+        """Refuse invalid status codes and OK rows whose data is missing (lost chunk/shard: NaN fill, no mask)."""
+        ok = status == Status.OK
+        lost = ok & ~mask.any(axis=1)
+        if self.version >= 2:
+            lost |= ok & np.isnan(values.reshape(len(values), -1)).any(axis=1)
+        bad = status > _MAX_CODE
+        if lost.any() or bad.any():
+            what = "are marked OK but their data is missing (a chunk or shard file was lost)" if lost.any() \
+                else f"have invalid status codes {sorted(set(status[bad].tolist()))[:5]}"
+            rows = idx[lost | bad][:5].tolist()
+            raise StoreError(f"{self.url}: feature '{feature}' rows {rows} (of {int((lost | bad).sum())}) {what}; "
+                             f"run `tvr-store verify {self.url} --repair` to reset them to PENDING, then re-run "
+                             "extraction to redo them")
 
     def read_many(self, features: Sequence[str],
                   rows: Sequence[int] | np.ndarray | slice | None = None) -> dict[str, FeatureBatch]:
@@ -529,7 +708,11 @@ class FeatureStore:
 
         if feature is not None:
             self._check_feature(feature)
-        ds = xr.open_zarr(self._g.store, group=feature if feature else None, consolidated=False)
+            if self.staged_count(feature):
+                warnings.warn(f"{self.url}: feature '{feature}' has staged rows that xarray does not see yet; call "
+                              "FeatureStore.open(url, 'r+').pack_ready(partial=True) first", stacklevel=2)
+        with _quiet_members():
+            ds = xr.open_zarr(self._g.store, group=feature if feature else None, consolidated=False)
         ids = {"item": self._read_str("item_id").astype(str), "caption": self._read_str("caption_id").astype(str)}
         return ds.assign_coords({d: ids[d] for d in ds.dims if d in ids})
 

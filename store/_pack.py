@@ -1,0 +1,122 @@
+"""Packing staged rows into the sharded arrays of a v2 store (design.md §1, "Crash-safe shard commits").
+
+One process packs a shard at a time (per-shard lock). A pack reads the shard's packed rows (when it has any),
+overlays the staged objects oldest first, writes every array's shard (one whole-shard object each, `status`
+last) and only then deletes the staged objects it used. A crash at any point leaves either the old shard plus
+the staged objects, or the new shard plus (some of) the same staged objects: re-packing gives the same result.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from store._staging import Staged
+from store._zarr_io import _gather, _get
+from store.schema import Status, StoreError
+
+if TYPE_CHECKING:
+    from store.zarr_store import FeatureStore
+
+
+def _fill_block(a: Any, n: int) -> np.ndarray:
+    """n rows of an array's fill value (strings as objects)."""
+    if a.dtype.kind in "OTU":
+        return np.full((n, *a.shape[1:]), "", dtype=object)
+    return np.full((n, *a.shape[1:]), a.fill_value, dtype=a.dtype)
+
+
+def _base(arrays: dict[str, Any], lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows lo:hi as packed now: read when the shard has finished rows, fill values otherwise."""
+    if not np.asarray(arrays["status"][lo:hi]).any():
+        return {k: _fill_block(a, hi - lo) for k, a in arrays.items()}
+    names = list(arrays)
+    got = sync(_gather([_get(arrays[k], slice(lo, hi)) for k in names]))
+    return {k: (np.asarray(v, dtype=object) if arrays[k].dtype.kind in "OTU" else np.array(v))
+            for k, v in zip(names, got)}
+
+
+def _apply(base: dict[str, np.ndarray], lo: int, entry: Staged, block: dict[str, np.ndarray], url: str) -> None:
+    if set(block) != set(base):
+        raise StoreError(f"{url}: staged object {entry.key} holds arrays {sorted(block)}, expected {sorted(base)}; "
+                         "delete it (its rows become PENDING) and re-run extraction")
+    for k, v in block.items():
+        dst = base[k][entry.start - lo:entry.stop - lo]
+        if v.shape != dst.shape:
+            raise StoreError(f"{url}: staged object {entry.key} array '{k}' has shape {v.shape}, expected "
+                             f"{dst.shape}; delete it and re-run extraction")
+        dst[...] = v.astype(object) if base[k].dtype == object else v
+
+
+def pack_shard(fs: "FeatureStore", feature: str, shard: int) -> bool:
+    """Pack one shard of `feature` if no other process is packing it; True when this call packed it."""
+    lock = fs._lock(f"pack-{feature}-{shard}", "shard pack")
+    if not lock.try_acquire():
+        return False
+    try:
+        entries = fs._staging.list(feature, shard)
+        if not entries:
+            return False
+        arrays = fs._open_arrays(feature)
+        s, total = fs._shard_rows[feature], arrays["status"].shape[0]
+        lo, hi = shard * s, min((shard + 1) * s, total)
+        if any(e.start < lo or e.stop > hi for e in entries):
+            raise StoreError(f"{fs.url}: staged rows of '{feature}' shard {shard} fall outside rows {lo}:{hi}; "
+                             "the store was changed by another tool; delete .tvr/staging and re-run extraction")
+        base = _base(arrays, lo, hi)
+        blocks = fs._staging.read(entries)
+        for e, b in zip(entries, blocks):
+            if b:
+                _apply(base, lo, e, b, fs.url)
+        pending = base["status"] == Status.PENDING
+        if base["values"].dtype.kind == "f":
+            base["values"][pending] = np.nan  # fill value: a PENDING row never looks like data
+        sel = slice(lo, hi)
+        sync(_gather([arrays[k].async_array.setitem(sel, v) for k, v in base.items() if k != "status"]))
+        sync(arrays["status"].async_array.setitem(sel, base["status"]))  # the commit point of the shard
+        fs._staging.delete([e for e, b in zip(entries, blocks) if b])
+        return True
+    finally:
+        lock.release()
+
+
+def effective_status(fs: "FeatureStore", feature: str, packed: np.ndarray, lo: int,
+                     entries: list[Staged]) -> np.ndarray:
+    """Packed status of rows lo:lo+len(packed) with staged objects applied, oldest first."""
+    out = np.array(packed, dtype=np.uint8)
+    mixed = [e for e in entries if e.code < 0]
+    blocks = dict(zip((e.key for e in mixed), fs._staging.read(mixed))) if mixed else {}
+    for e in entries:
+        a, b = max(e.start, lo), min(e.stop, lo + len(out))
+        if a >= b:
+            continue
+        if e.code >= 0:
+            out[a - lo:b - lo] = e.code
+        elif blocks.get(e.key):
+            out[a - lo:b - lo] = blocks[e.key]["status"][a - e.start:b - e.start]
+    return out
+
+
+def pack_ready(fs: "FeatureStore", feature: str | None = None, partial: bool = False) -> int:
+    """Pack every shard whose rows are all final (or, with `partial`, every shard with staged rows)."""
+    fs._require_write()
+    names = [feature] if feature is not None else fs.features
+    packed = 0
+    for f in names:
+        fs._check_feature(f)
+        if fs._staging is None or not fs._shard_rows.get(f):
+            continue
+        s = fs._shard_rows[f]
+        by_shard: dict[int, list[Staged]] = {}
+        for e in fs._staging.list(f):
+            by_shard.setdefault(e.shard, []).append(e)
+        status = fs._arrays[f]["status"]
+        for shard, entries in sorted(by_shard.items()):
+            if not partial:
+                lo, hi = shard * s, min((shard + 1) * s, status.shape[0])
+                st = effective_status(fs, f, np.asarray(status[lo:hi]), lo, entries)
+                if (st == Status.PENDING).any():
+                    continue
+            packed += pack_shard(fs, f, shard)
+    return packed
