@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +86,6 @@ def _status_folder(a: zarr.Array) -> Path | None:
     return Path(store.root) / a.path / "c"
 
 
-def _never_written(a: zarr.Array, sel: slice) -> bool:
-    """True when no status chunk covering rows `sel` exists on disk (so they read as PENDING); False if unsure."""
-    folder = _status_folder(a)
-    if folder is None:
-        return False
-    per = a.chunks[0]
-    return not any((folder / str(i)).exists() for i in range(sel.start // per, -(-sel.stop // per)))
-
-
 def _fast_status(a: zarr.Array) -> np.ndarray | None:
     """Read an uncompressed uint8 status array of a local store straight from its chunk files, or None."""
     folder = _status_folder(a)
@@ -116,3 +109,11 @@ def _fast_status(a: zarr.Array) -> np.ndarray | None:
     keep = idx < nchunks
     out[idx[keep]] = np.frombuffer(bytes(buf), dtype=np.uint8).reshape(-1, per)[keep]
     return out.reshape(-1)[:total]
+
+
+@contextmanager
+def _quiet_members() -> Iterator[None]:
+    """Hide zarr's warning about tvr's own non-zarr folders (.tvr/ staging and locks) while listing members."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+        yield
