@@ -137,3 +137,53 @@ def test_frame_rule_is_validated(tmp_path: Path) -> None:
     assert FRAME_RULES == ("nearest", "floor")
     with pytest.raises(ValueError, match="frame_rule"):
         next(iter_frames(path, frame_rule="round"))
+
+
+def write_lossy(path: Path, n: int, rate: Fraction | int) -> None:
+    """Ordinary H.264 (yuv420p, B-frames, lossy) as cameras and datasets ship it."""
+    yy, xx = np.mgrid[0:36, 0:64]
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=rate)
+        vs.width, vs.height, vs.pix_fmt, vs.options = 64, 36, "yuv420p", {"preset": "ultrafast", "bf": "2"}
+        for i in range(n):
+            img = np.stack([(xx + 5 * i) % 256, (yy + 3 * i) % 256, np.full_like(xx, i % 256)], -1).astype(np.uint8)
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(vs.encode())
+
+
+def ffmpeg_fps_frames(path: Path) -> np.ndarray:
+    """RGB frames out of FFmpeg's fps=25 filter (same decoder, same conversion): (n, h, w, 3)."""
+    out = []
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        start = Fraction(c.start_time or 0, 1_000_000) / vs.time_base
+        shift = int(start + Fraction(1, 2))
+        graph = av.filter.Graph()
+        src, flt, sink = graph.add_buffer(template=vs), graph.add("fps", "25"), graph.add("buffersink")
+        src.link_to(flt)
+        flt.link_to(sink)
+        graph.configure()
+        frames = list(c.decode(vs)) + [None]
+        for frame in frames:
+            if frame is not None:
+                frame.pts -= shift
+            graph.push(frame)
+            while True:
+                try:
+                    out.append(graph.pull().to_ndarray(format="rgb24"))
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    break
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("rate,ext", [(30, "mp4"), (Fraction(981, 50), "mp4"), (30, "mkv"), (Fraction(981, 50), "mkv")],
+                         ids=["30-mp4", "19.62-mp4", "30-mkv", "19.62-mkv"])
+def test_bframe_h264_matches_ffmpeg_and_probe(tmp_path: Path, rate: Fraction | int, ext: str) -> None:
+    # B-frames + an MP4 edit list: the header's duration and the last packet's end disagree (issue 10: 452 vs 453)
+    path = tmp_path / f"cam.{ext}"
+    write_lossy(path, 61, rate)
+    want = ffmpeg_fps_frames(path)
+    got = read_frames(path).frames
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert probe(path).n_output_frames() == len(want)
