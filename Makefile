@@ -7,12 +7,13 @@ STAMP := $(VENV)/.tvr-installed
 DEMO_DIR ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install dlib-source demo test test-fast bench clean
 
 install: $(STAMP)
 
 # torch and torchvision are installed together first: CUDA builds that also run on CPU
-# (the CPU-only torch build has no matching torchvision wheel). dlib compiles from source (~10 min; pip caches the wheel).
+# (the CPU-only torch build has no matching torchvision wheel). dlib comes prebuilt (dlib-bin) wherever PyPI has a
+# wheel for the platform and compiles from source elsewhere (pyproject's markers; docs/install.md).
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "tvr needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1). Run: make PYTHON=python3.11 ..."; exit 1; }
@@ -20,7 +21,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c 'import dlib' || { echo "dlib did not install: see docs/install.md"; exit 1; }
 	touch $(STAMP)
+
+# dlib built from source, e.g. with CUDA for the MMOD face detector (docs/install.md); pip's cached CPU wheel is skipped.
+dlib-source: $(STAMP)
+	$(PY) -m pip uninstall -y -q dlib-bin dlib
+	$(PY) -m pip install -q --no-binary dlib --no-cache-dir 'dlib>=19.24'
+	$(PY) -c "import dlib; print('dlib', dlib.__version__, 'with CUDA' if dlib.DLIB_USE_CUDA else 'CPU only')"
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo --out $(DEMO_DIR)

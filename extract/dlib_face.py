@@ -51,7 +51,8 @@ def _import_dlib():  # type: ignore[no-untyped-def]
     try:
         import dlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("dlib_face needs dlib: `pip install dlib` (builds from source; needs cmake)") from exc
+        raise ImportError("dlib_face needs the dlib module: `pip install dlib-bin` (prebuilt wheels) or "
+                          "`pip install dlib` (compiles from source; needs cmake), see docs/install.md") from exc
     return dlib
 
 
