@@ -60,6 +60,13 @@ def test_info_json_exact_schema(store_path: Path, capsys: pytest.CaptureFixture[
     code, out, err = run(["info", str(store_path), "--json"], capsys)
     assert code == 0 and err == ""
     doc = json.loads(out)  # exactly one JSON document, nothing else on stdout
+    layout = doc.pop("layout")  # schema v2: per-feature layout, shard rows, files and bytes on disk
+    assert layout["schema"] == 2 and set(layout["features"]) == set(WANT_FEATURES)
+    for name, d in layout["features"].items():
+        assert d["layout"] == "sharded" and d["shard_rows"] >= 256
+        assert d["staged"] == len(list((store_path / ".tvr" / "staging" / name).rglob("*.npz"))) > 0
+        files = [p for p in (store_path / name).rglob("*") if p.is_file()]
+        assert d["files"] == len(files) and d["bytes"] == sum(p.stat().st_size for p in files)
     assert doc == {
         "items": 6,
         "features": WANT_FEATURES,
@@ -81,7 +88,10 @@ def test_info_text_lists_counts_and_reasons(store_path: Path, capsys: pytest.Cap
     lines = out.splitlines()
     assert lines[0] == f"store: {store_path}  items: 6  captions: 12"
     assert lines[1].split()[:8] == ["feature", "modality", "axis", "rows", "ok", "absent", "failed", "pending"]
-    rows = {ln.split()[0]: ln.split() for ln in lines[3:]}
+    rows = {ln.split()[0]: ln.split() for ln in lines[3:lines.index("")]}
+    layout = {ln.split()[0]: ln.split() for ln in lines[lines.index("") + 3:-1]}  # the layout table follows
+    assert set(layout) == {"clip_text", "resnet152", "vggish"} and layout["resnet152"][1] == "sharded"
+    assert lines[-1].startswith("schema v2: ")
     assert set(rows) == {"clip_text", "resnet152", "vggish"}
     assert rows["resnet152"][1:8] == ["appearance", "item", "6", "2", "0", "4", "0"]
     assert rows["resnet152"][8:] == ["failed:decode_error=3,", "failed:oom=1"]
@@ -93,9 +103,11 @@ def test_info_text_lists_counts_and_reasons(store_path: Path, capsys: pytest.Cap
 def test_info_on_store_without_features(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     FeatureStore.create(tmp_path / "e.zarr", [ItemRecord("a", "/a.mp4")])
     code, out, _ = run(["info", str(tmp_path / "e.zarr"), "--json"], capsys)
-    assert code == 0 and json.loads(out) == {"items": 1, "features": {}, "failure_reasons": {}}
+    doc = json.loads(out)
+    assert doc.pop("layout")["features"] == {}
+    assert code == 0 and doc == {"items": 1, "features": {}, "failure_reasons": {}}
     code, out, _ = run(["info", str(tmp_path / "e.zarr")], capsys)
-    assert code == 0 and out.splitlines()[-1] == "(no features yet)"
+    assert code == 0 and "(no features yet)" in out.splitlines()
 
 
 @pytest.mark.parametrize("what", ["missing", "plain_dir", "file"])
