@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from pipelines import reaper
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset, DatasetError, is_url, read_source
 from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
@@ -97,7 +98,9 @@ def connect_ray(cfg: ExtractConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        before = reaper.children_of(os.getpid()) if reaper.PROC.exists() else {}
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=True)
+        reaper.start_reaper(before)  # a SIGKILLed driver would otherwise leave Ray's agents running
     return True
 
 
@@ -251,6 +254,7 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
                 ray.kill(a)
         if owns_ray:
             ray.shutdown()
+            reaper.stop_reaper()
     result.seconds = time.perf_counter() - t_start
     return result
 
