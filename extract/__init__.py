@@ -16,7 +16,7 @@ from extract._registry import create_extractor, extractor_class, list_extractors
 from extract._weights import WeightsError, WeightsNotFound, resolve_weights
 
 # Registration happens on import.
-from extract import clip_frames, clip_text, dlib_face, i3d, resnet152, vggish, word_vectors  # noqa: E402,F401  isort: skip
+from extract import clip_frames, clip_text, dlib_face, frames, i3d, resnet152, vggish, word_vectors  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "CaptionExtractor",

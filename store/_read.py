@@ -123,7 +123,8 @@ class ReadMixin:
         got = self._read_rows(feature, sel, idx, names)
         status = got["status"].astype(np.uint8)
         ok = status == Status.OK
-        values = got["values"].astype(np.float32, copy=False)
+        # uint8 features (frames) stay uint8: 4x less memory than float32, and the trainer normalises on device
+        values = got["values"] if spec.dtype == "uint8" else got["values"].astype(np.float32, copy=False)
         mask = got["mask"].astype(bool)
         self._check_rows(feature, idx, status, values, mask)
         values[~ok] = 0  # v2 PENDING rows hold the NaN fill value
@@ -140,7 +141,7 @@ class ReadMixin:
         """Refuse invalid status codes and OK rows whose data is missing (lost chunk/shard: NaN fill, no mask)."""
         ok = status == Status.OK
         lost = ok & ~mask.any(axis=1)
-        if self.version >= 2:
+        if self.version >= 2 and values.dtype.kind == "f":
             lost |= ok & np.isnan(values.reshape(len(values), -1)).any(axis=1)
         bad = status > _MAX_CODE
         if lost.any() or bad.any():

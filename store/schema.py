@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 SCHEMA_VERSION = 2  # 2: sharded arrays with a staging area (design.md §1); 1: one chunk per row, read-only
-VALUE_DTYPES = ("float16", "float32")
+VALUE_DTYPES = ("float16", "float32", "uint8")  # uint8: raw pixels (the `frames` feature), read back as uint8
 AXES = ("item", "caption")
 KINDS = ("video", "image")
 SPLITS = ("", "train", "val", "test")
@@ -47,7 +47,7 @@ class FeatureSpec:
     name: str  # group name: "resnet152", "i3d_flow", "vggish", "dlib_face", "clip", "clip_text", "glove"
     dim: int  # feature width D
     max_steps: int  # T: step axis length on disk (1 for pooled or caption-level vectors)
-    dtype: str = "float16"  # values dtype, "float16" or "float32"
+    dtype: str = "float16"  # values dtype, "float16", "float32" or "uint8" (pixels)
     modality: str = "appearance"  # appearance | motion | audio | face | clip | text | words
     axis: str = "item"  # "item" (one row per video/image) or "caption" (one row per caption)
     slots: int = 0  # >0: K values per step (faces); values gain a slot axis
@@ -254,7 +254,8 @@ def feature_arrays(spec: FeatureSpec, rows: int, shard_rows: int | None = None) 
             kw["shards"] = (shard_rows, *trail)
         return kw
 
-    vfill = 0 if shard_rows is None else float("nan")
+    # uint8 has no NaN: a lost uint8 values shard cannot be told from black pixels by its fill value
+    vfill = 0 if shard_rows is None or spec.dtype == "uint8" else float("nan")
     out: dict[str, dict[str, Any]] = {
         "values": arr((t, *k, spec.dim), spec.dtype, (step, *slot, f"{n}_dim"), vfill, big_inner, big),
         "mask": arr((t,), "bool", (step,), False, small_inner, small),

@@ -134,7 +134,11 @@ def test_spec_and_weights_fields(name: str) -> None:
     assert isinstance(spec, FeatureSpec) and spec.name == name
     assert FeatureSpec.from_json(spec.to_json()) == spec
     assert spec.axis == ("caption" if isinstance(ex, CaptionExtractor) else "item")
-    assert spec.modality in ("appearance", "motion", "audio", "face", "clip", "text", "words")
+    assert spec.modality in ("appearance", "motion", "audio", "face", "clip", "text", "words", "frames")
+    if not getattr(ex, "has_weights", True):  # raw pixels (frames): no model, one fixed identity, random or not
+        assert ex.provenance()["weights"] == {"file": "none (raw pixels, no model)", "sha256": ""}
+        assert ex.provenance()["preset"] in transforms.PRESETS
+        return
     w = ex.weights
     assert w is not None, "every extractor declares its weights spec"
     assert w.filename and "/" not in w.filename and w.url and w.name
@@ -271,6 +275,9 @@ def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_w
         ex = create_extractor(name, random_init="missing", device="cpu", **opts)
     fell_back = [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
     wid = ex.provenance()["weights"]
+    if not getattr(ex, "has_weights", True):  # raw pixels: nothing to find, nothing to fall back from
+        assert not fell_back and "random" not in wid, wid
+        return
     if name in PACKAGED or "weights_path" in opts:
         assert not fell_back and wid.get("file") and "random" not in wid, wid
         return
