@@ -76,13 +76,14 @@ DEFAULT_CAPTION_FEATURES = ("clip_text", "glove")
 
 
 def default_features(has_captions: bool) -> list[str]:
-    """Every registered item extractor, plus clip_text and glove when the dataset has captions."""
+    """Every registered item extractor (but `in_default_features = False` ones), plus clip_text and glove with captions."""
     from extract import _registry
     from extract._api import CaptionExtractor
 
     names = list(_registry.list_extractors())
     items = [n for n in names if not (isinstance(cls := _registry.extractor_class(n), type)
-                                      and issubclass(cls, CaptionExtractor))]
+                                      and issubclass(cls, CaptionExtractor))
+             and getattr(_registry.extractor_class(n), "in_default_features", True)]  # frames: only on request
     return items + ([n for n in DEFAULT_CAPTION_FEATURES if n in names] if has_captions else [])
 
 
