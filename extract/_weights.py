@@ -2,7 +2,10 @@
 
 Resolution order of `resolve_weights(spec, ...)` (first hit wins):
 
-1. ``path``: an explicit file (``weights_path=`` / ``--weights FILE``); it must exist.
+1. ``path``: an explicit file (``weights_path=`` / ``--weights FILE``); it must exist. A file whose digest differs
+   from the spec's pin (converted, fine-tuned or re-released weights) is ACCEPTED with an `UnpinnedWeightsWarning`
+   naming the file, the expected and the actual sha256; `weights_identity` then records ``"unpinned": true`` and the
+   file's own name and digest, so such features never share a store group with the pinned file's.
 2. a weights directory: ``weights_dir`` argument, else the ``TVR_WEIGHTS_DIR`` environment variable;
    the file looked up is ``<dir>/<spec.filename>``.
 3. the library's own cache, when ``hub`` names one: ``hub="torch"`` -> ``torch.hub.get_dir()/checkpoints/<filename>``
@@ -18,8 +21,9 @@ Resolution order of `resolve_weights(spec, ...)` (first hit wins):
 5. otherwise `WeightsNotFound` (a `WeightsError`) naming the file, its URL, its sha256 and where to put it.
 
 Only `WeightsNotFound` means "the weights are not here": it is what ``random_init="missing"`` (extract._api) falls
-back on. An explicit path that does not exist and a checksum mismatch are plain `WeightsError`s: the user asked for
-a specific file, or a file is there but wrong, and silently swapping in random weights would hide that.
+back on. An explicit path that does not exist and a checksum mismatch in steps 2-4 are plain `WeightsError`s: the
+user asked for a specific file, or a file is there but wrong, and silently swapping in random weights would hide that.
+The pin is enforced for every file tvr finds by itself (steps 2-4): only a file the user names is trusted unpinned.
 
 Checksums. ``spec.sha256`` is either the full 64-hex digest (the file's digest must equal it) or a hex prefix
 (the digest must START WITH it, exactly as ``torch.hub``'s ``check_hash`` checks the 8 hex digits in torchvision
@@ -31,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import socket
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +53,8 @@ _HEX = re.compile(r"^[0-9a-f]*$")
 Hub = Literal["torch", "open_clip"] | None
 
 _digest_cache: dict[tuple[str, int, int], str] = {}
+_unpinned: set[tuple[str, str]] = set()  # (resolved path, sha256) of explicit files accepted against their pin
+log = logging.getLogger("tvr.extract")
 
 
 def offline() -> bool:
@@ -61,6 +69,10 @@ def _hf_repo(spec: WeightsSpec) -> str:
 
 class WeightsError(RuntimeError):
     """Weights are missing or do not match their pinned checksum; the message says what to do."""
+
+
+class UnpinnedWeightsWarning(UserWarning):
+    """An explicitly given weights file is not the pinned one; it is used, and provenance says "unpinned"."""
 
 
 class WeightsNotFound(WeightsError):
@@ -108,6 +120,25 @@ def verify_weights(path: Path, spec: WeightsSpec) -> str:
             f"version; delete it and get the right one from {spec.url}"
         )
     return actual
+
+
+def accept_explicit(path: Path, spec: WeightsSpec) -> str:
+    """Check an explicitly given file: the pinned file passes quietly, any other one with a warning -> its sha256."""
+    actual = sha256_file(path)
+    expected = expected_digest(spec)
+    if expected and not actual.startswith(expected):
+        _unpinned.add((str(path.resolve()), actual))
+        msg = (f"weights file {path} (given explicitly for {spec.name}) is not the pinned {spec.filename}: expected "
+               f"sha256 {'prefix ' if len(expected) < 64 else ''}{expected}, actual sha256 {actual}. Using it as "
+               "given (converted, fine-tuned or re-released weights); provenance records it as unpinned")
+        warnings.warn(msg, UnpinnedWeightsWarning, stacklevel=3)
+        log.warning(msg)
+    return actual
+
+
+def is_unpinned(path: Path) -> bool:
+    """Whether `path` (with its current content) was accepted by `accept_explicit` against its spec's pin."""
+    return (str(path.resolve()), sha256_file(path)) in _unpinned
 
 
 def _missing_message(spec: WeightsSpec, tried: list[str], download_hint: bool) -> str:
@@ -233,7 +264,7 @@ def resolve_weights(
                 f"weights file {p} (given explicitly for {spec.name}) does not exist or is not a file; "
                 f"fix the path, or drop it to use --weights-dir / {ENV_WEIGHTS_DIR} (expected file {spec.filename})"
             )
-        verify_weights(p, spec)
+        accept_explicit(p, spec)
         return p
     tried: list[str] = []
     wdir = weights_dir if weights_dir is not None else os.environ.get(ENV_WEIGHTS_DIR) or None
@@ -282,8 +313,10 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     return obj
 
 
-def weights_identity(path: Path, spec: WeightsSpec) -> dict[str, str]:
-    """Provenance identity of real weights: file name and full actual sha256."""
+def weights_identity(path: Path, spec: WeightsSpec) -> dict[str, Any]:
+    """Provenance identity of real weights: file name and full actual sha256 (+ ``unpinned`` for a foreign file)."""
+    if is_unpinned(path):  # not the spec's file: its own name, so nobody mistakes it for the pinned one
+        return {"file": path.name, "sha256": sha256_file(path), "unpinned": True}
     hf_names = [str(n) for n in spec.meta.get("hf_filenames", ())]
     name = path.name if path.name in hf_names else spec.filename  # an HF cache hit is open_clip's re-export
     return {"file": name, "sha256": sha256_file(path)}

@@ -11,6 +11,9 @@ Recipe (video_features' I3D, with its flow-crop bug fixed):
   extract.raft_flow), centre-crop 224, clamp +-20 px, f/20 -> [-1, 1] (`quantize_uint8=True`: the reference's
   uint8 round trip instead); RGB: centre-crop 224, 2x/255 - 1;
 - Inception-I3D (extract.i3d_net) features: AvgPool3d((2, 7, 7), stride 1) after Mixed_5c, mean over time.
+  `compat="tf"` (default) computes it TF-faithfully (BatchNorm eps 1e-3, run-time "SAME" padding);
+  `compat="video_features"` as video_features' own I3D code does (eps 1e-5, build-time padding), to reproduce
+  features made with that tool. The choice is in provenance (options and variant), so the two never share a group.
 
 Items: images have no motion -> `i3d_flow` ABSENT "no_motion", `i3d_rgb` ABSENT "too_short"; videos shorter than
 one stack (stack_size + 1 frames) -> ABSENT "too_short" (no padding: every stored stack is a full one, as the
@@ -41,7 +44,15 @@ from torchvision.transforms import functional as TF
 
 from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
-from extract.i3d_net import FEATURE_DIM, MIN_FRAMES, InceptionI3d, load_i3d_weights
+from extract.i3d_net import (
+    BN_EPS,
+    FEATURE_DIM,
+    VIDEO_FEATURES_BN_EPS,
+    InceptionI3d,
+    check_compat,
+    load_i3d_weights,
+    min_input,
+)
 from extract.raft_flow import DEFAULT_FLOW_UPDATES, DEFAULT_RAFT, RaftFlow, center_crop, scale_flow
 from extract.sampling import DECODE_FPS
 from extract.transforms import frames_to_tensor, register_preset
@@ -143,19 +154,23 @@ class _I3DExtractor(Extractor):
         step_size: int = 64,
         max_steps: int = 64,
         stack_batch: int = 1,
+        compat: str = "tf",
         **common: Any,
     ) -> None:
         """source: I3D checkpoint family (video_features | kinetics_i3d_pytorch | pytorch_i3d; any layout loads
         from weights_path); stack_size/step_size: frames per stack / between stack starts at 25 fps; max_steps:
-        stacks kept per item; stack_batch: stacks per I3D forward."""
+        stacks kept per item; stack_batch: stacks per I3D forward; compat: "tf" | "video_features" numerics."""
         super().__init__(**common)
+        self.compat = check_compat(compat)
+        min_frames = min_input(compat)[0]
         key = f"{source}.{self.stream}"
         if key not in I3D_WEIGHTS:
             sources = sorted({k.split(".")[0] for k in I3D_WEIGHTS})
             raise ValueError(f"{self.name}: unknown source {source!r}; choose one of {sources}")
-        if stack_size < MIN_FRAMES:
+        if stack_size < min_frames:
             raise ValueError(
-                f"{self.name}: stack_size must be >= {MIN_FRAMES} (I3D's temporal support), got {stack_size}"
+                f"{self.name}: stack_size must be >= {min_frames} (I3D's temporal support with compat={compat!r}), "
+                f"got {stack_size}"
             )
         if step_size < 1 or max_steps < 1 or stack_batch < 1:
             raise ValueError(f"{self.name}: step_size, max_steps and stack_batch must be >= 1")
@@ -166,12 +181,16 @@ class _I3DExtractor(Extractor):
             modality="motion" if self.stream == "flow" else "appearance",
         )
         self.layout = ""
-        self.model = self.build_model(lambda: InceptionI3d(self.in_channels, num_classes=0), I3D_WEIGHTS[key],
-                                      load=self._load)
+        self.model = self.build_model(lambda: InceptionI3d(self.in_channels, num_classes=0, compat=compat),
+                                      I3D_WEIGHTS[key], load=self._load)
+        if compat != "tf":  # other numerics: a different variant, so a store never mixes the two in one group
+            self.variant = f"{self.variant}+compat={compat}"
         self.options = {
             "stack_size": stack_size, "step_size": step_size, "max_steps": max_steps, "fps": DECODE_FPS,
             "short_side": SHORT_SIDE, "crop": CROP, "head": "avgpool(2,7,7) after Mixed_5c, mean over time",
-            "checkpoint_layout": self.layout or None, "half": self.half,
+            "checkpoint_layout": self.layout or None, "half": self.half, "compat": compat,
+            "bn_eps": BN_EPS if compat == "tf" else VIDEO_FEATURES_BN_EPS,
+            "padding": "tf_same (run time)" if compat == "tf" else "video_features static same (build time)",
         }
 
     def _load(self, model: torch.nn.Module, path: Path) -> None:

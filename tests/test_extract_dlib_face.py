@@ -14,6 +14,7 @@ pytest.importorskip("dlib")
 skdata = pytest.importorskip("skimage.data")
 
 from extract import WeightsError, create_extractor  # noqa: E402
+from extract._weights import UnpinnedWeightsWarning  # noqa: E402
 from extract import _dlib_models as models  # noqa: E402
 from extract.dlib_face import FacePipeline  # noqa: E402
 from store.schema import Status  # noqa: E402
@@ -163,8 +164,9 @@ def test_sha256_mismatch_of_a_copied_model_is_detected(tmp_path) -> None:
     (bad / spec.filename).write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="checksum mismatch"):
         models.resolve_dlib_model(spec, weights_dir=bad)
-    with pytest.raises(WeightsError, match="checksum mismatch"):
-        create_extractor("dlib_face", detector="cnn", detector_path=bad / spec.filename)
+    with pytest.warns(UnpinnedWeightsWarning, match="checksum|not the pinned"):  # given explicitly: used, flagged
+        _, explicit = models.resolve_dlib_model(spec, path=bad / spec.filename)
+    assert explicit["unpinned"] is True and explicit["sha256"] != spec.sha256
     with pytest.raises(WeightsError, match="does not exist"):
         models.resolve_dlib_model(spec, path=tmp_path / "nope.dat")
 

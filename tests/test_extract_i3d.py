@@ -305,6 +305,50 @@ def test_real_layout_checkpoints_load_into_the_extractor(
         I3DFlow(weights_path=rgb_file, raft=raft_spec.name, weights_dir=tmp_path, device="cpu")
 
 
+@pytest.mark.slow
+def test_video_features_compat_is_selectable_recorded_and_never_mixed(tmp_path: Path) -> None:
+    from extract.i3d_net import load_i3d_checkpoint
+    from store.schema import ItemRecord, StoreError
+    from store.zarr_store import FeatureStore
+
+    torch.manual_seed(6)
+    src = InceptionI3d(3, 400)
+    for m in src.modules():  # small BatchNorm variances, as in the real files, so eps matters
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_var.uniform_(1e-4, 3e-3)
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data.mul_(0.05)
+    spec = I3D_WEIGHTS["video_features.rgb"]
+    torch.save(export_state_dict(src, "hassony2"), tmp_path / spec.filename)  # video_features' i3d_rgb.pt layout
+    opts = dict(weights_dir=tmp_path, stack_size=10, step_size=10, device="cpu")
+    vf, tf = I3DRgb(compat="video_features", **opts), I3DRgb(**opts)
+    stacks: list[torch.Tensor] = []
+    run = vf.run_stacks
+    vf.run_stacks = lambda st: (stacks.extend(st), run(st))[1]  # type: ignore[method-assign]
+    frames = _video(11, 48, 64)  # 10-frame stacks: odd length (5) at MaxPool3d_4a, where the paddings differ
+    rv, rt = _run(vf, frames), _run(tf, frames)
+    assert rv.values.shape == rt.values.shape == (1, 1024) and len(stacks) == 1
+    ref, _ = load_i3d_checkpoint(tmp_path / spec.filename, in_channels=3, compat="video_features")
+    with torch.no_grad():
+        expected = ref.eval().features(stacks[0][None]).numpy().astype(np.float16)
+    np.testing.assert_array_equal(rv.values, expected)
+    assert np.abs(rv.values.astype(np.float32) - rt.values.astype(np.float32)).max() > 1e-2
+    pv, pt = vf.provenance(), tf.provenance()
+    assert (pv["options"]["compat"], pv["options"]["bn_eps"]) == ("video_features", 1e-5)
+    assert (pt["options"]["compat"], pt["options"]["bn_eps"]) == ("tf", 1e-3)
+    assert "static" in pv["options"]["padding"] and "tf_same" in pt["options"]["padding"]
+    assert pt["variant"] == "video_features.rgb" and pv["variant"] == "video_features.rgb+compat=video_features"
+    assert pv["weights"] == pt["weights"]  # same file; the variant keeps the groups apart
+    store = FeatureStore.create(tmp_path / "s.zarr", [ItemRecord(id="a", path="a.mp4")])
+    store.ensure_feature(tf.spec, pt)
+    with pytest.raises(StoreError, match="variant"):
+        store.ensure_feature(vf.spec, pv)
+    with pytest.raises(ValueError, match="stack_size must be >= 10"):
+        I3DRgb(random_init=True, compat="video_features", stack_size=9)
+    with pytest.raises(ValueError, match="compat must be one of"):
+        I3DRgb(random_init=True, compat="caffe")
+
+
 # ---- through the decoder -----------------------------------------------------------------------------------
 
 

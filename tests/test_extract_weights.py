@@ -64,8 +64,63 @@ def test_sha256_mismatch_names_expected_actual_and_path(tmp_path: Path) -> None:
         resolve_weights(spec(), weights_dir=bad.parent)
     msg = str(e.value)
     assert DIGEST in msg and hashlib.sha256(b"other bytes").hexdigest() in msg and str(bad) in msg
+
+
+def test_explicit_foreign_file_is_used_with_a_warning_and_recorded_unpinned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    other = b"fine-tuned weights"
+    mine = put(tmp_path / "mine", other, name="finetuned.pth")
+    actual = hashlib.sha256(other).hexdigest()
+    with pytest.warns(W.UnpinnedWeightsWarning) as rec:
+        assert resolve_weights(spec(), path=mine) == mine
+    msg = str(rec[0].message)
+    assert str(mine) in msg and DIGEST in msg and actual in msg
+    assert W.weights_identity(mine, spec()) == {"file": "finetuned.pth", "sha256": actual, "unpinned": True}
+    prefix = WeightsSpec("V1", "net-deadbeef.pth", "", "u", "imagenet_v1")  # a torch.hub name prefix pins too
+    with pytest.warns(W.UnpinnedWeightsWarning, match="prefix deadbeef"):
+        resolve_weights(prefix, path=mine)
+    # the pinned file given explicitly: quiet, and the usual identity
+    pinned = put(tmp_path / "pinned", name="net.pth")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_weights(spec(), path=pinned) == pinned
+    assert W.weights_identity(pinned, spec()) == {"file": "net.pth", "sha256": DIGEST}
+    # the same foreign bytes found by tvr itself (weights dir, env, hub cache) stay refused
+    put(tmp_path / "wdir", other)
     with pytest.raises(WeightsError, match="checksum mismatch"):
-        resolve_weights(spec(), path=bad)
+        resolve_weights(spec(), weights_dir=tmp_path / "wdir")
+    monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(tmp_path / "wdir"))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        resolve_weights(spec(), hub="torch")
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR)
+    put(isolated / "checkpoints", other)
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        resolve_weights(spec(), hub="torch")
+
+
+def test_explicit_foreign_file_reaches_extractor_provenance(tmp_path: Path) -> None:
+    from extract._api import Extractor
+
+    class Tiny(Extractor):
+        name = "tiny"
+
+        def start(self, info: object) -> None:  # type: ignore[override]
+            raise NotImplementedError
+
+    src = torch.nn.Linear(2, 2)
+    torch.save(src.state_dict(), tmp_path / "converted.pth")
+    actual = hashlib.sha256((tmp_path / "converted.pth").read_bytes()).hexdigest()
+    ex = Tiny(weights_path=tmp_path / "converted.pth")
+    with pytest.warns(W.UnpinnedWeightsWarning, match="converted.pth"):
+        m = ex.build_model(lambda: torch.nn.Linear(2, 2), spec())
+    assert torch.equal(m.weight, src.weight)
+    assert ex.provenance()["weights"] == {"file": "converted.pth", "sha256": actual, "unpinned": True}
+    with pytest.raises(WeightsError, match="checksum mismatch"):  # the same file via the weights dir: refused
+        (tmp_path / "wd").mkdir()
+        (tmp_path / "wd" / "net.pth").write_bytes((tmp_path / "converted.pth").read_bytes())
+        Tiny(weights_dir=tmp_path / "wd").build_model(lambda: torch.nn.Linear(2, 2), spec())
 
 
 def test_prefix_digest_checked_like_torch_hub(tmp_path: Path) -> None:
