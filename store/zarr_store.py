@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -177,7 +178,10 @@ class FeatureStore(ReadMixin):
         if g.metadata.zarr_format != 3:
             raise StoreError(f"{url} is a Zarr v2 store; tvr stores are Zarr v3, {hint}")
         self = cls(g, str(url), mode)
-        self._validate()
+        try:
+            self._validate()
+        except _RowsMismatch:
+            self._settle()
         if self.version < 2 and mode == "r+":
             raise StoreError(f"{url} is a schema v1 tvr store (one chunk file per row); tvr opens it read-only. "
                              f"Convert it with `tvr-store compact {url}` (writes a sharded v2 store and checks it "
@@ -210,8 +214,8 @@ class FeatureStore(ReadMixin):
             a = self._root[name]
             want = n if dim == "item" else c
             if a.shape != (want,):
-                raise StoreError(f"{url}: root array '{name}' has shape {a.shape}, expected ({want},) "
-                                 "(an interrupted add_items?); recreate the store")
+                raise _RowsMismatch(f"{url}: root array '{name}' has shape {a.shape}, expected ({want},) (another "
+                                    "process is adding items, or an add_items was interrupted)")
         with _quiet_members():
             members = list(self._g.members())
         for key, node in members:
@@ -296,6 +300,9 @@ class FeatureStore(ReadMixin):
             a = members[aname]
             _check_dims(self.url, f"{name}/{aname}", a, kw["dimension_names"])
             shards = tuple(kw["shards"]) if "shards" in kw else None
+            if a.shape[1:] == kw["shape"][1:] and a.shape[0] != rows and a.chunks == kw["chunks"]:
+                raise _RowsMismatch(f"{where}: array '{aname}' has {a.shape[0]} rows, the store {rows} (another "
+                                    "process is adding items, or an add_items was interrupted)")
             if (a.shape != kw["shape"] or a.chunks != kw["chunks"] or a.shards != shards
                     or not _dtype_ok(a, kw["dtype"])):
                 raise StoreError(f"{where}: array '{aname}' has shape {a.shape} chunks {a.chunks} shards {a.shards} "
@@ -304,19 +311,58 @@ class FeatureStore(ReadMixin):
             arrays[aname] = a
         self._specs[name], self._arrays[name], self._shard_rows[name] = spec, arrays, shard_rows
 
-    def _reload(self) -> None:
-        """Re-read the whole store from disk (after taking the structural lock: shapes may have changed)."""
+    def _reload(self, repair: bool = True) -> None:
+        """Re-read the whole store from disk (under the structural lock: shapes may have changed)."""
         self._g = zarr.open_group(store=self._g.store, path=self._g.path, mode=self.mode)
         self._specs, self._arrays, self._shard_rows = {}, {}, {}
-        self._validate()
+        try:
+            self._validate()
+        except _RowsMismatch:
+            if not repair or self.mode != "r+":
+                raise
+            self._trim_rows()  # we hold the lock, so nobody is adding items: an add_items died midway
+            self._reload(repair=False)
+
+    def _settle(self) -> None:
+        """Row counts disagree: wait for the structural change in progress (lock), repairing a dead one (r+)."""
+        lock = self._lock("structure", "structural (add_items / ensure_feature)")
+        if self.mode == "r+":
+            with lock:
+                self._reload()
+            return
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while lock.holder() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            self._reload(repair=False)
+        except _RowsMismatch as e:
+            raise StoreError(f"{e}; open the store once with mode='r+' (or rerun tvr-extract) to repair it") from e
+
+    def _trim_rows(self) -> None:
+        """Undo the half of an interrupted add_items: arrays longer than the id tables lose their new (empty) rows."""
+        g = self._g
+        n, c = g["item_id"].shape[0], g["caption_id"].shape[0]
+        for name, (_, dim, _) in ROOT_ARRAYS.items():
+            want = n if dim == "item" else c
+            if g[name].shape[0] > want:
+                g[name].resize((want,))
+        with _quiet_members():
+            groups = [(k, v) for k, v in g.members() if isinstance(v, zarr.Group)]
+        for key, grp in groups:
+            axis = grp.attrs.get("spec", {}).get("axis", "item")
+            want = n if axis == "item" else c
+            for _, a in grp.arrays():
+                if a.shape[0] > want:
+                    a.resize((want, *a.shape[1:]))
 
     def _open_arrays(self, feature: str) -> dict[str, zarr.Array]:
         """Fresh handles (current shapes) of a feature's arrays."""
         base = f"{self._g.path}/{feature}" if self._g.path else feature
         return {k: zarr.open_array(store=self._g.store, path=f"{base}/{k}", mode="r+") for k in self._arrays[feature]}
 
-    def _lock(self, name: str, purpose: str, timeout: float = LOCK_TIMEOUT) -> StoreLock:
-        return StoreLock(self._g.store, self._local_root, name, url=self.url, purpose=purpose, timeout=timeout)
+    def _lock(self, name: str, purpose: str, timeout: float | None = None) -> StoreLock:
+        return StoreLock(self._g.store, self._local_root, name, url=self.url, purpose=purpose,
+                         timeout=LOCK_TIMEOUT if timeout is None else timeout)
 
     # ---- extending ----
     def _require_write(self) -> None:
@@ -540,6 +586,10 @@ class FeatureStore(ReadMixin):
         """How many staged (not yet packed) objects `feature` has."""
         self._check_feature(feature)
         return 0 if self._staging is None else self._staging.count(feature)
+
+
+class _RowsMismatch(StoreError):
+    """Arrays disagree on the row count: a structural change is in progress or was interrupted."""
 
 
 def open_store(url: str | os.PathLike, mode: Literal["r", "r+"] = "r", **kw: Any) -> FeatureStore:
