@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from pipelines.config import RANDOM_IF_MISSING, ConfigError, ExtractConfig, load_yaml
+from extract.decode import FRAME_RULES
 from pipelines.dataset import DatasetError
 
 _RANDOM_MODES = {"all": True, RANDOM_IF_MISSING: RANDOM_IF_MISSING}
@@ -62,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error out listing missing files instead of recording them FAILED missing_file")
     p.add_argument("--max-retries", type=int, help="retries of an item whose worker died (default 2)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--fps", type=float, help="decode frame rate (default 25)")
-    p.add_argument("--decode-height", type=int, help="decode frames at this height (default: native)")
+    p.add_argument("--fps", help=argparse.SUPPRESS)  # removed; parse_config explains why (config.REMOVED)
+    p.add_argument("--decode-height", type=int, help="decode frames at this height in px, >= 1 (default: native); "
+                   "recorded per feature, a rerun with another height is refused")
+    p.add_argument("--frame-rule", choices=FRAME_RULES, help="which source frame each 25 fps output frame shows: "
+                   "'nearest' (FFmpeg's fps filter, the default) or 'floor' (the latest one not after it); "
+                   "recorded per feature like --decode-height")
+    p.add_argument("--update-manifest", action="store_true", default=None,
+                   help="on a rerun whose manifest changed an item's path/kind/split or a caption's text: update "
+                   "the store's tables and redo those rows (default: refuse, listing the changes)")
     p.add_argument("--batch-size", type=int, help="frames per decoded batch (default 16)")
     p.add_argument("--decode-queue", dest="queue_size", type=int,
                    help="frame batches a decode thread buffers ahead of the models (default 4; 0: decode inline)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,6 +11,11 @@ import yaml
 
 
 RANDOM_IF_MISSING = "missing"  # random_weights value: real weights where they resolve, else seeded random
+REMOVED = {  # options that no longer exist -> why, and what to do instead
+    "fps": "every extractor picks its steps from the fixed 25 fps decode grid (extract.sampling.DECODE_FPS), so "
+           "another decode rate would mislabel step times; set a feature's own step rate instead, e.g. "
+           "extractor_options: {resnet152: {fps: 2}} in --config",
+}
 
 
 class ConfigError(Exception):
@@ -34,8 +40,9 @@ class ExtractConfig:
     strict: bool = False  # error out (listing them) when manifest files are missing, instead of FAILED missing_file
     max_retries: int = 2  # re-runs of an item whose worker process died, before FAILED worker_died
     address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS, else start a local Ray
-    fps: float = 25.0  # decode frame rate fed to every extractor
     decode_height: int | None = None  # decode frames at this height (None: native size)
+    frame_rule: str = "nearest"  # which source frame an output frame shows (extract.decode.FRAME_RULES)
+    update_manifest: bool = False  # rerun with changed paths/captions/splits: update the store and redo those rows
     batch_size: int = 16  # frames per decoded batch
     caption_chunk: int | None = None  # caption rows per task (rounded to the feature's chunk_rows); None: chunk_rows
     queue_size: int = 4  # decoded batches buffered ahead of the models by a decode thread; 0: decode inline
@@ -54,6 +61,8 @@ class ExtractConfig:
         clean: dict[str, Any] = {}
         for key, value in data.items():
             k = str(key).replace("-", "_")
+            if k in REMOVED:
+                raise ConfigError(f"{where}: {key!r} was removed: {REMOVED[k]}")
             if k not in names:
                 raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
             clean[k] = value
@@ -64,31 +73,50 @@ class ExtractConfig:
         return dataclasses.replace(self, **clean)
 
     def validate(self) -> "ExtractConfig":
-        """Raise ConfigError for values no run can use."""
+        """Raise ConfigError for values no run can use; every numeric option is range-checked."""
         if not self.source:
             raise ConfigError("no dataset SOURCE given: pass a folder or manifest, or set 'source' in --config")
         if not self.store:
             raise ConfigError("no --store given: pass the feature store path, or set 'store' in --config")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.max_retries < 0:
-            raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.batch_size < 1 or self.queue_size < 0:
-            raise ConfigError("--batch-size must be >= 1 and queue_size >= 0")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        for name, low, optional in _INT_RANGES:
+            _check_number(self, name, low, optional, integer=True)
+        for name, low, optional in _FLOAT_RANGES:
+            _check_number(self, name, low, optional, integer=False)
         if self.random_weights not in (True, False, RANDOM_IF_MISSING):
             raise ConfigError(f"random_weights must be true, false or {RANDOM_IF_MISSING!r}, "
                               f"got {self.random_weights!r}")
-        if self.fps <= 0:
-            raise ConfigError(f"--fps must be > 0, got {self.fps}")
+        from extract.decode import FRAME_RULES
+
+        if self.frame_rule not in FRAME_RULES:
+            raise ConfigError(f"--frame-rule must be one of {', '.join(FRAME_RULES)}, got {self.frame_rule!r}")
+        for key in ("retry_failed", "strict", "allow_download", "progress", "update_manifest"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         return self
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (saved next to the run's log)."""
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# (field, smallest allowed value, None allowed) for every numeric option; "--x-y" in messages
+_INT_RANGES = (("workers", 1, True), ("max_retries", 0, False), ("seed", 0, False), ("decode_height", 1, True),
+               ("batch_size", 1, False), ("queue_size", 0, False), ("caption_chunk", 1, True))
+_FLOAT_RANGES = (("gpus_per_worker", 0.0, True), ("cpus_per_worker", 0.0, True))
+_FLAGS = {"queue_size": "--decode-queue"}  # fields whose command-line flag is not --<field-with-dashes>
+
+
+def _check_number(cfg: ExtractConfig, name: str, low: float, optional: bool, *, integer: bool) -> None:
+    """ConfigError unless cfg.<name> is a finite number >= low (> 0 for CPU counts), or None when optional."""
+    value, flag = getattr(cfg, name), _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ConfigError(f"{flag} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    strict = name == "cpus_per_worker"  # a worker needs some CPU; a GPU share of 0 means CPU-only
+    if value < low or (strict and value <= low):
+        raise ConfigError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -11,13 +11,17 @@ Manifest formats (paths are relative to the manifest's folder; absolute paths an
 A folder is searched recursively for video and image files by extension; an item's id is its path relative to the
 folder with forward slashes. Folders carry no captions.
 
-Caption ids are ``<item id>#<k>`` with k counting the item's captions from 0 in manifest order.
+Caption ids are ``<item id>#<k>`` with k counting the item's captions from 0 in manifest order. Empty captions
+(whitespace only, an empty ``|`` segment, ``""`` in JSONL, or a repeated CSV row with no caption) keep their k and
+are dropped: the remaining ids never shift, and ``Dataset.dropped_captions`` names them.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +43,9 @@ class Dataset:
     source: str
     items: list[ItemRecord]
     captions: list[CaptionRecord] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # item ids whose local file does not exist
+    missing: list[str] = field(default_factory=list)  # item ids whose local file cannot be read (see `problems`)
+    problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # item id -> (reason code, message)
+    dropped_captions: list[str] = field(default_factory=list)  # ids of empty captions (their k is not reused)
 
 
 def is_url(path: str) -> bool:
@@ -50,6 +56,35 @@ def is_url(path: str) -> bool:
 def kind_from_path(path: str) -> str:
     """``"image"`` for image extensions, else ``"video"``."""
     return "image" if path.lower().endswith(IMAGE_EXTS) else "video"
+
+
+def resolve_path(path: Path) -> str:
+    """`path` made absolute with symlinks resolved; a symlink loop leaves it unresolved (`file_problem` reports it)."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        return str(path.absolute())
+
+
+def file_problem(path: str) -> tuple[str, str] | None:
+    """(reason code, message) when a local media path cannot be read as a file, else None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            return "missing_file", f"missing_file: {path} is a symbolic link to a file that does not exist"
+        return "missing_file", f"missing_file: file not found: {path}"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink_loop", (f"symlink_loop: {path} is a loop of symbolic links (too many levels); "
+                                    f"point the link at the real file or fix the manifest path")
+        return "unreadable_file", f"unreadable_file: {path}: {e.strerror or e}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is_directory", (f"is_directory: {path} is a directory, not a video or image file; list the files "
+                                f"inside it, or pass the folder itself as SOURCE")
+    if not stat.S_ISREG(st.st_mode):
+        return "not_a_file", f"not_a_file: {path} is not a regular file (device, socket or pipe)"
+    return None
 
 
 def read_source(source: str | os.PathLike[str]) -> Dataset:
@@ -73,7 +108,8 @@ def read_source(source: str | os.PathLike[str]) -> Dataset:
 def _read_folder(root: Path) -> Dataset:
     """Every video/image file under `root`, sorted by id."""
     items = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    problems: dict[str, tuple[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows directory links, so no walk loops
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith("."):
@@ -83,30 +119,43 @@ def _read_folder(root: Path) -> Dataset:
                 continue
             full = Path(dirpath) / name
             rel = full.relative_to(root).as_posix()
-            items.append(ItemRecord(id=rel, path=str(full.resolve()), kind=kind_from_path(name)))
+            path = resolve_path(full)
+            items.append(ItemRecord(id=rel, path=path, kind=kind_from_path(name)))
+            problem = file_problem(path)  # dangling links and link loops are listed like any file
+            if problem is not None:
+                problems[rel] = problem
     if not items:
         raise DatasetError(f"folder {str(root)!r} contains no video ({', '.join(VIDEO_EXTS)}) or image "
                            f"({', '.join(IMAGE_EXTS)}) files; point SOURCE at the dataset folder or a manifest")
     items.sort(key=lambda r: r.id)
-    return Dataset(source=str(root), items=items)
+    return Dataset(source=str(root), items=items, missing=[r.id for r in items if r.id in problems],
+                   problems=problems)
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    """Rows of a CSV manifest as (line number, dict with list-valued 'captions')."""
+    """Rows of a CSV manifest as (line number, dict with list-valued 'captions'; '' marks an empty caption)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: Excel writes "UTF-8 CSV" with a byte-order mark, which would otherwise glue onto 'id'
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             if "id" not in header or "path" not in header:
                 raise DatasetError(f"manifest {str(path)!r}: CSV header must contain 'id' and 'path' columns, "
                                    f"got {header}")
             rows = []
-            for lineno, raw in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "") for k, v in raw.items() if k is not None}
-                caps = [c.strip() for c in row.pop("captions", "").split(CSV_CAPTION_SEP) if c.strip()]
-                cap = row.pop("caption", "").strip()
-                if cap:
-                    caps.append(cap)
+            for raw in reader:
+                lineno = reader.line_num  # the record's last physical line (quoted fields may span lines)
+                if None in raw:  # more fields than header columns: an unquoted comma, most likely in a caption
+                    raise DatasetError(
+                        f"manifest {str(path)!r} line {lineno}: {len(header) + len(raw[None])} fields but the header "
+                        f"has {len(header)} ({', '.join(header)}); quote fields that contain commas, e.g. "
+                        f"\"a dog, running\"")
+                row = {(k or "").strip(): (v or "") for k, v in raw.items()}
+                cell = row.pop("captions", "")
+                caps = [c.strip() for c in cell.split(CSV_CAPTION_SEP)] if cell.strip() else []
+                cap = row.pop("caption", "")
+                if cap:  # a wholly empty cell gives no caption; whitespace only is an empty caption
+                    caps.append(cap.strip())
                 row["captions"] = caps
                 rows.append((lineno, row))
     except (UnicodeDecodeError, csv.Error) as e:
@@ -118,7 +167,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """Rows of a JSONL manifest as (line number, dict)."""
     rows = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DatasetError(f"manifest {str(path)!r}: not a UTF-8 text file ({e})") from e
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -139,7 +188,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
         if isinstance(obj.get("caption"), str):
             caps = caps + [obj["caption"]]
         row = {k: obj[k] for k in ("id", "path", "split", "kind") if k in obj}
-        row["captions"] = [c.strip() for c in caps if c.strip()]
+        row["captions"] = [c.strip() for c in caps]  # '' stays: an empty caption keeps its k
         rows.append((lineno, row))
     return rows
 
@@ -159,7 +208,7 @@ def _build(source: str, base: Path, rows: list[tuple[int, dict]], *, allow_repea
             raise DatasetError(f"{where}: empty or missing 'id'")
         if not raw_path:
             raise DatasetError(f"{where}: item {item_id!r} has an empty or missing 'path'")
-        path = raw_path if is_url(raw_path) or os.path.isabs(raw_path) else str((base / raw_path).resolve())
+        path = raw_path if is_url(raw_path) or os.path.isabs(raw_path) else resolve_path(base / raw_path)
         kind = str(row.get("kind", "") or "").strip() or kind_from_path(raw_path)
         split = str(row.get("split", "") or "").strip()
         if kind not in KINDS:
@@ -181,8 +230,23 @@ def _build(source: str, base: Path, rows: list[tuple[int, dict]], *, allow_repea
             items[item_id] = rec
             first_line[item_id] = lineno
             caps[item_id] = []
-        caps[item_id].extend(row.get("captions", []))
-    captions = [CaptionRecord(id=f"{iid}#{k}", item=iid, text=t) for iid, texts in caps.items()
-                for k, t in enumerate(texts)]
-    missing = [r.id for r in items.values() if not is_url(r.path) and not os.path.isfile(r.path)]
-    return Dataset(source=source, items=list(items.values()), captions=captions, missing=missing)
+        row_caps = list(row.get("captions", []))
+        if allow_repeats and lineno != first_line[item_id] and not row_caps:
+            row_caps = [""]  # a repeated CSV row exists only to add a caption: an empty one keeps its k
+        caps[item_id].extend(row_caps)
+    captions, dropped = _caption_records(caps)
+    problems = {r.id: p for r in items.values() if not is_url(r.path) and (p := file_problem(r.path)) is not None}
+    return Dataset(source=source, items=list(items.values()), captions=captions, missing=list(problems),
+                   problems=problems, dropped_captions=dropped)
+
+
+def _caption_records(caps: dict[str, list[str]]) -> tuple[list[CaptionRecord], list[str]]:
+    """Caption records `<item>#<k>` numbered over every caption slot, and the ids of the empty (dropped) ones."""
+    captions, dropped = [], []
+    for iid, texts in caps.items():
+        for k, text in enumerate(texts):
+            if text:
+                captions.append(CaptionRecord(id=f"{iid}#{k}", item=iid, text=text))
+            else:
+                dropped.append(f"{iid}#{k}")
+    return captions, dropped

@@ -21,6 +21,7 @@ from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset, DatasetError, is_url, read_source
 from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
                             plan_items)
+from pipelines.rerun import check_manifest, check_settings, with_decode
 from pipelines.worker import ExtractWorker, import_plugins, spec_from_description
 from store.schema import FeatureSpec, Status
 
@@ -173,7 +174,7 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
             extractor_kwargs=kwargs,
             extractor_options=cfg.extractor_options,
             threads=pool.threads,
-            fps=cfg.fps,
+            frame_rule=cfg.frame_rule,
             batch_size=cfg.batch_size,
             decode_height=cfg.decode_height,
             queue_size=cfg.queue_size,
@@ -206,17 +207,41 @@ def _describe(ray: Any, pools: list[PoolSpec], actors: list[list[Any]], err: Tex
     return out
 
 
+def _read_dataset(cfg: ExtractConfig, err: TextIO) -> Dataset:
+    """The dataset; with --strict, an error listing unreadable files; a note naming dropped empty captions."""
+    ds = read_source(cfg.source)
+    if ds.missing and cfg.strict:
+        shown = "\n  ".join(ds.problems[i][1] for i in ds.missing[:50])
+        raise DatasetError(f"{len(ds.missing)} item file(s) listed in {ds.source!r} cannot be read (--strict):\n  "
+                           f"{shown}\nfix the paths or drop --strict to record them as FAILED rows")
+    if ds.dropped_captions:
+        shown = ", ".join(ds.dropped_captions[:10]) + (", ..." if len(ds.dropped_captions) > 10 else "")
+        print(f"tvr-extract: dropped {len(ds.dropped_captions)} empty caption(s) of {ds.source!r} ({shown}); the "
+              "other captions keep their ids", file=err)
+    return ds
+
+
+def _existing_store(cfg: ExtractConfig, ds: Dataset, err: TextIO) -> Any:
+    """The store opened read-only when it exists, after checking (or, with --update-manifest, applying) the
+    manifest's changes; None for a new store."""
+    from store.zarr_store import FeatureStore
+
+    local = _local_path(cfg.store)
+    if not (local.exists() if local is not None else _remote_exists(cfg.store)):
+        return None
+    store = FeatureStore.open(cfg.store, mode="r")
+    check_manifest(store, ds, update=cfg.update_manifest, err=err)
+    return store
+
+
 def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
     """Run one extraction; never raises for per-item problems (they become FAILED rows)."""
     err = err if err is not None else sys.stderr
     t_start = time.perf_counter()
     cfg.validate()
     import_plugins(cfg.plugins)
-    ds = read_source(cfg.source)
-    if ds.missing and cfg.strict:
-        shown = "\n  ".join(f"{i}" for i in ds.missing[:50])
-        raise DatasetError(f"{len(ds.missing)} item file(s) listed in {ds.source!r} do not exist (--strict):\n  "
-                           f"{shown}\nfix the paths or drop --strict to record them as FAILED missing_file")
+    ds = _read_dataset(cfg, err)
+    existing = _existing_store(cfg, ds, err)  # refuses a changed manifest before anything starts
     import extract  # noqa: F401  (registers the built-in extractors)
     from extract import _registry
 
@@ -239,7 +264,10 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
                              cpus_per_worker=cfg.cpus_per_worker, cpu_bound=cpu_bound)
         actors = [_create_pool(ray, p, cfg) for p in pools]
         desc = _describe(ray, pools, actors, err)
-        specs = {f: (spec_from_description(desc[f]), desc[f]["provenance"]) for f in requested}
+        provs = {f: with_decode(desc[f]["provenance"], desc[f]["needs_frames"], cfg) for f in requested}
+        specs = {f: (spec_from_description(desc[f]), provs[f]) for f in requested}
+        if existing is not None:
+            check_settings(existing, specs)
         weights = {f: dict(specs[f][1].get("weights", {})) for f in requested}
         for f, w in weights.items():
             if w.get("random"):
@@ -269,12 +297,12 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
     row_of = {str(i): r for r, i in enumerate(table.id.tolist())}
     statuses = {f: np.asarray(store.status(f)) for f in item_feats + cap_feats}
     missing = set(ds.missing)
-    for item_id in ds.missing:
+    for item_id, (reason, message) in ds.problems.items():  # missing file, directory, symlink loop
         row = row_of[item_id]
         for f in item_feats:
             st = statuses[f][row]
             if st == Status.PENDING or (cfg.retry_failed and st == Status.FAILED):
-                store.write_failed(f, row, "missing_file", f"missing_file: file not found: {_path_of(ds, item_id)}")
+                store.write_failed(f, row, reason, message)
     entries = [(row_of[r.id], r.id, r.path, r.kind) for r in ds.items]
     queues: list[deque] = []
     for p in pools:
@@ -412,11 +440,6 @@ def _drop_if_pool_dead(queue: deque, idle: deque, pings: dict, p: int, store: An
           file=err)
     while queue:
         _mark_failed(store, queue.popleft(), "worker_died", "worker_died: no live worker left to run this item")
-
-
-def _path_of(ds: Dataset, item_id: str) -> str:
-    """The resolved path of `item_id` in the dataset."""
-    return next(r.path for r in ds.items if r.id == item_id)
 
 
 def _task_key(task: ItemTask | CaptionTask) -> tuple:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from extract.sampling import DECODE_FPS
 from store.schema import FeatureSpec, Status
 
 _DONE = object()
+_ERRORS = {"frames_error": "frames", "audio_error": "audio"}  # decode-stream error item -> the stream it ends
 
 
 def import_plugins(plugins: Sequence[str]) -> None:
@@ -58,13 +60,16 @@ class ExtractWorker:
         extractor_kwargs: Mapping[str, Any] | None = None,
         extractor_options: Mapping[str, Mapping[str, Any]] | None = None,
         threads: int = 1,
-        fps: float = 25.0,
+        frame_rule: str = "nearest",
         batch_size: int = 16,
         decode_height: int | None = None,
         queue_size: int = 4,
         decode_threads: int = 0,
     ) -> None:
-        """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides)."""
+        """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides).
+
+        Frames are always decoded on the 25 fps grid every extractor samples its steps from (DECODE_FPS).
+        """
         import torch
 
         import extract  # noqa: F401  (registers the built-in extractors)
@@ -79,7 +84,8 @@ class ExtractWorker:
         with warnings.catch_warnings():  # extract also logs it, and the driver names every random feature
             warnings.simplefilter("ignore", RandomWeightsWarning)
             self.extractors = {f: _registry.create_extractor(f, **kw, **dict(opts.get(f, {}))) for f in features}
-        self.fps, self.batch_size, self.height, self.queue_size = fps, batch_size, decode_height, queue_size
+        self.frame_rule, self.batch_size, self.height = frame_rule, batch_size, decode_height
+        self.queue_size = queue_size
         self.decode_threads = int(decode_threads)
         self._stores: dict[str, Any] = {}
         self._prefetched: _Stream | None = None  # the next item's decode, started early
@@ -146,7 +152,7 @@ class ExtractWorker:
                 fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
 
         want_frames, want_audio = self._wants(list(sessions), info)
-        decode_failure: tuple[str, str] | None = None
+        failures: dict[str, tuple[str, str]] = {}  # stream ("frames" | "audio") -> (reason, message)
         live: _Stream | None = None
         if self.queue_size:
             live = self._take_prefetched(path, want_frames, want_audio)
@@ -156,15 +162,9 @@ class ExtractWorker:
             stream = self._decode_inline(decode, path, want_frames, want_audio)
         try:
             for kind, payload in stream:
-                if kind == "error":
-                    exc = payload
-                    if isinstance(exc, decode.TruncatedMedia):
-                        decode_failure = ("truncated", f"truncated: {exc}")
-                    elif isinstance(exc, decode.DecodeError):
-                        decode_failure = ("decode_error", f"decode_error: {exc}")
-                    else:
-                        decode_failure = ("decode_error", f"decode_error: {_short(exc)}")
-                    break
+                if kind in _ERRORS:  # one stream failed: the other one still feeds its extractors
+                    failures[_ERRORS[kind]] = _decode_failure(decode, payload)
+                    continue
                 for f in list(sessions):
                     ex = self.extractors[f]
                     if kind == "frames" and not getattr(ex, "needs_frames", True):
@@ -190,8 +190,9 @@ class ExtractWorker:
             self._prefetch(decode, *prefetch)
 
         for f, sess in sessions.items():
-            if decode_failure is not None:
-                fail(f, *decode_failure)
+            failure = self._stream_failure(f, failures)
+            if failure is not None:
+                fail(f, *failure)
                 continue
             try:
                 t = time.perf_counter()
@@ -209,10 +210,24 @@ class ExtractWorker:
         return self._summary(row, results, t0, spent)
 
     def _wants(self, features: Sequence[str], info: Any) -> tuple[bool, bool]:
-        """(decode frames?, decode audio?) for `features` of an item described by `info`."""
+        """(decode frames?, decode audio?) for `features` of an item described by `info`.
+
+        A stream the file lacks is not decoded: its extractors' sessions finish ABSENT (no_video / no_audio),
+        as in `Extractor.extract_path`.
+        """
         frames = any(getattr(self.extractors[f], "needs_frames", True) for f in features)
         audio = any(getattr(self.extractors[f], "needs_audio", False) for f in features)
-        return frames, audio and bool(getattr(info, "has_audio", True))
+        return (frames and bool(getattr(info, "has_video", True)),
+                audio and bool(getattr(info, "has_audio", True)))
+
+    def _stream_failure(self, feature: str, failures: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
+        """The decode failure of a stream `feature` consumes, if any (a frame error never fails audio features)."""
+        ex = self.extractors[feature]
+        if getattr(ex, "needs_frames", True) and "frames" in failures:
+            return failures["frames"]
+        if getattr(ex, "needs_audio", False) and "audio" in failures:
+            return failures["audio"]
+        return None
 
     def _start_decode(self, decode: Any, path: str, frames: bool, audio: bool) -> "_Stream":
         """A decode thread filling a bounded queue for `path`."""
@@ -260,25 +275,33 @@ class ExtractWorker:
         _lower_priority()
         try:
             for item in self._decode_inline(decode, path, frames, audio):
-                if not put(item) or item[0] == "error":
+                if not put(item):
                     return
-        except BaseException as e:  # not an Exception (e.g. SystemExit): still handed to the consumer
-            put(("error", e))
-            return
-        put(_DONE)
+        except BaseException as e:  # not an Exception (e.g. SystemExit): every requested stream counts as failed
+            for kind, wanted in (("frames_error", frames), ("audio_error", audio)):
+                if wanted:
+                    put((kind, e))
+        put(_DONE)  # the consumer reads on after a stream's error, so the end marker always follows
 
     def _decode_inline(self, decode: Any, path: str, frames: bool, audio: bool) -> Iterator[tuple[str, Any]]:
-        """Frame batches, then audio chunks, then the error if decoding failed (inline, or inside the producer)."""
-        try:
-            if frames:
-                for batch in decode.iter_frames(path, fps=self.fps, batch_size=self.batch_size, height=self.height,
-                                                threads=self.decode_threads):
+        """Frame batches, then audio chunks (inline, or inside the producer thread).
+
+        Each stream is decoded on its own: a failure is yielded as ("frames_error" | "audio_error", exception)
+        after that stream's readable part, and the other stream is still decoded.
+        """
+        if frames:
+            try:
+                for batch in decode.iter_frames(path, fps=DECODE_FPS, batch_size=self.batch_size, height=self.height,
+                                                frame_rule=self.frame_rule, threads=self.decode_threads):
                     yield "frames", batch
-            if audio:
+            except Exception as e:
+                yield "frames_error", e
+        if audio:
+            try:
                 for chunk in decode.iter_audio(path):
                     yield "audio", chunk
-        except Exception as e:
-            yield "error", e
+            except Exception as e:
+                yield "audio_error", e
 
     @staticmethod
     def _drain(q: queue.Queue) -> Iterator[tuple[str, Any]]:
@@ -345,6 +368,15 @@ class _Stream:
         """Stop the thread (it may be blocked on a full queue) and wait for it."""
         self.stop.set()
         self.thread.join(timeout=30)
+
+
+def _decode_failure(decode: Any, exc: BaseException) -> tuple[str, str]:
+    """(reason, message) for a stream's decode exception: truncated, or decode_error."""
+    if isinstance(exc, decode.TruncatedMedia):
+        return "truncated", f"truncated: {exc}"
+    if isinstance(exc, decode.DecodeError):
+        return "decode_error", f"decode_error: {exc}"
+    return "decode_error", f"decode_error: {_short(exc)}"
 
 
 def spec_from_description(desc: Mapping[str, Any]) -> FeatureSpec:

@@ -125,3 +125,24 @@ def test_summary_table_weights_and_progress_text() -> None:
     bar.close()
     text = buf.getvalue()
     assert "2/4" in text and "failed=1" in text and "ok=1" in text and "<" in text  # done/total, counts, ETA
+
+
+def test_strict_lists_unreadable_items_with_their_problem_and_dropped_captions_are_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines import cli
+
+    def no_ray(cfg: Any) -> bool:
+        raise AssertionError("Ray must not start here")
+
+    monkeypatch.setattr("pipelines.run.connect_ray", no_ray)
+    (tmp_path / "clips.mp4").mkdir()
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    man = tmp_path / "m.jsonl"
+    man.write_text('{"id": "d", "path": "clips.mp4"}\n{"id": "a", "path": "a.mp4", "captions": ["x", " ", "y"]}\n')
+    assert cli.main([str(man), "--store", str(tmp_path / "s.zarr"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "1 item file(s)" in err and "clips.mp4 is a directory" in err and "not found" not in err
+    with pytest.raises(AssertionError, match="Ray must not start"):
+        cli.main([str(man), "--store", str(tmp_path / "s.zarr")])
+    err = capsys.readouterr().err
+    assert "dropped 1 empty caption(s)" in err and "(a#1)" in err

@@ -50,6 +50,8 @@ def test_jsonl_manifest_captions_relative_paths_and_missing(tmp_path: Path) -> N
     assert [(c.id, c.item, c.text) for c in ds.captions] == [("v1#0", "v1", "a dog"), ("v1#1", "v1", "a cat"),
                                                               ("p#0", "p", "a photo")]
     assert ds.missing == ["gone"]
+    gone = (tmp_path / "media" / "gone.mp4").resolve()
+    assert ds.problems == {"gone": ("missing_file", f"missing_file: file not found: {gone}")}
 
 
 def test_csv_manifest_repeated_rows_and_pipe_captions(tmp_path: Path) -> None:
@@ -107,3 +109,80 @@ def test_missing_source_and_binary_manifest(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DatasetError, match="not a UTF-8"):
         read_source(bad)
+
+
+def test_csv_unquoted_comma_in_caption_names_the_line(tmp_path: Path) -> None:
+    man = tmp_path / "m.csv"
+    man.write_text('id,path,caption\nv1,v1.mp4,"a dog, running"\nv2,v2.mp4,a cat, sleeping\n')
+    with pytest.raises(DatasetError, match=r"line 3: 4 fields but the header has 3 .*quote") as info:
+        read_source(man)
+    assert str(man) in str(info.value)
+
+
+def test_csv_line_numbers_count_quoted_newlines(tmp_path: Path) -> None:
+    man = tmp_path / "m.csv"
+    man.write_text('id,path,caption\nv1,v1.mp4,"two\nlines"\nv2,v2.mp4,x,y\n')
+    with pytest.raises(DatasetError, match="line 4: 4 fields"):
+        read_source(man)
+
+
+def test_excel_csv_with_utf8_bom_is_read(tmp_path: Path) -> None:
+    _touch(tmp_path / "v1.mp4")
+    man = tmp_path / "m.csv"
+    man.write_bytes("id,path,caption\r\nv1,v1.mp4,café\r\n".encode("utf-8-sig"))
+    ds = read_source(man)
+    assert [r.id for r in ds.items] == ["v1"] and ds.missing == []
+    assert [(c.id, c.text) for c in ds.captions] == [("v1#0", "café")]
+    jl = tmp_path / "m.jsonl"
+    jl.write_bytes('{"id": "v1", "path": "v1.mp4"}\n'.encode("utf-8-sig"))
+    assert [r.id for r in read_source(jl).items] == ["v1"]
+
+
+def test_empty_captions_keep_stable_ids_and_are_reported(tmp_path: Path) -> None:
+    jl = tmp_path / "m.jsonl"
+    jl.write_text(json.dumps({"id": "a", "path": "a.mp4", "captions": ["one", "  ", "three", ""]}) + "\n"
+                  + json.dumps({"id": "b", "path": "b.mp4", "caption": ""}) + "\n")
+    ds = read_source(jl)
+    assert [(c.id, c.text) for c in ds.captions] == [("a#0", "one"), ("a#2", "three")]
+    assert ds.dropped_captions == ["a#1", "a#3", "b#0"]
+    man = tmp_path / "m.csv"
+    man.write_text("id,path,caption,captions\n"
+                   "v1,v1.mp4,first,\n"
+                   "v1,v1.mp4,,\n"          # a repeated row with no caption: an empty caption
+                   "v1,v1.mp4,third,\n"
+                   "v2,v2.mkv,,x||z\n"      # empty pipe segment
+                   "v3,v3.mkv,,\n")         # no captions at all: nothing dropped
+    ds = read_source(man)
+    assert [(c.id, c.text) for c in ds.captions] == [("v1#0", "first"), ("v1#2", "third"), ("v2#0", "x"),
+                                                      ("v2#2", "z")]
+    assert ds.dropped_captions == ["v1#1", "v2#1"]
+
+
+def test_symlink_loop_and_directory_are_named_per_item(tmp_path: Path) -> None:
+    (tmp_path / "loop_a.mp4").symlink_to(tmp_path / "loop_b.mp4")
+    (tmp_path / "loop_b.mp4").symlink_to(tmp_path / "loop_a.mp4")
+    (tmp_path / "clips.mp4").mkdir()
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    _touch(tmp_path / "ok.mp4")
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps({"id": i, "path": f"{i}.mp4"}) + "\n"
+                           for i in ("loop_a", "clips", "dangling", "ok", "gone")))
+    ds = read_source(man)  # no RuntimeError traceback
+    assert ds.missing == ["loop_a", "clips", "dangling", "gone"]
+    assert {i: r for i, (r, _) in ds.problems.items()} == {
+        "loop_a": "symlink_loop", "clips": "is_directory", "dangling": "missing_file", "gone": "missing_file"}
+    assert "loop of symbolic links" in ds.problems["loop_a"][1] and "loop_a.mp4" in ds.problems["loop_a"][1]
+    assert "is a directory" in ds.problems["clips"][1] and "not found" not in ds.problems["clips"][1]
+    assert "file not found" in ds.problems["gone"][1]
+
+
+def test_folder_with_symlink_loop_lists_it_with_its_problem(tmp_path: Path) -> None:
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # a directory loop is not walked
+    _touch(tmp_path / "c.mp4")
+    ds = read_source(tmp_path)
+    assert [r.id for r in ds.items] == ["a.mp4", "b.mp4", "c.mp4"]
+    assert ds.missing == ["a.mp4", "b.mp4"]
+    assert {r for r, _ in ds.problems.values()} == {"symlink_loop"}

@@ -195,6 +195,41 @@ def test_csv_manifest_captions(ray_session: None, tmp_path: Path) -> None:
     assert float(fs.read("test_mean").values[0, 0, 0]) == pytest.approx(7 / 255)
 
 
+def test_reruns_refuse_other_decode_settings_and_changed_manifests(ray_session: None, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(4)
+    (tmp_path / "media").mkdir()
+    clips = {k: rng.integers(0, 256, (6 + i, 16, 24, 3), dtype=np.uint8) for i, k in enumerate("ab")}
+    for k, frames in clips.items():
+        write_video(tmp_path / "media" / f"{k}.mkv", frames)
+    rows = [{"id": "a", "path": "media/a.mkv", "captions": ["one"]}, {"id": "b", "path": "media/b.mkv"}]
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store, same = tmp_path / "s.zarr", ("--decode-height", "8", "--frame-rule", "floor")
+    assert _run(man, store, *same) == 0
+    fs = _open(store)
+    assert fs.provenance("test_mean")["decode"] == {"fps": 25.0, "height": 8, "frame_rule": "floor"}
+    assert "decode" not in fs.provenance("test_rms")  # audio values do not depend on frame decoding
+    capsys.readouterr()
+    assert _run(man, store) == 2  # native height, nearest frame rule: refused, nothing mixed
+    err = capsys.readouterr().err
+    assert "decode.height: stored 8, this run null" in err and '"floor", this run "nearest"' in err
+    assert "--decode-height 8" in err and "--frame-rule floor" in err
+    rows[0] = {"id": "a", "path": "media/b.mkv", "captions": ["uno"]}  # a now names b's file, and a new caption
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _run(man, store, *same) == 2
+    err = capsys.readouterr().err
+    assert "changed 2 entries" in err and "caption 'a#0': text 'one' -> 'uno'" in err and "b.mkv'" in err
+    assert _open(store).status("test_mean").tolist() == [OK, OK]  # refused before anything was written
+    assert _run(man, store, *same, "--update-manifest") == 0
+    assert "1 item row(s) and the chunks holding 1 caption row(s) are PENDING again" in capsys.readouterr().err
+    fs = _open(store)
+    assert str(fs.items().path[0]) == str((tmp_path / "media" / "b.mkv").resolve())
+    vals = fs.read("test_mean").values
+    np.testing.assert_array_equal(vals[0], vals[1])  # row a re-extracted from the new file, same settings
+    assert fs.read("test_caption").values[0, 0, 0] == len("uno")
+
+
 def test_worker_dies_once_is_retried_and_always_is_worker_died(ray_session: None, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     media = tmp_path / "media"

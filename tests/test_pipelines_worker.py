@@ -161,3 +161,110 @@ def test_next_item_is_prefetched_once_and_a_wrong_hint_is_dropped(tmp_path: Path
     for r, (k, f) in enumerate(clips.items()):
         want = f.reshape(len(f), -1, 3).astype(np.float64).mean(1) / 255
         np.testing.assert_allclose(vals[r, : len(f)], want, atol=1e-6)  # every item got its own frames
+
+
+def _write_audio_only(path: Path, audio: np.ndarray) -> None:
+    """A real audio-only file: 16 kHz mono PCM, no video stream."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        a = c.add_stream("pcm_s16le", rate=16000)
+        a.layout = "mono"
+        fr = av.AudioFrame.from_ndarray((np.clip(audio, -1, 1) * 32767).astype(np.int16)[None], format="s16",
+                                        layout="mono")
+        fr.sample_rate = 16000
+        for p in list(a.encode(fr)) + list(a.encode()):
+            c.mux(p)
+
+
+def _break_video_stream(src: Path, dst: Path) -> None:
+    """Copy `src` packet by packet, replacing every video packet's payload with noise; audio packets stay intact."""
+    import av
+
+    rng = np.random.default_rng(7)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for pkt in inp.demux():
+            if pkt.dts is None:  # the demuxer's flush packets
+                continue
+            idx = pkt.stream.index
+            if pkt.stream.type == "video":
+                bad = av.Packet(rng.integers(0, 256, pkt.size, dtype=np.uint8).tobytes())
+                bad.pts, bad.dts, bad.time_base = pkt.pts, pkt.dts, pkt.time_base
+                pkt = bad
+            pkt.stream = streams[idx]
+            out.mux(pkt)
+
+
+def _rms_alone(tmp_path: Path, path: Path) -> np.ndarray:
+    """test_rms values of `path` from a worker that runs only test_rms (the reference run)."""
+    from store.zarr_store import FeatureStore
+
+    w = _worker(["test_rms"])
+    url = _store(tmp_path / "alone", w, {"x": path})
+    assert w.process(url, 0, str(path), ["test_rms"])["results"]["test_rms"] == (int(Status.OK), "")
+    return FeatureStore.open(url).read("test_rms").values[0]
+
+
+@pytest.mark.parametrize("queue_size", [0, 4])
+def test_audio_only_file_gives_audio_features_ok_beside_frame_features(tmp_path: Path, queue_size: int) -> None:
+    audio = np.sin(np.arange(12000) * 0.03) * 0.5
+    path = tmp_path / "speech.wav"
+    _write_audio_only(path, audio)
+    from extract import decode
+
+    assert not decode.probe(path).has_video and decode.probe(path).has_audio  # really audio-only
+    w = _worker(["test_mean", "test_rms"], queue_size=queue_size)
+    url = _store(tmp_path, w, {"a": path})
+    res = w.process(url, 0, str(path), ["test_mean", "test_rms"])["results"]
+    assert res == {"test_mean": (int(Status.ABSENT), "no_video"), "test_rms": (int(Status.OK), "")}
+    from store.zarr_store import FeatureStore
+
+    got = FeatureStore.open(url).read("test_rms").values[0]
+    np.testing.assert_array_equal(got, _rms_alone(tmp_path, path))  # the same as running the audio feature alone
+    assert got[0, 0] == pytest.approx(np.sqrt(np.mean(audio ** 2)), rel=1e-3)  # independent: RMS of what was written
+
+
+@pytest.mark.parametrize("queue_size", [0, 4])
+def test_corrupt_video_stream_fails_only_frame_features(tmp_path: Path, queue_size: int) -> None:
+    rng = np.random.default_rng(5)
+    audio = np.sin(np.arange(16000) * 0.02) * 0.4
+    write_video(tmp_path / "good.mkv", rng.integers(0, 256, (25, 16, 16, 3), dtype=np.uint8), audio=audio)
+    path = tmp_path / "broken.mkv"
+    _break_video_stream(tmp_path / "good.mkv", path)
+    from extract import decode
+
+    with pytest.raises(decode.DecodeError):  # the video stream really is unreadable ...
+        list(decode.iter_frames(path))
+    assert np.concatenate(list(decode.iter_audio(path))).size == audio.size  # ... and the audio intact
+    w = _worker(["test_mean", "test_max", "test_rms"], queue_size=queue_size)
+    url = _store(tmp_path, w, {"b": path})
+    res = w.process(url, 0, str(path), ["test_mean", "test_max", "test_rms"])["results"]
+    assert res["test_mean"][0] == res["test_max"][0] == int(Status.FAILED)
+    assert res["test_mean"][1] in ("decode_error", "truncated")
+    assert res["test_rms"] == (int(Status.OK), "")
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    np.testing.assert_array_equal(fs.read("test_rms").values[0], _rms_alone(tmp_path, path))
+    assert fs.read("test_rms").values[0, 0, 0] == pytest.approx(np.sqrt(np.mean(audio ** 2)), rel=1e-3)
+
+
+def test_frames_are_decoded_on_the_25_fps_grid_with_the_frame_rule(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract import decode
+
+    write_video(tmp_path / "v.mkv", np.zeros((4, 8, 8, 3), np.uint8))
+    seen: list[dict[str, Any]] = []
+    real = decode.iter_frames
+
+    def spy(*a: Any, **k: Any) -> Iterator[Any]:
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(decode, "iter_frames", spy)
+    for rule in ("floor", "nearest"):
+        w = _worker(["test_mean"], frame_rule=rule, decode_height=6, queue_size=0)
+        url = _store(tmp_path / rule, w, {"v": tmp_path / "v.mkv"})
+        assert w.process(url, 0, str(tmp_path / "v.mkv"), ["test_mean"])["results"]["test_mean"][0] == Status.OK
+    assert [(k["fps"], k["frame_rule"], k["height"]) for k in seen] == [(25.0, "floor", 6), (25.0, "nearest", 6)]
