@@ -93,7 +93,9 @@ def read_source(source: str | os.PathLike[str]) -> Dataset:
     if src.is_dir():
         return _read_folder(src)
     if not src.exists():
-        raise DatasetError(f"dataset source {str(src)!r} does not exist: give a folder of videos/images or a "
+        problem = file_problem(str(src)) if os.path.lexists(src) else None  # a dangling link or a link loop
+        detail = problem[1].split(": ", 1)[1] if problem else "does not exist"
+        raise DatasetError(f"dataset source {str(src)!r}: {detail}; give a folder of videos/images or a "
                            f"manifest file (.csv or .jsonl)")
     suffix = src.suffix.lower()
     if suffix == ".csv":

@@ -186,3 +186,10 @@ def test_folder_with_symlink_loop_lists_it_with_its_problem(tmp_path: Path) -> N
     assert [r.id for r in ds.items] == ["a.mp4", "b.mp4", "c.mp4"]
     assert ds.missing == ["a.mp4", "b.mp4"]
     assert {r for r, _ in ds.problems.values()} == {"symlink_loop"}
+
+
+def test_source_that_is_a_symlink_loop_says_so(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").symlink_to(tmp_path / "n.jsonl")
+    (tmp_path / "n.jsonl").symlink_to(tmp_path / "m.jsonl")
+    with pytest.raises(DatasetError, match="m.jsonl': .*is a loop of symbolic links"):
+        read_source(tmp_path / "m.jsonl")
