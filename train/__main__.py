@@ -1,6 +1,9 @@
-"""`python -m train` runs `tvr-train`."""
+"""`python -m train ...`: the same as `tvr-train`."""
+from __future__ import annotations
+
 import sys
 
 from train.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
