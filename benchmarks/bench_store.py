@@ -2,13 +2,15 @@
 
 Rows are ResNet-152-like: 2048-d float16 values x 64 steps (256 KiB per item), one item per write, as extraction
 workers write them. Per case, `--items` rows go into a fresh folder on the same file system:
-  * tvr: `FeatureStore.write(feature, row, FeatureRows(...))`: values (zstd level 1 chunk), mask, time,
-    reason, message and, last, status (one chunk file each), from float16 input;
-  * tvr (float32 in): the same from float32 values, as extractors return them (the cast to float16 is included);
+  * tvr write: `FeatureStore.write(feature, row, FeatureRows(...))` from float16 input: one staged object per
+    row (schema v2: every array of the row in one atomic file);
+  * tvr write + pack: the same, then `pack_ready()` moves the rows into the sharded arrays (what a run costs in
+    total; the driver packs in the background of the workers' writes);
+  * tvr write, float32 in: as extractors return values (the cast to float16 is included);
   * baseline: `np.save(f"{row}.npy", values)` of the padded (64, 2048) float16 array per item, one file each.
 MB/s counts only the float16 feature bytes (items x 64 x 2048 x 2), the same for every case; ratio = tvr MB/s /
 np.save MB/s. Files land in the page cache (no fsync in any case). Each timing is the best of `--repeats`.
-Also times the status scan behind `coverage()` (local fast path vs zarr's own read) over `--scan-items` rows.
+Also times the status scan behind `coverage()` over `--scan-items` packed rows.
 Run: `.venv/bin/python benchmarks/bench_store.py [--items 200] [--repeats 3] [--scan-items 20000]`.
 """
 from __future__ import annotations
@@ -28,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from store import FeatureRows, FeatureSpec, FeatureStore, ItemRecord, Status  # noqa: E402
-from store.zarr_store import _fast_status  # noqa: E402
 
 DIM, STEPS = 2048, 64
 SPEC = FeatureSpec("resnet152", dim=DIM, max_steps=STEPS)
@@ -62,11 +63,13 @@ def time_case(setup: Callable[[Path], object], run: Callable[[object], None], re
     return best
 
 
-def write_store(rows: list[np.ndarray], times: np.ndarray) -> Callable[[object], None]:
+def write_store(rows: list[np.ndarray], times: np.ndarray, pack: bool = False) -> Callable[[object], None]:
     def run(store: object) -> None:
         assert isinstance(store, FeatureStore)
         for i, v in enumerate(rows):
             store.write("resnet152", i, FeatureRows(Status.OK, v, times))
+        if pack:
+            store.pack_ready(partial=True)
     return run
 
 
@@ -79,16 +82,14 @@ def write_npy(rows: list[np.ndarray]) -> Callable[[object], None]:
 
 
 def scan_table(tmp: Path, n: int, repeats: int) -> None:
-    """Status scan over `n` rows: tvr's direct chunk-file read vs zarr's batched read."""
+    """Status scan over `n` packed rows (what coverage() and resume planning read)."""
     s = FeatureStore.create(tmp / "scan.zarr", [ItemRecord(f"v{i}", f"/v{i}.mp4") for i in range(n)])
     s.ensure_feature(FeatureSpec("tiny", dim=1, max_steps=1), PROV)
     arr = zarr.open_array(str(tmp / "scan.zarr" / "tiny" / "status"), mode="r+")
-    arr[:] = np.random.default_rng(0).integers(0, 4, n, dtype=np.uint8)  # every row has its chunk file
-    t_fast = min(_timed(lambda: _fast_status(arr)) for _ in range(repeats))
-    t_zarr = min(_timed(lambda: arr[:]) for _ in range(repeats))
-    assert np.array_equal(_fast_status(arr), arr[:])
-    print(f"\nstatus scan of {n} one-row chunks: tvr fast path {t_fast * 1e3:.0f} ms, zarr read {t_zarr * 1e3:.0f} ms, "
-          f"ratio {t_zarr / t_fast:.1f}x")
+    arr[:] = np.random.default_rng(0).integers(0, 4, n, dtype=np.uint8)  # every row finished, packed
+    t_scan = min(_timed(lambda: s.status("tiny")) for _ in range(repeats))
+    assert np.array_equal(s.status("tiny"), arr[:])
+    print(f"\nstatus scan of {n} packed rows: {t_scan * 1e3:.0f} ms")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -114,21 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         time_case(lambda f: new_store(f, 2), write_store(rows16[:2], times), 1, tmp)
         t_npy = time_case(lambda f: f, write_npy(rows16), args.repeats, tmp)
         t16 = time_case(lambda f: new_store(f, args.items), write_store(rows16, times), args.repeats, tmp)
+        tpk = time_case(lambda f: new_store(f, args.items), write_store(rows16, times, True), args.repeats, tmp)
         t32 = time_case(lambda f: new_store(f, args.items), write_store(rows32, times), args.repeats, tmp)
         check = new_store(tmp / "check", args.items)
-        write_store(rows16[:3], times)(check)
+        write_store(rows16, times, True)(check)
         b = check.read("resnet152", [0, 1, 2])
         assert b.available.all() and np.array_equal(b.values[1], rows16[1].astype(np.float32))
+        files = [p for p in (tmp / "check" / "s.zarr").rglob("*") if p.is_file()]
         disk = sum(p.stat().st_size for p in (tmp / "check" / "s.zarr" / "resnet152" / "values").rglob("*")
-                   if p.is_file() and p.name != "zarr.json") / 3
+                   if p.is_file() and p.name != "zarr.json") / args.items
         print(f"store write throughput, {args.items} items x {STEPS} steps x {DIM}-d float16 "
               f"({mb:.1f} MB of feature bytes), best of {args.repeats}")
         print("case | s | MB/s | items/s | ratio to np.save")
-        for name, t in (("np.save (.npy per item)", t_npy), ("tvr FeatureStore.write", t16),
-                        ("tvr FeatureStore.write, float32 in", t32)):
+        for name, t in (("np.save (.npy per item)", t_npy), ("tvr FeatureStore.write (staged)", t16),
+                        ("tvr write + pack_ready (total)", tpk), ("tvr FeatureStore.write, float32 in", t32)):
             print(f"{name} | {t:.3f} | {mb / t:.0f} | {args.items / t:.0f} | {t_npy / t:.2f}")
-        print(f"values chunk on disk: {disk / 1024:.0f} KiB per item "
-              f"(raw {STEPS * DIM * 2 / 1024:.0f} KiB, zstd level 1)")
+        comp = check._arrays["resnet152"]["values"].compressors
+        print(f"values on disk: {disk / 1024:.0f} KiB per item (raw {STEPS * DIM * 2 / 1024:.0f} KiB, "
+              f"compressors {[c.to_dict()['name'] for c in comp] or 'none'}); whole store {len(files)} files for "
+              f"{args.items} items ({len(files) / args.items:.3f} per item, 1 feature)")
         if args.scan_items > 0:
             scan_table(tmp, args.scan_items, args.repeats)
     return 0

@@ -1,7 +1,7 @@
 """The staging area of a v2 store: finished rows wait here, one atomic object per write, until their shard is packed.
 
-Key: `.tvr/staging/<feature>/<shard>/<start>-<stop>-<code>-<time_ns>-<rand>.npz`, holding rows start..stop of
-every array of the feature (numeric arrays and unicode strings only: read with allow_pickle=False). `code` is the
+Key: `.tvr/staging/<feature>/<shard>/<start>-<stop>-<code>-<time_ns>-<rand>.row`, holding rows start..stop of
+every array of the feature (a JSON header with dtypes, shapes and strings, then raw bytes; nothing is unpickled). `code` is the
 rows' common status (or `x` when they differ), so status scans need only the listing. Objects are written whole
 (temp file + rename locally, one PUT on object stores), so a staged object is either complete or absent: the
 row-level "status last" rule holds without a separate status write. Unique names mean a rewrite never replaces
@@ -9,7 +9,7 @@ an object a packer has already read; the packer deletes exactly the objects it p
 """
 from __future__ import annotations
 
-import io
+import json
 import os
 import time
 import uuid
@@ -25,7 +25,7 @@ from store._zarr_io import _gather
 from store.schema import StoreError
 
 STAGING_DIR = ".tvr/staging"
-SUFFIX = ".npz"
+SUFFIX = ".row"
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,45 @@ class Staged:
         return self.time_ns, self.key
 
 
-def encode(data: dict[str, np.ndarray]) -> bytes:
-    """Serialise a block of rows (arrays name -> (n, ...)) without pickle."""
-    buf = io.BytesIO()
-    safe = {k: (np.asarray(v, dtype=str) if np.asarray(v).dtype == object else np.asarray(v)) for k, v in data.items()}
-    np.savez(buf, **safe)
-    return buf.getvalue()
+_MAGIC = b"TVRSTAGE1\n"
+
+
+def encode(data: dict[str, np.ndarray]) -> list[Any]:
+    """Serialise a block of rows (arrays name -> (n, ...)) as byte parts: magic, JSON header (with the strings), buffers."""
+    head: dict[str, Any] = {}
+    bufs, offset = [], 0
+    for k, v in data.items():
+        a = np.asarray(v)
+        if a.dtype == object or a.dtype.kind in "UT":
+            head[k] = {"str": [str(x) for x in a.tolist()]}
+            continue
+        a = np.ascontiguousarray(a)
+        head[k] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset, "nbytes": a.nbytes}
+        bufs.append(a.data.cast("B") if a.nbytes else b"")
+        offset += a.nbytes
+    header = json.dumps(head).encode()
+    return [_MAGIC, len(header).to_bytes(8, "little"), header, *bufs]  # parts: written without joining
 
 
 def decode(raw: bytes, where: str) -> dict[str, np.ndarray]:
     """Inverse of `encode`; a damaged object is a StoreError naming it and the fix."""
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        if not raw.startswith(_MAGIC):
+            raise ValueError("not a tvr staged object")
+        n = int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 8], "little")
+        start = len(_MAGIC) + 8 + n
+        head = json.loads(raw[len(_MAGIC) + 8:start])
+        out = {}
+        for k, h in head.items():
+            if "str" in h:
+                out[k] = np.array(h["str"], dtype=object)
+                continue
+            lo = start + h["offset"]
+            if lo + h["nbytes"] > len(raw):
+                raise ValueError(f"array '{k}' is truncated")
+            out[k] = np.frombuffer(raw, dtype=np.dtype(h["dtype"]), count=int(np.prod(h["shape"], dtype=np.int64)),
+                                   offset=lo).reshape(h["shape"])
+        return out
     except Exception as e:
         raise StoreError(f"staged object {where} is unreadable ({e}); delete it (its rows become PENDING again) "
                          "and re-run extraction") from e
@@ -80,6 +106,7 @@ class Staging:
 
     def __init__(self, zstore: Any, local_root: Path | None) -> None:
         self._store, self._root = zstore, local_root
+        self._made: set[Path] = set()  # staging folders this process made (skips a mkdir per row)
 
     def _prefix(self, feature: str, shard: int | None = None) -> str:
         return f"{STAGING_DIR}/{feature}" + (f"/{shard}" if shard is not None else "")
@@ -92,20 +119,23 @@ class Staging:
         key = f"{self._prefix(feature, shard)}/{name}"
         body = encode(data)
         if self._root is not None:
-            path = self._root / key
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            folder = self._root / self._prefix(feature, shard)
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
             for attempt in range(20):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if folder not in self._made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._made.add(folder)
                 try:
                     with open(tmp, "wb") as f:
-                        f.write(body)
-                    os.replace(tmp, path)  # atomic: readers see the whole object or nothing
+                        f.writelines(body)
+                    os.replace(tmp, folder / name)  # atomic: readers see the whole object or nothing
                     break
-                except FileNotFoundError:  # a packer removed the empty folder in between: make it again
+                except FileNotFoundError:  # a packer removed the (empty) folder meanwhile: make it again
+                    self._made.discard(folder)
                     if attempt == 19:
                         raise
         else:
-            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(body)))
+            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(body))))
         return key
 
     def _ls(self, prefix: str) -> list[str]:

@@ -561,7 +561,9 @@ class FeatureStore(ReadMixin):
         total = self.n_rows(feature)
         if start < 0 or start + len(padded) > total:
             raise StoreError(f"feature '{feature}': rows {start}:{start + len(padded)} out of range 0:{total}")
-        data = {k: np.stack([p[k] for p in padded]) if k not in ("reason", "message", "status")
+        one = len(padded) == 1  # the common case: a view instead of a stacked copy
+        data = {k: (np.asarray(padded[0][k])[None] if one else np.stack([p[k] for p in padded]))
+                if k not in ("reason", "message", "status")
                 else np.array([p[k] for p in padded], dtype=object if k != "status" else np.uint8)
                 for k in padded[0]}
         s, i = self._shard_rows[feature], 0

@@ -64,7 +64,7 @@ def test_info_json_exact_schema(store_path: Path, capsys: pytest.CaptureFixture[
     assert layout["schema"] == 2 and set(layout["features"]) == set(WANT_FEATURES)
     for name, d in layout["features"].items():
         assert d["layout"] == "sharded" and d["shard_rows"] >= 256
-        assert d["staged"] == len(list((store_path / ".tvr" / "staging" / name).rglob("*.npz"))) > 0
+        assert d["staged"] == len(list((store_path / ".tvr" / "staging" / name).rglob("*.row"))) > 0
         files = [p for p in (store_path / name).rglob("*") if p.is_file()]
         assert d["files"] == len(files) and d["bytes"] == sum(p.stat().st_size for p in files)
     assert doc == {
