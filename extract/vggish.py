@@ -1,8 +1,10 @@
 """VGGish audio embeddings: 128-d per 0.96 s example, TF (pre-ReLU) or torchvggish (post-ReLU) variant, optional PCA.
 
 Network and key names follow the torchvggish port (`features.{0,3,6,8,11,13}` convs, `embeddings.{0,2,4}` linears)
-so `vggish-10086976.pth` loads as is; PCA parameters come from `vggish_pca_params-970ea276.pth`
-(`pca_eigen_vectors` (128, 128), `pca_means` (128,)).
+so `vggish-10086976.pth` loads as is. PCA parameters (`pca_eigen_vectors` (128, 128), `pca_means` (128,)) come from
+either published file, each checked against its own pin (`pca_specs()`): torchvggish's `vggish_pca_params-970ea276.pth`
+(sha256 prefix 970ea276, from its name; no full digest is published) or TF AudioSet's `vggish_pca_params.npz`
+(full sha256 4d878af3..., also re-released by torchvggish as `vggish_pca_params-4d878af3.npz`).
 
 Variants (recorded in provenance):
 - `variant="tf"` (default): the TF embedding tensor, taken before the final ReLU (TF's fc2 has no activation).
@@ -32,7 +34,7 @@ from torch import nn
 from extract import vggish_frontend as fe
 from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
-from extract._weights import resolve_weights, weights_identity
+from extract._weights import WeightsNotFound, expected_digest, resolve_weights, sha256_file, weights_identity
 from extract.transforms import register_preset
 from store.schema import FeatureRows, FeatureSpec, Status
 
@@ -174,7 +176,7 @@ def load_pca(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
         keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(
             f"{path}: VGGish PCA file needs keys 'pca_eigen_vectors' and 'pca_means', found {keys}; "
-            "use vggish_pca_params-970ea276.pth from the torchvggish v0.1 release"
+            "use vggish_pca_params-970ea276.pth (torchvggish v0.1 release) or TF AudioSet's vggish_pca_params.npz"
         )
     vecs = _as_f64(params["pca_eigen_vectors"])
     means = _as_f64(params["pca_means"]).reshape(-1)
@@ -235,8 +237,34 @@ VGGISH_PCA = WeightsSpec(
     sha256="970ea276",
     url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-970ea276.pth",
     preset="vggish_logmel",
-    meta={"keys": ("pca_eigen_vectors", "pca_means")},
+    meta={"keys": ("pca_eigen_vectors", "pca_means"), "format": "pth"},
 )
+# TF AudioSet's own file. Digest: the sha256 of video_features' copy (models/vggish/checkpoints), which starts with the
+# 4d878af3 in torchvggish's re-release name and whose md5 c80cae69... is the one openmic-2018 pins for Google's file.
+_NPZ_SHA256 = "4d878af3e306defbfb37095365aa7e5a6cecb86bad13e859e626151c4e6a8b9d"
+VGGISH_PCA_NPZ = WeightsSpec(
+    name="AUDIOSET_PCA_TF_NPZ",
+    filename="vggish_pca_params.npz",
+    sha256=_NPZ_SHA256,
+    url="https://storage.googleapis.com/audioset/vggish_pca_params.npz",
+    preset="vggish_logmel",
+    meta={"keys": ("pca_eigen_vectors", "pca_means"), "format": "npz"},
+)
+VGGISH_PCA_NPZ_MIRROR = WeightsSpec(  # the same bytes under torchvggish's release name
+    name="AUDIOSET_PCA_TF_NPZ",
+    filename="vggish_pca_params-4d878af3.npz",
+    sha256=_NPZ_SHA256,
+    url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-4d878af3.npz",
+    preset="vggish_logmel",
+    meta={"keys": ("pca_eigen_vectors", "pca_means"), "format": "npz"},
+)
+
+
+def pca_specs() -> tuple[WeightsSpec, ...]:
+    """The published PCA files, in lookup order (only the .pth is ever downloaded)."""
+    return VGGISH_PCA, VGGISH_PCA_NPZ, VGGISH_PCA_NPZ_MIRROR
+
+
 register_preset(
     "vggish_logmel",
     "16 kHz mono; 400-sample periodic Hann, hop 160, |rfft 512|; 64 HTK mel bands 125-7500 Hz (TF mel_features); "
@@ -294,9 +322,8 @@ class VGGishExtractor(Extractor):
             q, _ = np.linalg.qr(rng.standard_normal((EMBEDDING_SIZE, EMBEDDING_SIZE)))
             self.weights_identity["pca"] = {"random": True, "seed": self.seed}
             return q, rng.standard_normal(EMBEDDING_SIZE) * 0.1
-        path = resolve_weights(VGGISH_PCA, path=pca_path, weights_dir=self.weights_dir, hub="torch",
-                               allow_download=self.allow_download)
-        self.weights_identity["pca"] = weights_identity(path, VGGISH_PCA)
+        path, spec = resolve_pca(pca_path, weights_dir=self.weights_dir, allow_download=self.allow_download)
+        self.weights_identity["pca"] = weights_identity(path, spec)
         return load_pca(path)
 
     def embed(self, examples: np.ndarray) -> np.ndarray:
@@ -310,6 +337,46 @@ class VGGishExtractor(Extractor):
     def start(self, info: MediaInfo) -> ItemSession:
         """A streaming session for one item."""
         return VGGishSession(self, info)
+
+
+def resolve_pca(
+    pca_path: str | os.PathLike[str] | None = None,
+    *,
+    weights_dir: str | os.PathLike[str] | None = None,
+    allow_download: bool = False,
+) -> tuple[Path, WeightsSpec]:
+    """The PCA file and the spec it answers to: an explicit file by its digest (else by suffix, accepted unpinned
+    with a warning), else the first of `pca_specs()` found locally, else the .pth download (when allowed)."""
+    if pca_path is not None:
+        p = Path(pca_path).expanduser()
+        spec = pca_spec_for(p) if p.is_file() else VGGISH_PCA
+        return resolve_weights(spec, path=p), _canonical(spec)
+    for spec in pca_specs():
+        try:
+            return resolve_weights(spec, weights_dir=weights_dir, hub="torch"), _canonical(spec)
+        except WeightsNotFound:
+            continue
+    try:
+        return resolve_weights(VGGISH_PCA, weights_dir=weights_dir, hub="torch",
+                               allow_download=allow_download), VGGISH_PCA
+    except WeightsNotFound as exc:
+        raise WeightsNotFound(f"{exc}. TF AudioSet's {VGGISH_PCA_NPZ.filename} (sha256 {VGGISH_PCA_NPZ.sha256}, "
+                              f"{VGGISH_PCA_NPZ.url}) works as well", VGGISH_PCA) from None
+
+
+def _canonical(spec: WeightsSpec) -> WeightsSpec:
+    """One identity for the npz bytes, whichever of their two published names they were found under."""
+    return VGGISH_PCA_NPZ if spec.filename == VGGISH_PCA_NPZ_MIRROR.filename else spec
+
+
+def pca_spec_for(path: Path) -> WeightsSpec:
+    """The PCA spec whose pin `path` matches; else the spec of its format (.npz or .pth), which will not match."""
+    digest = sha256_file(path)
+    for spec in pca_specs():
+        pin = expected_digest(spec)
+        if pin and digest.startswith(pin):
+            return spec
+    return VGGISH_PCA_NPZ if path.suffix == ".npz" else VGGISH_PCA
 
 
 def _load_into(model: nn.Module, path: Path) -> None:

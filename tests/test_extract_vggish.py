@@ -217,6 +217,100 @@ def test_pca_bad_file(tmp_path) -> None:
         vggish.load_pca(p)
 
 
+def _pca_files(d, rng_seed: int = 8) -> tuple[np.ndarray, np.ndarray, dict[str, "object"]]:
+    """The same PCA numbers written as TF's .npz (means (128,)) and torchvggish's .pth (ndarrays, means (128, 1))."""
+    from pathlib import Path
+
+    rng = np.random.default_rng(rng_seed)
+    e, mu = rng.standard_normal((128, 128)) * 0.3, rng.standard_normal(128) * 0.1
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    npz = d / vggish.VGGISH_PCA_NPZ.filename
+    np.savez(npz, pca_eigen_vectors=e, pca_means=mu)
+    pth = d / vggish.VGGISH_PCA.filename
+    torch.save({"pca_eigen_vectors": e, "pca_means": mu.reshape(128, 1)}, pth)
+    return e, mu, {"npz": npz, "pth": pth}
+
+
+def _pin_pca(monkeypatch, files: dict) -> dict[str, str]:
+    """Pin the synthetic files in place of the published digests (each format keeps its own pin)."""
+    digests = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items()}
+    pth = dataclasses.replace(vggish.VGGISH_PCA, sha256=digests["pth"][:8])
+    npz = dataclasses.replace(vggish.VGGISH_PCA_NPZ, sha256=digests["npz"])
+    mirror = dataclasses.replace(vggish.VGGISH_PCA_NPZ_MIRROR, sha256=digests["npz"])
+    for name, value in (("VGGISH_PCA", pth), ("VGGISH_PCA_NPZ", npz), ("VGGISH_PCA_NPZ_MIRROR", mirror)):
+        monkeypatch.setattr(vggish, name, value)
+    return digests
+
+
+def test_published_pca_pins() -> None:
+    npz, mirror, pth = vggish.VGGISH_PCA_NPZ, vggish.VGGISH_PCA_NPZ_MIRROR, vggish.VGGISH_PCA
+    assert len(npz.sha256) == 64 and npz.sha256 == mirror.sha256  # one file, two published names
+    assert mirror.filename == f"vggish_pca_params-{npz.sha256[:8]}.npz"  # torchvggish's name carries its prefix
+    assert pth.sha256 == "970ea276" and pth.filename == "vggish_pca_params-970ea276.pth"
+    assert npz.url.endswith("/audioset/vggish_pca_params.npz") and npz.sha256 != pth.sha256
+
+
+def test_pca_npz_and_pth_resolve_with_their_own_pins_and_postprocess_identically(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    e, mu, files = _pca_files(tmp_path / "both")
+    digests = _pin_pca(monkeypatch, files)
+    only = {}
+    for kind, src in files.items():  # a weights dir holding only one of the two files
+        only[kind] = tmp_path / kind
+        only[kind].mkdir()
+        (only[kind] / src.name).write_bytes(src.read_bytes())
+        path, spec = vggish.resolve_pca(weights_dir=only[kind])
+        assert path == only[kind] / src.name and spec.filename == src.name
+        assert spec.sha256 == (digests[kind] if kind == "npz" else digests[kind][:8])
+    assert vggish.resolve_pca(weights_dir=tmp_path / "both")[0] == files["pth"]  # both there: the .pth first
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / vggish.VGGISH_PCA_NPZ_MIRROR.filename).write_bytes(files["npz"].read_bytes())
+    path, spec = vggish.resolve_pca(weights_dir=mirror)  # torchvggish's name for the npz: same identity
+    from extract._weights import weights_identity
+
+    assert weights_identity(path, spec) == {"file": "vggish_pca_params.npz", "sha256": digests["npz"]}
+    x = np.random.default_rng(3).standard_normal((6, 128)) * 0.5
+    outs = [vggish.pca_quantize(x, *vggish.load_pca(vggish.resolve_pca(weights_dir=only[k])[0])) for k in files]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = np.floor((np.clip(np.einsum("dj,nj->nd", e, x - mu), -2.0, 2.0) + 2.0) * 63.75)  # TF's postprocess
+    np.testing.assert_array_equal(outs[0], ref)
+    assert 0 < len(np.unique(ref)) and (ref > 0).any() and (ref < 255).any()
+
+
+def test_pca_pins_are_enforced_in_the_weights_dir_and_explicit_files_are_flagged(tmp_path, monkeypatch) -> None:
+    import warnings
+
+    from extract._weights import UnpinnedWeightsWarning, weights_identity
+
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _, _, files = _pca_files(tmp_path / "good")
+    digests = _pin_pca(monkeypatch, files)
+    _, _, other = _pca_files(tmp_path / "other", rng_seed=9)  # the same names, other numbers
+    (tmp_path / "other" / vggish.VGGISH_PCA.filename).unlink()
+    with pytest.raises(WeightsError, match="checksum mismatch.*vggish_pca_params.npz"):
+        vggish.resolve_pca(weights_dir=tmp_path / "other")  # found by tvr: the npz pin holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kind, src in files.items():  # either pinned file given explicitly: quiet, identified by its digest
+            path, spec = vggish.resolve_pca(src)
+            assert weights_identity(path, spec) == {"file": src.name, "sha256": digests[kind]}
+    with pytest.warns(UnpinnedWeightsWarning, match=digests["npz"]):  # a foreign npz: used, with a warning
+        path, spec = vggish.resolve_pca(other["npz"])
+    assert spec.filename == "vggish_pca_params.npz"
+    ident = weights_identity(path, spec)
+    assert ident["unpinned"] is True and ident["sha256"] == hashlib.sha256(other["npz"].read_bytes()).hexdigest()
+    ex = create_extractor("vggish", random_init=True, device="cpu")
+    ex.random_init = False  # the PCA half of the real-weights path, without a 288 MB synthetic network file
+    ex.weights_dir = tmp_path / "good"
+    vecs, means = ex._load_pca(None)
+    assert ex.weights_identity["pca"] == {"file": vggish.VGGISH_PCA.filename, "sha256": digests["pth"]}
+    np.testing.assert_array_equal(means, vggish.load_pca(files["npz"])[1])
+
+
 # ---- the extractor ----
 def _info(duration: float, has_audio: bool = True, kind: str = "video") -> SimpleNamespace:
     """A MediaInfo stand-in with the fields the vggish session reads."""
