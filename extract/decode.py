@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -307,11 +307,11 @@ def _probe_video(path: str) -> dict[str, Any]:
         w, h = (first.height, first.width) if rot in (90, 270) else (first.width, first.height)
         out: dict[str, Any] = dict(rotation=rot, width=int(w), height=int(h))
         t0 = first.pts if first.pts is not None else first.dts
+        rate = vs.average_rate or vs.guessed_rate
         tail = _tail_packets(c, vs)
     if t0 is None or not tail:
         return out
-    rate = vs.average_rate or vs.guessed_rate
-    nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
+    nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)  # as iter_frames assumes
     pts = sorted(tail)
     last, dur = pts[-1], tail[pts[-1]]
     gap = (last - pts[-2]) * tb if len(pts) > 1 else nominal
@@ -354,16 +354,31 @@ class _Packets:
         self.error: str | None = None  # a demuxer/decoder error
 
     def frames(self) -> Iterator[Any]:
-        """Frames in decode order; stops at the first incomplete packet or error, after flushing the decoder."""
+        """Frames in decode order; stops at an incomplete packet or error, after flushing the decoder.
+
+        A packet the demuxer flags corrupt is decoded only once a later packet shows it was not cut off by the end
+        of the file: damage mid-stream is the decoder's business, a partial last packet is missing data.
+        """
+        suspect: Any = None
         try:
             for pkt in self.c.demux(self.stream):
-                if pkt.size:
-                    self.gap = packet_gap(pkt, self.size)
-                    if self.gap is not None:
+                if not pkt.size:  # the end-of-stream flush packet
+                    if suspect is not None:
                         break
+                elif (gap := packet_gap(pkt, self.size)) is not None:
+                    self.gap = gap
+                    break
+                elif suspect is not None:
+                    yield from suspect.decode()
+                    suspect = None
+                if pkt.size and pkt.is_corrupt:
+                    suspect = pkt
+                    continue
                 yield from pkt.decode()
         except av.error.FFmpegError as e:
             self.error = f"FFmpeg: {e}"
+        if suspect is not None and self.gap is None and self.error is None:
+            self.gap = f"the last {suspect.stream.type} packet (byte {suspect.pos}) is incomplete"
         if self.gap is not None or self.error is not None:
             try:  # frames the decoder still holds (threads, reordering) are readable
                 yield from self.stream.decode(None)
@@ -398,10 +413,13 @@ def _raise_if_cut(path: str, stage: str, container: Any, gap: str | None = None,
 
 def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_size: int = 32,
                 height: int | None = None, short_side: int | None = None,
-                threads: int = 0, frame_rule: str = "nearest") -> Iterator[FrameBatch]:
+                threads: int = 0, frame_rule: str = "nearest",
+                keep: Collection[int] | None = None) -> Iterator[FrameBatch]:
     """Upright RGB frames resampled to `fps` by presentation time, in batches; images give one frame at t=0.
 
     `frame_rule`: "nearest" (FFmpeg's fps filter, default) or "floor" (see the module docstring).
+    `keep`: output indices to yield (None: all); the others are decoded (the codec needs them) but never
+    colour-converted or resized, and the last output frame is always yielded. Batches then hold the kept indices.
     Raises DecodeError before anything is yielded when the file cannot be opened, and TruncatedMedia after the
     readable part has been yielded on evidence of missing data. `threads`: FFmpeg decoder threads (0 = auto).
     """
@@ -410,7 +428,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     p = str(path)
-    held = Held(batch_size, float(fps), height, short_side)
+    held = Held(batch_size, float(fps), height, short_side, keep)
     with _open(p) as c:
         if not c.streams.video:
             _raise_if_cut(p, "stream probe", c)  # a cut MP4 may lose the video track's header
@@ -454,6 +472,7 @@ def iter_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, batch_si
             dur = getattr(held.frame, "duration", None)
             tail = Fraction(dur) * tb if dur else last_gap
             yield from held.emit(grid.finish((t_last if frame_rule == "nearest" else t_max) + tail))
+        yield from held.emit_last()
         last = held.batcher.flush()
         if last is not None:
             yield last

@@ -7,7 +7,7 @@ Two rules, both exact (timestamps are Fractions, never floats):
   gets the grid slot r = round(t * fps) (halves away from zero); the first source frame opens the grid at its
   slot n0; output slot n shows the last decoded frame with r <= n, i.e. the latest frame with t < (n + 0.5)/fps;
   the stream ends at slot round(t_end * fps), t_end = start + duration of the last decoded frame.
-- "floor" (tvr <= 0.x): output k shows the latest source frame with t - t_first <= k/fps; the stream ends at
+- "floor" (the previous default): output k shows the latest source frame with t - t_first <= k/fps; the stream ends at
   the last frame's end.
 
 Both yield at least one frame for a video with a decodable frame (FFmpeg's filter yields none when the whole

@@ -76,9 +76,7 @@ def index_gap(container: Any, size: int | None) -> str | None:
 
 
 def packet_gap(packet: Any, size: int | None) -> str | None:
-    """A sentence when a demuxed packet is flagged corrupt or extends past the end of the file."""
-    if getattr(packet, "is_corrupt", False):
-        return f"a {packet.stream.type} packet at byte {packet.pos} is incomplete (flagged corrupt by the demuxer)"
+    """A sentence when a demuxed packet extends past the end of the file."""
     pos = packet.pos
     if size is not None and pos is not None and pos >= 0 and pos + packet.size > size:
         return f"a {packet.stream.type} packet at byte {pos} needs {packet.size} bytes but the file ends at {size}"
