@@ -4,6 +4,14 @@ T-MASS needs the raw norms, so nothing is L2-normalised here. The model is `open
 weights of a pretrained tag (default ViT-B-32 "openai") or a local file, resolved by `extract._weights` (hub cache:
 open_clip's). Preprocessing is open_clip's own eval transform for the model and tag (PIL, bicubic shortest-side
 resize, centre crop, CLIP mean/std). `load_clip` is shared with `extract.clip_text` so both use the same weights.
+
+Activation. OpenAI-trained CLIP uses QuickGELU (x * sigmoid(1.702 x)), but open_clip's plain configs (``ViT-B-32``)
+build nn.GELU unless told otherwise; the weights decide, so the activation is a fact of the weights spec
+(``meta["quick_gelu"]``, from open_clip's pretrained config of the tag). A file given as ``pretrained=<file>`` gets
+the spec of the tag whose pinned sha256 it has (OpenAI's release files); for any other file the activation cannot be
+read from the weights and must be stated (``quick_gelu=True/False``, or ``pretrained=<tag>`` with
+``weights_path=<file>`` to take that tag's spec for a converted copy). The activation actually built is recorded in
+provenance, and one that differs from the spec's becomes part of the variant.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from torch import nn
 
 from extract._api import Extractor, FrameStepExtractor, WeightsSpec
 from extract._registry import register_extractor
-from extract._weights import WeightsError, expected_digest
+from extract._weights import WeightsError, expected_digest, sha256_file
 from extract.sampling import StepPolicy
 from extract.transforms import apply_pil_transform, open_clip_image_transform
 from store.schema import FeatureSpec
@@ -43,10 +51,7 @@ def clip_weights_spec(model_name: str, pretrained: str) -> WeightsSpec:
     if model_name not in open_clip.list_models():
         raise ValueError(f"clip: unknown open_clip model {model_name!r}; see open_clip.list_models()")
     if _is_file_arg(pretrained):
-        return WeightsSpec(
-            name=f"{model_name}.file", filename=Path(pretrained).name, sha256="", url=str(pretrained),
-            preset="open_clip", meta={"model": model_name, "pretrained": "file"},
-        )
+        return _file_spec(model_name, Path(pretrained))
     cfg = get_pretrained_cfg(model_name, pretrained)
     if not cfg:
         raise ValueError(
@@ -70,6 +75,52 @@ def clip_weights_spec(model_name: str, pretrained: str) -> WeightsSpec:
                        f"https://huggingface.co/{meta['hf_hub'].strip('/')}", preset="open_clip", meta=meta)
 
 
+def tag_specs(model_name: str) -> list[WeightsSpec]:
+    """The WeightsSpec of every open_clip pretrained tag of `model_name`."""
+    import open_clip
+
+    return [clip_weights_spec(model_name, t) for t in open_clip.list_pretrained_tags_by_model(model_name)]
+
+
+def _file_spec(model_name: str, path: Path) -> WeightsSpec:
+    """A local checkpoint: the spec of the tag whose full pinned sha256 it has, else a file spec whose activation
+    is unknown (meta["quick_gelu"] None)."""
+    if path.is_file():
+        digest = sha256_file(path)
+        for spec in tag_specs(model_name):
+            if len(spec.sha256) == 64 and spec.sha256 == digest:
+                return spec
+    return WeightsSpec(
+        name=f"{model_name}.file", filename=path.name, sha256="", url=str(path),
+        preset="open_clip", meta={"model": model_name, "pretrained": "file", "quick_gelu": None},
+    )
+
+
+def _activation(model_name: str, spec: WeightsSpec, quick_gelu: bool | None) -> bool:
+    """Whether to force QuickGELU: the caller's choice, else the spec's fact, else the model config's own."""
+    import open_clip
+
+    if quick_gelu is not None:
+        return bool(quick_gelu)
+    fact = spec.meta.get("quick_gelu")
+    if fact is not None:
+        return bool(fact)
+    if (open_clip.get_model_config(model_name) or {}).get("quick_gelu", False):
+        return True  # a *-quickgelu config: the activation is part of the architecture
+    raise ValueError(
+        f"clip: stage 'build model': the checkpoint {spec.url} matches no pinned {model_name} release, so its "
+        f"activation is unknown (OpenAI-trained weights need QuickGELU, most others GELU). Say which: "
+        f"quick_gelu=True or False, or pretrained=<tag> with weights_path=<file> to use that tag's spec"
+    )
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether the built model's MLPs use open_clip's QuickGELU (else nn.GELU)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
 def is_torchscript(path: Path) -> bool:
     """Whether `path` is a TorchScript archive (OpenAI's released CLIP .pt files are)."""
     if not zipfile.is_zipfile(path):
@@ -86,11 +137,12 @@ def load_clip_checkpoint(model: nn.Module, path: Path, spec: WeightsSpec) -> Non
     if not is_torchscript(path):
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         return
-    if len(expected_digest(spec)) != 64:
+    pinned = expected_digest(spec)
+    if len(pinned) != 64 or sha256_file(path) != pinned:  # an explicit file is accepted unpinned: not this one
         raise WeightsError(
-            f"clip: {path} is a TorchScript archive; tvr loads those only when a full sha256 pins them (the OpenAI "
-            "release files of the built-in tags). Put it in --weights-dir and use its pretrained tag, or pass "
-            "open_clip's safetensors/state-dict file instead"
+            f"clip: {path} is a TorchScript archive; tvr loads those only when their sha256 equals a full sha256 "
+            "pin (the OpenAI release files of the built-in tags). Put it in --weights-dir and use its pretrained tag, "
+            "or pass open_clip's safetensors/state-dict file instead"
         )
     sd = torch.jit.load(str(path), map_location="cpu").state_dict()
     for key in ("input_resolution", "context_length", "vocab_size"):  # JIT-only attributes, not weights
@@ -103,22 +155,24 @@ def load_clip(ex: Extractor, model_name: str, pretrained: str, quick_gelu: bool 
     import open_clip
 
     spec = clip_weights_spec(model_name, pretrained)
-    if spec.meta.get("pretrained") == "file" and ex.weights_path is None:
+    if _is_file_arg(pretrained) and ex.weights_path is None:
         ex.weights_path = pretrained
-    qg = bool(spec.meta.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
-    ex.quick_gelu = qg  # type: ignore[attr-defined]  # recorded in provenance options
+    qg = _activation(model_name, spec, quick_gelu)
     key = (model_name, pretrained, qg, str(ex.weights_path), str(ex.weights_dir), ex.random_init, ex.seed,
            str(ex.device), ex.half)
     if key in _CACHE:
         model, ex.weights, ex.weights_identity = _CACHE[key]
-        ex.preset, ex.variant = ex.weights.preset, ex.weights.name
-        return model
+    else:
+        def make() -> nn.Module:
+            return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg, device="cpu")
 
-    def make() -> nn.Module:
-        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg, device="cpu")
-
-    model = ex.build_model(make, spec, hub="open_clip", load=lambda m, p: load_clip_checkpoint(m, p, spec))
-    _CACHE[key] = (model, spec, dict(ex.weights_identity))
+        model = ex.build_model(make, spec, hub="open_clip", load=lambda m, p: load_clip_checkpoint(m, p, spec))
+        _CACHE[key] = (model, spec, dict(ex.weights_identity))
+    built = uses_quick_gelu(model)
+    ex.quick_gelu = built  # type: ignore[attr-defined]  # the activation actually built, recorded in options
+    ex.preset, ex.variant = spec.preset, spec.name
+    if spec.meta.get("quick_gelu") is None or bool(spec.meta["quick_gelu"]) != built:  # not the spec's own
+        ex.variant = f"{spec.name}+{'quick_gelu' if built else 'gelu'}"
     return model
 
 
@@ -149,8 +203,8 @@ class ClipFrames(FrameStepExtractor):
         )
         dim = int(self.model.visual.output_dim)
         self.spec = FeatureSpec(name="clip", dim=dim, max_steps=self.policy.steps, dtype="float32", modality="clip")
-        self.options = {"model": model, "pretrained": pretrained if self.weights.meta.get("pretrained") != "file"
-                        else "file", "quick_gelu": self.quick_gelu, "policy": self.policy.to_dict(), "half": self.half,
+        self.options = {"model": model, "pretrained": str(self.weights.meta.get("pretrained", pretrained)),
+                        "quick_gelu": self.quick_gelu, "policy": self.policy.to_dict(), "half": self.half,
                         "normalized": False}
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

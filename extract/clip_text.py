@@ -45,7 +45,7 @@ class ClipText(CaptionExtractor):
                                 axis="caption", chunk_rows=chunk_rows)
         self.preset = "open_clip_tokenizer"
         assert self.weights is not None
-        tag = "file" if self.weights.meta.get("pretrained") == "file" else pretrained
+        tag = str(self.weights.meta.get("pretrained", pretrained))  # the tag a file was identified as, or "file"
         self.options = {"model": model, "pretrained": tag, "quick_gelu": self.quick_gelu, "half": self.half,
                         "normalized": False,
                         "context_length": int(self.tokenizer.context_length)}

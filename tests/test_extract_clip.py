@@ -128,9 +128,110 @@ def test_local_checkpoint_file(pair: tuple[ClipFrames, ClipText], tmp_path: Path
     ex = create_extractor("clip", pretrained=str(path), quick_gelu=True, device="cpu", count=4, seed=1)
     prov = ex.provenance()
     assert prov["weights"] == {"file": "my_clip.pt", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    assert prov["options"]["pretrained"] == "file"
+    assert prov["options"]["pretrained"] == "file" and prov["options"]["quick_gelu"] is True
+    assert prov["variant"] == "ViT-B-32.file+quick_gelu"  # the activation is stated, not the weights' own fact
     f = frames(2)
     np.testing.assert_allclose(ex.run_batch(f), c.run_batch(f), rtol=1e-5, atol=1e-6)
+
+
+class _HandQuickGELU(torch.nn.Module):
+    """QuickGELU written out from its definition: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activations(model: torch.nn.Module) -> set[type]:
+    """The activation module types in the transformers' MLPs."""
+    return {type(m.gelu) for m in model.modules() if hasattr(m, "c_fc") and hasattr(m, "gelu")}
+
+
+def _encode_with(model: torch.nn.Module, act: type, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Image and text embeddings with every MLP activation temporarily replaced by `act()`."""
+    mlps = [m for m in model.modules() if hasattr(m, "c_fc") and hasattr(m, "gelu")]
+    saved = [m.gelu for m in mlps]
+    try:
+        for m in mlps:
+            m.gelu = act()
+        with torch.inference_mode():
+            return torch.cat([model.encode_image(x).flatten(), model.encode_text(tokens).flatten()])
+    finally:
+        for m, g in zip(mlps, saved):
+            m.gelu = g
+
+
+@pytest.mark.slow
+def test_openai_weights_run_quick_gelu_equal_to_a_hand_built_reference(pair: tuple[ClipFrames, ClipText]) -> None:
+    from open_clip.transformer import QuickGELU
+
+    c, t = pair  # the default ViT-B-32 "openai" weights (random values)
+    assert c.weights is not None and c.weights.meta["quick_gelu"] is True
+    assert _activations(c.model) == {QuickGELU} and t.model is c.model
+    x, tokens = c.prepare(frames(1)), t.tokenizer(["a dog on a skateboard"])
+    with torch.inference_mode():
+        built = torch.cat([c.model.encode_image(x).flatten(), c.model.encode_text(tokens).flatten()])
+    torch.testing.assert_close(built, _encode_with(c.model, _HandQuickGELU, x, tokens), rtol=1e-5, atol=1e-5)
+    gelu = _encode_with(c.model, torch.nn.GELU, x, tokens)  # what open_clip's plain ViT-B-32 config would run
+    assert (gelu - built).abs().max() > 1e-3 * built.abs().max()
+    for ex in (c, t):
+        prov = ex.provenance()
+        assert prov["options"]["quick_gelu"] is True and prov["variant"] == "ViT-B-32.openai"
+
+
+@pytest.mark.slow
+def test_non_openai_weights_keep_gelu() -> None:
+    from open_clip.transformer import QuickGELU
+
+    from extract import clip_frames
+
+    before = set(clip_frames._CACHE)
+    try:
+        ex = create_extractor("clip", pretrained="laion2b_s34b_b79k", random_init=True, device="cpu", count=2)
+        assert ex.weights.meta["quick_gelu"] is False
+        assert _activations(ex.model) == {torch.nn.GELU} and QuickGELU not in _activations(ex.model)
+        prov = ex.provenance()
+        assert prov["options"]["quick_gelu"] is False and prov["variant"] == "ViT-B-32.laion2b_s34b_b79k"
+    finally:
+        for key in set(clip_frames._CACHE) - before:  # free the extra ViT-B-32
+            clip_frames._CACHE.pop(key)
+
+
+def test_a_file_is_identified_by_its_digest_and_gets_its_tags_activation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from open_clip.transformer import QuickGELU
+
+    from extract import clip_frames
+
+    name = "ViT-S-32-alt"  # a small stand-in for ViT-B-32 (its plain config builds nn.GELU too)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        src = open_clip.create_model(name, pretrained=None)
+    assert _activations(src) == {torch.nn.GELU}
+    path = tmp_path / "downloaded_clip.pt"
+    torch.save(src.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    openai = WeightsSpec(f"{name}.openai", f"{name}.pt", digest, f"https://openaipublic.example/{digest}/{name}.pt",
+                         "open_clip", meta={"model": name, "pretrained": "openai", "quick_gelu": True})
+    monkeypatch.setattr(clip_frames, "tag_specs", lambda model: [openai] if model == name else [])
+    before = set(clip_frames._CACHE)
+    try:
+        ex = create_extractor("clip", model=name, pretrained=str(path), device="cpu", count=2)
+        assert ex.weights is openai and _activations(ex.model) == {QuickGELU}
+        prov = ex.provenance()
+        assert prov["options"]["pretrained"] == "openai" and prov["options"]["quick_gelu"] is True
+        assert prov["variant"] == f"{name}.openai" and prov["weights"] == {"file": f"{name}.pt", "sha256": digest}
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(ex.model.state_dict()[k], v, rtol=0, atol=0)
+        # an unidentified file: the activation cannot be read from the weights, so it must be stated
+        other = tmp_path / "finetuned.pt"
+        other.write_bytes(b"not loaded: the activation is decided before the file is read")
+        with pytest.raises(ValueError, match=r"finetuned\.pt.*activation is unknown.*quick_gelu=True or False"):
+            create_extractor("clip", model=name, pretrained=str(other), device="cpu")
+        text = create_extractor("clip_text", model=name, pretrained=str(path), device="cpu")
+        assert text.model is ex.model and text.provenance()["variant"] == f"{name}.openai"
+    finally:
+        for key in set(clip_frames._CACHE) - before:
+            clip_frames._CACHE.pop(key)
 
 
 def _torchscript_archive(sd: dict[str, torch.Tensor], path: Path) -> Path:
@@ -162,6 +263,8 @@ def test_openai_torchscript_release_file_loads_only_when_pinned(tmp_path: Path) 
         torch.testing.assert_close(dst.state_dict()[k], v.half().float() if v.is_floating_point() else v)
     with pytest.raises(WeightsError, match="TorchScript archive.*full sha256"):
         load_clip_checkpoint(dst, path, WeightsSpec("t", path.name, "", "u", "open_clip"))
+    with pytest.raises(WeightsError, match="TorchScript archive.*full sha256"):  # an explicit, unpinned archive
+        load_clip_checkpoint(dst, path, WeightsSpec("t", path.name, "ab" * 32, "u", "open_clip"))
     plain = tmp_path / "sd.pt"
     torch.save(src.state_dict(), plain)
     assert not is_torchscript(plain)
