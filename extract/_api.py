@@ -268,19 +268,17 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
     def start(self, info: MediaInfo) -> ItemSession:
         """A session for one item described by `info` (from extract.decode.probe)."""
 
-    def extract_path(self, path: str | os.PathLike[str]) -> FeatureRows:
-        """Convenience: decode `path` with extract.decode and stream it through one session."""
-        from extract import decode
+    def frames_needed(self, info: MediaInfo) -> np.ndarray | None:
+        """Output frame indices (DECODE_FPS grid) a session for `info` reads; None: every frame (the default)."""
+        return None
 
-        info = decode.probe(path)
-        session = self.start(info)
-        if self.needs_frames and getattr(info, "has_video", True):  # audio-only file: the session says ABSENT
-            for batch in decode.iter_frames(path, fps=DECODE_FPS):
-                session.add_frames(batch)
-        if self.needs_audio and getattr(info, "has_audio", True):
-            for chunk in decode.iter_audio(path):
-                session.add_audio(chunk)
-        return session.finish()
+    def extract_path(self, path: str | os.PathLike[str]) -> FeatureRows:
+        """Convenience: decode `path` once and stream it through one session (the pipeline's engine,
+        extract.engine); a decode or extractor failure raises its exception."""
+        from extract.engine import DecodeOptions, run_item
+
+        outcome = run_item({self.name: self}, path, [self.name], DecodeOptions(batch_size=32))
+        return outcome.row_or_raise(self.name)
 
 
 class FrameStepExtractor(Extractor):
@@ -335,6 +333,10 @@ class FrameStepExtractor(Extractor):
     def start(self, info: MediaInfo) -> ItemSession:
         """A session that keeps only the step frames and batches them through the model."""
         return FrameStepSession(self, self.step_times(info))
+
+    def frames_needed(self, info: MediaInfo) -> np.ndarray | None:
+        """The step frames (the session also reads the stream's last frame, which the decoder always yields)."""
+        return np.unique(frame_indices(self.step_times(info)))
 
 
 class FrameStepSession(ItemSession):

@@ -294,6 +294,7 @@ def _probe_video(path: str) -> dict[str, Any]:
         vs = c.streams.video[0]
         tb = vs.time_base or Fraction(1, 1)
         offset = _start_offset(c, tb)
+        vs.codec_context.thread_count = 1  # one frame: decoder threads would only cost their start-up
         first = None
         try:
             for frame in c.decode(vs):

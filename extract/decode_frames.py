@@ -1,7 +1,7 @@
 """Frame output for `extract.decode.iter_frames`: upright RGB conversion, resizing and bounded batches."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,16 +114,24 @@ class _Batcher:
 
 
 class Held:
-    """The source frame shown by the next output frames, converted to RGB once, and the output batches."""
+    """The source frame shown by the next output frames, converted to RGB once, and the output batches.
 
-    def __init__(self, batch_size: int, fps: float, height: int | None, short_side: int | None) -> None:
+    `keep`: the output indices to convert and yield (None: all). Skipped indices cost no colour conversion or
+    resize; the last output frame is always yielded (`emit_last`), since samplers use it for steps past the end.
+    """
+
+    def __init__(self, batch_size: int, fps: float, height: int | None, short_side: int | None,
+                 keep: Collection[int] | None = None) -> None:
         self.batcher = _Batcher(batch_size, fps)
         self.to_rgb = _ToRGB()
         self.height, self.short_side = height, short_side
+        self.keep = None if keep is None else frozenset(int(k) for k in keep)
         self.frame: Any = None
         self.rgb: np.ndarray | None = None
         self.size: tuple[int, int] | None = None
         self.k = 0  # next output index
+        self.skipped: Any = None  # the source frame of the last output index when it was skipped
+        self.converted = 0  # frames colour-converted (each held source frame at most once)
 
     def hold(self, frame: Any) -> None:
         if self.frame is None:  # the first frame fixes orientation and output size
@@ -135,11 +143,31 @@ class Held:
         self.frame, self.rgb = frame, None
 
     def emit(self, n: int) -> Iterator[FrameBatch]:
-        """`n` output frames showing the held frame."""
+        """`n` output frames showing the held frame (those not in `keep` are counted, not converted)."""
         for _ in range(n):
-            if self.rgb is None:
-                self.rgb = self.to_rgb(self.frame, self.size)
-            b = self.batcher.add(self.k, self.rgb)
-            self.k += 1
+            k, self.k = self.k, self.k + 1
+            if self.keep is not None and k not in self.keep:
+                self.skipped = self.frame
+                continue
+            self.skipped = None
+            b = self.batcher.add(k, self._rgb())
             if b is not None:
                 yield b
+
+    def emit_last(self) -> Iterator[FrameBatch]:
+        """The last output frame when `keep` skipped it (call once, after the last `emit`)."""
+        if self.skipped is not None:
+            frame, self.skipped = self.skipped, None
+            rgb = self._rgb() if frame is self.frame else self.to_rgb(frame, self.size)
+            if frame is not self.frame:
+                self.converted += 1
+            b = self.batcher.add(self.k - 1, rgb)
+            if b is not None:
+                yield b
+
+    def _rgb(self) -> np.ndarray:
+        """The held frame as RGB, converted once."""
+        if self.rgb is None:
+            self.rgb = self.to_rgb(self.frame, self.size)
+            self.converted += 1
+        return self.rgb

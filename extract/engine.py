@@ -1,0 +1,239 @@
+"""The per-item engine: probe once, decode once, feed every extractor's session, finish each on its own.
+
+`Extractor.extract_path` and the pipeline's workers run this same code. Guarantees:
+- one decode of each stream per item, whatever the number of extractors;
+- a video error fails only the features that consume frames, an audio error only those that consume audio;
+- every requested feature ends with a row (OK / ABSENT) or a `Failure` (reason + message);
+- frames on the decode grid that no extractor samples are not colour-converted or resized (`StreamPlan.keep`).
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from extract.sampling import DECODE_FPS
+from store.schema import FeatureRows
+
+if TYPE_CHECKING:
+    from extract._api import Extractor, ItemSession
+    from extract.decode import MediaInfo
+
+STREAM_ERRORS = {"frames_error": "frames", "audio_error": "audio"}  # stream error kind -> the stream it ends
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How an item is decoded (everything here but `threads` changes frame values)."""
+
+    frame_rule: str = "nearest"
+    batch_size: int = 16  # frames per decoded batch
+    height: int | None = None  # decode height (None: native)
+    threads: int = 0  # FFmpeg decoder threads (0: FFmpeg decides)
+    select: bool = True  # convert only the frames some extractor reads (False: every grid frame)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What to decode for one item: frames (only `keep`, None = all), audio."""
+
+    frames: bool
+    audio: bool
+    keep: frozenset[int] | None = None
+
+
+@dataclass
+class Failure:
+    """Why a feature of an item has no row: store reason, message, and the exception when there was one."""
+
+    reason: str
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass
+class ItemOutcome:
+    """The result of one item: a row or a failure per feature, and seconds spent inside each extractor."""
+
+    rows: dict[str, FeatureRows] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def row_or_raise(self, feature: str) -> FeatureRows:
+        """The feature's row; its failure's exception (or a RuntimeError) when it failed."""
+        if feature in self.rows:
+            return self.rows[feature]
+        fail = self.failures[feature]
+        if fail.error is not None:
+            raise fail.error
+        raise RuntimeError(fail.message)
+
+
+def short_error(exc: BaseException) -> str:
+    """`Type: message` of an exception, one line."""
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def extractor_failure(exc: BaseException) -> Failure:
+    """Failure for an exception raised inside an extractor (with a short traceback)."""
+    return Failure("extractor_error", f"extractor_error: {short_error(exc)}\n{traceback.format_exc(limit=3)}", exc)
+
+
+def decode_failure(exc: BaseException) -> Failure:
+    """Failure for a stream's decode exception: truncated, or decode_error."""
+    from extract import decode
+
+    if isinstance(exc, decode.TruncatedMedia):
+        return Failure("truncated", f"truncated: {exc}", exc)
+    if isinstance(exc, decode.DecodeError):
+        return Failure("decode_error", f"decode_error: {exc}", exc)
+    return Failure("decode_error", f"decode_error: {short_error(exc)}", exc)
+
+
+def plan_streams(extractors: Iterable[Extractor], info: MediaInfo, select: bool = True) -> StreamPlan:
+    """The streams `extractors` consume from an item; a stream the file lacks is not decoded (ABSENT rows).
+
+    With `select`, frames are limited to the union of the extractors' `frames_needed(info)` (one that needs every
+    frame, like I3D, or cannot say, keeps them all).
+    """
+    exs = list(extractors)
+    frame_exs = [ex for ex in exs if getattr(ex, "needs_frames", True)]
+    frames = bool(frame_exs) and bool(getattr(info, "has_video", True))
+    audio = any(getattr(ex, "needs_audio", False) for ex in exs) and bool(getattr(info, "has_audio", True))
+    keep: set[int] | None = set() if (frames and select) else None
+    for ex in frame_exs if keep is not None else ():
+        try:
+            need = ex.frames_needed(info) if hasattr(ex, "frames_needed") else None
+        except Exception:  # noqa: BLE001 - its session start reports the problem; decode everything meanwhile
+            need = None
+        if need is None:
+            keep = None
+            break
+        keep.update(int(k) for k in np.asarray(need).ravel())
+    return StreamPlan(frames, audio, None if keep is None else frozenset(keep))
+
+
+def decode_streams(path: str, plan: StreamPlan, opts: DecodeOptions) -> Iterator[tuple[str, Any]]:
+    """("frames", FrameBatch)..., then ("audio", samples)...; a stream's failure is yielded as
+    ("frames_error" | "audio_error", exception) after its readable part, and the other stream is still decoded."""
+    from extract import decode
+
+    if plan.frames:
+        try:
+            for batch in decode.iter_frames(path, fps=DECODE_FPS, batch_size=opts.batch_size, height=opts.height,
+                                            frame_rule=opts.frame_rule, threads=opts.threads, keep=plan.keep):
+                yield "frames", batch
+        except Exception as e:
+            yield "frames_error", e
+    if plan.audio:
+        try:
+            for chunk in decode.iter_audio(path):
+                yield "audio", chunk
+        except Exception as e:
+            yield "audio_error", e
+
+
+class ItemRun:
+    """The sessions of one item: started from its MediaInfo, fed stream items, finished into an ItemOutcome."""
+
+    def __init__(self, extractors: Mapping[str, Extractor], info: MediaInfo, features: Sequence[str]) -> None:
+        """Start a session per feature; one that cannot start fails alone."""
+        self.extractors, self.info = extractors, info
+        self.outcome = ItemOutcome(spent=dict.fromkeys(features, 0.0))
+        self.sessions: dict[str, ItemSession] = {}
+        self.stream_failures: dict[str, Failure] = {}  # "frames" | "audio" -> the stream's decode failure
+        for f in features:
+            try:
+                t = time.perf_counter()
+                self.sessions[f] = extractors[f].start(info)
+                self.outcome.spent[f] += time.perf_counter() - t
+            except Exception as e:
+                self.outcome.failures[f] = extractor_failure(e)
+
+    def plan(self, select: bool = True) -> StreamPlan:
+        """What the live sessions need decoded."""
+        return plan_streams((self.extractors[f] for f in self.sessions), self.info, select)
+
+    @property
+    def live(self) -> bool:
+        """Whether any session still takes input."""
+        return bool(self.sessions)
+
+    def feed(self, kind: str, payload: Any) -> None:
+        """Hand one stream item to every session that consumes it; an extractor error ends only its session."""
+        if kind in STREAM_ERRORS:
+            self.stream_failures[STREAM_ERRORS[kind]] = decode_failure(payload)
+            return
+        attr = "needs_frames" if kind == "frames" else "needs_audio"
+        default = kind == "frames"
+        for f in list(self.sessions):
+            if not getattr(self.extractors[f], attr, default):
+                continue
+            try:
+                t = time.perf_counter()
+                if kind == "frames":
+                    self.sessions[f].add_frames(payload)
+                else:
+                    self.sessions[f].add_audio(payload)
+                self.outcome.spent[f] += time.perf_counter() - t
+            except Exception as e:
+                del self.sessions[f]
+                self.outcome.failures[f] = extractor_failure(e)
+
+    def finish(self) -> ItemOutcome:
+        """Finish every live session, unless a stream it consumes failed to decode."""
+        for f, sess in self.sessions.items():
+            failed = self._stream_failure(f)
+            if failed is not None:
+                self.outcome.failures[f] = failed
+                continue
+            try:
+                t = time.perf_counter()
+                self.outcome.rows[f] = sess.finish()
+                self.outcome.spent[f] += time.perf_counter() - t
+            except Exception as e:
+                self.outcome.failures[f] = extractor_failure(e)
+        self.sessions = {}
+        return self.outcome
+
+    def _stream_failure(self, feature: str) -> Failure | None:
+        """The decode failure of a stream `feature` consumes (a frame error never fails audio features)."""
+        ex = self.extractors[feature]
+        if getattr(ex, "needs_frames", True) and "frames" in self.stream_failures:
+            return self.stream_failures["frames"]
+        if getattr(ex, "needs_audio", False) and "audio" in self.stream_failures:
+            return self.stream_failures["audio"]
+        return None
+
+
+def probe_failure(path: str | os.PathLike[str]) -> tuple[MediaInfo | None, Failure | None]:
+    """(info, None), or (None, the probe's failure for every feature)."""
+    from extract import decode
+
+    try:
+        return decode.probe(path), None
+    except decode.DecodeError as e:
+        return None, Failure("decode_error", f"decode_error: {e}", e)
+
+
+def run_item(extractors: Mapping[str, Extractor], path: str | os.PathLike[str], features: Sequence[str],
+             opts: DecodeOptions = DecodeOptions(), info: MediaInfo | None = None,
+             stream: Iterable[tuple[str, Any]] | None = None) -> ItemOutcome:
+    """Probe (unless `info` is given), decode once (or read `stream`, e.g. a decode thread's queue), feed, finish."""
+    if info is None:
+        info, failed = probe_failure(path)
+        if failed is not None:
+            return ItemOutcome(failures=dict.fromkeys(features, failed), spent=dict.fromkeys(features, 0.0))
+    run = ItemRun(extractors, info, features)
+    if stream is None:
+        stream = decode_streams(str(path), run.plan(opts.select), opts) if run.live else ()
+    for kind, payload in stream:
+        run.feed(kind, payload)
+        if not run.live:
+            break
+    return run.finish()
