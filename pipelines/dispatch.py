@@ -1,0 +1,180 @@
+"""The scheduler of a run, without Ray: which worker runs which task next, driven by events.
+
+Events: a task's result (`result`), a task that raised inside a live worker (`error`), a worker that died while
+running a task (`died`), a ping answered by a restarted worker (`back`) or not (`ping_failed`). Outputs: tasks to
+start (`assignments`) and workers to ping (`pings_due`). The Ray loop in `pipelines.run` only translates between
+Ray and these calls, so every rule below is unit-tested with fake workers (tests/test_pipelines_dispatch.py):
+
+- one task at a time per worker; with `prefetch`, a worker's next item is reserved and named with its current
+  one (the worker starts decoding it early); a worker that dies gives its reserved item back to the queue;
+- an item whose worker died is retried up to `max_retries` times, then FAILED `worker_died` with the count;
+- a restarted worker gets work again only after it answers a ping; one silent for `max_pings` pings is dropped,
+  and when a pool has no usable worker left its remaining tasks are FAILED `worker_died`;
+- every task ends exactly once: a result, or FAILED rows through `fail(task, reason, message)`.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from pipelines.plan import CaptionTask, ItemTask
+from store.schema import Status
+
+Task = ItemTask | CaptionTask
+WorkerId = tuple[int, int]  # (pool, worker index in the pool)
+FailFn = Callable[[Task, str, str], None]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Start `task` on `worker`; `hint` = (path, features) of the worker's next item, to decode early."""
+
+    worker: WorkerId
+    task: Task
+    hint: tuple[str, list[str]] | None = None
+
+
+@dataclass
+class Tally:
+    """What finished so far: tasks ok / failed, retries, seconds reported by the workers."""
+
+    ok: int = 0
+    failed: int = 0
+    retried: int = 0
+    model_seconds: Counter = field(default_factory=Counter)
+    task_seconds: float = 0.0
+
+
+def task_key(task: Task) -> tuple:
+    """Identity of a task for attempt counting."""
+    return ("item", task.row) if isinstance(task, ItemTask) else ("caption", task.feature, task.start)
+
+
+class Dispatcher:
+    """Assigns queued tasks to idle workers and reacts to results, deaths and recoveries."""
+
+    def __init__(self, queues: Sequence[Iterable[Task]], workers: Sequence[int], fail: FailFn, *,
+                 max_retries: int = 2, prefetch: bool = True, ping_every: float = 0.5, max_pings: int = 600,
+                 clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda _: None,
+                 on_done: Callable[[Tally], None] = lambda _: None) -> None:
+        """`queues[p]`: tasks of pool p; `workers[p]`: its worker count; `fail` writes a task's FAILED rows."""
+        if len(queues) != len(workers):
+            raise ValueError(f"dispatch: {len(queues)} task queues for {len(workers)} pools")
+        self.queues = [deque(q) for q in queues]
+        self.idle = [deque(range(n)) for n in workers]
+        self.fail, self.clock, self.log, self.on_done = fail, clock, log, on_done
+        self.max_retries, self.prefetch = int(max_retries), bool(prefetch)
+        self.ping_every, self.max_pings = float(ping_every), int(max_pings)
+        self.running: dict[WorkerId, Task] = {}
+        self.reserved: dict[WorkerId, Task] = {}  # worker -> its next item (being prefetched)
+        self.recovering: dict[WorkerId, tuple[float, int]] = {}  # worker -> (next ping time, failed pings)
+        self.pinging: set[WorkerId] = set()
+        self.attempts: Counter = Counter()
+        self.tally = Tally()
+        self.total = sum(len(q) for q in self.queues)
+
+    @property
+    def done(self) -> bool:
+        """No task queued, reserved or running (recovering workers with nothing to do do not hold the run)."""
+        return not (self.running or self.reserved or any(self.queues))
+
+    # ------------------------------------------------------------------------------------------------- outputs
+    def assignments(self) -> list[Assignment]:
+        """Tasks to start now, one per idle worker that has work."""
+        out = []
+        for p, q in enumerate(self.queues):
+            for a in list(self.idle[p]):
+                w = (p, a)
+                if not q and w not in self.reserved:
+                    continue
+                self.idle[p].remove(a)
+                task = self.reserved.pop(w) if w in self.reserved else q.popleft()
+                hint = None
+                if self.prefetch and isinstance(task, ItemTask) and q and isinstance(q[0], ItemTask):
+                    nxt = self.reserved[w] = q.popleft()  # named now so its decoding overlaps this item's compute
+                    hint = (nxt.path, list(nxt.features))
+                self.running[w] = task
+                out.append(Assignment(w, task, hint))
+        return out
+
+    def pings_due(self) -> list[WorkerId]:
+        """Recovering workers to ping now (at most one ping in flight each)."""
+        now = self.clock()
+        due = [w for w, (when, _) in self.recovering.items() if when <= now and w not in self.pinging]
+        self.pinging.update(due)
+        return due
+
+    # -------------------------------------------------------------------------------------------------- events
+    def result(self, w: WorkerId, summary: dict[str, Any]) -> None:
+        """The worker finished its task (its rows are written); it takes the next one."""
+        self.running.pop(w)
+        self.idle[w[0]].append(w[1])
+        self.tally.model_seconds.update(summary.get("model_seconds", {}))
+        self.tally.task_seconds += float(summary.get("seconds", 0.0))
+        res = summary.get("results", {})
+        vals = res.values() if isinstance(res, dict) else res
+        if any(s == Status.FAILED for s, _ in vals):
+            self.tally.failed += 1
+        else:
+            self.tally.ok += 1
+        self.on_done(self.tally)
+
+    def error(self, w: WorkerId, message: str) -> None:
+        """The task raised inside a live worker (a bug in the worker itself): FAILED worker_error, run goes on."""
+        task = self.running.pop(w)
+        self.idle[w[0]].append(w[1])
+        self._failed(task, "worker_error", f"worker_error: {message[:1500]}")
+
+    def died(self, w: WorkerId, message: str) -> None:
+        """The worker process died running its task: retry the task (bounded), ping the worker until it is back."""
+        task = self.running.pop(w)
+        p = w[0]
+        self.recovering[w] = (self.clock(), 0)
+        if w in self.reserved:  # its next item was never started: any worker may take it
+            self.queues[p].appendleft(self.reserved.pop(w))
+        key = (p, task_key(task))
+        self.attempts[key] += 1
+        if self.attempts[key] <= self.max_retries:
+            self.tally.retried += 1
+            self.queues[p].append(task)
+            return
+        self._failed(task, "worker_died", f"worker_died: the worker process died {self.attempts[key]} time(s) on "
+                     f"this item (segfault, out of memory or exit in a codec/model): {message[:500]}")
+        self._drop_if_pool_dead(p)
+
+    def back(self, w: WorkerId) -> None:
+        """A restarted worker answered its ping: it takes work again."""
+        self.pinging.discard(w)
+        if self.recovering.pop(w, None) is not None:
+            self.idle[w[0]].append(w[1])
+
+    def ping_failed(self, w: WorkerId) -> None:
+        """The worker is still down: ping again later, or give up on it after `max_pings` tries."""
+        self.pinging.discard(w)
+        if w not in self.recovering:
+            return
+        n = self.recovering[w][1] + 1
+        if n <= self.max_pings:
+            self.recovering[w] = (self.clock() + self.ping_every, n)
+            return
+        del self.recovering[w]
+        self.log(f"worker {w[1]} of pool {w[0]} did not come back after {n - 1} pings; it gets no more work")
+        self._drop_if_pool_dead(w[0])
+
+    # --------------------------------------------------------------------------------------------------- inner
+    def _failed(self, task: Task, reason: str, message: str) -> None:
+        """A task ends without a result: its FAILED rows, counted."""
+        self.fail(task, reason, message)
+        self.tally.failed += 1
+        self.on_done(self.tally)
+
+    def _drop_if_pool_dead(self, p: int) -> None:
+        """When no worker of pool `p` is usable any more, fail its remaining tasks instead of waiting forever."""
+        alive = self.idle[p] or any(w[0] == p for w in self.running) or any(w[0] == p for w in self.recovering)
+        if alive or not self.queues[p]:
+            return
+        self.log(f"every worker of pool {p} is gone; marking its {len(self.queues[p])} remaining task(s) FAILED")
+        while self.queues[p]:
+            self._failed(self.queues[p].popleft(), "worker_died", "worker_died: no live worker left to run this item")

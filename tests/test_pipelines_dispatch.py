@@ -1,0 +1,144 @@
+"""The dispatcher without Ray: fake workers that finish, raise, die and come back, on a fake clock."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from pipelines.dispatch import Assignment, Dispatcher, task_key
+from pipelines.plan import CaptionTask, ItemTask
+from store.schema import Status
+
+
+def _items(*names: str) -> list[ItemTask]:
+    return [ItemTask(row=i, item_id=n, path=f"/v/{n}.mkv", kind="video", features=("a", "b"))
+            for i, n in enumerate(names)]
+
+
+class FakeCluster:
+    """Workers scripted by item name: `die` (every attempt), `die1` (first attempt), `raise`; others finish.
+
+    A dead worker comes back after `down` failed pings (None: never). Runs the event loop `pipelines.run` runs.
+    """
+
+    def __init__(self, down: int | None = 1) -> None:
+        self.now = 0.0
+        self.down = down
+        self.failed: list[tuple[Any, str, str]] = []
+        self.started: list[Assignment] = []
+        self.attempts: Counter = Counter()
+        self.pings: Counter = Counter()
+        self.dead: set = set()
+
+    def fail(self, task: Any, reason: str, message: str) -> None:
+        self.failed.append((task, reason, message))
+
+    def run(self, d: Dispatcher, steps: int = 10_000) -> None:
+        for _ in range(steps):
+            if d.done:
+                return
+            for a in d.assignments():
+                assert a.worker not in self.dead, "a dead worker got work before answering a ping"
+                self.started.append(a)
+                self._finish(d, a)
+            for w in d.pings_due():
+                self.pings[w] += 1
+                if self.down is not None and self.pings[w] > self.down:
+                    self.dead.discard(w)
+                    d.back(w)
+                else:
+                    d.ping_failed(w)
+            self.now += 0.25
+        raise AssertionError("the dispatcher never finished")
+
+    def _finish(self, d: Dispatcher, a: Assignment) -> None:
+        name = a.task.item_id if isinstance(a.task, ItemTask) else "caption"
+        self.attempts[name] += 1
+        if name.startswith("die") and (name != "die1" or self.attempts[name] == 1):
+            self.dead.add(a.worker)
+            d.died(a.worker, "actor died")
+        elif name == "raise":
+            d.error(a.worker, "TypeError: bug")
+        else:
+            d.result(a.worker, {"results": {"a": (int(Status.OK), ""), "b": (int(Status.OK), "")}, "seconds": 1.0,
+                                "model_seconds": {"a": 0.5}})
+
+
+def _dispatcher(c: FakeCluster, queues: list[list[Any]], workers: list[int], **kw: Any) -> Dispatcher:
+    return Dispatcher(queues, workers, c.fail, clock=lambda: c.now, **kw)
+
+
+def test_every_task_runs_once_and_hints_name_each_workers_next_item() -> None:
+    c = FakeCluster()
+    caps = [CaptionTask("cap", 0, 4), CaptionTask("cap", 4, 8)]
+    d = _dispatcher(c, [_items("a", "b", "c", "d", "e") + caps], [2])
+    c.run(d)
+    assert Counter(task_key(a.task) for a in c.started) == Counter(task_key(t) for t in _items(*"abcde") + caps)
+    assert d.tally.ok == 7 and d.tally.failed == 0 and not c.failed and d.total == 7
+    for w in {a.worker for a in c.started}:
+        mine = [a for a in c.started if a.worker == w]
+        for cur, nxt in zip(mine, mine[1:]):
+            if cur.hint is not None:  # the hinted item is exactly the one this worker runs next
+                assert cur.hint == (nxt.task.path, list(nxt.task.features))
+    assert any(a.hint for a in c.started) and d.tally.model_seconds["a"] == 3.5 and d.tally.task_seconds == 7.0
+
+
+def test_without_prefetch_no_hints() -> None:
+    c = FakeCluster()
+    d = _dispatcher(c, [_items("a", "b", "c")], [1], prefetch=False)
+    c.run(d)
+    assert [a.hint for a in c.started] == [None, None, None] and d.tally.ok == 3
+
+
+def test_an_item_that_kills_its_worker_is_retried_then_failed_worker_died() -> None:
+    c = FakeCluster(down=2)
+    d = _dispatcher(c, [_items("a", "die1", "die", "b")], [2], max_retries=2)
+    c.run(d)
+    assert c.attempts["die1"] == 2 and c.attempts["die"] == 3  # max_retries=2: three attempts, then FAILED
+    assert [(t.item_id, r) for t, r, _ in c.failed] == [("die", "worker_died")]
+    assert "died 3 time(s)" in c.failed[0][2]
+    assert d.tally.retried == 3 and d.tally.ok == 3 and d.tally.failed == 1
+    assert c.pings  # dead workers came back only through pings
+
+
+def test_a_dead_workers_reserved_item_goes_back_to_the_queue() -> None:
+    c = FakeCluster()
+    d = _dispatcher(c, [_items("die1", "next", "x")], [1])
+    c.run(d)
+    first = c.started[0]
+    assert first.task.item_id == "die1" and first.hint is not None and first.hint[0] == "/v/next.mkv"
+    assert sorted(a.task.item_id for a in c.started) == ["die1", "die1", "next", "x"]
+    assert d.tally.ok == 3 and not c.failed
+
+
+def test_worker_error_fails_the_task_and_keeps_the_worker() -> None:
+    c = FakeCluster()
+    d = _dispatcher(c, [_items("raise", "a")], [1])
+    c.run(d)
+    assert [(t.item_id, r) for t, r, _ in c.failed] == [("raise", "worker_error")]
+    assert "TypeError: bug" in c.failed[0][2] and d.tally.ok == 1 and not c.pings
+
+
+def test_a_pool_whose_workers_never_come_back_fails_its_remaining_tasks() -> None:
+    c = FakeCluster(down=None)
+    logs: list[str] = []
+    d = _dispatcher(c, [_items("die", "a", "b"), _items("c")], [1, 1], max_retries=5, max_pings=3,
+                    log=logs.append)
+    c.run(d)
+    reasons = {t.item_id: m for t, r, m in c.failed if r == "worker_died"}
+    assert set(reasons) == {"die", "a", "b"} and "no live worker left" in reasons["a"]
+    assert c.attempts["die"] == 1 and d.tally.ok == 1  # pool 1 is unaffected
+    assert c.pings[(0, 0)] == 4 and any("pool 0" in line for line in logs)
+
+
+def test_done_does_not_wait_for_a_worker_that_has_no_work_left() -> None:
+    c = FakeCluster(down=None)
+    d = _dispatcher(c, [_items("die1", "a")], [2], max_pings=10_000)
+    c.run(d, steps=50)  # the worker that died never answers; its item was retried on the other one
+    assert d.done and d.tally.ok == 2 and not c.failed
+
+
+def test_mismatched_pools_are_refused() -> None:
+    with pytest.raises(ValueError, match="2 task queues for 1 pools"):
+        Dispatcher([[], []], [1], lambda *a: None)
