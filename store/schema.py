@@ -217,7 +217,18 @@ ROOT_ARRAYS: dict[str, tuple[str, str, Any]] = {
 SMALL_INNER_ROWS = 256  # inner chunk rows of the small per-row arrays (mask, time, status, reason, message)
 ROOT_SHARD_ROWS, ROOT_INNER_ROWS = 65536, 4096  # root tables: read whole, so bigger inner chunks
 SHARD_BYTES = 64 << 20  # default target size of one values shard
+INNER_BYTES = 64 << 10  # target size of one inner chunk of values (at least one row)
 MIN_SHARD_ROWS, MAX_SHARD_ROWS = 256, 16384  # >= 256 keeps files/item low; <= 16384 bounds staging per shard
+
+
+def inner_rows(spec: FeatureSpec) -> int:
+    """Rows per inner chunk of the per-step arrays: one row for real feature sizes, more for tiny rows.
+
+    zarr-python spends ~0.1 ms per inner chunk, so rows of a few hundred bytes are grouped up to INNER_BYTES
+    (reading one row then reads at most INNER_BYTES); rows of INNER_BYTES or more keep one row per inner chunk.
+    """
+    row = math.prod(spec.value_shape()) * np.dtype(spec.dtype).itemsize
+    return 1 << max(0, min(8, int(math.log2(max(1, INNER_BYTES // row)))))
 
 
 def auto_shard_rows(spec: FeatureSpec, shard_bytes: int = SHARD_BYTES) -> int:
@@ -232,11 +243,12 @@ def feature_arrays(spec: FeatureSpec, rows: int, shard_rows: int | None = None) 
     """The arrays of a feature group: name -> create_array kwargs (shape, chunks, [shards,] dtype, dims, fill).
 
     `shard_rows=None` is the v1 layout (one chunk of chunk_rows rows, no sharding); otherwise v2: shards of
-    `shard_rows` rows, an inner chunk of one row for the per-step data and of SMALL_INNER_ROWS for the rest.
+    `shard_rows` rows, inner chunks of `inner_rows(spec)` rows (one row once a row is 64 KiB) for the per-step
+    data and of SMALL_INNER_ROWS for the rest.
     v2 `values` use NaN as fill value so a lost chunk or shard never reads as valid zeros.
     """
     n, c = spec.name, spec.chunk_rows
-    big_inner = c if shard_rows is None else 1
+    big_inner = c if shard_rows is None else math.gcd(shard_rows, inner_rows(spec))
     small_inner = c if shard_rows is None else math.gcd(shard_rows, SMALL_INNER_ROWS)
     row, step = spec.axis, f"{n}_step"
     slot = (f"{n}_slot",) if spec.slots else ()
