@@ -3,7 +3,8 @@
 Each measurement runs in a fresh subprocess (`--child`) so its peak RSS (`resource.getrusage(...).ru_maxrss`, which
 counts torch's allocations, unlike tracemalloc) is its own; memory is reported as that peak minus the RSS just
 before the measured call (inputs and model built, imports done). Measured, in one run:
-  * tvr: `TMASS.similarity` on the whole N x N (20 trials, chunked, no pairs x trials x D tensor);
+  * tvr: `TMASS.similarity` on the whole N x N (20 trials, noise drawn per (text, video, trial), chunked, no
+    pairs x trials x D tensor; the fused numba kernel when numba is installed, else the torch one, as printed);
   * baseline (naive): the reference-style per-pair computation, i.e. for each video pool(v|t) for all texts through
     the D x D maps (`XPoolHead.forward`), R and all 20 trial vectors materialised, cosines, max over trials; run on
     `--naive-videos` videos and extrapolated linearly to N (its cost is linear in the number of videos); its scores
@@ -64,10 +65,10 @@ def naive_similarity(model, text_emb, video_emb, seed: int = 0):
     import torch.nn.functional as F
 
     t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
-    eps = model.eval_noise(0, t.shape[0], seed)  # (Nt, K, D), the same noise tvr uses
     out = t.new_empty(t.shape[0], frames.shape[0])
     with torch.no_grad():
         for a in range(frames.shape[0]):
+            eps = model.eval_noise(torch.arange(t.shape[0]), torch.tensor([a]), seed)[:, 0]  # (Nt, K, D), as tvr's
             pooled = model.pool(t, frames[a : a + 1], keep[a : a + 1])[0]  # (Nt, D) = pool(a | t)
             r = model.radius(model.frame_cosines(t, frames[a : a + 1], keep[a : a + 1])[0])  # (Nt, D)
             samples = t[:, None, :] + eps * r[:, None, :]  # (Nt, K, D)
@@ -80,6 +81,12 @@ def child(kind: str, n: int, naive_videos: int, threads: int, repeats: int) -> d
     import torch
 
     torch.set_num_threads(threads)
+    try:  # the fused kernel's threads (numba's own pool)
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
     n_videos = naive_videos if kind == "naive" else n
     model, te, ve = _setup(n, n_videos, "xpool" if kind == "xpool" else "tmass")
     fn = (lambda a, b: naive_similarity(model, a, b)) if kind == "naive" else model.similarity
@@ -121,8 +128,11 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from train.models import tmass_noise
+
     print(f"T-MASS evaluation, {args.n} texts x {args.n} videos x {FRAMES} frames x {DIM}-d, {TRIALS} trials, "
-          f"{args.threads} torch threads, load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+          f"{args.threads} torch threads, load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), trial kernel: "
+          f"{'numba ' + tmass_noise.numba.__version__ if tmass_noise.numba else 'torch (numba not installed)'}")
     res = {k: _run_child(k, args) for k in ("tmass", "naive", "xpool")}
     diff = (torch.tensor(res["tmass"]["subset"]) - torch.tensor(res["naive"]["subset"])).abs().max().item()
     naive_full = res["naive"]["seconds"] * args.n / res["naive"]["videos"]

@@ -153,3 +153,301 @@ def test_recipe_flag_is_resolved_into_the_saved_config(store_url, tmp_path):
     assert cfg["recipe"] == "lsmdc" and cfg["lr"] == 1e-5 and cfg["batch_size"] == 8
     assert cfg["model_config"] == {"support_weight": 0.0, "prior": "normal", "prior_std": 3e-3}
     assert main(["eval", str(run), "--split", "val"]) == 0
+
+
+# ---- a trainer that refuses bad runs (issue 11 §5) ------------------------------------------------------------
+def _poison(url, feature, rows, value):
+    """Write `value` into every step of `rows` of a feature (status stays OK), as a buggy extractor would."""
+    import zarr
+
+    arr = zarr.open_group(url, mode="r+")[feature]["values"]
+    for r in rows:
+        block = np.asarray(arr[r : r + 1])
+        block[...] = value
+        arr[r : r + 1] = block
+
+
+@pytest.fixture()
+def fresh_store(tmp_path):
+    """A tiny synthetic store this test may modify."""
+    url = str(tmp_path / "fresh.zarr")
+    synth.generate(url, items=40, captions_per_item=2, seed=0, small=True)
+    return url
+
+
+@pytest.mark.parametrize("cache", ["cached", "per_batch"])
+def test_nonfinite_feature_values_stop_the_run(fresh_store, tmp_path, capsys, cache):
+    from store.zarr_store import FeatureStore
+
+    st = FeatureStore.open(fresh_store)
+    split = np.asarray(st.items().split).astype(str)
+    ids = np.asarray(st.items().id).astype(str)
+    bad = np.flatnonzero(split == "train")[[2, 5]]
+    # inf / -inf: the store's reader reports NaN in an OK row itself, as lost data
+    _poison(fresh_store, "clip", bad[:1], float("-inf"))
+    _poison(fresh_store, "clip", bad[1:], float("inf"))
+    run = tmp_path / "nan"
+    extra = []
+    if cache == "per_batch":
+        (tmp_path / "lazy.yaml").write_text("cache_bytes: 0\n")
+        extra = ["--config", str(tmp_path / "lazy.yaml")]
+    capsys.readouterr()
+    assert main(_args("tmass", fresh_store, run, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "'clip'" in err and "NaN/inf" in err and "Traceback" not in err
+    assert ids[bad[0]] in err and (cache == "per_batch" or ids[bad[1]] in err)
+    assert not (run / "metrics.json").exists() and not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_nonfinite_caption_feature_names_the_captions(fresh_store, tmp_path, capsys):
+    from store.zarr_store import FeatureStore
+
+    cap_ids = np.asarray(FeatureStore.open(fresh_store).captions().id).astype(str)
+    _poison(fresh_store, "glove", [3], float("inf"))
+    assert main(_args("mee", fresh_store, tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert "'glove'" in err and cap_ids[3] in err and "caption row" in err
+
+
+def test_nonfinite_parameter_stops_the_run(store_url, tmp_path, capsys, monkeypatch):
+    """A step that leaves a NaN weight (finite loss) ends the run with an error and writes no checkpoint for it."""
+    import train.engine as engine
+
+    real = engine.make_optimizer
+
+    def poisoned(cfg, model):
+        opt = real(cfg, model)
+        step = opt.step
+
+        def bad_step(*a, **k):
+            out = step(*a, **k)
+            with torch.no_grad():
+                model.moe.bias[0] = float("nan")  # scores fall back to 0: the loss stays finite, the weights do not
+            return out
+
+        opt.step = bad_step
+        return opt
+
+    monkeypatch.setattr(engine, "make_optimizer", poisoned)
+    run = tmp_path / "p"
+    assert main(_args("mee", store_url, run)) == 2
+    err = capsys.readouterr().err
+    assert "epoch 1: " in err and "parameter tensor(s) became NaN/inf (text_vlad.assign" in err
+    assert "no checkpoint was written" in err
+    assert not (run / "last.pt").exists() and not (run / "metrics.json").exists()
+
+
+def test_nonfinite_loss_names_the_batch(store_url, tmp_path, capsys, monkeypatch):
+    from store.zarr_store import FeatureStore
+    from train.data import StoreData
+    from train.models.xpool import XPoolModel
+
+    real = XPoolModel.loss
+    calls = []
+
+    def loss(self, t, v):
+        calls.append(1)
+        out, parts = real(self, t, v)
+        return (out * float("nan"), parts) if len(calls) == 2 else (out, parts)
+
+    monkeypatch.setattr(XPoolModel, "loss", loss)
+    assert main(_args("xpool", store_url, tmp_path / "l")) == 2
+    err = capsys.readouterr().err
+    # batch 2 of epoch 1, recomputed independently from the epoch's sampling
+    data = StoreData(FeatureStore.open(store_url), store_url, "xpool")
+    rows, caps = data.epoch_pairs(0, 24, 0.0)
+    items = np.asarray(FeatureStore.open(store_url).items().id).astype(str)[rows[8:16]]
+    assert "epoch 1 batch 2: loss is nan" in err and all(repr(str(i)) in err for i in items[:5])
+    assert "training diverged" in err
+
+
+def test_resume_refuses_another_store_and_records_the_store_id(store_url, tmp_path, capsys):
+    from store.zarr_store import FeatureStore
+
+    run = tmp_path / "r"
+    assert main(_args("xpool", store_url, run, "--stop-after", "1")) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["store_id"] == FeatureStore.open(store_url).store_id != ""
+    other = str(tmp_path / "other.zarr")
+    synth.generate(other, items=40, captions_per_item=2, missing={"dlib_face": 0.5, "vggish": 0.2}, images=10,
+                   seed=0, small=True, choices=3)  # same content, another store
+    before = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(_args("xpool", other, run, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "another store" in err and saved["store_id"] in err and "other.zarr" in err
+    assert (run / "config.yaml").read_bytes() == before  # nothing rewritten
+    assert main(_args("xpool", store_url, run, "--resume")) == 0  # the same store resumes
+
+
+@pytest.mark.parametrize("change, expect", [
+    (["--lr", "0.01"], "lr: 0.001 -> 0.01"),
+    (["--batch-size", "4"], "batch_size: 8 -> 4"),
+    (["--config", "MC"], "model_config.dropout: 0.3 -> 0.1"),
+])
+def test_resume_refuses_changed_settings(store_url, tmp_path, capsys, change, expect):
+    run = tmp_path / "r"
+    assert main(_args("xpool", store_url, run, "--stop-after", "1")) == 0
+    (tmp_path / "mc.yaml").write_text("model_config:\n  dropout: 0.1\n")
+    change = [str(tmp_path / "mc.yaml") if c == "MC" else c for c in change]
+    before = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    base = ["xpool", "--store", store_url, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+            "--lr", "1e-3"]
+    argv = base + ["--resume"] + change
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_checkpoint_that_does_not_fit_the_model(store_url, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(_args("mee", store_url, run, "--epochs", "1")) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model_config"] = {"text_clusters": 8}  # edited by hand: the weights no longer fit
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt does not fit" in err and "size mismatch" in err
+
+
+@pytest.mark.parametrize("damage", ["cut", "foreign_object", "plain_state_dict", "garbage"])
+def test_cut_off_or_foreign_checkpoint(store_url, tmp_path, capsys, damage):
+    import collections
+
+    run = tmp_path / "r"
+    assert main(_args("xpool", store_url, run, "--stop-after", "1")) == 0
+    last = run / "last.pt"
+    if damage == "cut":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "foreign_object":
+        torch.save({"model": collections.Counter(a=1), "cfg": argparse_namespace()}, last)
+    elif damage == "plain_state_dict":
+        torch.save(torch.load(last, weights_only=True)["model"], last)
+    else:
+        last.write_bytes(b"not a checkpoint at all")
+    capsys.readouterr()
+    assert main(_args("xpool", store_url, run, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert str(last) in err and "Traceback" not in err
+    assert "weights_only" not in err and "trust" not in err  # never suggests unsafe loading
+    assert {"cut": "cut off", "garbage": "cut off", "foreign_object": "not a tvr-train checkpoint",
+            "plain_state_dict": "not a tvr-train checkpoint"}[damage] in err
+
+
+def argparse_namespace():
+    """An object torch's weights_only loader refuses."""
+    import argparse
+
+    return argparse.Namespace(lr=1.0)
+
+
+def test_out_is_a_file(store_url, tmp_path, capsys):
+    f = tmp_path / "run.txt"
+    f.write_text("mine")
+    assert main(_args("mee", store_url, f)) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(_args("mee", store_url, f / "sub")) == 2
+    assert "run.txt" in capsys.readouterr().err
+    assert f.read_text() == "mine"
+
+
+def test_empty_test_split_fails_before_training(tmp_path, capsys):
+    url = str(tmp_path / "notest.zarr")
+    synth.generate(url, items=20, captions_per_item=1, splits=(0.8, 0.2, 0.0), small=True)
+    run = tmp_path / "r"
+    assert main(_args("mee", url, run)) == 2
+    assert "split 'test' has no videos" in capsys.readouterr().err
+    assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_text_feature_word2vec_is_served(tmp_path, capsys):
+    """MEE with model_config.text_feature: word2vec trains on a store that has word2vec and no glove."""
+    import shutil
+
+    from store.schema import FeatureRows, FeatureSpec, Status
+    from store.zarr_store import FeatureStore
+
+    url = str(tmp_path / "w2v.zarr")
+    synth.generate(url, items=30, captions_per_item=2, small=True, seed=4)
+    st = FeatureStore.open(url, "r+")
+    glove = st.read("glove")
+    spec = FeatureSpec("word2vec", 24, 30, dtype="float32", modality="words", axis="caption",
+                       chunk_rows=st.spec("glove").chunk_rows)
+    st.ensure_feature(spec, {"weights": {"random": True, "seed": 0}})
+    proj = np.random.default_rng(0).standard_normal((50, 24)).astype(np.float32)
+    rows = []
+    for i in range(st.n_captions):
+        n = int(glove.mask[i].sum())
+        rows.append(FeatureRows(Status.OK, glove.values[i, :n] @ proj, np.arange(n, dtype=np.float32)))
+    st.write_block("word2vec", 0, rows)
+    shutil.rmtree(tmp_path / "w2v.zarr" / "glove")
+    (tmp_path / "w.yaml").write_text("model_config:\n  text_feature: word2vec\n")
+    run = tmp_path / "r"
+    assert main(_args("mee", url, run, "--epochs", "1", "--config", str(tmp_path / "w.yaml"))) == 0
+    state = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert state["text_vlad.assign"].shape[0] == 24  # NetVLAD over 24-d word2vec vectors, not 50-d GloVe
+
+
+# ---- evaluation as the reference does it (issue 11 §6) --------------------------------------------------------
+def test_eval_reports_the_spread_over_noise_seeds(store_url, tmp_path, capsys):
+    from store.zarr_store import FeatureStore
+    from train.config import config_from_run_yaml
+    from train.data import StoreData, id_keys
+    from train.engine import build_model
+    from train.metrics import retrieval_metrics
+
+    run = tmp_path / "t"
+    assert main(_args("tmass", store_url, run, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val", "--noise-seeds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "over 3 noise seeds" in out and "+-" in out
+    got = json.loads((run / "metrics_val.json").read_text())
+    spread = got["noise_seeds"]
+    assert spread["n"] == 3 and spread["seeds"] == [0, 1, 2]
+    # independent: score the val split with each seed directly and average
+    cfg, _ = config_from_run_yaml(run / "config.yaml")
+    st = FeatureStore.open(store_url)
+    data = StoreData(st, store_url, "tmass")
+    model = build_model(cfg, data)
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+    model.eval()
+    es = data.eval_set("val")
+    caps = np.asarray(st.captions().id).astype(str)[es.captions]
+    items = np.asarray(st.items().id).astype(str)[es.items]
+    with torch.no_grad():
+        te = model.encode_text(data.text_batch(es.captions))
+        ve = model.encode_video(data.video_batch(es.items))
+        runs = [retrieval_metrics(model.similarity(te, ve, seed=s, text_keys=torch.from_numpy(id_keys(caps)),
+                                                   video_keys=torch.from_numpy(id_keys(items))),
+                                  torch.from_numpy(es.query_item)) for s in range(3)]
+    for d in ("t2v", "v2t"):
+        vals = np.array([float(r[d]["R@1"]) for r in runs])
+        assert spread["mean"][d]["R@1"] == pytest.approx(vals.mean()) and spread["std"][d]["R@1"] == pytest.approx(vals.std())
+        assert got[d]["R@1"] == pytest.approx(vals[0])  # the main numbers are eval_seed's
+    capsys.readouterr()
+    assert main(["eval", str(run), "--noise-seeds", "0"]) == 2
+    xp = tmp_path / "x"
+    assert main(_args("xpool", store_url, xp, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(xp), "--noise-seeds", "2"]) == 2
+    assert "no evaluation noise" in capsys.readouterr().err
+
+
+def test_recipe_trains_on_every_pair(store_url, tmp_path):
+    """--recipe msrvtt (T-MASS): an epoch is every (video, caption) pair, twice the steps of one caption per video."""
+    from store.zarr_store import FeatureStore
+    from train.data import StoreData
+
+    run = tmp_path / "rec"
+    assert main(["xpool", "--store", store_url, "--out", str(run), "--recipe", "msrvtt", "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["caption_sampling"] == "all_pairs"
+    data = StoreData(FeatureStore.open(store_url), store_url, "xpool")
+    n_videos = len(data.train_items()[0])
+    steps = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert steps == data.n_train_batches(8, 0.0, "all_pairs") == -(-2 * n_videos // 8)  # 2 captions per video
+    assert data.n_train_batches(8, 0.0) == -(-n_videos // 8)

@@ -49,3 +49,27 @@ def test_yaml_round_trip(tmp_path):
     save_yaml(c, tmp_path / "config.yaml", {"store": "s.zarr"})
     back, extra = config_from_run_yaml(tmp_path / "config.yaml")
     assert back == c and extra == {"store": "s.zarr"}
+
+
+def test_reference_recipes_set_the_reference_sampling_and_batching():
+    """T-MASS / X-Pool references train on every (video, caption) pair; the MEE reference drops the last batch."""
+    for model in ("tmass", "xpool"):
+        assert build_config(model).caption_sampling == "per_video"  # cheap default
+        for recipe in RECIPES[model]:
+            assert build_config(model, {"recipe": recipe}).caption_sampling == "all_pairs", (model, recipe)
+    assert build_config("mee").drop_last is False
+    assert all(build_config("mee", {"recipe": r}).drop_last for r in RECIPES["mee"])
+    assert build_config("mee", {"recipe": "msrvtt", "drop_last": False}).drop_last is False
+    with pytest.raises(ConfigError, match="'caption_sampling'"):
+        build_config("tmass", {"caption_sampling": "every"})
+
+
+def test_resume_changes_lists_what_alters_training():
+    from train.config import resume_changes
+
+    a = build_config("tmass", {"recipe": "msrvtt"})
+    assert resume_changes(a, build_config("tmass", {"recipe": "msrvtt", "device": "cpu", "eval_chunk": 7})) == []
+    b = build_config("tmass", {"recipe": "msrvtt", "lr": 1e-4, "batch_size": 16, "model_config": {"trials": 3}})
+    assert resume_changes(a, b) == ["model_config.trials: 20 -> 3", "batch_size: 32 -> 16", "lr: 3e-05 -> 0.0001"]
+    # an explicit default is no change
+    assert resume_changes(a, build_config("tmass", {"recipe": "msrvtt", "model_config": {"trials": 20}})) == []

@@ -197,3 +197,71 @@ def test_mee_without_some_experts(tmp_path):
     shutil.rmtree(tmp_path / "noface.zarr" / "glove")
     with pytest.raises(DataError, match="lacks feature.*glove"):
         StoreData(FeatureStore.open(url), url, "mee")
+
+
+# ---- features declared by the models; sampling modes (issue 11 §5, §6) ----------------------------------------
+def test_features_come_from_the_model_config(store, store_url):
+    from train.models import model_features
+
+    assert model_features("mee").video == ("resnet152", "i3d_flow", "vggish", "dlib_face")
+    assert model_features("xpool", {"frames_feature": "clip_l", "text_feature": "clip_l_text"}).text == "clip_l_text"
+    data = StoreData(store, store_url, "mee", model_config={"modalities": {"appearance": "resnet152"}})
+    assert data.video_features == ("resnet152",) and set(data.video) == {"resnet152"}
+    with pytest.raises(DataError, match="lacks feature.*word2vec"):  # names what the config asks for
+        StoreData(store, store_url, "mee", model_config={"text_feature": "word2vec"})
+
+
+def _all_usable_pairs(data, rows):
+    return {(int(data.caption_item[c]), int(c)) for c in data.captions_of(rows)}
+
+
+def test_all_pairs_sampling_covers_every_pair_once(mee, store):
+    videos, images = mee.train_items()
+    rows, caps = mee.epoch_pairs(0, seed=1, image_rate=0.0, sampling="all_pairs")
+    pairs = list(zip(rows.tolist(), caps.tolist()))
+    assert len(pairs) == len(set(pairs)) == 3 * len(videos)  # 3 captions per video, each once
+    cap_item = np.asarray(store.captions().item)
+    expect = {(int(cap_item[c]), int(c)) for c in np.flatnonzero(np.isin(cap_item, videos))}
+    assert set(pairs) == expect == _all_usable_pairs(mee, videos)
+    r2, c2 = mee.epoch_pairs(0, seed=1, image_rate=0.0, sampling="all_pairs")
+    assert (r2 == rows).all() and (c2 == caps).all()  # deterministic in (seed, epoch)
+    r3, _ = mee.epoch_pairs(1, seed=1, image_rate=0.0, sampling="all_pairs")
+    assert not (r3 == rows).all()  # reshuffled per epoch
+    # images at rate alpha of the video pairs
+    rows, caps = mee.epoch_pairs(0, seed=1, image_rate=0.5, sampling="all_pairs")
+    kind = np.asarray(store.items().kind).astype(str)
+    assert (kind[rows] == "image").sum() == int(0.5 * 3 * len(videos)) and (cap_item[caps] == rows).all()
+    assert mee.n_pairs(0.5, "all_pairs") == len(rows) == 3 * len(videos) + int(0.5 * 3 * len(videos))
+    assert mee.n_train_batches(10, 0.5, "all_pairs") == len(list(mee.train_batches(0, 1, 10, 0.5, "all_pairs")))
+    with pytest.raises(ValueError, match="sampling"):
+        mee.epoch_pairs(0, 1, 0.0, sampling="random")
+
+
+def test_drop_last(mee):
+    # 48 pairs at batch 10: 10,10,10,10,8 kept; with drop_last the partial batch of 8 goes
+    batches = list(mee.train_batches(0, 1, 10, 0.5, drop_last=True))
+    assert len(batches) == mee.n_train_batches(10, 0.5, drop_last=True) == 4
+    assert all(len(t["words"]) == 10 for t, _ in batches)
+    assert mee.n_train_batches(48, 0.5, drop_last=True) == 1 and mee.n_train_batches(49, 0.5, drop_last=True) == 0
+
+
+def test_nonfinite_rows_are_named_on_load(tmp_path):
+    import zarr
+
+    from store.zarr_store import FeatureStore
+
+    url = str(tmp_path / "nan.zarr")
+    synth.generate(url, items=10, captions_per_item=1, small=True, seed=5)
+    arr = zarr.open_group(url, mode="r+")["resnet152"]["values"]
+    block = np.asarray(arr[4:5])
+    block[0, 0, 3] = np.inf  # one value at a valid step (the store itself reports NaN in an OK row as lost data)
+    arr[4:5] = block
+    ids = np.asarray(FeatureStore.open(url).items().id).astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=f"'resnet152'.*NaN/inf.*{ids[4]}"):
+            StoreData(FeatureStore.open(url), url, "mee")
+        lazy = StoreData(FeatureStore.open(url), url, "mee", cache_bytes=0)  # read per batch: checked there
+    with pytest.raises(DataError, match=f"{ids[4]}"):
+        lazy.video_batch(np.array([3, 4]))
+    lazy.video_batch(np.array([3, 5]))  # other rows are fine

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from train.losses import symmetric_cross_entropy
 from train.models import TMASSConfig, create_model
 from train.models._api import ModelConfigError
-from train.models.tmass import NOISE_BLOCK, leaky_reference_similarity
+from train.models import tmass_noise
+from train.models.tmass import leaky_reference_similarity
 
 D, NF = 16, 5
 
@@ -34,12 +35,14 @@ def _inputs(nt: int, nv: int, seed: int = 1, masked: bool = True):
     return t, frames, mask
 
 
-def brute_force(m, t, frames, keep, seed: int = 0, gt: list[int] | None = None) -> torch.Tensor:
+def brute_force(m, t, frames, keep, seed: int = 0, gt: list[int] | None = None, tkeys=None, vkeys=None) -> torch.Tensor:
     """Per (text, video) pair: pool, R and every trial vector materialised; max over trials of the cosine.
 
     With `gt`, the chosen trial is scored against pool(v | text gt[v]) instead: the reference's leaky score.
     """
-    eps = m.eval_noise(0, t.shape[0], seed)  # (Nt, K, D), the noise the model uses for text i
+    tkeys = torch.arange(t.shape[0]) if tkeys is None else tkeys
+    vkeys = torch.arange(frames.shape[0]) if vkeys is None else vkeys
+    eps = m.eval_noise(tkeys, vkeys, seed)  # (Nt, Nv, K, D): the noise of each (text, video) pair
     out = torch.empty(t.shape[0], frames.shape[0])
     with torch.no_grad():
         for i in range(t.shape[0]):
@@ -47,7 +50,7 @@ def brute_force(m, t, frames, keep, seed: int = 0, gt: list[int] | None = None) 
                 p = m.pool(t[i : i + 1], frames[v : v + 1], keep[v : v + 1])[0, 0]  # pool(v | t_i)
                 s = torch.stack([F.cosine_similarity(t[i], frames[v, f], dim=0) * keep[v, f] for f in range(NF)])
                 r = torch.exp(m.radius.linear.weight @ s + m.radius.linear.bias)
-                trials = t[i][None] + eps[i] * r[None]  # (K, D)
+                trials = t[i][None] + eps[i, v] * r[None]  # (K, D)
                 cos = F.cosine_similarity(trials, p[None], dim=-1)
                 if gt is None:
                     out[i, v] = cos.max()
@@ -94,13 +97,49 @@ def test_priors():
     assert float(n.std()) == pytest.approx(3e-3, rel=0.05) and float(n.mean()) == pytest.approx(0.0, abs=2e-4)
 
 
-def test_eval_noise_is_a_function_of_seed_and_text_index():
+def test_eval_noise_is_per_pair_and_a_function_of_seed_keys_and_trial():
     m = _model(perturb=False, trials=3)
-    full = m.eval_noise(0, NOISE_BLOCK + 20, seed=5)
-    assert full.shape == (NOISE_BLOCK + 20, 3, D)
-    assert torch.equal(m.eval_noise(3, 7, seed=5), full[3:7])
-    assert torch.equal(m.eval_noise(NOISE_BLOCK - 4, NOISE_BLOCK + 4, seed=5), full[NOISE_BLOCK - 4 : NOISE_BLOCK + 4])
-    assert not torch.equal(m.eval_noise(0, 4, seed=6), full[:4])
+    tk, vk = torch.tensor([11, -5, 2**40 + 3, 7]), torch.tensor([3, 2**62 - 1, -(2**63)])
+    full = m.eval_noise(tk, vk, seed=5)
+    assert full.shape == (4, 3, 3, D)
+    assert torch.equal(m.eval_noise(tk[[2, 0]], vk[[1]], seed=5), full[[2, 0]][:, [1]])  # keyed, not positional
+    assert not torch.equal(m.eval_noise(tk, vk, seed=6), full)
+    # every (text, video, trial) has its own draw: no two of the 36 vectors coincide
+    flat = full.reshape(-1, D)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 0.5
+    assert 0.0 <= float(full.min()) and float(full.max()) < 1.0
+
+
+def test_eval_noise_distribution_and_independence_across_videos():
+    """uniform01: mean 1/2, variance 1/12, and no correlation between the draws of one text for two videos."""
+    m = _model(perturb=False, trials=4)
+    eps = m.eval_noise(torch.arange(40), torch.arange(50), seed=0)  # 40 x 50 x 4 x 16 = 128k values
+    assert float(eps.mean()) == pytest.approx(0.5, abs=0.005) and float(eps.var()) == pytest.approx(1 / 12, rel=0.02)
+    # histogram is flat: 10 bins of ~12.8k each
+    counts = torch.histc(eps, bins=10, min=0.0, max=1.0)
+    assert (counts - counts.mean()).abs().max() < 5 * counts.mean().sqrt()
+    a, b = eps[:, :-1].reshape(-1) - 0.5, eps[:, 1:].reshape(-1) - 0.5  # same text, neighbouring videos
+    assert abs(float((a * b).mean() / (a.square().mean()))) < 0.02
+    c, d = eps[:-1].reshape(-1) - 0.5, eps[1:].reshape(-1) - 0.5  # same video, neighbouring texts
+    assert abs(float((c * d).mean() / (c.square().mean()))) < 0.02
+    n = _model(perturb=False, trials=4, prior="normal", prior_std=3e-3).eval_noise(torch.arange(40), torch.arange(50), 0)
+    assert float(n.std()) == pytest.approx(3e-3, rel=0.02) and float(n.mean()) == pytest.approx(0.0, abs=3e-5)
+    assert float(n.abs().max()) <= 4.5 * 3e-3
+
+
+def test_fused_kernel_matches_the_torch_kernel():
+    """The numba kernel (when installed) gives the torch reference's numbers, for both priors."""
+    if tmass_noise.numba is None:
+        pytest.skip("numba not installed: only the torch kernel is used")
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 40
+    states = torch.randint(0, 2**32, (n,), generator=g)
+    u, w, r2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.rand(n, d, generator=g) + 0.5
+    tp, tt, pn = torch.randn(n, generator=g), torch.rand(n, generator=g) * 4 + 1, torch.rand(n, generator=g) + 0.5
+    for prior, std in (("uniform01", 1.0), ("normal", 0.5)):
+        fused = tmass_noise.trial_max(states, u, w, r2, tp, tt, pn, 7, prior, std)
+        ref = tmass_noise._trial_max_torch(states, u, w, r2, tp, tt, pn, 7, prior, std)
+        assert torch.allclose(fused, ref, atol=2e-5), prior
 
 
 def test_support_vector_formula():
@@ -178,7 +217,7 @@ def test_leak_free_score_differs_from_the_reference_leaky_score():
 
 def test_chunked_similarity_agrees_and_ignores_the_global_rng():
     m = _model(trials=5)
-    t, frames, mask = _inputs(NOISE_BLOCK + 9, 7)  # spans two noise blocks
+    t, frames, mask = _inputs(265, 7)
     te, ve = m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask})
     sim = m.similarity(te, ve)
     for chunk, pairs, block in ((1, 1024, 512), (7, 50, 3), (300, 100000, 1), (16, 16, 512)):
@@ -190,18 +229,32 @@ def test_chunked_similarity_agrees_and_ignores_the_global_rng():
     assert torch.equal(m.similarity(te, ve, generator=g), m.similarity(te, ve, generator=torch.Generator().manual_seed(0)))
 
 
+def test_scores_follow_the_ids_not_the_positions():
+    """Noise keyed by caption/item ids: reordering or subsetting the evaluation set moves scores with their pairs."""
+    m = _model(trials=6)
+    t, frames, mask = _inputs(9, 6)
+    tk, vk = torch.arange(100, 109) * 7919, torch.arange(6) * -104729
+    te, ve = m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask})
+    sim = m.similarity(te, ve, text_keys=tk, video_keys=vk)
+    assert torch.allclose(sim, brute_force(m, t, frames, ve["frames_mask"], tkeys=tk, vkeys=vk), atol=1e-5)
+    pt, pv = torch.tensor([4, 0, 8, 2]), torch.tensor([5, 1, 3])
+    sub = m.similarity(m.encode_text({"clip_text": t[pt]}), m.encode_video({"clip": frames[pv], "clip_mask": mask[pv]}),
+                       text_keys=tk[pt], video_keys=vk[pv])
+    assert torch.allclose(sub, sim[pt][:, pv], atol=1e-6)
+
+
 def test_score_is_the_best_trial():
     """s(t, v) is attained by one trial and no trial scores higher (the sample closest to pool(v|t) is used)."""
     m = _model(trials=10)
     t, frames, mask = _inputs(5, 4)
     te, ve = m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask})
     sim = m.similarity(te, ve)
-    eps = m.eval_noise(0, 5, 0)
+    eps = m.eval_noise(torch.arange(5), torch.arange(4), 0)  # (Nt, Nv, K, D)
     keep = ve["frames_mask"]
     with torch.no_grad():
         p = m.pool(t, frames, keep).transpose(0, 1)  # (Nt, Nv, D)
         r = m.radius(m.frame_cosines(t, frames, keep)).transpose(0, 1)
-        singles = torch.stack([F.cosine_similarity(t[:, None] + eps[:, k][:, None] * r, p, dim=-1)
+        singles = torch.stack([F.cosine_similarity(t[:, None] + eps[:, :, k] * r, p, dim=-1)
                                for k in range(10)])
     assert (sim >= singles - 1e-5).all()
     assert ((sim - singles).abs() < 1e-5).any(dim=0).all()

@@ -3,7 +3,7 @@
     tvr-train mee|tmass|xpool --store STORE --out RUN [--recipe NAME] [--config FILE.yaml] [--epochs E] [--batch-size B]
               [--lr LR] [--device auto|cpu|cuda] [--seed S] [--image-rate A] [--zero-fill-missing] [--resume]
               [--stop-after N]
-    tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last]
+    tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last] [--noise-seeds N]
 
 Config precedence: model defaults < --recipe < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
 """
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from train.config import MODELS, RECIPES, ConfigError, build_config, config_from_run_yaml, load_yaml
+from train.config import MODELS, RECIPES, ConfigError, build_config, config_from_run_yaml, load_yaml, resume_changes
 
 _FLAGS = {  # CLI dest -> TrainConfig key
     "epochs": "epochs",
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
     e.add_argument("--device", choices=("auto", "cpu", "cuda"))
     e.add_argument("--json", metavar="PATH", help="where to write the metrics (default RUN/metrics_<split>.json)")
+    e.add_argument("--noise-seeds", type=int, default=1, metavar="N",
+                   help="T-MASS: evaluate with N evaluation-noise seeds and report mean and std of every metric")
     return p
 
 
@@ -76,6 +78,16 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_spread(spread: dict[str, Any]) -> str:
+    """Mean +- std of each metric over the evaluation-noise seeds."""
+    keys = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
+    lines = [f"over {spread['n']} noise seeds (mean +- std)", "dir  " + "".join(f"{k:>15}" for k in keys)]
+    for d in ("t2v", "v2t"):
+        m, sd = spread["mean"][d], spread["std"][d]
+        lines.append(f"{d:<5}" + "".join(f"{f'{m[k]:.2f} +- {sd[k]:.2f}':>15}" for k in keys))
+    return "\n".join(lines)
+
+
 def _open_store(url: str):
     from store.zarr_store import FeatureStore
 
@@ -84,13 +96,32 @@ def _open_store(url: str):
     return FeatureStore.open(url)
 
 
+def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store) -> None:
+    """RunError when a --resume would change training settings or continue on another store."""
+    from train.engine import CONFIG_FILE, STORE_ID, RunError
+
+    changes = resume_changes(base, cfg)
+    if changes:
+        raise RunError(f"--resume would change settings of {run} ({CONFIG_FILE}: saved -> requested): "
+                       f"{'; '.join(changes)}. Resume with the run's own settings (drop those flags/keys) or start "
+                       "a new run with another --out")
+    saved, now = str(extra.get(STORE_ID) or ""), str(getattr(store, "store_id", "") or "")
+    if saved and saved != now:
+        raise RunError(f"--resume: {run} was trained on store {extra.get('store')!r} (store id {saved}), but "
+                       f"{store.url!r} is another store (store id {now or 'none'}); resume with --store "
+                       f"{extra.get('store')} or start a new run with another --out")
+
+
 def _train(args: argparse.Namespace) -> int:
     from train.data import StoreData
     from train.engine import CONFIG_FILE, LAST, RunError, fit
 
     run = Path(args.out)
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out {run} is a file, not a run directory; choose another --out")
     overrides: dict[str, Any] = {}
     store_url = args.store
+    base, extra = None, {}
     if args.resume:
         if not (run / LAST).is_file():
             raise RunError(f"--resume: {run / LAST} does not exist; start without --resume")
@@ -112,7 +143,10 @@ def _train(args: argparse.Namespace) -> int:
     if not store_url:
         raise ConfigError("--store STORE is required")
     store = _open_store(store_url)
-    data = StoreData(store, store_url, cfg.model, cache_bytes=cfg.cache_bytes, zero_fill_missing=cfg.zero_fill_missing)
+    if base is not None:
+        _check_resume(run, base, cfg, extra, store)
+    data = StoreData(store, store_url, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
+                     zero_fill_missing=cfg.zero_fill_missing)
     metrics = fit(
         cfg, data, run, store_url=store_url, resume=args.resume, stop_after=args.stop_after,
         log=lambda s: print(s, file=sys.stderr),
@@ -142,12 +176,18 @@ def _eval(args: argparse.Namespace) -> int:
     if not store_url:
         raise ConfigError(f"{run / CONFIG_FILE} names no store; pass --store STORE")
     store = _open_store(store_url)
-    data = StoreData(store, store_url, cfg.model, cache_bytes=cfg.cache_bytes, zero_fill_missing=cfg.zero_fill_missing, splits=(args.split,))
-    metrics = evaluate_run(cfg, data, run, args.split, BEST if args.checkpoint == "best" else LAST)
+    if args.noise_seeds < 1:
+        raise ConfigError(f"--noise-seeds must be >= 1, got {args.noise_seeds}")
+    data = StoreData(store, store_url, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
+                     zero_fill_missing=cfg.zero_fill_missing, splits=(args.split,))
+    metrics = evaluate_run(cfg, data, run, args.split, BEST if args.checkpoint == "best" else LAST,
+                           noise_seeds=args.noise_seeds)
     out = Path(args.json) if args.json else run / f"metrics_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"{run} ({args.checkpoint} checkpoint) on split {args.split}: {metrics['n_queries']} queries, {metrics['n_videos']} videos")
     print(format_table(metrics))
+    if "noise_seeds" in metrics:
+        print(format_spread(metrics["noise_seeds"]))
     print(f"wrote {out}")
     return 0
 
@@ -157,13 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.schema import StoreError
     from train.data import DataError
     from train.engine import RunError
+    from train.models import ModelConfigError
 
     args = _parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return _eval(args) if args.command == "eval" else _train(args)
-    except (ConfigError, DataError, RunError, StoreError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ModelConfigError, RunError, StoreError, FileNotFoundError) as exc:
         print(f"tvr-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1
     image_rate: float = 0.5  # alpha: min(n_images, alpha * n_videos) random images mixed in per epoch; 0 = off
+    caption_sampling: str = "per_video"  # per_video: one random caption per video per epoch | all_pairs: every pair
+    drop_last: bool = False  # drop a partial final batch (the MEE reference does; one of < 2 pairs is always dropped)
     eval_chunk: int = 256  # texts per similarity chunk at evaluation
     num_workers: int = 0  # data is read in-process (kept for config compatibility; must be 0)
     cache_bytes: int = 2 * 1024**3  # load a feature's rows into memory when they fit in this budget
@@ -70,17 +72,20 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 # Reference recipes (paper READMEs), applied over MODEL_DEFAULTS and under --config / flags.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "mee": {
-        "msrvtt": dict(lr=4e-4, batch_size=64, epochs=100, image_rate=0.5),  # MEE README, MSR-VTT with COCO
-        "lsmdc": dict(lr=1e-4, batch_size=512, epochs=50),  # MEE README, MPII/LSMDC
+        # MEE README, MSR-VTT with COCO; the reference DataLoader drops the last partial batch
+        "msrvtt": dict(lr=4e-4, batch_size=64, epochs=100, image_rate=0.5, drop_last=True),
+        "lsmdc": dict(lr=1e-4, batch_size=512, epochs=50, drop_last=True),  # MEE README, MPII/LSMDC
     },
+    # T-MASS / X-Pool references train on every (video, caption) pair per epoch
     "tmass": {
-        "msrvtt": dict(lr=3e-5, model_config={"support_weight": 0.8}),  # T-MASS README, MSR-VTT-9k
-        "lsmdc": dict(lr=1e-5, model_config={"support_weight": 0.0, "prior": "normal", "prior_std": 3e-3}),
-        "didemo": dict(lr=1e-5, model_config={"support_weight": 0.0, "dropout": 0.4}),
+        "msrvtt": dict(lr=3e-5, caption_sampling="all_pairs", model_config={"support_weight": 0.8}),  # README, 9k
+        "lsmdc": dict(lr=1e-5, caption_sampling="all_pairs",
+                      model_config={"support_weight": 0.0, "prior": "normal", "prior_std": 3e-3}),
+        "didemo": dict(lr=1e-5, caption_sampling="all_pairs", model_config={"support_weight": 0.0, "dropout": 0.4}),
     },
     "xpool": {
-        "msrvtt": dict(lr=3e-5),  # X-Pool README, MSR-VTT-9k
-        "lsmdc": dict(lr=1e-5),
+        "msrvtt": dict(lr=3e-5, caption_sampling="all_pairs"),  # X-Pool README, MSR-VTT-9k
+        "lsmdc": dict(lr=1e-5, caption_sampling="all_pairs"),
     },
 }
 
@@ -89,7 +94,34 @@ _CHOICES = {
     "optimizer": ("adam", "adamw"),
     "schedule": ("exponential", "cosine"),
     "device": ("auto", "cpu", "cuda"),
+    "caption_sampling": ("per_video", "all_pairs"),
 }
+
+
+# keys a --resume may change: they do not alter what is trained (where it runs, eval chunking, read caching)
+RESUME_FREE = ("device", "eval_chunk", "cache_bytes", "num_workers")
+
+
+def _resolved_model_config(model: str, model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of the model's config dataclass, defaults filled in."""
+    from train.models._api import config_class, resolve_config
+
+    return asdict(resolve_config(config_class(model), dict(model_config), {}))
+
+
+def resume_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """'key: saved -> new' for every key a resume would change that alters training (model_config key by key)."""
+    out = []
+    for key in field_names():
+        if key in RESUME_FREE:
+            continue
+        a, b = getattr(saved, key), getattr(new, key)
+        if key == "model_config":  # compared after resolving defaults, so an explicit default is no change
+            a, b = _resolved_model_config(saved.model, a), _resolved_model_config(new.model, b)
+            out += [f"model_config.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
 def field_names() -> list[str]:

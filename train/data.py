@@ -4,9 +4,16 @@
   estimated size fits the remaining `cache_bytes` budget; otherwise rows are read from the store per batch.
 - Availability `f_avail` is `status == OK`; unavailable rows have zero values and all-False masks.
   Faces (slot features) are flattened to (B, T*K, D) with mask = step mask & slot mask.
-- Training: one epoch = every train video with a usable caption, plus `min(n_images, int(image_rate *
-  n_videos))` random train images (kind "image"), shuffled together; each item gets one random caption per
-  epoch. A final batch smaller than 2 is dropped (in-batch contrastive losses and BatchNorm need >= 2).
+- Features: the model's config declares them (`FeatureNeeds`: MEE's `modalities` and `text_feature`, X-Pool /
+  T-MASS's `frames_feature` and `text_feature`); nothing is bound to a model name.
+- Values are checked on load: a NaN/inf at a valid step of an available row raises DataError naming the feature
+  and the rows (ids), so no run trains into NaN weights.
+- Training, `sampling="per_video"`: one epoch = every train video with a usable caption, plus `min(n_images,
+  int(image_rate * n_videos))` random train images (kind "image"), shuffled together; each item gets one random
+  caption per epoch. `sampling="all_pairs"` (the T-MASS / X-Pool reference): one epoch = every (video, caption)
+  pair of the train videos, plus `min(n_image_pairs, int(image_rate * n_video_pairs))` random image pairs.
+  A final batch smaller than 2 is dropped (in-batch contrastive losses and BatchNorm need >= 2); `drop_last`
+  drops any partial final batch (the MEE reference).
 - Evaluation: every video of the split with at least one available video feature; queries are all of their
   captions with an OK text feature (t2v); `query_item[q]` is the video index of caption q.
 - Splits come from `item_split`. If every item has split "", a deterministic fallback is used with a warning:
@@ -20,19 +27,16 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from store.schema import FeatureSpec, Status
+from train.models._api import FeatureNeeds, model_features
 
-# model -> (video features, text feature)
-MODEL_FEATURES: dict[str, tuple[tuple[str, ...], str]] = {
-    "mee": (("resnet152", "i3d_flow", "vggish", "dlib_face"), "glove"),
-    "tmass": (("clip",), "clip_text"),
-    "xpool": (("clip",), "clip_text"),
-}
+SAMPLING = ("per_video", "all_pairs")  # one random caption per video per epoch | every (video, caption) pair
+SHOWN_IDS = 5  # ids named in an error message
 FALLBACK_SPLIT = (0.8, 0.1)  # train / val cumulative boundaries of the hashed-id fallback
 
 
@@ -51,22 +55,26 @@ def fallback_split(item_id: str, kind: str = "video") -> str:
     return "train" if u < FALLBACK_SPLIT[0] else "val" if u < FALLBACK_SPLIT[1] else "test"
 
 
-OPTIONAL_VIDEO = {"mee"}  # models that train on any non-empty subset of their video features (MEE's experts)
+def id_keys(ids: Sequence[str]) -> np.ndarray:
+    """(n,) int64 keys of string ids (8-byte blake2b): the same id always gets the same key, in any store order."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True)
+                     for i in ids], dtype=np.int64)
 
 
-def check_features(store, url: str, model: str, video: Sequence[str], text: str) -> tuple[str, ...]:
+def check_features(store, url: str, model: str, needs: FeatureNeeds) -> tuple[str, ...]:
     """Video features to use; DataError naming what `model` needs that the store lacks, with the extraction command.
 
-    MEE needs its text feature and at least one of its video features (absent experts are dropped, with a
-    warning); T-MASS / X-Pool need all of theirs.
+    With `needs.video_optional` (MEE) the text feature and at least one video feature are needed (absent experts
+    are dropped, with a warning); otherwise (T-MASS / X-Pool) all of them.
     """
+    video, text = needs.video, needs.text
     have = set(store.features)
     missing = [f for f in (*video, text) if f not in have]
     present = tuple(f for f in video if f in have)
     if not missing:
         return present
     hint = f"run: tvr-extract SOURCE --store {url} --features {','.join(missing)}"
-    if model in OPTIONAL_VIDEO and text in have and present:
+    if needs.video_optional and text in have and present:
         warnings.warn(
             f"store {url} lacks video feature(s) {', '.join(missing)}; training {model!r} without those experts "
             f"(to add them, {hint})",
@@ -82,8 +90,10 @@ def check_features(store, url: str, model: str, video: Sequence[str], text: str)
 class FeatureSource:
     """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
 
-    def __init__(self, store, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool) -> None:
+    def __init__(self, store, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool,
+                 describe: Callable[[np.ndarray], Sequence[str]] | None = None) -> None:
         self.store, self.spec, self.zero_fill = store, spec, zero_fill
+        self.describe = describe  # rows -> ids, for error messages
         self.status = np.asarray(store.status(spec.name))
         k = max(spec.slots, 1)
         # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic
@@ -117,11 +127,28 @@ class FeatureSource:
         values = np.where(avail[:, None, None], values, 0.0).astype(np.float32)
         mask = mask & avail[:, None]
         values[~mask] = 0.0
+        self._check_finite(rows, values)
         if self.zero_fill:
             mask = mask.copy()
             mask[~avail, 0] = True
             avail = np.ones_like(avail)
         return {"f": torch.from_numpy(values), "mask": torch.from_numpy(mask), "avail": torch.from_numpy(avail)}
+
+    def _check_finite(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """DataError naming the rows whose valid steps hold NaN/inf (they would train into NaN weights)."""
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if not bad.any():
+            return
+        rows = np.asarray(rows)[bad]
+        shown = rows[:SHOWN_IDS]
+        ids = [str(i) for i in self.describe(shown)] if self.describe else [str(r) for r in shown]
+        more = f" and {len(rows) - len(shown)} more" if len(rows) > len(shown) else ""
+        raise DataError(
+            f"store {self.store.url}: feature {self.spec.name!r} holds NaN/inf values in {len(rows)} {self.spec.axis} "
+            f"row(s): ids {', '.join(map(repr, ids))}{more} (rows {', '.join(map(str, shown))}); training on them "
+            f"would give NaN weights. Mark them FAILED (FeatureStore.write_failed({self.spec.name!r}, row, "
+            f"'non_finite')) and rerun tvr-extract --retry-failed, or re-extract the feature"
+        )
 
     def get(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors for `rows` (any order, repeats allowed): f (n, T', D), mask (n, T'), avail (n,)."""
@@ -163,17 +190,19 @@ class StoreData:
         self,
         store,
         url: str,
-        model: str,
+        model: str | FeatureNeeds,
         *,
+        model_config: Mapping[str, Any] | None = None,
         cache_bytes: int = 2 * 1024**3,
         zero_fill_missing: bool = False,
         splits: Sequence[str] = ("train", "val", "test"),
     ) -> None:
-        if model not in MODEL_FEATURES:
-            raise DataError(f"no feature set for model {model!r}; known: {sorted(MODEL_FEATURES)}")
-        self.store, self.url, self.model = store, url, model
-        video, self.text_feature = MODEL_FEATURES[model]
-        self.video_features = check_features(store, url, model, video, self.text_feature)
+        """Serve the features `model` declares (a registered name with `model_config`, or FeatureNeeds)."""
+        self.needs = model if isinstance(model, FeatureNeeds) else model_features(model, model_config)
+        name = model if isinstance(model, str) else "model"
+        self.store, self.url, self.model = store, url, name
+        self.text_feature = self.needs.text
+        self.video_features = check_features(store, url, name, self.needs)
         items = store.items()
         self.item_ids = np.asarray(items.id).astype(str)
         self.kind = np.asarray(items.kind).astype(str)
@@ -202,11 +231,26 @@ class StoreData:
         wanted = np.isin(self.split, list(splits)) & (self.cap_count > 0) & any_video
         budget = [int(cache_bytes)]
         self.video = {
-            f: FeatureSource(store, store.spec(f), np.flatnonzero(wanted), budget, zero_fill_missing)
+            f: FeatureSource(store, store.spec(f), np.flatnonzero(wanted), budget, zero_fill_missing,
+                             describe=lambda r: self.item_ids[r])
             for f in self.video_features
         }
-        cap_rows = self.cap_order[np.isin(self.caption_item[self.cap_order], np.flatnonzero(wanted))]
-        self.text = FeatureSource(store, store.spec(self.text_feature), cap_rows, budget, False)
+        cap_rows = self.captions_of(np.flatnonzero(wanted))
+        self.text = FeatureSource(store, store.spec(self.text_feature), np.sort(cap_rows), budget, False,
+                                  describe=self.caption_ids)
+        self._keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def caption_ids(self, rows: np.ndarray) -> np.ndarray:
+        """Caption ids of caption rows (reads the id column; for messages and noise keys, not per batch)."""
+        return np.asarray(self.store.captions().id).astype(str)[np.asarray(rows, dtype=np.int64)]
+
+    def captions_of(self, items: np.ndarray) -> np.ndarray:
+        """Usable caption rows of `items`, item by item (CSR gather, no per-item Python loop)."""
+        items = np.asarray(items, dtype=np.int64)
+        counts = self.cap_count[items]
+        first = np.cumsum(counts) - counts
+        pos = np.repeat(self.cap_start[items] - first, counts) + np.arange(int(counts.sum()))
+        return self.cap_order[pos]
 
     # ---- splits -----------------------------------------------------------------------------------------
     def train_items(self) -> tuple[np.ndarray, np.ndarray]:
@@ -226,9 +270,26 @@ class StoreData:
                 f"store {self.url}: split {split!r} has no videos with captions and features; "
                 "set item splits when creating the store (or extract the missing features)"
             )
-        caps = np.concatenate([self.cap_order[self.cap_start[i] : self.cap_start[i] + self.cap_count[i]] for i in items])
-        pos = {int(r): j for j, r in enumerate(items)}
-        return EvalSet(split, items, caps, np.array([pos[int(r)] for r in self.caption_item[caps]], dtype=np.int64))
+        caps = self.captions_of(items)
+        return EvalSet(split, items, caps, np.repeat(np.arange(len(items), dtype=np.int64), self.cap_count[items]))
+
+    def check_splits(self, train: str = "train", evals: Sequence[str] = ("val", "test")) -> None:
+        """DataError before any training when the train split has no usable video or an eval split is empty."""
+        if len(self.train_items()[0]) == 0:
+            raise DataError(
+                f"store {self.url}: split {train!r} has no videos with captions and features; "
+                "set item splits when creating the store (or extract the missing features)"
+            )
+        for split in dict.fromkeys(evals):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dropped-video warnings come again at evaluation
+                self.eval_set(split)
+
+    def eval_keys(self, es: EvalSet) -> tuple[np.ndarray, np.ndarray]:
+        """(caption keys, item keys) of an eval set: int64 hashes of the ids, for id-keyed evaluation noise."""
+        if es.split not in self._keys:
+            self._keys[es.split] = (id_keys(self.caption_ids(es.captions)), id_keys(self.item_ids[es.items]))
+        return self._keys[es.split]
 
     def choice_set(self) -> ChoiceSet | None:
         """Multiple-choice questions from the root attribute `tvr_choices`, or None when the store has none."""
@@ -255,31 +316,59 @@ class StoreData:
         return ChoiceSet(items[keep], caps[keep], ans[keep])
 
     # ---- batches ----------------------------------------------------------------------------------------
-    def epoch_pairs(self, epoch: int, seed: int, image_rate: float) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_pairs(self, epoch: int, seed: int, image_rate: float,
+                    sampling: str = "per_video") -> tuple[np.ndarray, np.ndarray]:
         """(item rows, caption rows) of one training epoch, shuffled; deterministic in (seed, epoch)."""
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         rng = np.random.default_rng([int(seed), int(epoch)])
         videos, images = self.train_items()
         if len(videos) == 0:
             raise DataError(f"store {self.url}: no train videos with captions and available features")
+        if sampling == "all_pairs":
+            vcaps, icaps = self.captions_of(videos), self.captions_of(images)
+            n_img = min(len(icaps), int(image_rate * len(vcaps)))
+            picked = rng.choice(icaps, n_img, replace=False) if n_img else np.zeros(0, dtype=np.int64)
+            caps = rng.permutation(np.concatenate([vcaps, picked]).astype(np.int64))
+            return self.caption_item[caps], caps
         n_img = min(len(images), int(image_rate * len(videos)))
         picked = rng.choice(images, n_img, replace=False) if n_img else np.zeros(0, dtype=np.int64)
         rows = rng.permutation(np.concatenate([videos, picked]).astype(np.int64))
         draw = (rng.random(len(rows)) * self.cap_count[rows]).astype(np.int64)
         return rows, self.cap_order[self.cap_start[rows] + draw]
 
-    def train_batches(self, epoch: int, seed: int, batch_size: int, image_rate: float) -> Iterator[tuple[Batch, Batch]]:
+    @staticmethod
+    def _batch_starts(n: int, batch_size: int, drop_last: bool) -> range:
+        """Start offsets of the batches of n pairs: full batches, then a final one of >= 2 pairs unless drop_last."""
+        end = n - n % batch_size if drop_last or n % batch_size < 2 else n
+        return range(0, end, batch_size)
+
+    def train_batches(self, epoch: int, seed: int, batch_size: int, image_rate: float, sampling: str = "per_video",
+                      drop_last: bool = False) -> Iterator[tuple[Batch, Batch]]:
         """(text, video) batches of one epoch."""
-        rows, caps = self.epoch_pairs(epoch, seed, image_rate)
-        for s in range(0, len(rows), batch_size):
-            if len(rows) - s < 2:
-                break
+        rows, caps = self.epoch_pairs(epoch, seed, image_rate, sampling)
+        for s in self._batch_starts(len(rows), batch_size, drop_last):
             yield self.text_batch(caps[s : s + batch_size]), self.video_batch(rows[s : s + batch_size])
 
-    def n_train_batches(self, batch_size: int, image_rate: float) -> int:
-        """Number of batches `train_batches` yields."""
+    def batch_ids(self, epoch: int, seed: int, batch_size: int, image_rate: float, index: int,
+                  sampling: str = "per_video") -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, caption ids) of batch `index` of an epoch, for error messages (recomputes the epoch's order)."""
+        rows, caps = self.epoch_pairs(epoch, seed, image_rate, sampling)
+        s = slice(index * batch_size, (index + 1) * batch_size)
+        return self.item_ids[rows[s]], self.caption_ids(caps[s])
+
+    def n_pairs(self, image_rate: float, sampling: str = "per_video") -> int:
+        """Number of (item, caption) pairs of one epoch."""
         videos, images = self.train_items()
-        n = len(videos) + min(len(images), int(image_rate * len(videos)))
-        return n // batch_size + (1 if n % batch_size >= 2 else 0)
+        if sampling == "all_pairs":
+            nv = int(self.cap_count[videos].sum())
+            return nv + min(int(self.cap_count[images].sum()), int(image_rate * nv))
+        return len(videos) + min(len(images), int(image_rate * len(videos)))
+
+    def n_train_batches(self, batch_size: int, image_rate: float, sampling: str = "per_video",
+                        drop_last: bool = False) -> int:
+        """Number of batches `train_batches` yields."""
+        return len(self._batch_starts(self.n_pairs(image_rate, sampling), batch_size, drop_last))
 
     def video_batch(self, rows: np.ndarray) -> Batch:
         """Video dict: `f`, `f_mask`, `f_avail` per feature."""
@@ -290,11 +379,12 @@ class StoreData:
         return out
 
     def text_batch(self, caption_rows: np.ndarray) -> Batch:
-        """Text dict: `words`/`words_mask` (glove) or `clip_text` (B, Dt)."""
+        """Text dict keyed as the model declares: `<key>` (B, L, D) + `<key>_mask` (MEE's `words`), or `<key>` (B, D)."""
         part = self.text.get(caption_rows)
-        if self.spec_text.modality == "words" or self.text_feature == "glove":
-            return {"words": part["f"], "words_mask": part["mask"]}
-        return {self.text_feature: part["f"][:, 0]}
+        key = self.needs.text_key
+        if self.needs.text_sequence:
+            return {key: part["f"], f"{key}_mask": part["mask"]}
+        return {key: part["f"][:, 0]}
 
     @property
     def spec_text(self) -> FeatureSpec:

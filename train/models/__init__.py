@@ -5,11 +5,13 @@ Importing this package registers every model ("mee", "tmass", "xpool"); the modu
 from __future__ import annotations
 
 from train.models._api import (
+    FeatureNeeds,
     ModelConfigError,
     RetrievalModel,
     UnknownModelError,
     create_model,
     list_models,
+    model_features,
     register_model,
 )
 from train.models.mee import MEE, MEEConfig  # noqa: E402  (registers "mee")
@@ -17,6 +19,7 @@ from train.models.xpool import XPoolConfig, XPoolHead, XPoolModel  # noqa: E402 
 from train.models.tmass import TMASS, TMASSConfig  # noqa: E402  (registers "tmass")
 
 __all__ = [
+    "FeatureNeeds",
     "MEE",
     "MEEConfig",
     "ModelConfigError",
@@ -29,5 +32,6 @@ __all__ = [
     "XPoolModel",
     "create_model",
     "list_models",
+    "model_features",
     "register_model",
 ]

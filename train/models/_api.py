@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
@@ -22,6 +23,17 @@ Emb = dict[str, torch.Tensor]
 
 class ModelConfigError(ValueError):
     """A model config or its feature dims are invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class FeatureNeeds:
+    """The store features a model reads and the batch keys it expects; declared by its config (`.features()`)."""
+
+    video: tuple[str, ...]  # item-axis feature groups served as `f`, `f_mask`, `f_avail`
+    text: str  # caption-axis feature group behind the text batch
+    text_key: str  # batch key of the text tensor ("words" for MEE, the feature name for CLIP text)
+    text_sequence: bool  # True: (B, L, D) plus `<text_key>_mask`; False: one (B, D) vector per caption
+    video_optional: bool = False  # True: any non-empty subset of `video` will do (MEE's experts)
 
 
 class RetrievalModel(nn.Module, abc.ABC):
@@ -56,6 +68,7 @@ class RetrievalModel(nn.Module, abc.ABC):
 
 M = TypeVar("M", bound=Callable[..., RetrievalModel])
 _REGISTRY: dict[str, Callable[..., RetrievalModel]] = {}
+_CONFIGS: dict[str, type] = {}  # model name -> config dataclass (with a `features() -> FeatureNeeds` method)
 
 
 class UnknownModelError(KeyError):
@@ -66,16 +79,36 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str) -> Callable[[M], M]:
-    """Decorator registering a keyword-only model builder under `name`; a duplicate name raises ValueError."""
+def register_model(name: str, *, config: type | None = None) -> Callable[[M], M]:
+    """Decorator registering a keyword-only model builder (and its config dataclass) under `name`.
+
+    A duplicate name raises ValueError. `config` lets `model_features` tell which store features the model reads
+    before it is built (the data decides the model's input widths, so the model cannot be built first).
+    """
 
     def deco(fn: M) -> M:
         if name in _REGISTRY:
             raise ValueError(f"a model is already registered under the name {name!r} ({_REGISTRY[name]!r})")
         _REGISTRY[name] = fn
+        if config is not None:
+            _CONFIGS[name] = config
         return fn
 
     return deco
+
+
+def config_class(name: str) -> type:
+    """The config dataclass registered with model `name`."""
+    if name not in _REGISTRY:
+        raise UnknownModelError(f"no model named {name!r}; registered: {', '.join(list_models()) or '(none)'}")
+    if name not in _CONFIGS:
+        raise ModelConfigError(f"model {name!r} was registered without a config class; pass config= to register_model")
+    return _CONFIGS[name]
+
+
+def model_features(name: str, model_config: Mapping[str, Any] | None = None) -> FeatureNeeds:
+    """Store features the model `name` reads with `model_config` (e.g. `text_feature: word2vec`)."""
+    return resolve_config(config_class(name), dict(model_config or {}), {}).features()
 
 
 def list_models() -> list[str]:

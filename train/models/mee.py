@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.losses import max_margin_ranking_loss
-from train.models._api import Emb, ModelConfigError, RetrievalModel, feature_dims_from, register_model, resolve_config
+from train.models._api import (
+    Emb,
+    FeatureNeeds,
+    ModelConfigError,
+    RetrievalModel,
+    feature_dims_from,
+    register_model,
+    resolve_config,
+)
 from train.models.netvlad import NetVLAD, batch_norm_rows
 
 AGGREGATIONS = ("max", "mean", "netvlad")
@@ -46,6 +54,11 @@ class MEEConfig:
     exclude_diagonal: bool = False  # drop the j = i hinge terms (reference keeps them: +margin/n)
     # Optimiser, lr schedule, batch size and epochs are TrainConfig keys (train/config.py MODEL_DEFAULTS and
     # RECIPES: Adam, lr 1e-4, x0.95 per epoch, batch 128, 50 epochs; MSR-VTT recipe lr 4e-4 batch 64).
+
+    def features(self) -> FeatureNeeds:
+        """Word vectors of `text_feature` as `words`; any non-empty subset of the `modalities` features."""
+        return FeatureNeeds(video=tuple(self.modalities.values()), text=self.text_feature, text_key="words",
+                            text_sequence=True, video_optional=True)
 
 
 class GatedEmbeddingUnit(nn.Module):
@@ -184,7 +197,7 @@ class MEE(RetrievalModel):
         return loss, {"rank_loss": float(loss.detach())}
 
 
-@register_model("mee")
+@register_model("mee", config=MEEConfig)
 def mee(
     *,
     config: MEEConfig | Mapping[str, Any] | None = None,

@@ -11,12 +11,13 @@ In training R uses the text's paired video, as in the reference. At inference
 with R from the candidate video. The reference scored the chosen sample against pool(v | ground-truth caption of v),
 which leaks the answer; `leaky_reference_similarity` reproduces that only for parity tests.
 
-Evaluation noise: eps_k(t) is drawn once per text from a generator seeded by (seed, block of 256 texts) and shared by
-every candidate video (common random numbers), so scores do not depend on chunk sizes or on the global RNG.
-cos(t + eps_k * R, p) = (t.p + eps_k.(R*p)) / (sqrt(|t|^2 + (2 eps_k t).R + eps_k^2.R^2) |p|): t.p and |p| come
-from X-Pool's (HF+2)-term forms, the trials cost three batched matrix products per chunk of ~4k pairs (cache-sized),
-and no (texts x videos x trials x D) tensor is ever built. Per pair the D-sized work is R (Linear(F -> D) + exp),
-pool(v|t) as an (HF+2)-term sum, and the products with the K trial vectors.
+Evaluation noise: eps_k(t, v) is drawn per (text, video, trial) from a counter-based generator keyed by the seed,
+the caption id, the item id and the trial (`tmass_noise`), as the reference redraws it per video; so scores do not
+depend on chunk sizes, on the evaluation set or on the global RNG, and candidate videos do not share one draw.
+cos(t + eps_k * R, p) = (t.p + eps_k.(R*p)) / (sqrt(|t|^2 + 2 eps_k.(R*t) + eps_k^2.R^2) |p|): t.p and |p| come
+from X-Pool's (HF+2)-term forms; the trials are one fused loop per pair (`tmass_noise.trial_max`: the noise is made
+in registers, never stored) and no (texts x videos x trials x D) tensor is ever built. Per pair the D-sized work is
+R (Linear(F -> D) + exp), pool(v|t) as an (HF+2)-term sum, and the K trial dot products.
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ from torch import nn
 
 from train.losses import symmetric_cross_entropy
 from train.models._api import Emb, ModelConfigError, feature_dims_from, register_model, resolve_config
+from train.models.tmass_noise import C_TEXT, C_VIDEO, key_states, pair_noise, pair_states, trial_max
 from train.models.xpool import COS_EPS, XPoolBase, XPoolConfig, _identity_, frames_count
 
 PRIORS = ("uniform01", "normal")
-NOISE_BLOCK = 256  # texts per seeded noise block (fixed so scores do not depend on `chunk`)
 
 
 @dataclass
@@ -85,14 +86,11 @@ class TMASS(XPoolBase):
             return torch.rand(shape, generator=generator, device=device)
         return torch.randn(shape, generator=generator, device=device) * self.config.prior_std
 
-    def eval_noise(self, t0: int, t1: int, seed: int) -> torch.Tensor:
-        """(t1 - t0, trials, D) evaluation noise of texts t0..t1-1; a pure function of (seed, text index)."""
-        parts = []
-        for b in range(t0 // NOISE_BLOCK, (t1 - 1) // NOISE_BLOCK + 1):
-            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + b) % 2**63)
-            parts.append(self.sample_prior((NOISE_BLOCK, self.config.trials, self.dim), generator=g))
-        first = (t0 // NOISE_BLOCK) * NOISE_BLOCK
-        return torch.cat(parts, 0)[t0 - first : t1 - first]
+    def eval_noise(self, text_keys: torch.Tensor, video_keys: torch.Tensor, seed: int) -> torch.Tensor:
+        """(Nt, Nv, trials, D) evaluation noise of every (text, video) pair: a pure function of (seed, keys, trial)."""
+        states = pair_states(key_states(torch.as_tensor(text_keys), seed, C_TEXT),
+                             key_states(torch.as_tensor(video_keys), seed, C_VIDEO))
+        return pair_noise(states, self.config.trials, self.dim, self.config.prior, self.config.prior_std)
 
     # ---- training -----------------------------------------------------------------------------------------
     def paired_radius(self, t: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -127,64 +125,65 @@ class TMASS(XPoolBase):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def similarity(self, text_emb: Emb, video_emb: Emb, *, chunk: int = 256, seed: int | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, text_keys: torch.Tensor | None = None,
+                   video_keys: torch.Tensor | None = None) -> torch.Tensor:
         """(Nt, Nv) max_k cos(t_s^k(t|v), pool(v|t)), chunked over texts and videos (eval-mode pooling).
 
         Args:
             chunk: at most this many texts per chunk (pairs per chunk: config.eval_pairs_per_chunk).
             seed: noise seed (default config.eval_seed); `generator`, when given, draws the seed instead.
+            text_keys, video_keys: int64 keys of the caption / item ids (`train.data.id_keys`) that key the
+                per-pair noise; default: the row positions 0..N-1.
         """
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         seed = self.config.eval_seed if seed is None else int(seed)
         t, frames = text_emb["t"], video_emb["frames"]
         nt, nv = t.shape[0], frames.shape[0]
+        tkeys = torch.arange(nt) if text_keys is None else torch.as_tensor(text_keys, dtype=torch.int64)
+        vkeys = torch.arange(nv) if video_keys is None else torch.as_tensor(video_keys, dtype=torch.int64)
+        if tkeys.shape != (nt,) or vkeys.shape != (nv,):
+            raise ValueError(f"T-MASS similarity: keys {tuple(tkeys.shape)}/{tuple(vkeys.shape)} for {nt} texts, {nv} videos")
+        ts, vs = key_states(tkeys, seed, C_TEXT), key_states(vkeys, seed, C_VIDEO)
         tc, vc = self._chunks(nt, chunk)
         out = t.new_empty(nt, nv)
         with torch.no_grad():
             q = self.pool.text_queries(t)
             tn = F.normalize(t, dim=-1)
+            tt = t.square().sum(-1)
             lin = self.radius.linear
             w_r = lin.weight.t().contiguous()  # (F, D): log R = s @ w_r + b_r
             for b0, b1, cache in self.video_blocks(video_emb):
                 vn = F.normalize(frames[b0:b1], dim=-1)
-                parts = []
                 for v0 in range(b0, b1, vc):
                     v1 = min(b1, v0 + vc)
                     part = {k: x[v0 - b0 : v1 - b0] for k, x in cache.items()}
                     part["vn_t"] = vn[v0 - b0 : v1 - b0].flatten(0, 1).t().contiguous()  # (D, Vc*F)
-                    parts.append((v0, v1, part))
-                for n0 in range(0, nt, NOISE_BLOCK):
-                    n1 = min(nt, n0 + NOISE_BLOCK)
-                    eps_block = self.eval_noise(n0, n1, seed).to(device=t.device, dtype=t.dtype)
-                    for t0 in range(n0, n1, tc):
-                        t1 = min(n1, t0 + tc)
-                        eps = eps_block[t0 - n0 : t1 - n0]  # (Tc, K, D)
-                        # |t + eps R|^2 = |t|^2 + (2 eps t) . R + eps^2 . R^2: the text-only factors, once per chunk
-                        e_tr, e_rr = 2.0 * eps * t[t0:t1, None, :], eps.square()
-                        tt = t[t0:t1].square().sum(-1)
-                        for v0, v1, part in parts:
-                            out[t0:t1, v0:v1] = self._score_chunk(
-                                t[t0:t1], tn[t0:t1], q[t0:t1], eps, e_tr, e_rr, tt, part, w_r, lin.bias
-                            )
+                    for t0 in range(0, nt, tc):
+                        t1 = min(nt, t0 + tc)
+                        states = pair_states(ts[t0:t1], vs[v0:v1])
+                        out[t0:t1, v0:v1] = self._score_chunk(
+                            t[t0:t1], tn[t0:t1], q[t0:t1], tt[t0:t1], states, part, w_r, lin.bias
+                        )
         return out
 
-    def _score_chunk(self, t: torch.Tensor, tn: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, e_tr: torch.Tensor,
-                     e_rr: torch.Tensor, tt: torch.Tensor, part: Mapping[str, torch.Tensor], w_r: torch.Tensor,
-                     b_r: torch.Tensor) -> torch.Tensor:
-        """(Tc, Vc) scores of one chunk; the trials are three batched matrix products, never (Tc, Vc, K, D)."""
+    def _score_chunk(self, t: torch.Tensor, tn: torch.Tensor, q: torch.Tensor, tt: torch.Tensor, states: torch.Tensor,
+                     part: Mapping[str, torch.Tensor], w_r: torch.Tensor, b_r: torch.Tensor) -> torch.Tensor:
+        """(Tc, Vc) scores of one chunk; the trials run in `trial_max`, never as a (Tc, Vc, K, D) tensor."""
         at = self.pool.mix_weights(q, part)  # (Tc, Vc, HF+2): pool(v|t) = at @ zt
         tp = self.pool.pool_dot(at, part, t)  # t . p
         pn = self.pool.pool_norm(at, part).clamp(min=COS_EPS)  # |p|
         tc, vc = at.shape[:2]
         s = (tn @ part["vn_t"]).view(tc, vc, -1) * part["keep"].to(t.dtype)  # (Tc, Vc, F) frame cosines
         r = torch.addmm(b_r, s.view(tc * vc, -1), w_r).view(tc, vc, -1).exp_()  # radius R (Tc, Vc, D)
-        rp = torch.mul(r, self.pool.pool_values(at, part).transpose(0, 1))  # R * p, text-major for the bmm
-        num = torch.baddbmm(tp[:, None, :], eps, rp.transpose(1, 2))  # (Tc, K, Vc): t.p + eps.(R p)
-        norm2 = torch.baddbmm(tt[:, None, None], e_tr, r.transpose(1, 2))
-        norm2 = torch.baddbmm(norm2, e_rr, r.square_().transpose(1, 2))  # |t + eps R|^2
-        cos = num / (norm2.clamp_(min=0.0).sqrt_().clamp_(min=COS_EPS) * pn[:, None, :])
-        return cos.amax(dim=1)
+        u = torch.mul(r, self.pool.pool_values(at, part).transpose(0, 1))  # R * p (Tc, Vc, D)
+        w = r * t[:, None, :]  # R * t
+        d = r.shape[-1]
+        cfg = self.config
+        best = trial_max(states.reshape(-1), u.reshape(-1, d), w.reshape(-1, d), r.square_().reshape(-1, d),
+                         tp.reshape(-1), tt[:, None].expand(tc, vc).reshape(-1), pn.reshape(-1),
+                         cfg.trials, cfg.prior, cfg.prior_std)
+        return best.view(tc, vc)
 
 
 def leaky_reference_similarity(model: TMASS, text_emb: Emb, video_emb: Emb, gt_text: torch.Tensor | None = None,
@@ -199,10 +198,10 @@ def leaky_reference_similarity(model: TMASS, text_emb: Emb, video_emb: Emb, gt_t
     t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
     nt, nv = t.shape[0], frames.shape[0]
     gt = torch.arange(nv) if gt_text is None else gt_text.long()
-    eps = model.eval_noise(0, nt, seed).to(device=t.device, dtype=t.dtype)  # (Nt, K, D)
     out = t.new_empty(nt, nv)
     with torch.no_grad():
         for a in range(nv):
+            eps = model.eval_noise(torch.arange(nt), torch.tensor([a]), seed)[:, 0].to(t.device, t.dtype)  # (Nt, K, D)
             pooled = model.pool(t, frames[a : a + 1], keep[a : a + 1])[0]  # (Nt, D): pool(a | t)
             r = model.radius(model.frame_cosines(t, frames[a : a + 1], keep[a : a + 1])[0])  # (Nt, D)
             samples = t[:, None, :] + eps * r[:, None, :]  # (Nt, K, D)
@@ -212,7 +211,7 @@ def leaky_reference_similarity(model: TMASS, text_emb: Emb, video_emb: Emb, gt_t
     return out
 
 
-@register_model("tmass")
+@register_model("tmass", config=TMASSConfig)
 def tmass(
     *,
     config: TMASSConfig | Mapping[str, Any] | None = None,

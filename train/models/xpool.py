@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.losses import symmetric_cross_entropy
-from train.models._api import Emb, ModelConfigError, RetrievalModel, feature_dims_from, register_model, resolve_config
+from train.models._api import (
+    Emb,
+    FeatureNeeds,
+    ModelConfigError,
+    RetrievalModel,
+    feature_dims_from,
+    register_model,
+    resolve_config,
+)
 
 LN100 = math.log(100.0)
 COS_EPS = 1e-8  # norm floor of cosines, as F.cosine_similarity's eps
@@ -49,6 +57,11 @@ class XPoolConfig:
     logit_scale_lr: float = 1e-6  # the reference trains tau in the CLIP group (clip_lr); see param_groups()
     # Optimiser, schedule, batch size and epochs are TrainConfig keys (train/config.py MODEL_DEFAULTS: AdamW with
     # weight decay 0.2 and eps 1e-6, cosine schedule with 10% warm-up, clipping 1.0, batch 32, 5 epochs, lr 1e-5).
+
+    def features(self) -> FeatureNeeds:
+        """Frames of `frames_feature` and one `text_feature` vector per caption, both required."""
+        return FeatureNeeds(video=(self.frames_feature,), text=self.text_feature, text_key=self.text_feature,
+                            text_sequence=False)
 
 
 def _identity_(linear: nn.Linear) -> None:
@@ -270,7 +283,7 @@ def frames_count(config: XPoolConfig, specs: Mapping[str, Any] | None) -> int:
     return int(getattr(spec, "max_steps", 12)) if spec is not None else 12
 
 
-@register_model("xpool")
+@register_model("xpool", config=XPoolConfig)
 def xpool(
     *,
     config: XPoolConfig | Mapping[str, Any] | None = None,

@@ -1,0 +1,144 @@
+"""T-MASS evaluation noise drawn per (text, video, trial) from a counter-based generator, and the trial kernel.
+
+eps(t, v, k)_d is a pure function of (seed, key(t), key(v), k, d). Keys are 64-bit hashes of the caption and item
+ids (`train.data.id_keys`; row positions when none are given), so a pair's noise is the same in any chunking, any
+evaluation set and any process, and, unlike noise drawn once per text, it is independent across the candidate
+videos of a text (the reference redraws it per video), so v2t ranks are not all shifted by one shared draw.
+
+Generator (all uint32): h(x) is the "lowbias32" finaliser (x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15;
+x *= 0x735A2D97; x ^= x >> 15). State per text s_t = h(h(h(seed ^ C_t) ^ lo(key)) ^ hi(key)), per video s_v the
+same with C_v, per pair s = h(s_t ^ h(s_v + C_p)), per trial s_k = h(s ^ (k + 1) * C_k), and element d is
+x = h(s_k + d * 0x9E3779B9) (a SplitMix-style counter: a Weyl sequence through a bijective mixer). uniform01 takes
+the top 24 bits, eps = (x >> 8) / 2^24 in [0, 1); normal maps the top 16 bits through the inverse normal CDF at the
+bin centres (inverse-transform sampling; |eps| <= 4.3 std).
+
+Kernel: per pair, with u = R * p, w = R * t and R^2 (D-vectors) and the scalars t.p, |t|^2, |p|,
+    cos_k = (t.p + eps_k . u) / (sqrt(|t|^2 + 2 eps_k . w + eps_k^2 . R^2) |p|),  score = max_k cos_k.
+With numba installed the noise is generated inside one fused loop (never stored); without it the same numbers come
+from torch ops on (pairs, trials, D) blocks, which is correct but much slower (tests, small sets).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # optional accelerator; the torch path below computes the same scores
+    import numba
+
+    if numba.config.THREADING_LAYER == "default":
+        # OpenMP workers of numba and of torch spin-wait against each other between the many short kernel calls of
+        # a chunked evaluation (seconds lost on 2 cores); numba's own work queue does not spin
+        numba.config.THREADING_LAYER = "workqueue"
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+
+M32 = 0xFFFFFFFF
+C_TEXT, C_VIDEO, C_PAIR, C_TRIAL, GOLDEN = 0x68E31DA4, 0xB5297A4D, 0x1B56C4E9, 0x85EBCA6B, 0x9E3779B9
+COS_EPS = 1e-8
+PAIRS_PER_BLOCK = 64  # torch path: pairs whose (trials, D) noise is held at once (~2.6 MB at K=20, D=512)
+_NORMAL: torch.Tensor | None = None
+
+
+def normal_table() -> torch.Tensor:
+    """(65536,) float32 standard-normal quantiles at the centres of 2^16 equal-probability bins."""
+    global _NORMAL
+    if _NORMAL is None:
+        p = (torch.arange(65536, dtype=torch.float64) + 0.5) / 65536
+        _NORMAL = torch.special.ndtri(p).float()
+    return _NORMAL
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on uint32 values held in int64 (multipliers < 2^31, so products never overflow int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def key_states(keys: torch.Tensor, seed: int, salt: int) -> torch.Tensor:
+    """(n,) int64 uint32 states of int64 id keys for one seed and side (salt C_TEXT or C_VIDEO)."""
+    keys = keys.to(torch.int64)
+    lo, hi = keys & M32, (keys >> 32) & M32
+    s = mix(torch.full_like(keys, (int(seed) ^ salt) & M32))
+    return mix(mix(s ^ lo) ^ hi)
+
+
+def pair_states(text_states: torch.Tensor, video_states: torch.Tensor) -> torch.Tensor:
+    """(Nt, Nv) int64 uint32 state of every (text, video) pair."""
+    return mix(text_states[:, None] ^ mix((video_states[None, :] + C_PAIR) & M32))
+
+
+def pair_noise(states: torch.Tensor, trials: int, dim: int, prior: str = "uniform01", std: float = 1.0) -> torch.Tensor:
+    """(*states.shape, trials, dim) float32 noise of the given pair states (the reference for the fused kernel)."""
+    k = torch.arange(1, trials + 1, dtype=torch.int64)
+    sk = mix(states[..., None] ^ ((k * C_TRIAL) & M32))
+    x = mix((sk[..., None] + torch.arange(dim, dtype=torch.int64) * GOLDEN) & M32)
+    if prior == "uniform01":
+        return (x >> 8).to(torch.float32) * 2.0**-24
+    return normal_table()[x >> 16] * float(std)
+
+
+def trial_max(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2: torch.Tensor, tp: torch.Tensor,
+              tt: torch.Tensor, pn: torch.Tensor, trials: int, prior: str, std: float) -> torch.Tensor:
+    """(P,) max over trials of cos(t + eps_k R, p) for P pairs: states (P,), u/w/r2 (P, D), tp/tt/pn (P,)."""
+    if numba is not None and u.device.type == "cpu":
+        out = torch.empty(u.shape[0], dtype=torch.float32)
+        table = normal_table().numpy() if prior == "normal" else _EMPTY
+        _fused(states.numpy().astype("uint32"), u.float().contiguous().numpy(), w.float().contiguous().numpy(),
+               r2.float().contiguous().numpy(), tp.float().numpy(), tt.float().numpy(), pn.float().numpy(),
+               int(trials), prior == "normal", float(std), table, out.numpy())
+        return out.to(u.dtype)
+    return _trial_max_torch(states, u, w, r2, tp, tt, pn, trials, prior, std)
+
+
+def _trial_max_torch(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2: torch.Tensor, tp: torch.Tensor,
+                     tt: torch.Tensor, pn: torch.Tensor, trials: int, prior: str, std: float) -> torch.Tensor:
+    """torch version of the kernel, PAIRS_PER_BLOCK pairs at a time (noise (P, K, D) materialised per block)."""
+    out = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
+    for p0 in range(0, u.shape[0], PAIRS_PER_BLOCK):
+        p1 = min(u.shape[0], p0 + PAIRS_PER_BLOCK)
+        eps = pair_noise(states[p0:p1].cpu(), trials, u.shape[1], prior, std).to(u.device, u.dtype)  # (P, K, D)
+        lin = torch.bmm(eps, torch.stack([u[p0:p1], w[p0:p1]], dim=2))  # (P, K, 2): eps.u, eps.w
+        quad = torch.bmm(eps.square(), r2[p0:p1, :, None])[..., 0]  # eps^2 . R^2
+        num = tp[p0:p1, None] + lin[..., 0]
+        norm2 = (tt[p0:p1, None] + 2.0 * lin[..., 1] + quad).clamp(min=0.0)
+        out[p0:p1] = (num / (norm2.sqrt().clamp(min=COS_EPS) * pn[p0:p1, None])).amax(dim=1)
+    return out
+
+
+_EMPTY = torch.zeros(1, dtype=torch.float32).numpy()
+
+if numba is not None:  # pragma: no branch
+
+    @numba.njit(inline="always")
+    def _h(x):  # lowbias32 in uint32 arithmetic (wraps mod 2^32)
+        x = numba.uint32(x ^ (x >> numba.uint32(16)))
+        x = numba.uint32(x * numba.uint32(0x21F0AAAD))
+        x = numba.uint32(x ^ (x >> numba.uint32(15)))
+        x = numba.uint32(x * numba.uint32(0x735A2D97))
+        return numba.uint32(x ^ (x >> numba.uint32(15)))
+
+    @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
+    def _fused(states, u, w, r2, tp, tt, pn, trials, normal, std, table, out):  # pragma: no cover - compiled
+        n, dim = u.shape
+        for i in numba.prange(n):
+            best = -3.0e38
+            for k in range(trials):
+                sk = _h(numba.uint32(states[i] ^ numba.uint32((k + 1) * C_TRIAL)))
+                a1 = numba.float32(0.0)
+                a2 = numba.float32(0.0)
+                a3 = numba.float32(0.0)
+                for d in range(dim):
+                    x = _h(numba.uint32(sk + numba.uint32(d) * numba.uint32(GOLDEN)))
+                    if normal:
+                        e = table[x >> numba.uint32(16)] * numba.float32(std)
+                    else:
+                        e = numba.float32(x >> numba.uint32(8)) * numba.float32(2.0**-24)
+                    a1 += e * u[i, d]
+                    a2 += e * w[i, d]
+                    a3 += e * e * r2[i, d]
+                norm2 = max(tt[i] + numba.float32(2.0) * a2 + a3, numba.float32(0.0))
+                c = (tp[i] + a1) / (max(numba.float32(norm2**0.5), numba.float32(COS_EPS)) * pn[i])
+                best = max(best, c)
+            out[i] = best
