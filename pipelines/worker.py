@@ -12,17 +12,15 @@ import queue
 import sys
 import threading
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from extract.sampling import DECODE_FPS
+from extract import engine
 from store.schema import FeatureSpec, Status
 
 _DONE = object()
-_ERRORS = {"frames_error": "frames", "audio_error": "audio"}  # decode-stream error item -> the stream it ends
 
 
 def import_plugins(plugins: Sequence[str]) -> None:
@@ -43,10 +41,7 @@ def import_plugins(plugins: Sequence[str]) -> None:
             importlib.import_module(plugin)
 
 
-def _short(exc: BaseException) -> str:
-    """`Type: message` of an exception, one line."""
-    text = str(exc).strip().replace("\n", " ")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+_short = engine.short_error
 
 
 class ExtractWorker:
@@ -65,8 +60,10 @@ class ExtractWorker:
         decode_height: int | None = None,
         queue_size: int = 4,
         decode_threads: int = 0,
+        select_frames: bool = True,
     ) -> None:
-        """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides).
+        """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides);
+        `select_frames`: colour-convert only the frames some extractor reads (extract.engine.plan_streams).
 
         Frames are always decoded on the 25 fps grid every extractor samples its steps from (DECODE_FPS).
         """
@@ -87,6 +84,8 @@ class ExtractWorker:
         self.frame_rule, self.batch_size, self.height = frame_rule, batch_size, decode_height
         self.queue_size = queue_size
         self.decode_threads = int(decode_threads)
+        self.decode = engine.DecodeOptions(frame_rule=frame_rule, batch_size=batch_size, height=decode_height,
+                                           threads=self.decode_threads, select=select_frames)
         self._stores: dict[str, Any] = {}
         self._prefetched: _Stream | None = None  # the next item's decode, started early
 
@@ -119,149 +118,87 @@ class ExtractWorker:
                 prefetch: tuple[str, Sequence[str]] | None = None) -> dict[str, Any]:
         """Extract `features` for item `row` from `path`, write each row (status last); return a small summary.
 
-        `prefetch` = (path, features) of this worker's next item: its decoding starts as soon as this item's
-        stream is decoded, so it overlaps this item's remaining compute (models that run at `finish`) and writes.
+        The item runs through `extract.engine` (the code `Extractor.extract_path` runs). `prefetch` = (path,
+        features) of this worker's next item: its decoding starts as soon as this item's stream is decoded, so it
+        overlaps this item's remaining compute (models that run at `finish`) and writes.
         """
         t0 = time.perf_counter()
         store = self._store(store_url)
-        results: dict[str, tuple[int, str]] = {}
-        spent: dict[str, float] = dict.fromkeys(features, 0.0)  # model seconds per feature (profiling)
-
-        def fail(feature: str, reason: str, message: str) -> None:
-            store.write_failed(feature, row, reason, message[:2000])
-            results[feature] = (int(Status.FAILED), reason)
-
-        from extract import decode
-
-        try:
-            info = decode.probe(path)
-        except decode.DecodeError as e:
-            for f in features:
-                fail(f, "decode_error", f"decode_error: {e}")
-            if prefetch is not None:
-                self._prefetch(decode, *prefetch)
-            return self._summary(row, results, t0, spent)
-
-        sessions: dict[str, Any] = {}
-        for f in features:
-            try:
-                t = time.perf_counter()
-                sessions[f] = self.extractors[f].start(info)
-                spent[f] += time.perf_counter() - t
-            except Exception as e:  # one extractor failing leaves the others running
-                fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
-
-        want_frames, want_audio = self._wants(list(sessions), info)
-        failures: dict[str, tuple[str, str]] = {}  # stream ("frames" | "audio") -> (reason, message)
+        info, failed = engine.probe_failure(path)
+        if failed is not None:
+            if prefetch is not None and self.queue_size:
+                self._prefetch(*prefetch)
+            outcome = engine.ItemOutcome(failures=dict.fromkeys(features, failed), spent=dict.fromkeys(features, 0.0))
+            return self._write(store, row, features, outcome, t0)
+        run = engine.ItemRun(self.extractors, info, features)
+        plan = run.plan(self.decode.select)
         live: _Stream | None = None
-        if self.queue_size:
-            live = self._take_prefetched(path, want_frames, want_audio)
-            live = live or self._start_decode(decode, path, want_frames, want_audio)
+        stream: Iterable[tuple[str, Any]] = ()
+        if run.live and self.queue_size:
+            live = self._take_prefetched(path, plan) or self._start_decode(path, plan)
             stream = self._drain(live.queue)
-        else:
-            stream = self._decode_inline(decode, path, want_frames, want_audio)
+        elif run.live:
+            stream = engine.decode_streams(path, plan, self.decode)
         try:
             for kind, payload in stream:
-                if kind in _ERRORS:  # one stream failed: the other one still feeds its extractors
-                    failures[_ERRORS[kind]] = _decode_failure(decode, payload)
-                    continue
-                for f in list(sessions):
-                    ex = self.extractors[f]
-                    if kind == "frames" and not getattr(ex, "needs_frames", True):
-                        continue
-                    if kind == "audio" and not getattr(ex, "needs_audio", False):
-                        continue
-                    try:
-                        t = time.perf_counter()
-                        if kind == "frames":
-                            sessions[f].add_frames(payload)
-                        else:
-                            sessions[f].add_audio(payload)
-                        spent[f] += time.perf_counter() - t
-                    except Exception as e:
-                        del sessions[f]
-                        fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
-                if not sessions:
+                run.feed(kind, payload)
+                if not run.live:
                     break
         finally:
             if live is not None:
                 live.close()
         if prefetch is not None and self.queue_size:
-            self._prefetch(decode, *prefetch)
+            self._prefetch(*prefetch)
+        return self._write(store, row, features, run.finish(), t0)
 
-        for f, sess in sessions.items():
-            failure = self._stream_failure(f, failures)
-            if failure is not None:
-                fail(f, *failure)
-                continue
-            try:
-                t = time.perf_counter()
-                result = sess.finish()
-                spent[f] += time.perf_counter() - t
-            except Exception as e:
-                fail(f, "extractor_error", f"extractor_error: {_short(e)}\n{traceback.format_exc(limit=3)}")
-                continue
-            try:
-                store.write(f, row, result)
-            except Exception as e:  # a malformed result must not take the item's other features down
-                fail(f, "write_error", f"write_error: {_short(e)}")
-                continue
-            results[f] = (int(result.status), result.reason)
-        return self._summary(row, results, t0, spent)
+    def _write(self, store: Any, row: int, features: Sequence[str], outcome: engine.ItemOutcome,
+               t0: float) -> dict[str, Any]:
+        """Write every feature's row or FAILED row (status last, by the store); the summary for the driver."""
+        results: dict[str, tuple[int, str]] = {}
+        for f in features:
+            fail = outcome.failures.get(f)
+            if fail is None:
+                rows = outcome.rows[f]
+                try:
+                    store.write(f, row, rows)
+                    results[f] = (int(rows.status), rows.reason)
+                    continue
+                except Exception as e:  # a malformed result must not take the item's other features down
+                    fail = engine.Failure("write_error", f"write_error: {_short(e)}")
+            store.write_failed(f, row, fail.reason, fail.message[:2000])
+            results[f] = (int(Status.FAILED), fail.reason)
+        return self._summary(row, results, t0, outcome.spent)
 
-    def _wants(self, features: Sequence[str], info: Any) -> tuple[bool, bool]:
-        """(decode frames?, decode audio?) for `features` of an item described by `info`.
-
-        A stream the file lacks is not decoded: its extractors' sessions finish ABSENT (no_video / no_audio),
-        as in `Extractor.extract_path`.
-        """
-        frames = any(getattr(self.extractors[f], "needs_frames", True) for f in features)
-        audio = any(getattr(self.extractors[f], "needs_audio", False) for f in features)
-        return (frames and bool(getattr(info, "has_video", True)),
-                audio and bool(getattr(info, "has_audio", True)))
-
-    def _stream_failure(self, feature: str, failures: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
-        """The decode failure of a stream `feature` consumes, if any (a frame error never fails audio features)."""
-        ex = self.extractors[feature]
-        if getattr(ex, "needs_frames", True) and "frames" in failures:
-            return failures["frames"]
-        if getattr(ex, "needs_audio", False) and "audio" in failures:
-            return failures["audio"]
-        return None
-
-    def _start_decode(self, decode: Any, path: str, frames: bool, audio: bool) -> "_Stream":
+    def _start_decode(self, path: str, plan: engine.StreamPlan) -> "_Stream":
         """A decode thread filling a bounded queue for `path`."""
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=max(1, self.queue_size))
-        thread = threading.Thread(target=self._decode_into, args=(decode, path, frames, audio, q, stop), daemon=True)
+        thread = threading.Thread(target=self._decode_into, args=(path, plan, q, stop), daemon=True)
         thread.start()
-        return _Stream(path, frames, audio, q, stop, thread)
+        return _Stream(path, plan, q, stop, thread)
 
-    def _prefetch(self, decode: Any, path: str, features: Sequence[str]) -> None:
+    def _prefetch(self, path: str, features: Sequence[str]) -> None:
         """Start decoding the next item; a probe failure is left for its own `process` call to record."""
         if self._prefetched is not None:
             self._prefetched.close()
             self._prefetched = None
-        try:
-            info = decode.probe(path)
-        except Exception:  # noqa: BLE001 - process() probes again and records the reason
+        info, failed = engine.probe_failure(path)
+        if failed is not None:
             return
-        frames, audio = self._wants([f for f in features if f in self.extractors], info)
-        self._prefetched = self._start_decode(decode, path, frames, audio)
+        exs = [self.extractors[f] for f in features if f in self.extractors]
+        self._prefetched = self._start_decode(path, engine.plan_streams(exs, info, self.decode.select))
 
-    def _take_prefetched(self, path: str, frames: bool, audio: bool) -> "_Stream | None":
-        """The prefetched stream when it is this item's, decoding the same streams; otherwise drop it."""
+    def _take_prefetched(self, path: str, plan: engine.StreamPlan) -> "_Stream | None":
+        """The prefetched stream when it is this item's, decoding the same streams and frames; otherwise drop it."""
         pre, self._prefetched = self._prefetched, None
-        if pre is not None and (pre.path, pre.frames, pre.audio) == (path, frames, audio):
+        if pre is not None and (pre.path, pre.plan) == (path, plan):
             return pre
         if pre is not None:
             pre.close()
         return None
 
-    def _decode_into(
-        self, decode: Any, path: str, frames: bool, audio: bool, q: queue.Queue, stop: threading.Event
-    ) -> None:
-        """Producer thread: frame batches, then audio chunks, then the end marker (or the error)."""
+    def _decode_into(self, path: str, plan: engine.StreamPlan, q: queue.Queue, stop: threading.Event) -> None:
+        """Producer thread: frame batches, then audio chunks, then the end marker (errors in between)."""
 
         def put(item: Any) -> bool:
             while not stop.is_set():
@@ -274,34 +211,14 @@ class ExtractWorker:
 
         _lower_priority()
         try:
-            for item in self._decode_inline(decode, path, frames, audio):
+            for item in engine.decode_streams(path, plan, self.decode):
                 if not put(item):
                     return
         except BaseException as e:  # not an Exception (e.g. SystemExit): every requested stream counts as failed
-            for kind, wanted in (("frames_error", frames), ("audio_error", audio)):
+            for kind, wanted in (("frames_error", plan.frames), ("audio_error", plan.audio)):
                 if wanted:
                     put((kind, e))
         put(_DONE)  # the consumer reads on after a stream's error, so the end marker always follows
-
-    def _decode_inline(self, decode: Any, path: str, frames: bool, audio: bool) -> Iterator[tuple[str, Any]]:
-        """Frame batches, then audio chunks (inline, or inside the producer thread).
-
-        Each stream is decoded on its own: a failure is yielded as ("frames_error" | "audio_error", exception)
-        after that stream's readable part, and the other stream is still decoded.
-        """
-        if frames:
-            try:
-                for batch in decode.iter_frames(path, fps=DECODE_FPS, batch_size=self.batch_size, height=self.height,
-                                                frame_rule=self.frame_rule, threads=self.decode_threads):
-                    yield "frames", batch
-            except Exception as e:
-                yield "frames_error", e
-        if audio:
-            try:
-                for chunk in decode.iter_audio(path):
-                    yield "audio", chunk
-            except Exception as e:
-                yield "audio_error", e
 
     @staticmethod
     def _drain(q: queue.Queue) -> Iterator[tuple[str, Any]]:
@@ -358,8 +275,7 @@ class _Stream:
     """One item's decode thread and the bounded queue it fills."""
 
     path: str
-    frames: bool
-    audio: bool
+    plan: engine.StreamPlan
     queue: queue.Queue
     stop: threading.Event
     thread: threading.Thread
@@ -368,15 +284,6 @@ class _Stream:
         """Stop the thread (it may be blocked on a full queue) and wait for it."""
         self.stop.set()
         self.thread.join(timeout=30)
-
-
-def _decode_failure(decode: Any, exc: BaseException) -> tuple[str, str]:
-    """(reason, message) for a stream's decode exception: truncated, or decode_error."""
-    if isinstance(exc, decode.TruncatedMedia):
-        return "truncated", f"truncated: {exc}"
-    if isinstance(exc, decode.DecodeError):
-        return "decode_error", f"decode_error: {exc}"
-    return "decode_error", f"decode_error: {_short(exc)}"
 
 
 def spec_from_description(desc: Mapping[str, Any]) -> FeatureSpec:
