@@ -1,9 +1,10 @@
 """Store locks: a create-only lock object holding its holder's host, pid and time (local files or object stores).
 
-Local stores use `O_CREAT | O_EXCL`, atomic on POSIX file systems (and on NFSv3+). Object stores use the store's
-create-only put (`set_if_not_exists`) and then read the lock back to confirm it is ours; on a backend whose
-create-only put is not atomic (plain S3 without conditional writes) two processes racing within the same
-few milliseconds could both believe they hold it — documented in docs/design.md §1.
+Local stores use `O_CREAT | O_EXCL`, atomic on POSIX file systems (and on NFSv3+). On s3fs the lock object is
+written with a conditional PUT (If-None-Match: *), atomic on AWS S3 and servers that implement it; other
+object stores use zarr's `set_if_not_exists` and then read the lock back to confirm it is ours, which is not
+atomic (two processes racing within the same few milliseconds could both believe they hold it) — documented
+in docs/design.md §1.
 A lock whose holder runs on this host and no longer exists is stale and is broken automatically.
 """
 from __future__ import annotations
@@ -65,6 +66,17 @@ class StoreLock:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             return True
+        fs, base = getattr(self._store, "fs", None), getattr(self._store, "path", None)
+        if fs is not None and base is not None and getattr(fs, "async_impl", False):
+            try:  # s3fs: a conditional PUT (If-None-Match: *), atomic on S3 and S3-compatible servers
+                sync(fs._pipe_file(f"{base.rstrip('/')}/{self.key}", body, mode="create"))
+                return True
+            except TypeError:
+                pass  # this filesystem has no create-only put: fall back below
+            except Exception as e:  # the object exists (412 PreconditionFailed / FileExistsError)
+                if isinstance(e, FileExistsError) or "Precondition" in str(e) or "412" in str(e):
+                    return False
+                raise
         proto = default_buffer_prototype()
         sync(self._store.set_if_not_exists(self.key, proto.buffer.from_bytes(body)))
         held = self.holder()

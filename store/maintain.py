@@ -48,7 +48,9 @@ def _usage(store: FeatureStore, prefix: str) -> tuple[int, int] | None:
     fs, base = getattr(store._g.store, "fs", None), getattr(store._g.store, "path", None)
     if fs is None or base is None:
         return None
-    found = fs.find(f"{base.rstrip('/')}/{prefix}", detail=True)
+    path = f"{base.rstrip('/')}/{prefix}"
+    # zarr's async filesystem lives on zarr's event loop: call its coroutine there
+    found = sync(fs._find(path, detail=True)) if getattr(fs, "async_impl", False) else fs.find(path, detail=True)
     return len(found), int(sum(int(v.get("size") or 0) for v in found.values()))
 
 
