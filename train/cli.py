@@ -199,6 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from train.engine import RunError
     from train.models import ModelConfigError
 
+    from train.finetune_cli import wants_finetune
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_finetune(argv):  # CLIP fine-tuning (--finetune-clip, or eval of such a run): train/finetune_cli.py
+        from train.finetune_cli import main as finetune_main
+
+        return finetune_main(argv)
     args = _parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
