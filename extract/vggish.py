@@ -251,7 +251,7 @@ VGGISH_PCA_NPZ = WeightsSpec(
     meta={"keys": ("pca_eigen_vectors", "pca_means"), "format": "npz"},
 )
 VGGISH_PCA_NPZ_MIRROR = WeightsSpec(  # the same bytes under torchvggish's release name
-    name="AUDIOSET_PCA_TF_NPZ",
+    name="AUDIOSET_PCA_TF_NPZ_MIRROR",
     filename="vggish_pca_params-4d878af3.npz",
     sha256=_NPZ_SHA256,
     url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-4d878af3.npz",
