@@ -263,8 +263,11 @@ def probe(path: str | os.PathLike[str]) -> MediaInfo:
         size = os.path.getsize(p) if "://" not in p and os.path.exists(p) else 0
         if video is not None and _is_image(c, video):
             cc = video.codec_context
-            return MediaInfo(p, "image", 0.0, True, False, int(cc.width or 0), int(cc.height or 0),
-                             float("nan"), 1, cc.name or "", container=container, size_bytes=size)
+            first = _first_frame(c, video)  # EXIF orientation comes as a display matrix: size as displayed
+            shape = _upright(first) if first is not None else dict(width=int(cc.width or 0),
+                                                                    height=int(cc.height or 0))
+            return MediaInfo(p, "image", 0.0, True, False, fps=float("nan"), n_frames=1, video_codec=cc.name or "",
+                             container=container, size_bytes=size, **shape)
         main = video if video is not None else audio
         duration, _ = _declared(c, main)
         vinfo: dict[str, Any] = {}
@@ -294,19 +297,10 @@ def _probe_video(path: str) -> dict[str, Any]:
         vs = c.streams.video[0]
         tb = vs.time_base or Fraction(1, 1)
         offset = _start_offset(c, tb)
-        vs.codec_context.thread_count = 1  # one frame: decoder threads would only cost their start-up
-        first = None
-        try:
-            for frame in c.decode(vs):
-                first = frame
-                break
-        except av.error.FFmpegError:
-            pass
+        first = _first_frame(c, vs)
         if first is None:
             return {}
-        rot, _, _ = display_transform(display_matrix(first))
-        w, h = (first.height, first.width) if rot in (90, 270) else (first.width, first.height)
-        out: dict[str, Any] = dict(rotation=rot, width=int(w), height=int(h))
+        out = _upright(first)
         t0 = first.pts if first.pts is not None else first.dts
         rate = vs.average_rate or vs.guessed_rate
         tail = _tail_packets(c, vs)
@@ -319,6 +313,24 @@ def _probe_video(path: str) -> dict[str, Any]:
     end = (last - offset) * tb + (dur * tb if dur else gap)
     out["video_span"] = ((t0 - offset) * tb, max(end, (t0 - offset) * tb))
     return out
+
+
+def _first_frame(c: Any, vs: Any) -> Any:
+    """The first decoded frame of `vs`, or None when none decodes."""
+    vs.codec_context.thread_count = 1  # one frame: decoder threads would only cost their start-up
+    try:
+        for frame in c.decode(vs):
+            return frame
+    except av.error.FFmpegError:
+        pass
+    return None
+
+
+def _upright(frame: Any) -> dict[str, Any]:
+    """rotation (clockwise degrees) and the displayed width/height of `frame`."""
+    rot, _, _ = display_transform(display_matrix(frame))
+    w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+    return dict(rotation=rot, width=int(w), height=int(h))
 
 
 def _tail_packets(c: Any, vs: Any) -> dict[int, int]:

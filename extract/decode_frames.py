@@ -1,6 +1,7 @@
 """Frame output for `extract.decode.iter_frames`: upright RGB conversion, resizing and bounded batches."""
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +31,22 @@ def display_matrix(frame: Any) -> tuple[int, ...] | None:
     try:
         sd = frame.side_data.get("DISPLAYMATRIX")
     except (AttributeError, KeyError, ValueError):
-        return None
+        # PyAV cannot list side data of a type it does not know (FFmpeg 8 attaches EXIF to JPEGs): rebuild the
+        # rotation from frame.rotation, which reads the matrix directly (mirroring is lost on this path)
+        return _rotation_matrix(getattr(frame, "rotation", 0) or 0)
     if sd is None:
         return None
     raw = bytes(sd)
     return tuple(int(v) for v in np.frombuffer(raw[:36], dtype="<i4")) if len(raw) >= 36 else None
+
+
+def _rotation_matrix(ccw_degrees: float) -> tuple[int, ...] | None:
+    """A pure rotation display matrix (16.16 fixed point) for a counter-clockwise angle; None for 0."""
+    if not ccw_degrees:
+        return None
+    r = math.radians(-ccw_degrees)
+    c, s = round(math.cos(r) * 65536), round(math.sin(r) * 65536)
+    return (c, s, 0, -s, c, 0, 0, 0, 1 << 30)
 
 
 def out_size(w: int, h: int, height: int | None, short_side: int | None) -> tuple[int, int]:

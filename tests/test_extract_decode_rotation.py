@@ -87,3 +87,24 @@ def test_unrotated_video_reports_zero(tmp_path: Path) -> None:
     write_rotated(path, 0)
     assert probe(path).rotation == 0
     np.testing.assert_array_equal(read_frames(path).frames, ffmpeg_filtered(path, []))
+
+
+@pytest.mark.parametrize("orientation,chain,cw", [(6, [("transpose", "clock")], 90),
+                                                  (3, [("hflip", None), ("vflip", None)], 180),
+                                                  (8, [("transpose", "cclock")], 270)])
+def test_jpeg_exif_orientation_is_applied(tmp_path: Path, orientation: int, chain: list[tuple[str, str | None]],
+                                          cw: int) -> None:
+    from PIL import Image
+
+    img = source_frame(0, H, W)
+    img[0, 0], img[-1, 0] = (255, 0, 0), (0, 255, 0)
+    pil = Image.fromarray(img)
+    exif = pil.getexif()
+    exif[0x0112] = orientation  # EXIF Orientation, as phone cameras write it
+    path = tmp_path / "photo.jpg"
+    pil.save(path, exif=exif.tobytes(), quality=100, subsampling=0)  # 4:4:4: turning commutes with colour
+    want = ffmpeg_filtered(path, chain)
+    np.testing.assert_array_equal(read_frames(path).frames, want)
+    info = probe(path)
+    assert info.kind == "image" and info.rotation == cw
+    assert (info.height, info.width) == want.shape[1:3]
