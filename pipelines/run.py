@@ -275,6 +275,7 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
         item_feats = [f for f in requested if specs[f][0].axis == "item"]
         cap_feats = [f for f in requested if specs[f][0].axis == "caption"]
         store = open_or_create_store(cfg, ds, specs)
+        check_settings(store, specs)  # again: another driver may have created these groups since the first check
         result = _execute(ray, cfg, ds, store, pools, actors, item_feats, cap_feats, err)
         result.weights = weights
     finally:

@@ -196,7 +196,8 @@ def test_csv_manifest_captions(ray_session: None, tmp_path: Path) -> None:
 
 
 def test_reruns_refuse_other_decode_settings_and_changed_manifests(ray_session: None, tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(4)
     (tmp_path / "media").mkdir()
     clips = {k: rng.integers(0, 256, (6 + i, 16, 24, 3), dtype=np.uint8) for i, k in enumerate("ab")}
@@ -215,6 +216,10 @@ def test_reruns_refuse_other_decode_settings_and_changed_manifests(ray_session: 
     err = capsys.readouterr().err
     assert "decode.height: stored 8, this run null" in err and '"floor", this run "nearest"' in err
     assert "--decode-height 8" in err and "--frame-rule floor" in err
+    with monkeypatch.context() as m:  # a concurrent driver created the store after this one looked: still refused
+        m.setattr("pipelines.run._existing_store", lambda cfg, ds, err: None)
+        assert _run(man, store) == 2
+    assert "decode.height: stored 8, this run null" in capsys.readouterr().err
     rows[0] = {"id": "a", "path": "media/b.mkv", "captions": ["uno"]}  # a now names b's file, and a new caption
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _run(man, store, *same) == 2
