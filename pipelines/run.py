@@ -4,12 +4,10 @@ The driver holds only ids, statuses and small summaries; workers write feature r
 """
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +17,7 @@ import numpy as np
 from pipelines import reaper
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset, DatasetError, is_url, read_source
+from pipelines.dispatch import Dispatcher, Tally, WorkerId
 from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
                             plan_items)
 from pipelines.rerun import check_manifest, check_settings, with_decode
@@ -26,6 +25,7 @@ from pipelines.worker import ExtractWorker, import_plugins, spec_from_descriptio
 from store.schema import FeatureSpec, Status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_EVERY_S = 2.0  # the driver packs finished store shards at most this often (each pack lists the staging area)
 
 
 @dataclass
@@ -115,36 +115,27 @@ def _local_path(url: str) -> Path | None:
 
 def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple[FeatureSpec, dict]]) -> Any:
     """Open the store (adding new items and feature groups) or create it complete, atomically on local disks."""
-    from store.zarr_store import FeatureStore
+    from store.zarr_store import FeatureStore, StoreExistsError
 
     local = _local_path(cfg.store)
     exists = local.exists() if local is not None else _remote_exists(cfg.store)
-    if exists:
-        store = FeatureStore.open(cfg.store, mode="r+")
-        known = set(store.items().id.tolist())
-        new_items = [r for r in ds.items if r.id not in known]
-        known_caps = set(store.captions().id.tolist())
-        new_caps = [c for c in ds.captions if c.id not in known_caps]
-        if new_items or new_caps:
-            store.add_items(new_items, new_caps)
-        for spec, prov in specs.values():
-            store.ensure_feature(spec, prov)
-        return store
-    if local is None:
-        store = FeatureStore.create(cfg.store, ds.items, ds.captions)
-        for spec, prov in specs.values():
-            store.ensure_feature(spec, prov)
-        return store
-    # Build next to the target and rename, so a driver killed mid-creation never leaves a half-made store.
-    for stale in glob.glob(str(local) + ".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(f"{local}.partial-{os.getpid()}")
-    store = FeatureStore.create(str(tmp), ds.items, ds.captions)
+    if not exists:
+        # FeatureStore.create builds local stores in a marked temp folder and renames it into place, so a driver
+        # killed mid-creation never leaves a half-made store; it removes only temp folders it marked itself.
+        try:
+            return FeatureStore.create(cfg.store, ds.items, ds.captions, features=list(specs.values()))
+        except StoreExistsError:
+            pass  # another driver created it at the same moment: join it below (add items, features under a lock)
+    store = FeatureStore.open(cfg.store, mode="r+")
+    known = set(store.items().id.tolist())
+    new_items = [r for r in ds.items if r.id not in known]
+    known_caps = set(store.captions().id.tolist())
+    new_caps = [c for c in ds.captions if c.id not in known_caps]
+    if new_items or new_caps:
+        store.add_items(new_items, new_caps)
     for spec, prov in specs.values():
         store.ensure_feature(spec, prov)
-    del store
-    os.replace(tmp, local)
-    return FeatureStore.open(cfg.store, mode="r+")
+    return store
 
 
 def _remote_exists(url: str) -> bool:
@@ -291,124 +282,28 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
 
 def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], actors: list[list[Any]],
              item_feats: list[str], cap_feats: list[str], err: TextIO) -> RunResult:
-    """Mark missing files, plan, dispatch with one task in flight per actor, retry dead workers, summarise."""
-    from ray.exceptions import RayActorError
-
-    table = store.items()
-    row_of = {str(i): r for r, i in enumerate(table.id.tolist())}
-    statuses = {f: np.asarray(store.status(f)) for f in item_feats + cap_feats}
-    missing = set(ds.missing)
-    for item_id, (reason, message) in ds.problems.items():  # missing file, directory, symlink loop
-        row = row_of[item_id]
-        for f in item_feats:
-            st = statuses[f][row]
-            if st == Status.PENDING or (cfg.retry_failed and st == Status.FAILED):
-                store.write_failed(f, row, reason, message)
-    entries = [(row_of[r.id], r.id, r.path, r.kind) for r in ds.items]
-    queues: list[deque] = []
-    for p in pools:
-        feats = [f for f in p.features if f in item_feats]
-        q: deque = deque(plan_items(entries, statuses, feats, retry_failed=cfg.retry_failed, skip_ids=missing)
-                         if feats else [])
-        queues.append(q)
-    cap_pool = next((i for i, p in enumerate(pools) if any(f in p.features for f in cap_feats)), 0)
+    """Mark unreadable files, plan, run the tasks through a Dispatcher on the actors, summarise."""
+    queues = _plan(cfg, ds, store, pools, item_feats, cap_feats)
     cap_texts = store.captions().text if cap_feats else None
-    for f in cap_feats:
-        chunk = store.spec(f).chunk_rows
-        queues[cap_pool].extend(plan_captions(f, statuses[f], chunk, retry_failed=cfg.retry_failed,
-                                              rows_per_task=cfg.caption_chunk))
     total = sum(len(q) for q in queues)
     if total:  # every worker has its models loaded before the clock starts
         ray.get([a.pid.remote() for acts in actors for a in acts])
     t_process = time.perf_counter()
     bar = _progress(total, cfg.progress, err)
-    attempts: Counter = Counter()
-    retried = 0
-    ok = failed = 0
-    model_seconds: Counter = Counter()
-    task_seconds = 0.0
-    idle = [deque(range(len(a))) for a in actors]
-    reserved: list[dict[int, ItemTask]] = [{} for _ in actors]  # actor -> its next item (being prefetched)
-    inflight: dict[Any, tuple[int, int, ItemTask | CaptionTask | None]] = {}  # task None = a health ping
-    pings: dict[tuple[int, int], tuple[float, int]] = {}  # recovering actor -> (next ping time, failed pings)
+
+    def progress(tally: Tally) -> None:
+        bar.update(1)
+        bar.set_postfix(ok=tally.ok, failed=tally.failed, refresh=False)
+
+    disp = Dispatcher(queues, [len(a) for a in actors], lambda t, r, m: _mark_failed(store, t, r, m),
+                      max_retries=cfg.max_retries, prefetch=bool(cfg.queue_size), on_done=progress,
+                      log=lambda line: print(f"tvr-extract: {line}", file=err))
     try:
-        while inflight or any(queues) or pings or any(reserved):
-            now = time.monotonic()
-            for (p, a), (when, _) in list(pings.items()):
-                if when <= now and not any(v[:2] == (p, a) for v in inflight.values()):
-                    inflight[actors[p][a].pid.remote()] = (p, a, None)
-            for p, q in enumerate(queues):
-                for a in list(idle[p]):
-                    if not q and a not in reserved[p]:
-                        continue
-                    idle[p].remove(a)
-                    task = reserved[p].pop(a) if a in reserved[p] else q.popleft()
-                    hint = None
-                    if cfg.queue_size and isinstance(task, ItemTask) and q and isinstance(q[0], ItemTask):
-                        # this actor's next item, named now so its decoding overlaps this item's compute
-                        reserved[p][a] = q.popleft()
-                        hint = (reserved[p][a].path, list(reserved[p][a].features))
-                    inflight[_submit(actors[p][a], cfg, task, cap_texts, hint)] = (p, a, task)
-            if not inflight:
-                time.sleep(0.2)
-                continue
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                p, a, task = inflight.pop(ref)
-                if task is None:  # a ping: the restarted actor takes work again once it answers
-                    try:
-                        ray.get(ref)
-                        del pings[(p, a)]
-                        idle[p].append(a)
-                    except RayActorError:
-                        n = pings[(p, a)][1] + 1
-                        if n > 600:  # ~5 minutes without coming back: stop using it
-                            del pings[(p, a)]
-                            busy = any(v[0] == p for v in inflight.values())
-                            _drop_if_pool_dead(queues[p], idle[p], pings, p, store, err, busy)
-                        else:
-                            pings[(p, a)] = (time.monotonic() + 0.5, n)
-                    continue
-                try:
-                    summary = ray.get(ref)
-                except RayActorError as e:
-                    # Ray reports both "died running this task" and "restarting" this way; the actor only ever
-                    # runs one task at a time and gets none until a ping succeeds, so this task was the one.
-                    pings[(p, a)] = (time.monotonic(), 0)
-                    if a in reserved[p]:  # its next item was never started: any actor may take it
-                        queues[p].appendleft(reserved[p].pop(a))
-                    key = (p, _task_key(task))
-                    attempts[key] += 1
-                    if attempts[key] <= cfg.max_retries:
-                        retried += 1
-                        queues[p].append(task)
-                        continue
-                    _mark_failed(store, task, "worker_died",
-                                 f"worker_died: the worker process died {attempts[key]} time(s) on this item "
-                                 f"(segfault, out of memory or exit in a codec/model): {str(e)[:500]}")
-                    failed += 1
-                    bar.update(1)
-                    continue
-                except Exception as e:  # a bug in the worker itself: keep the run going, record it
-                    idle[p].append(a)
-                    _mark_failed(store, task, "worker_error", f"worker_error: {str(e)[:1500]}")
-                    failed += 1
-                    bar.update(1)
-                    continue
-                idle[p].append(a)
-                model_seconds.update(summary.get("model_seconds", {}))
-                task_seconds += float(summary.get("seconds", 0.0))
-                res = summary["results"]
-                vals = res.values() if isinstance(res, dict) else res
-                if any(s == Status.FAILED for s, _ in vals):
-                    failed += 1
-                else:
-                    ok += 1
-                bar.update(1)
-                bar.set_postfix(ok=ok, failed=failed, refresh=False)
+        _drive(ray, disp, actors, cfg, cap_texts, store)
     finally:
         bar.close()
     process_seconds = time.perf_counter() - t_process
+    store.pack_ready(partial=True)  # everything this run finished, so xarray/dask and copies see it
     cov_all = store.coverage()
     feats = item_feats + cap_feats
     coverage = {f: cov_all[f] for f in feats}
@@ -418,10 +313,70 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
         rs = np.asarray(store.reasons(f))[st == Status.FAILED]
         reasons[f] = Counter(str(r) for r in rs).most_common()
     any_failed = any(c["failed"] > 0 for c in coverage.values())
-    return RunResult(coverage=coverage, reasons=reasons, tasks=total, seconds=0.0, retried=retried,
+    t = disp.tally
+    return RunResult(coverage=coverage, reasons=reasons, tasks=total, seconds=0.0, retried=t.retried,
                      exit_code=1 if any_failed else 0, process_seconds=process_seconds,
-                     model_seconds={f: float(model_seconds[f]) for f in feats if f in model_seconds},
-                     task_seconds=task_seconds)
+                     model_seconds={f: float(t.model_seconds[f]) for f in feats if f in t.model_seconds},
+                     task_seconds=t.task_seconds)
+
+
+def _plan(cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], item_feats: list[str],
+          cap_feats: list[str]) -> list[list[ItemTask | CaptionTask]]:
+    """FAILED rows for unreadable files; then each pool's tasks (items, and caption chunks in one pool)."""
+    table = store.items()
+    row_of = {str(i): r for r, i in enumerate(table.id.tolist())}
+    statuses = {f: np.asarray(store.status(f)) for f in item_feats + cap_feats}
+    for item_id, (reason, message) in ds.problems.items():  # missing file, directory, symlink loop
+        row = row_of[item_id]
+        for f in item_feats:
+            st = statuses[f][row]
+            if st == Status.PENDING or (cfg.retry_failed and st == Status.FAILED):
+                store.write_failed(f, row, reason, message)
+    entries = [(row_of[r.id], r.id, r.path, r.kind) for r in ds.items]
+    queues: list[list[ItemTask | CaptionTask]] = []
+    for p in pools:
+        feats = [f for f in p.features if f in item_feats]
+        queues.append(list(plan_items(entries, statuses, feats, retry_failed=cfg.retry_failed,
+                                      skip_ids=set(ds.missing))) if feats else [])
+    cap_pool = next((i for i, p in enumerate(pools) if any(f in p.features for f in cap_feats)), 0)
+    for f in cap_feats:
+        queues[cap_pool].extend(plan_captions(f, statuses[f], store.spec(f).chunk_rows,
+                                              retry_failed=cfg.retry_failed, rows_per_task=cfg.caption_chunk))
+    return queues
+
+
+def _drive(ray: Any, disp: Dispatcher, actors: list[list[Any]], cfg: ExtractConfig, cap_texts: Any,
+           store: Any) -> None:
+    """The Ray side of the dispatcher: submit its assignments and pings, turn finished refs into its events."""
+    from ray.exceptions import RayActorError
+
+    inflight: dict[Any, tuple[bool, WorkerId]] = {}  # ref -> (is a ping, worker)
+    next_pack = time.monotonic() + PACK_EVERY_S
+    while not disp.done or inflight:
+        for a in disp.assignments():
+            inflight[_submit(actors[a.worker[0]][a.worker[1]], cfg, a.task, cap_texts, a.hint)] = (False, a.worker)
+        for w in (disp.pings_due() if not disp.done else ()):  # with no work left, a lost worker is not waited for
+            inflight[actors[w[0]][w[1]].pid.remote()] = (True, w)
+        if not inflight:
+            time.sleep(0.2)
+            continue
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            ping, w = inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError as e:
+                # Ray reports both "died running this task" and "restarting" this way; an actor runs one task at a
+                # time and gets none until a ping succeeds, so this task was the one.
+                disp.ping_failed(w) if ping else disp.died(w, str(e))
+                continue
+            except Exception as e:  # a bug in the worker itself: keep the run going, record it
+                disp.ping_failed(w) if ping else disp.error(w, str(e))
+                continue
+            disp.back(w) if ping else disp.result(w, value)
+        if time.monotonic() >= next_pack:  # move finished shards out of staging as the run goes
+            store.pack_ready()
+            next_pack = time.monotonic() + PACK_EVERY_S
 
 
 def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_texts: Any,
@@ -431,21 +386,6 @@ def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_te
         return actor.process.remote(cfg.store, task.row, task.path, list(task.features), prefetch)
     texts = [str(t) for t in cap_texts[task.start:task.stop]]
     return actor.captions.remote(cfg.store, task.feature, task.start, texts)
-
-
-def _drop_if_pool_dead(queue: deque, idle: deque, pings: dict, p: int, store: Any, err: TextIO, busy: bool) -> None:
-    """When no actor of pool `p` is usable any more, fail its remaining tasks instead of waiting forever."""
-    if busy or idle or any(k[0] == p for k in pings):
-        return
-    print(f"tvr-extract: every worker of pool {p} is gone; marking its {len(queue)} remaining task(s) FAILED",
-          file=err)
-    while queue:
-        _mark_failed(store, queue.popleft(), "worker_died", "worker_died: no live worker left to run this item")
-
-
-def _task_key(task: ItemTask | CaptionTask) -> tuple:
-    """Identity of a task for attempt counting."""
-    return ("item", task.row) if isinstance(task, ItemTask) else ("caption", task.feature, task.start)
 
 
 def _mark_failed(store: Any, task: ItemTask | CaptionTask, reason: str, message: str) -> None:
