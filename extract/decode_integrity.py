@@ -137,8 +137,8 @@ def _boxes_gap(f: BinaryIO, size: int) -> str | None:
             box_size = struct.unpack(">Q", hdr[8:16])[0]
         elif box_size == 0:  # "extends to the end of the file"
             return None
-        if box_size < 8:
-            return None  # not a box structure we understand: no evidence either way
+        if box_size < 8 or not all(32 <= ch < 127 for ch in kind):
+            return None  # trailing bytes that are not a box (some cameras pad files): no evidence either way
         if pos + box_size > size:
             name = kind.decode("latin-1")
             return f"MP4 box '{name}' at byte {pos} declares {box_size} bytes but the file ends at {size}"

@@ -16,7 +16,7 @@ import pytest
 
 from extract.decode import DecodeError, TruncatedMedia, iter_audio, iter_frames, probe
 from extract.decode_integrity import structural_gap
-from tests.test_extract_decode import deadline, shown_index, source_frame, tone, write_video
+from tests.test_extract_decode import deadline, shown_index, source_frame, tone, write_video, write_wav
 
 GAPS_MS = [0, 40, 80, 3000, 3040, 6200]  # two gaps of about 3 s; the last frame is shown for 2.8 s
 END_MS = 9000
@@ -143,3 +143,31 @@ def test_cut_audio_is_caught_without_duration_checks(tmp_path: Path, ext: str, s
             for _ in iter_audio(cut):
                 pass
         assert ei.value.stage == "audio decode" and "cut short" in str(ei.value)
+
+
+def test_bytes_after_the_last_box_are_not_a_cut(tmp_path: Path) -> None:
+    path = tmp_path / "padded.mp4"
+    write_video(path, n=30, rate=30)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 64 + b"\xff\xfe" * 32)  # camera padding / junk that is no box
+    n, err = decode_outcome(path)
+    assert err is None and n == probe(path).n_output_frames() == 25
+
+
+@pytest.mark.parametrize("ext", ["wav", "avi"])
+def test_riff_files_cut_are_caught(tmp_path: Path, ext: str) -> None:
+    path = tmp_path / f"a.{ext}"
+    if ext == "wav":
+        write_wav(path, tone(16000, 2.0)[0], 16000)
+    else:
+        write_video(path, n=50, rate=25, size=(16, 16), audio=(16000, "mono", tone(16000, 2.0)))
+    assert structural_gap(str(path)) == (True, None)
+    assert list(iter_audio(path))  # intact: no error
+    data = path.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    with deadline(30), pytest.raises(TruncatedMedia, match="cut short"):
+        for _ in iter_audio(cut):
+            pass
+    known, gap = structural_gap(str(cut))
+    assert known and gap is not None and "RIFF chunk" in gap
