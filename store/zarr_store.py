@@ -584,6 +584,11 @@ class FeatureStore(ReadMixin):
 
         return pack_ready(self, feature, partial)
 
+    def shard_rows(self, feature: str) -> int:
+        """Rows per shard of `feature` (its chunk_rows for a v1 store)."""
+        self._check_feature(feature)
+        return self._shard_rows[feature] or self._specs[feature].chunk_rows
+
     def staged_count(self, feature: str) -> int:
         """How many staged (not yet packed) objects `feature` has."""
         self._check_feature(feature)

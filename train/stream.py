@@ -1,0 +1,186 @@
+"""Streaming reads of a feature store larger than memory: whole row blocks, background prefetch, bounded shuffle.
+
+`BlockStream` yields batches of rows of one or more features of one axis (design §1 shards): the selected rows are
+grouped into blocks of `block_rows` consecutive store rows (a shard's worth by default), blocks are read in a
+seeded random order by `workers` background threads, at most `prefetch` blocks ahead, into a shuffle buffer of
+at most `buffer_rows` rows; each batch takes `batch_size` random rows out of the buffer (swap-remove in a
+preallocated buffer, no reallocation). Memory stays within about (buffer_rows + (prefetch + 2) * block_rows)
+rows, which `from_budget` derives from a byte budget (`--cache-gb`).
+
+When the buffer holds every selected row (the cache fits), the batches are exactly those of the in-memory path:
+rows in the order `np.random.default_rng([seed, epoch]).permutation(rows)`, cut into `batch_size` slices.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from store.schema import FeatureBatch, inner_rows
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a BlockStream reads: rows per block and in the buffer, read-ahead and threads."""
+
+    batch_size: int = 256
+    buffer_rows: int = 65536  # shuffle buffer; >= the selected rows reproduces the in-memory order
+    block_rows: int = 0  # rows per read; 0 = the features' largest shard size
+    prefetch: int = 2  # blocks read ahead of the buffer
+    workers: int = 2  # background reader threads
+    seed: int = 0
+
+
+def row_bytes(store: Any, features: Sequence[str]) -> int:
+    """Bytes one row of `features` takes in memory as read (float32 values, masks, times)."""
+    total = 0
+    for f in features:
+        sp = store.spec(f)
+        steps = sp.max_steps * max(1, sp.slots)
+        total += steps * sp.dim * 4 + sp.max_steps * 5 + steps
+    return total
+
+
+def from_budget(store: Any, features: Sequence[str], budget_bytes: int, **kw: Any) -> StreamConfig:
+    """A StreamConfig whose buffer and in-flight reads fit `budget_bytes`.
+
+    A read holds about twice its block (zarr's decoded chunks, then float32 rows), so half the budget goes to the
+    shuffle buffer and half to `prefetch + workers` reads; blocks are whole inner chunks (never a partial decode).
+    """
+    per = max(1, row_bytes(store, features))
+    prefetch, workers = kw.pop("prefetch", 2), kw.pop("workers", 2)
+    inner = max(math.gcd(store.shard_rows(f), inner_rows(store.spec(f))) for f in features)
+    rows = budget_bytes // per
+    block = kw.pop("block_rows", 0) or max(store.shard_rows(f) for f in features)
+    block = max(inner, min(block, rows // (4 * (prefetch + workers))) // inner * inner)
+    slots = max(1, rows // (4 * block))  # reads the other half of the budget holds at once (blocks >= inner chunks)
+    prefetch, workers = min(prefetch, slots), min(workers, slots)
+    buffer_rows = max(1, rows // 2 - block)  # the buffer holds up to buffer_rows + one block
+    return StreamConfig(buffer_rows=int(buffer_rows), block_rows=int(block), prefetch=prefetch, workers=workers, **kw)
+
+
+_FIELDS = ("rows", "values", "mask", "time", "status", "available", "slot_mask")
+
+
+def _take(batch: dict[str, FeatureBatch], pos: np.ndarray) -> dict[str, FeatureBatch]:
+    out = {}
+    for f, b in batch.items():
+        out[f] = FeatureBatch(rows=b.rows[pos], values=b.values[pos], mask=b.mask[pos], time=b.time[pos],
+                              status=b.status[pos], available=b.available[pos],
+                              slot_mask=None if b.slot_mask is None else b.slot_mask[pos],
+                              extras={k: v[pos] for k, v in b.extras.items()})
+    return out
+
+
+def _concat(parts: list[dict[str, FeatureBatch]]) -> dict[str, FeatureBatch]:
+    out = {}
+    for f in parts[0]:
+        bs = [p[f] for p in parts]
+        cat = {k: None if getattr(bs[0], k) is None else np.concatenate([getattr(b, k) for b in bs]) for k in _FIELDS}
+        out[f] = FeatureBatch(**cat, extras={k: np.concatenate([b.extras[k] for b in bs]) for k in bs[0].extras})
+    return out
+
+
+class _Buffer:
+    """Fixed-capacity shuffle buffer: blocks are copied in, batches leave by swap-remove (no reallocation)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.cap, self.n = capacity, 0
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, block: dict[str, FeatureBatch]) -> None:
+        k = len(next(iter(block.values())).rows)
+        for f, b in block.items():
+            cols = {**{name: getattr(b, name) for name in _FIELDS if getattr(b, name) is not None},
+                    **{f"extra:{e}": v for e, v in b.extras.items()}}
+            dst = self.arrays.setdefault(f, {name: np.empty((self.cap, *v.shape[1:]), v.dtype)
+                                             for name, v in cols.items()})
+            for name, v in cols.items():
+                dst[name][self.n:self.n + k] = v
+        self.n += k
+
+    def pop(self, pos: np.ndarray) -> dict[str, FeatureBatch]:
+        """Remove the rows at `pos` (unique) and return them; the last rows move into the holes."""
+        out = {}
+        for f, cols in self.arrays.items():
+            got = {name: a[pos].copy() for name, a in cols.items()}
+            out[f] = FeatureBatch(**{name: got.get(name) for name in _FIELDS},
+                                  extras={n[6:]: v for n, v in got.items() if n.startswith("extra:")})
+        keep_tail = np.setdiff1d(np.arange(self.n - len(pos), self.n), pos, assume_unique=True)
+        holes = np.sort(pos[pos < self.n - len(pos)])
+        for cols in self.arrays.values():
+            for a in cols.values():
+                a[holes] = a[keep_tail]
+        self.n -= len(pos)
+        return out
+
+
+class BlockStream:
+    """Batches (feature -> FeatureBatch) over `rows` of `features`, read block by block in the background."""
+
+    def __init__(self, store: Any, features: Sequence[str], rows: np.ndarray, cfg: StreamConfig) -> None:
+        self.store, self.features, self.cfg = store, list(features), cfg
+        self.rows = np.unique(np.asarray(rows, dtype=np.int64))
+        block = cfg.block_rows or max(store.shard_rows(f) for f in features)
+        keys = self.rows // block
+        cuts = np.flatnonzero(np.diff(keys)) + 1
+        self.blocks = np.split(self.rows, cuts) if len(self.rows) else []
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.cfg.batch_size)
+
+    def _reader(self, order: list[int], out: queue.Queue) -> None:
+        """Read blocks in `order` with `workers` threads, at most `prefetch` ahead of the consumer."""
+        with ThreadPoolExecutor(self.cfg.workers) as pool:
+            futs = [pool.submit(self.store.read_many, self.features, self.blocks[i]) for i in order[:self.cfg.prefetch]]
+            nxt = len(futs)
+            for k in range(len(order)):
+                try:
+                    out.put(futs[k].result())
+                except Exception as e:  # hand the error to the consumer
+                    out.put(e)
+                    return
+                if nxt < len(order):
+                    futs.append(pool.submit(self.store.read_many, self.features, self.blocks[order[nxt]]))
+                    nxt += 1
+                futs[k] = None  # type: ignore[call-overload]  # drop the reference: memory stays bounded
+        out.put(None)
+
+    def epoch(self, epoch: int = 0) -> Iterator[dict[str, FeatureBatch]]:
+        """One pass over every selected row, in batches."""
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        n, bs = len(self.rows), self.cfg.batch_size
+        if self.cfg.buffer_rows >= n:  # everything fits: the in-memory path's exact order
+            perm = rng.permutation(n)
+            if not n:
+                return
+            whole = _concat([self.store.read_many(self.features, b) for b in self.blocks])
+            for lo in range(0, n, bs):
+                yield _take(whole, perm[lo:lo + bs])
+            return
+        order = rng.permutation(len(self.blocks)).tolist()
+        q: queue.Queue = queue.Queue(maxsize=1)
+        t = threading.Thread(target=self._reader, args=(order, q), daemon=True)
+        t.start()
+        cap = self.cfg.buffer_rows + max((len(b) for b in self.blocks), default=0)
+        buf, done = _Buffer(cap), False
+        while True:
+            while not done and buf.n < self.cfg.buffer_rows:
+                got = q.get()
+                if isinstance(got, Exception):
+                    raise got
+                if got is None:
+                    done = True
+                    break
+                buf.add(got)
+                del got
+            if not buf.n:
+                break
+            yield buf.pop(rng.choice(buf.n, size=min(bs, buf.n), replace=False))
+        t.join()
