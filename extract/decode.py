@@ -283,27 +283,26 @@ def probe(path: str | os.PathLike[str]) -> MediaInfo:
             ainfo = dict(audio_codec=acc.name or "", audio_sample_rate=int(acc.sample_rate or 0),
                          audio_channels=int(acc.channels or 0))
         main_index = main.index
-    if video is not None:
-        vinfo.update(_probe_video(p))
+        if video is not None:
+            vinfo.update(_probe_video(c, video))
     if duration is None or not math.isfinite(duration) or duration <= 0:
         duration = _scan_duration(p, main_index)
     return MediaInfo(p, "video" if video is not None else "audio", float(duration), video is not None,
                      audio is not None, container=container, size_bytes=size, **vinfo, **ainfo)
 
 
-def _probe_video(path: str) -> dict[str, Any]:
-    """Rotation, displayed size and exact span of the first video stream; {} when no frame decodes."""
-    with _open(path) as c:
-        vs = c.streams.video[0]
-        tb = vs.time_base or Fraction(1, 1)
-        offset = _start_offset(c, tb)
-        first = _first_frame(c, vs)
-        if first is None:
-            return {}
-        out = _upright(first)
-        t0 = first.pts if first.pts is not None else first.dts
-        rate = vs.average_rate or vs.guessed_rate
-        tail = _tail_packets(c, vs)
+def _probe_video(c: Any, vs: Any) -> dict[str, Any]:
+    """Rotation, displayed size and exact span of video stream `vs` of open container `c`; {} when no frame
+    decodes. Reads from the start, then seeks to the end: call it last on `c`."""
+    tb = vs.time_base or Fraction(1, 1)
+    offset = _start_offset(c, tb)
+    first = _first_frame(c, vs)
+    if first is None:
+        return {}
+    out = _upright(first)
+    t0 = first.pts if first.pts is not None else first.dts
+    rate = vs.average_rate or vs.guessed_rate
+    tail = _tail_packets(c, vs)
     if t0 is None or not tail:
         return out
     nominal = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)  # as iter_frames assumes
