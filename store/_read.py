@@ -89,7 +89,14 @@ class ReadMixin:
 
     def _rows_of(self, feature: str, status: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         idx = np.flatnonzero(status)
-        return self._read_rows(feature, idx, idx, names) if len(idx) else {k: np.zeros(0, object) for k in names}
+        if not len(idx):
+            return {k: np.zeros(0, object) for k in names}
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if len(idx) * 8 < hi - lo:  # sparse: read just those rows
+            return self._read_rows(feature, idx, idx, names)
+        span = np.arange(lo, hi)  # dense: one contiguous read beats a per-row orthogonal selection
+        got = self._read_rows(feature, slice(lo, hi), span, names)
+        return {k: v[idx - lo] for k, v in got.items()}
 
     def reasons(self, feature: str, status: np.ndarray | None = None) -> np.ndarray:
         """(R,) reason codes (object dtype); only ABSENT/FAILED rows are read, others are ''."""

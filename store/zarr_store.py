@@ -303,8 +303,10 @@ class FeatureStore(ReadMixin):
             if a.shape[1:] == kw["shape"][1:] and a.shape[0] != rows and a.chunks == kw["chunks"]:
                 raise _RowsMismatch(f"{where}: array '{aname}' has {a.shape[0]} rows, the store {rows} (another "
                                     "process is adding items, or an add_items was interrupted)")
-            if (a.shape != kw["shape"] or a.chunks != kw["chunks"] or a.shards != shards
-                    or not _dtype_ok(a, kw["dtype"])):
+            # inner chunks may be any divisor of the shard (tuning them later keeps older v2 stores readable)
+            inner_ok = a.chunks == kw["chunks"] or (shards is not None and a.chunks[1:] == kw["chunks"][1:]
+                                                    and shards[0] % a.chunks[0] == 0)
+            if a.shape != kw["shape"] or not inner_ok or a.shards != shards or not _dtype_ok(a, kw["dtype"]):
                 raise StoreError(f"{where}: array '{aname}' has shape {a.shape} chunks {a.chunks} shards {a.shards} "
                                  f"dtype {a.dtype}, expected {kw['shape']} {kw['chunks']} {shards} {kw['dtype']} "
                                  "from its spec")
