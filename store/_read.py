@@ -74,18 +74,24 @@ class ReadMixin:
 
     def _read_rows(self, feature: str, sel: slice | np.ndarray, idx: np.ndarray, names: list[str]) -> dict[str, Any]:
         """Packed rows merged with staged rows, as writable numpy arrays (strings as objects)."""
-        arrays = self._arrays[feature]
+        return self._read_many_rows(sel, idx, {feature: names})[feature]
+
+    def _read_many_rows(self, sel: slice | np.ndarray, idx: np.ndarray,
+                        names: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+        """`_read_rows` of several features at once: every array in one concurrent zarr round trip."""
+        keys = [(f, k) for f, ks in names.items() for k in ks]
         for _ in range(5):
             try:
-                raw = sync(_gather([_get(arrays[k], sel) for k in names]))
+                raw = sync(_gather([_get(self._arrays[f][k], sel) for f, k in keys]))
             except Exception as e:
-                raise StoreError(f"{self.url}: cannot read feature '{feature}' ({type(e).__name__}: {e}); a chunk "
-                                 f"or shard file is damaged: run `tvr-store verify {self.url}`") from e
-            got = {k: (np.asarray(v, dtype=object) if arrays[k].dtype.kind in "OTU" else np.array(v))
-                   for k, v in zip(names, raw)}
-            if self._overlay(feature, idx, got):
+                raise StoreError(f"{self.url}: cannot read features {list(names)} ({type(e).__name__}: {e}); a "
+                                 f"chunk or shard file is damaged: run `tvr-store verify {self.url}`") from e
+            got: dict[str, dict[str, Any]] = {f: {} for f in names}
+            for (f, k), v in zip(keys, raw):
+                got[f][k] = np.asarray(v, dtype=object) if self._arrays[f][k].dtype.kind in "OTU" else np.array(v)
+            if all(self._overlay(f, idx, got[f]) for f in names):
                 return got
-        raise StoreError(f"{self.url}: feature '{feature}' kept changing while being read; retry")
+        raise StoreError(f"{self.url}: features {list(names)} kept changing while being read; retry")
 
     def _rows_of(self, feature: str, status: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         idx = np.flatnonzero(status)
@@ -113,9 +119,9 @@ class ReadMixin:
         idx = np.asarray(rows, dtype=np.int64).ravel()
         return self._read_rows(feature, idx, idx, ["message"])["message"]
 
-    def read(self, feature: str, rows: Sequence[int] | np.ndarray | slice | None = None) -> FeatureBatch:
-        """Rows of a feature as float32 with masks and availability; an OK row whose data was lost is an error."""
-        spec, total = self.spec(feature), self.n_rows(feature)
+    def _select(self, feature: str, rows: Sequence[int] | np.ndarray | slice | None) -> tuple[np.ndarray, Any]:
+        """(row indices, zarr selection: a slice when contiguous) of `rows`, range-checked."""
+        total = self.n_rows(feature)
         if rows is None:
             rows = slice(0, total)
         if isinstance(rows, slice):
@@ -125,9 +131,15 @@ class ReadMixin:
         if len(idx) and (idx.min() < 0 or idx.max() >= total):
             raise StoreError(f"feature '{feature}': rows out of range 0:{total}")
         contiguous = len(idx) > 0 and bool(np.all(np.diff(idx) == 1))
-        sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
-        names = [k for k in self._arrays[feature] if k not in ("reason", "message")]
-        got = self._read_rows(feature, sel, idx, names)
+        return idx, (slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
+
+    def read(self, feature: str, rows: Sequence[int] | np.ndarray | slice | None = None) -> FeatureBatch:
+        """Rows of a feature as float32 with masks and availability; an OK row whose data was lost is an error."""
+        return self.read_many([feature], rows)[feature]
+
+    def _batch(self, feature: str, idx: np.ndarray, got: dict[str, np.ndarray]) -> FeatureBatch:
+        """FeatureBatch of rows `idx` from raw merged arrays, after the integrity checks."""
+        spec = self.spec(feature)
         status = got["status"].astype(np.uint8)
         ok = status == Status.OK
         # uint8 features (frames) stay uint8: 4x less memory than float32, and the trainer normalises on device
@@ -166,7 +178,12 @@ class ReadMixin:
         if len(set(axes.values())) > 1:
             raise StoreError(f"read_many: features {axes} mix item and caption axes; their rows differ, so read "
                              "item features and caption features in separate calls")
-        return {f: self.read(f, rows) for f in features}
+        if not features:
+            return {}
+        idx, sel = self._select(features[0], rows)
+        names = {f: [k for k in self._arrays[f] if k not in ("reason", "message")] for f in features}
+        got = self._read_many_rows(sel, idx, names)  # one round trip for every array of every feature
+        return {f: self._batch(f, idx, got[f]) for f in features}
 
     def caption_rows(self, item_rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Caption rows (int64, store order) describing any of the given item rows."""
