@@ -43,10 +43,11 @@ class StoreLock:
     """A named lock inside a store: `with StoreLock(store, root, "structure", url=...)`."""
 
     def __init__(self, zstore: Any, local_root: Path | None, name: str, *, url: str, purpose: str,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, stale_after: float | None = None) -> None:
         self._store, self._root, self.url, self.purpose = zstore, local_root, url, purpose
         self.key = f"{LOCK_DIR}/{name}.lock"
         self.timeout = timeout
+        self.stale_after = stale_after  # seconds after which a lock is stale whatever its host (short operations)
         self._token: str | None = None
 
     # ---- raw create / read / delete ----
@@ -112,6 +113,8 @@ class StoreLock:
             sync(self._store.delete(self.key))
 
     def _stale(self, held: dict[str, Any]) -> bool:
+        if self.stale_after is not None and time.time() - float(held.get("time", 0.0)) > self.stale_after:
+            return True  # e.g. a pack lock left by a process killed on another host
         return held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", -1)))
 
     # ---- public ----

@@ -16,6 +16,8 @@ from store._staging import Staged
 from store._zarr_io import _gather, _get
 from store.schema import Status, StoreError
 
+PACK_LOCK_STALE_S = 900.0  # a shard pack takes seconds: an older pack lock was left by a dead process (any host)
+
 if TYPE_CHECKING:
     from store.zarr_store import FeatureStore
 
@@ -51,7 +53,7 @@ def _apply(base: dict[str, np.ndarray], lo: int, entry: Staged, block: dict[str,
 
 def pack_shard(fs: "FeatureStore", feature: str, shard: int) -> bool:
     """Pack one shard of `feature` if no other process is packing it; True when this call packed it."""
-    lock = fs._lock(f"pack-{feature}-{shard}", "shard pack")
+    lock = fs._lock(f"pack-{feature}-{shard}", "shard pack", stale_after=PACK_LOCK_STALE_S)
     if not lock.try_acquire():
         return False
     try:

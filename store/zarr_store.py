@@ -362,9 +362,10 @@ class FeatureStore(ReadMixin):
         base = f"{self._g.path}/{feature}" if self._g.path else feature
         return {k: zarr.open_array(store=self._g.store, path=f"{base}/{k}", mode="r+") for k in self._arrays[feature]}
 
-    def _lock(self, name: str, purpose: str, timeout: float | None = None) -> StoreLock:
+    def _lock(self, name: str, purpose: str, timeout: float | None = None,
+              stale_after: float | None = None) -> StoreLock:
         return StoreLock(self._g.store, self._local_root, name, url=self.url, purpose=purpose,
-                         timeout=LOCK_TIMEOUT if timeout is None else timeout)
+                         timeout=LOCK_TIMEOUT if timeout is None else timeout, stale_after=stale_after)
 
     # ---- extending ----
     def _require_write(self) -> None:

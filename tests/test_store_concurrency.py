@@ -260,3 +260,14 @@ def test_interrupted_add_items_is_repaired_on_the_next_write_open(tmp_path: Path
     fixed = FeatureStore.open(s.url, "r+")
     assert fixed.n_items == 2 and fixed.status("resnet152").tolist() == [0, 1]
     check_rows(FeatureStore.open(s.url), range(1, 2))
+
+
+def test_pack_lock_of_another_host_is_respected_until_stale(tmp_path: Path) -> None:
+    s = staged_store(tmp_path / "s.zarr", 8)  # one shard, all rows final
+    lock = Path(s.url) / ".tvr" / "locks" / "pack-resnet152-0.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"host": "other-node", "pid": 1, "time": time.time(), "token": "x"}))
+    assert s.pack_ready() == 0 and s.staged_count("resnet152") == 8  # someone may be packing it right now
+    lock.write_text(json.dumps({"host": "other-node", "pid": 1, "time": time.time() - 3600, "token": "x"}))
+    assert s.pack_ready() == 1 and s.staged_count("resnet152") == 0  # an hour-old pack lock: its packer died
+    check_rows(FeatureStore.open(s.url), range(8))
