@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
+from store._pack import effective_status
 from store._zarr_io import _fast_status, _gather, _get, _quiet_members
 from store.schema import FeatureBatch, Status, StoreError
 
@@ -29,8 +30,6 @@ class ReadMixin:
     # ---- reading ----
     def status(self, feature: str) -> np.ndarray:
         """(R,) uint8 Status codes of every row (staged rows included); invalid codes are a StoreError."""
-        from store._pack import effective_status
-
         self._check_feature(feature)
         a = self._arrays[feature]["status"]
         try:

@@ -30,6 +30,7 @@ from zarr.storage import LocalStore
 
 from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
                            tvr_version)
+from store import _pack
 from store._lock import StoreLock
 from store._read import ReadMixin
 from store._staging import Staging
@@ -581,11 +582,9 @@ class FeatureStore(ReadMixin):
 
         Safe to call from any number of processes at any time (one packer per shard, by lock; a crash midway is
         repaired by the next call). `partial=True` also packs shards that still have PENDING rows (end of a run,
-        before xarray/dask reads). No-op for read-only and v1 stores is an error: they cannot be written.
+        before xarray/dask reads). Read-only and v1 stores raise StoreError: they cannot be written.
         """
-        from store._pack import pack_ready
-
-        return pack_ready(self, feature, partial)
+        return _pack.pack_ready(self, feature, partial)
 
     def shard_rows(self, feature: str) -> int:
         """Rows per shard of `feature` (its chunk_rows for a v1 store)."""
