@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 M32 = 0xFFFFFFFF
 C_TEXT, C_VIDEO, C_PAIR, C_TRIAL, GOLDEN = 0x68E31DA4, 0xB5297A4D, 0x1B56C4E9, 0x85EBCA6B, 0x9E3779B9
 COS_EPS = 1e-8
-PAIRS_PER_BLOCK = 64  # torch path: pairs whose (trials, D) noise is held at once (~2.6 MB at K=20, D=512)
+PAIRS_PER_BLOCK = 64  # torch path on CPU: pairs whose (trials, D) noise is held at once (~2.6 MB at K=20, D=512)
+PAIRS_PER_BLOCK_GPU = 2048  # on a GPU: ~84 MB of noise per block, few kernel launches
 _NORMAL: torch.Tensor | None = None
 
 
@@ -71,12 +72,12 @@ def pair_states(text_states: torch.Tensor, video_states: torch.Tensor) -> torch.
 
 def pair_noise(states: torch.Tensor, trials: int, dim: int, prior: str = "uniform01", std: float = 1.0) -> torch.Tensor:
     """(*states.shape, trials, dim) float32 noise of the given pair states (the reference for the fused kernel)."""
-    k = torch.arange(1, trials + 1, dtype=torch.int64)
+    k = torch.arange(1, trials + 1, dtype=torch.int64, device=states.device)
     sk = mix(states[..., None] ^ ((k * C_TRIAL) & M32))
-    x = mix((sk[..., None] + torch.arange(dim, dtype=torch.int64) * GOLDEN) & M32)
+    x = mix((sk[..., None] + torch.arange(dim, dtype=torch.int64, device=states.device) * GOLDEN) & M32)
     if prior == "uniform01":
         return (x >> 8).to(torch.float32) * 2.0**-24
-    return normal_table()[x >> 16] * float(std)
+    return normal_table().to(states.device)[x >> 16] * float(std)
 
 
 def trial_max(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2: torch.Tensor, tp: torch.Tensor,
@@ -96,9 +97,11 @@ def _trial_max_torch(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2:
                      tt: torch.Tensor, pn: torch.Tensor, trials: int, prior: str, std: float) -> torch.Tensor:
     """torch version of the kernel, PAIRS_PER_BLOCK pairs at a time (noise (P, K, D) materialised per block)."""
     out = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
-    for p0 in range(0, u.shape[0], PAIRS_PER_BLOCK):
-        p1 = min(u.shape[0], p0 + PAIRS_PER_BLOCK)
-        eps = pair_noise(states[p0:p1].cpu(), trials, u.shape[1], prior, std).to(u.device, u.dtype)  # (P, K, D)
+    block = PAIRS_PER_BLOCK if u.device.type == "cpu" else PAIRS_PER_BLOCK_GPU
+    states = states.to(u.device)
+    for p0 in range(0, u.shape[0], block):
+        p1 = min(u.shape[0], p0 + block)
+        eps = pair_noise(states[p0:p1], trials, u.shape[1], prior, std).to(u.dtype)  # (P, K, D)
         lin = torch.bmm(eps, torch.stack([u[p0:p1], w[p0:p1]], dim=2))  # (P, K, 2): eps.u, eps.w
         quad = torch.bmm(eps.square(), r2[p0:p1, :, None])[..., 0]  # eps^2 . R^2
         num = tp[p0:p1, None] + lin[..., 0]
