@@ -31,6 +31,7 @@ from store.schema import Status
 from train.clip_backbone import normalize_frames
 
 SAMPLING = ("all_pairs", "per_video")
+READ_THREADS = 4  # concurrent row reads per batch
 
 
 class FrameDataError(ValueError):
@@ -125,11 +126,27 @@ class FrameData:
         return n // batch + (1 if n % batch >= min_last else 0)
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (n, T, S, S, 3) frames and (n, T) masks of item rows (any order; read sorted, then reordered)."""
-        uniq, inv = np.unique(rows, return_inverse=True)
-        b = self.store.read(self.feature, uniq)
-        vals = b.values.reshape(len(uniq), self.steps, self.size, self.size, 3)
-        return vals[inv], b.mask[inv]
+        """uint8 (n, T, S, S, 3) frames and (n, T) masks of item rows (any order).
+
+        The rows are read as contiguous runs (slices), a few runs at a time in threads: a fancy-index read of
+        scattered rows goes through zarr's orthogonal selection, ~100x slower for these big sharded rows.
+        """
+        uniq, inv = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts)] if len(uniq) else []
+        batches = list(self._pool().map(lambda ab: self.store.read(self.feature, slice(*ab)), runs))
+        vals = np.concatenate([b.values for b in batches]) if batches else np.zeros((0, self.steps, 0), np.uint8)
+        mask = np.concatenate([b.mask for b in batches]) if batches else np.zeros((0, self.steps), bool)
+        vals = vals.reshape(len(uniq), self.steps, self.size, self.size, 3)
+        return vals[inv], mask[inv]
+
+    def _pool(self) -> Any:
+        """Reader threads (zstd decoding and file reads release the GIL)."""
+        if getattr(self, "_executor", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tvr-frames-read")
+        return self._executor
 
 
 def choose_steps(mask: np.ndarray, num_frames: int, u: np.ndarray | None) -> np.ndarray:
