@@ -13,7 +13,7 @@ from extract._api import (
     WeightsSpec,
 )
 from extract._registry import create_extractor, extractor_class, list_extractors, register_extractor, weights_available
-from extract._weights import WeightsError, WeightsNotFound, resolve_weights
+from extract._weights import UnpinnedWeightsWarning, WeightsError, WeightsNotFound, resolve_weights
 
 # Registration happens on import.
 from extract import clip_frames, clip_text, dlib_face, frames, i3d, resnet152, vggish, word_vectors  # noqa: E402,F401  isort: skip
@@ -27,6 +27,7 @@ __all__ = [
     "RANDOM_IF_MISSING",
     "RandomWeightsWarning",
     "StepPolicy",
+    "UnpinnedWeightsWarning",
     "WeightsError",
     "WeightsNotFound",
     "WeightsSpec",
