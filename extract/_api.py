@@ -199,7 +199,9 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         self.half = use_half(half, self.device)
         self.allow_download = bool(allow_download)
         self.weights: WeightsSpec | None = None  # the spec in use (real or random-initialised architecture)
-        self.weights_identity: dict[str, Any] = {}  # {"file", "sha256"} or {"random": True, "seed": s[, "reason"]}
+        # {"file", "sha256"[, "unpinned": True]} or {"random": True, "seed": s[, "reason"]}; unpinned: an explicitly
+        # given file that is not the spec's pinned one (extract._weights.accept_explicit)
+        self.weights_identity: dict[str, Any] = {}
         self.random_reason = ""  # set when random_init="missing" fell back to random weights
         self.preset: str = ""
         self.variant: str = ""
