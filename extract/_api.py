@@ -391,7 +391,9 @@ class FrameStepSession(ItemSession):
             return
         xs, idx = self._queue[:n], self._queue_idx[:n]
         del self._queue[:n], self._queue_idx[:n]
-        out = self.ex.infer(torch.stack(xs))
+        from extract.engine import infer_halving
+
+        out = infer_halving(self.ex, torch.stack(xs))  # a CUDA OOM halves the batch instead of failing the item
         for k, row in zip(idx, out):
             self._feats[k] = row
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from extract._api import Extractor, ItemSession
     from extract.decode import MediaInfo
 
+log = logging.getLogger("tvr.extract")
 STREAM_ERRORS = {"frames_error": "frames", "audio_error": "audio"}  # stream error kind -> the stream it ends
 
 
@@ -209,6 +211,27 @@ class ItemRun:
         if getattr(ex, "needs_audio", False) and "audio" in self.stream_failures:
             return self.stream_failures["audio"]
         return None
+
+
+def infer_halving(ex: Any, x: Any) -> np.ndarray:
+    """`ex.infer(x)`; a CUDA out-of-memory error halves the batch and retries each half (down to one input),
+    and lowers `ex.batch_size` so later batches start at the size that fits, instead of failing the item."""
+    import torch
+
+    try:
+        return ex.infer(x)
+    except torch.cuda.OutOfMemoryError:
+        if len(x) <= 1:
+            raise
+    # retried outside the except block, so the failed attempt's traceback (and its tensors) are released first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(x) // 2
+    old = int(getattr(ex, "batch_size", len(x)))
+    ex.batch_size = max(1, min(old, half))
+    log.warning("%s: CUDA out of memory on a batch of %d; retrying as %d + %d (batch size now %d)",
+                getattr(ex, "name", "?"), len(x), half, len(x) - half, ex.batch_size)
+    return np.concatenate([infer_halving(ex, x[:half]), infer_halving(ex, x[half:])])
 
 
 def probe_failure(path: str | os.PathLike[str]) -> tuple[MediaInfo | None, Failure | None]:

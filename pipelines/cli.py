@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a rerun whose manifest changed an item's path/kind/split or a caption's text: update "
                    "the store's tables and redo those rows (default: refuse, listing the changes)")
     p.add_argument("--batch-size", type=int, help="frames per decoded batch (default 16)")
+    p.add_argument("--decode-workers", type=int, help="CPU actors that decode items and stream frame batches to "
+                   "the model workers through Ray's object store (default 0: each model worker decodes its own)")
     p.add_argument("--decode-queue", dest="queue_size", type=int,
                    help="frame batches a decode thread buffers ahead of the models (default 4; 0: decode inline)")
     p.add_argument("--caption-chunk", type=int, help="caption rows per task (default: one store chunk)")

@@ -33,7 +33,7 @@ class Assignment:
 
     worker: WorkerId
     task: Task
-    hint: tuple[str, list[str]] | None = None
+    hint: tuple[str, list[str]] | list[tuple[str, list[str]]] | None = None  # a list when lookahead > 1
 
 
 @dataclass
@@ -56,19 +56,22 @@ class Dispatcher:
     """Assigns queued tasks to idle workers and reacts to results, deaths and recoveries."""
 
     def __init__(self, queues: Sequence[Iterable[Task]], workers: Sequence[int], fail: FailFn, *,
-                 max_retries: int = 2, prefetch: bool = True, ping_every: float = 0.5, max_pings: int = 600,
+                 max_retries: int = 2, prefetch: bool = True, lookahead: int = 1, ping_every: float = 0.5,
+                 max_pings: int = 600,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda _: None,
                  on_done: Callable[[Tally], None] = lambda _: None) -> None:
-        """`queues[p]`: tasks of pool p; `workers[p]`: its worker count; `fail` writes a task's FAILED rows."""
+        """`queues[p]`: tasks of pool p; `workers[p]`: its worker count; `fail` writes a task's FAILED rows;
+        `lookahead`: items reserved and named ahead per worker with `prefetch` (decode-stage workers open that
+        many remote decodes early)."""
         if len(queues) != len(workers):
             raise ValueError(f"dispatch: {len(queues)} task queues for {len(workers)} pools")
         self.queues = [deque(q) for q in queues]
         self.idle = [deque(range(n)) for n in workers]
         self.fail, self.clock, self.log, self.on_done = fail, clock, log, on_done
-        self.max_retries, self.prefetch = int(max_retries), bool(prefetch)
+        self.max_retries, self.prefetch, self.lookahead = int(max_retries), bool(prefetch), max(1, int(lookahead))
         self.ping_every, self.max_pings = float(ping_every), int(max_pings)
         self.running: dict[WorkerId, Task] = {}
-        self.reserved: dict[WorkerId, Task] = {}  # worker -> its next item (being prefetched)
+        self.reserved: dict[WorkerId, list[Task]] = {}  # worker -> its next items (being prefetched)
         self.recovering: dict[WorkerId, tuple[float, int]] = {}  # worker -> (next ping time, failed pings)
         self.pinging: set[WorkerId] = set()
         self.attempts: Counter = Counter()
@@ -78,7 +81,7 @@ class Dispatcher:
     @property
     def done(self) -> bool:
         """No task queued, reserved or running (recovering workers with nothing to do do not hold the run)."""
-        return not (self.running or self.reserved or any(self.queues))
+        return not (self.running or any(self.reserved.values()) or any(self.queues))
 
     # ------------------------------------------------------------------------------------------------- outputs
     def assignments(self) -> list[Assignment]:
@@ -87,14 +90,16 @@ class Dispatcher:
         for p, q in enumerate(self.queues):
             for a in list(self.idle[p]):
                 w = (p, a)
-                if not q and w not in self.reserved:
+                ahead = self.reserved.setdefault(w, [])
+                if not q and not ahead:
                     continue
                 self.idle[p].remove(a)
-                task = self.reserved.pop(w) if w in self.reserved else q.popleft()
-                hint = None
-                if self.prefetch and isinstance(task, ItemTask) and q and isinstance(q[0], ItemTask):
-                    nxt = self.reserved[w] = q.popleft()  # named now so its decoding overlaps this item's compute
-                    hint = (nxt.path, list(nxt.features))
+                task = ahead.pop(0) if ahead else q.popleft()
+                if self.prefetch and isinstance(task, ItemTask):
+                    while len(ahead) < self.lookahead and q and isinstance(q[0], ItemTask):
+                        ahead.append(q.popleft())  # named now so their decoding overlaps this item's compute
+                hints = [(t.path, list(t.features)) for t in ahead]
+                hint = (hints or None) if self.lookahead > 1 else (hints[0] if hints else None)
                 self.running[w] = task
                 out.append(Assignment(w, task, hint))
         return out
@@ -132,8 +137,8 @@ class Dispatcher:
         task = self.running.pop(w)
         p = w[0]
         self.recovering[w] = (self.clock(), 0)
-        if w in self.reserved:  # its next item was never started: any worker may take it
-            self.queues[p].appendleft(self.reserved.pop(w))
+        for t in reversed(self.reserved.pop(w, [])):  # its next items were never started: any worker may take them
+            self.queues[p].appendleft(t)
         key = (p, task_key(task))
         self.attempts[key] += 1
         if self.attempts[key] <= self.max_retries:

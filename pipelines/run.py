@@ -146,7 +146,21 @@ def _remote_exists(url: str) -> bool:
     return fs.exists(path.rstrip("/") + "/zarr.json")
 
 
-def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
+def _create_decoders(ray: Any, cfg: ExtractConfig, cluster_cpus: float) -> list[Any]:
+    """The decode stage's CPU actors (--decode-workers), placed on any node; each restarts after a crash."""
+    from pipelines.decode_stage import DecodeWorker, decode_actor_cpus
+
+    if cfg.decode_workers <= 0:
+        return []
+    cpus = decode_actor_cpus(cfg.decode_workers, cluster_cpus)
+    # two concurrent streams per actor: one blocked on backpressure (read ahead) never stalls the next item's
+    remote = ray.remote(DecodeWorker).options(num_cpus=cpus, max_concurrency=2, max_restarts=1000,
+                                              max_task_retries=0)
+    return [remote.remote(threads=1) for _ in range(cfg.decode_workers)]
+
+
+def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig, decoders: list[Any] | None = None,
+                 first_index: int = 0) -> list[Any]:
     """Start the pool's actors; each restarts after a crash (the driver re-queues its item)."""
     remote = ray.remote(ExtractWorker)
     kwargs = {
@@ -171,8 +185,10 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig) -> list[Any]:
             queue_size=cfg.queue_size,
             # CPU actors give their CPUs to torch; one decoder thread beside it avoids oversubscribing them
             decode_threads=1 if pool.device == "cpu" else 0,
+            decoders=list(decoders or []),
+            worker_index=first_index + i,
         )
-        for _ in range(pool.actors)
+        for i in range(pool.actors)
     ]
 
 
@@ -247,13 +263,18 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
 
     owns_ray = connect_ray(cfg)
     actors: list[list[Any]] = []
+    decoders: list[Any] = []
     try:
         res = ray.cluster_resources()
         cpu_bound = cpu_bound_features(requested, float(res.get("GPU", 0)))
-        pools = layout_pools(requested, cluster_cpus=res.get("CPU", 1), cluster_gpus=res.get("GPU", 0),
+        decoders = _create_decoders(ray, cfg, res.get("CPU", 1))
+        from pipelines.decode_stage import decode_actor_cpus
+
+        model_cpus = res.get("CPU", 1) - cfg.decode_workers * decode_actor_cpus(cfg.decode_workers, res.get("CPU", 1))
+        pools = layout_pools(requested, cluster_cpus=model_cpus, cluster_gpus=res.get("GPU", 0),
                              workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
                              cpus_per_worker=cfg.cpus_per_worker, cpu_bound=cpu_bound)
-        actors = [_create_pool(ray, p, cfg) for p in pools]
+        actors = [_create_pool(ray, p, cfg, decoders, sum(q.actors for q in pools[:i])) for i, p in enumerate(pools)]
         desc = _describe(ray, pools, actors, err)
         provs = {f: with_decode(desc[f]["provenance"], desc[f]["needs_frames"], cfg) for f in requested}
         specs = {f: (spec_from_description(desc[f]), provs[f]) for f in requested}
@@ -270,9 +291,8 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
         result = _execute(ray, cfg, ds, store, pools, actors, item_feats, cap_feats, err)
         result.weights = weights
     finally:
-        for acts in actors:  # free the cluster's resources even when the run stops early
-            for a in acts:
-                ray.kill(a)
+        for a in [a for acts in actors for a in acts] + decoders:  # free the cluster even when the run stops early
+            ray.kill(a)
         if owns_ray:
             ray.shutdown()
             reaper.stop_reaper()
@@ -296,7 +316,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
         bar.set_postfix(ok=tally.ok, failed=tally.failed, refresh=False)
 
     disp = Dispatcher(queues, [len(a) for a in actors], lambda t, r, m: _mark_failed(store, t, r, m),
-                      max_retries=cfg.max_retries, prefetch=bool(cfg.queue_size), on_done=progress,
+                      max_retries=cfg.max_retries, prefetch=bool(cfg.queue_size or cfg.decode_workers),
+                      lookahead=_lookahead(cfg, actors), on_done=progress,
                       log=lambda line: print(f"tvr-extract: {line}", file=err))
     try:
         _drive(ray, disp, actors, cfg, cap_texts, store)
@@ -318,6 +339,14 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
                      exit_code=1 if any_failed else 0, process_seconds=process_seconds,
                      model_seconds={f: float(t.model_seconds[f]) for f in feats if f in t.model_seconds},
                      task_seconds=t.task_seconds)
+
+
+def _lookahead(cfg: ExtractConfig, actors: list[list[Any]]) -> int:
+    """Items a model worker names ahead: 1 (its decode thread), or enough for the decode stage's actors to share."""
+    if cfg.decode_workers <= 0:
+        return 1
+    models = max(1, sum(len(a) for a in actors))
+    return max(2, -(-cfg.decode_workers // models) + 1)
 
 
 def _plan(cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], item_feats: list[str],

@@ -61,9 +61,12 @@ class ExtractWorker:
         queue_size: int = 4,
         decode_threads: int = 0,
         select_frames: bool = True,
+        decoders: Sequence[Any] = (),
+        worker_index: int = 0,
     ) -> None:
         """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides);
-        `select_frames`: colour-convert only the frames some extractor reads (extract.engine.plan_streams).
+        `select_frames`: colour-convert only the frames some extractor reads (extract.engine.plan_streams);
+        `decoders`: DecodeWorker actor handles (pipelines.decode_stage): items are decoded there, not here.
 
         Frames are always decoded on the 25 fps grid every extractor samples its steps from (DECODE_FPS).
         """
@@ -88,6 +91,12 @@ class ExtractWorker:
                                            threads=self.decode_threads, select=select_frames)
         self._stores: dict[str, Any] = {}
         self._prefetched: _Stream | None = None  # the next item's decode, started early
+        self._pool = None
+        if decoders:
+            from pipelines.decode_stage import DecoderPool
+
+            self._pool = DecoderPool(list(decoders), self.decode, start=worker_index)
+        self._ahead: dict[str, Any] = {}  # path -> RemoteDecode opened ahead of its item
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Spec (JSON), provenance and needs of every extractor, for the driver to create store groups."""
@@ -126,17 +135,28 @@ class ExtractWorker:
         store = self._store(store_url)
         info, failed = engine.probe_failure(path)
         if failed is not None:
-            if prefetch is not None and self.queue_size:
+            if self._pool is not None:
+                self._open_ahead(prefetch)
+            elif prefetch is not None and self.queue_size:
                 self._prefetch(*prefetch)
             outcome = engine.ItemOutcome(failures=dict.fromkeys(features, failed), spent=dict.fromkeys(features, 0.0))
             return self._write(store, row, features, outcome, t0)
         run = engine.ItemRun(self.extractors, info, features)
         plan = run.plan(self.decode.select)
-        live: _Stream | None = None
+        live: Any = None
         stream: Iterable[tuple[str, Any]] = ()
-        if run.live and self.queue_size:
+        if self._pool is not None:  # the decode stage: this item's stream, then the next items' start at once
+            live = (self._ahead.pop(path, None) if run.live else None)
+            if live is not None and live.plan != plan:
+                live.close()
+                live = None
+            live = live or (self._pool.open(path, info, plan) if run.live else None)
+            self._open_ahead(prefetch)
+            prefetch = None
+            stream = live.items() if live is not None else ()
+        elif run.live and self.queue_size:
             live = self._take_prefetched(path, plan) or self._start_decode(path, plan)
-            stream = self._drain(live.queue)
+            stream = live.items()
         elif run.live:
             stream = engine.decode_streams(path, plan, self.decode)
         try:
@@ -168,6 +188,20 @@ class ExtractWorker:
             store.write_failed(f, row, fail.reason, fail.message[:2000])
             results[f] = (int(Status.FAILED), fail.reason)
         return self._summary(row, results, t0, outcome.spent)
+
+    def _open_ahead(self, prefetch: Any) -> None:
+        """Open remote decodes for the named next items (one (path, features) or a list); close the others."""
+        hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
+        wanted = {str(p) for p, _ in hints}
+        for p in [p for p in self._ahead if p not in wanted]:
+            self._ahead.pop(p).close()
+        for p, feats in hints:
+            if p in self._ahead:
+                continue
+            info, failed = engine.probe_failure(p)
+            if failed is None:  # a probe failure is left for its own process() call to record
+                exs = [self.extractors[f] for f in feats if f in self.extractors]
+                self._ahead[p] = self._pool.open(p, info, engine.plan_streams(exs, info, self.decode.select))
 
     def _start_decode(self, path: str, plan: engine.StreamPlan) -> "_Stream":
         """A decode thread filling a bounded queue for `path`."""
@@ -279,6 +313,10 @@ class _Stream:
     queue: queue.Queue
     stop: threading.Event
     thread: threading.Thread
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Items from the queue until the end marker."""
+        return ExtractWorker._drain(self.queue)
 
     def close(self) -> None:
         """Stop the thread (it may be blocked on a full queue) and wait for it."""

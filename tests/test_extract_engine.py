@@ -137,3 +137,44 @@ def test_stream_failures_stay_in_their_stream(tmp_path: Path) -> None:
     (tmp_path / "bad.mp4").write_text("not a video\n")
     bad = run_item(exs, tmp_path / "bad.mp4", list(exs))
     assert {f: x.reason for f, x in bad.failures.items()} == {"echo": "decode_error", "rms": "decode_error"}
+
+
+class _OomAbove(IndexEcho):
+    """Raises CUDA's out-of-memory error for batches larger than `limit` (as a GPU would), on CPU."""
+
+    def __init__(self, limit: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.limit = limit
+
+    def forward(self, x: Any) -> Any:
+        import torch
+
+        if len(x) > self.limit:
+            self.calls.append(-len(x))
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {len(x)})")
+        return super().forward(x)
+
+
+def test_cuda_oom_halves_the_batch_and_retries() -> None:
+    from tests.test_extract_api import batches
+
+    info = SimpleNamespace(kind="video", duration=12.0)  # 1 fps: 12 steps
+    ref = IndexEcho(random_init=True, batch_size=8)
+    oom = _OomAbove(3, random_init=True, batch_size=8)
+    rows = []
+    for ex in (ref, oom):
+        s = ex.start(info)
+        for b in batches(300, size=50):
+            s.add_frames(b)
+        rows.append(s.finish())
+    np.testing.assert_array_equal(rows[1].values, rows[0].values)  # same features as without the OOM
+    np.testing.assert_array_equal(rows[0].values[:, 0], np.arange(12) * 25 % 256)
+    assert oom.calls[:3] == [-8, -4, 2] and oom.batch_size == 2  # 8 -> 4 -> 2 (fits); later batches start at 2
+    assert max(oom.calls) <= 3 and sum(c for c in oom.calls if c > 0) == 12
+    one = _OomAbove(0, random_init=True, batch_size=4)
+    s = one.start(SimpleNamespace(kind="image", duration=0.0))
+    s.add_frames(batches(1)[0])
+    import torch
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single input that does not fit is a real failure
+        s.finish()

@@ -142,3 +142,17 @@ def test_done_does_not_wait_for_a_worker_that_has_no_work_left() -> None:
 def test_mismatched_pools_are_refused() -> None:
     with pytest.raises(ValueError, match="2 task queues for 1 pools"):
         Dispatcher([[], []], [1], lambda *a: None)
+
+
+def test_lookahead_names_several_next_items_and_a_death_returns_them_in_order() -> None:
+    c = FakeCluster()
+    d = _dispatcher(c, [_items("a", "die1", "b", "c", "d", "e")], [1], lookahead=3)
+    c.run(d)
+    first = c.started[0]
+    assert first.task.item_id == "a" and [h[0] for h in first.hint] == ["/v/die1.mkv", "/v/b.mkv", "/v/c.mkv"]
+    order = [a.task.item_id for a in c.started]
+    assert order == ["a", "die1", "b", "c", "d", "e", "die1"]  # reserved items kept their order after the death
+    for cur, nxt in zip(c.started, c.started[1:]):
+        if cur.hint:
+            assert cur.hint[0][0] == nxt.task.path  # the first name is always the next item
+    assert d.tally.ok == 6 and not c.failed
