@@ -6,8 +6,9 @@ space -> (B, 1024).
 
 Numerics (`compat`, recorded in the extractors' provenance):
 - "tf" (default, TF-faithful): every convolution and pool pads like TensorFlow's "SAME", computed from the input size
-  at run time (extra pixel at the end; max pools pad with -inf), BatchNorm eps 1e-3 (TF's value). piergiaj's port and
-  the current hassony2/kinetics_i3d_pytorch (eps 1e-3, input-dependent depth padding since 2020) do the same.
+  at run time (extra pixel at the end; max pools pad with -inf), BatchNorm eps 1e-3 (TF's value), as piergiaj's port
+  does. The current hassony2/kinetics_i3d_pytorch (2020) also has eps 1e-3 and run-time padding in time (in space
+  it still pads statically, which differs from TF only for odd spatial sizes, never at 224 x 224).
 - "video_features": what v-iashin/video_features' `models/i3d/i3d_src/i3d_net.py` computes (an older copy of
   hassony2's code): `torch.nn.BatchNorm3d(c)` with PyTorch's default eps 1e-5, and "SAME" padding fixed at build
   time as if every input length were a multiple of the stride (``max(kernel - stride, 0)`` split ``(p // 2,
