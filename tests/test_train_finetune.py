@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CLIP
+from conftest import TINY_CLIP, make_shapes_store
 from train.cli import main
 from train.finetune_config import build
 from train.finetune_data import choose_steps, crop_params, eval_pixels, train_pixels
@@ -143,6 +143,8 @@ def test_cli_train_stop_resume_equals_uninterrupted_and_eval(shapes_store, tmp_p
     assert main([*base, "--out", str(tmp_path / "cut"), "--stop-after", "1"]) == 0
     assert not (tmp_path / "cut" / "metrics.json").exists()
     assert main(["tmass", "--finetune-clip", "--out", str(tmp_path / "cut"), "--resume", "--lr", "0.1"]) == 2  # changed
+    other = make_shapes_store(tmp_path / "other.zarr", per_combo_train=1)
+    assert main(["tmass", "--finetune-clip", "--out", str(tmp_path / "cut"), "--resume", "--store", other.url]) == 2
     assert main(["tmass", "--finetune-clip", "--out", str(tmp_path / "cut"), "--resume"]) == 0
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
@@ -172,3 +174,17 @@ def test_refused_runs_name_the_problem(shapes_store, tmp_path: Path, capsys) -> 
     (tmp_path / "file").write_text("x")
     assert main(["xpool", "--finetune-clip", "--store", shapes_store.url, "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_step(shapes_store) -> None:  # type: ignore[no-untyped-def]
+    from train import finetune as FT
+
+    out = []
+    for ckpt in (False, True):
+        s = FT.make_session(_cfg(model="tmass", grad_checkpointing=ckpt, prefetch=0), shapes_store, shapes_store.url)
+        gb = next(s.data.global_batches(0, 0, 16, "all_pairs", 4))
+        parts = FT.train_step(s, FT.local_batch(s, gb), seed=5, factor=1.0)
+        out.append((parts["train_loss"], {k: v.clone() for k, v in s.model.state_dict().items()}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     if run.exists() and not run.is_dir():
         raise FinetuneError(f"--out {run} is a file, not a run directory; choose another --out")
     overrides: dict[str, Any] = {"model": args.command}
-    saved, url = None, args.store
+    saved, url, extra = None, args.store, {}
     if args.resume:
         if not (run / LAST).is_file():
             raise FinetuneError(f"--resume: {run / LAST} does not exist; start without --resume")
@@ -103,7 +103,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = build(overrides, where=args.config or "command line")
     if not url:
         raise FinetuneConfigError("--store STORE is required")
-    metrics = fit(cfg, _open(url), url, run, resume=args.resume, stop_after=args.stop_after, saved=saved)
+    store = _open(url)
+    if saved is not None and extra.get("store_id") and extra["store_id"] != getattr(store, "store_id", ""):
+        raise FinetuneError(f"--resume: {run} was trained on store {extra.get('store')!r} (id {extra['store_id']}), "
+                            f"not {url!r}; resume with --store {extra.get('store')} or use another --out")
+    metrics = fit(cfg, store, url, run, resume=args.resume, stop_after=args.stop_after, saved=saved)
     if metrics is not None:
         print(json.dumps({"t2v": metrics["t2v"], "v2t": metrics["v2t"], "best_epoch": metrics["best_epoch"]}))
         print(f"wrote {run}")
