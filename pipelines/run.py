@@ -68,8 +68,10 @@ def describe_weights(identity: dict[str, Any]) -> str:
         why = identity.get("reason") or "--random-weights"
         return f"SEEDED RANDOM weights (seed {identity.get('seed', 0)}; {why}): values are NOT meaningful"
     if "file" in identity:
-        return f"real weights {identity['file']} (sha256 {str(identity.get('sha256', ''))[:16]})"
-    files = [f"{v.get('file', k)}" for k, v in identity.items() if isinstance(v, dict)]
+        unpinned = ", UNPINNED: not the published file" if identity.get("unpinned") else ""
+        return f"real weights {identity['file']} (sha256 {str(identity.get('sha256', ''))[:16]}{unpinned})"
+    parts = {k: v for k, v in identity.items() if isinstance(v, dict)}
+    files = [v.get("file", k) + (" (UNPINNED)" if v.get("unpinned") else "") for k, v in parts.items()]
     return "real weights " + (", ".join(files) if files else str(identity))
 
 
@@ -169,6 +171,7 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig, decoders: list[An
         "allow_download": cfg.allow_download,
         "seed": cfg.seed,
         "device": pool.device,
+        "precision": cfg.precision,
     }
     return [
         remote.options(

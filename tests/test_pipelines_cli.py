@@ -116,6 +116,10 @@ def test_summary_table_weights_and_progress_text() -> None:
     assert "clip" in w and "SEEDED RANDOM" in w and "ViT-B-32.pt" in w and "NOT meaningful" in w
     assert "real weights glove.npy" in w
     assert describe_weights({"random": True, "seed": 3}).startswith("SEEDED RANDOM weights (seed 3; --random-weights)")
+    assert "UNPINNED" not in w
+    assert "UNPINNED" in describe_weights({"file": "mine.pt", "sha256": "cd" * 32, "unpinned": True})
+    both = {"model": {"file": "a.pth", "sha256": "0" * 64}, "pca": {"file": "p.npz", "sha256": "1" * 64, "unpinned": True}}
+    assert describe_weights(both) == "real weights a.pth, p.npz (UNPINNED)"
     buf = io.StringIO()
     bar = _progress(4, True, buf)
     bar.update(1)
