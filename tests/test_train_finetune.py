@@ -188,3 +188,17 @@ def test_gradient_checkpointing_gives_the_same_step(shapes_store) -> None:  # ty
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     for k in out[0][1]:
         torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_random_init_keeps_the_tags_activation() -> None:
+    """A ViT-B-32 built for the "openai" tag uses QuickGELU, random or not (else `eval` of a run would differ)."""
+    from open_clip.transformer import QuickGELU
+
+    from train.clip_backbone import quick_gelu
+
+    assert quick_gelu("ViT-B-32", "openai") and not quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    from train.clip_backbone import build_clip
+
+    m = build_clip("ViT-B-32", "openai", random_init=True)
+    assert any(isinstance(x, QuickGELU) for x in m.modules())

@@ -79,9 +79,18 @@ def build_clip(model: str, pretrained: str, *, random_init: bool = False, seed: 
                             "ViT-B-16) or give clip_model_cfg")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if random_init:
-            return open_clip.create_model(model, pretrained=None)
+        if random_init:  # same architecture as with the tag's weights (OpenAI's need QuickGELU), so a checkpoint
+            return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu(model, pretrained))
         return _load_pretrained(model, pretrained, cache_dir)
+
+
+def quick_gelu(model: str, pretrained: str) -> bool:
+    """Whether `pretrained` (an open_clip tag of `model`) was trained with QuickGELU; False for files / unknown tags."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if Path(pretrained).is_file():
+        return False
+    return bool((get_pretrained_cfg(model, pretrained) or {}).get("quick_gelu", False))
 
 
 def _load_pretrained(model: str, pretrained: str, cache_dir: str | None) -> nn.Module:
@@ -99,7 +108,7 @@ def _load_pretrained(model: str, pretrained: str, cache_dir: str | None) -> nn.M
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # find cached files only, never download
     try:
         return open_clip.create_model(model, pretrained=pretrained, cache_dir=cache_dir,
-                                      force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+                                      force_quick_gelu=quick_gelu(model, pretrained))
     except Exception as exc:  # network, cache miss, or a file that does not fit the architecture
         where = f"file {pretrained}" if is_file else f"open_clip tag {pretrained!r} (cache_dir={cache_dir or 'default'})"
         raise ClipLoadError(
