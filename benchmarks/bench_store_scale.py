@@ -111,6 +111,32 @@ def plan_bench(path: Path, n: int) -> tuple[float, float, int]:
     return t_status, time.perf_counter() - t0, len(tasks)
 
 
+def stream_bench(s: FeatureStore, features: list[str], batch: int = 256) -> tuple[float, float, int, int]:
+    """(cached rows/s, streamed rows/s, budget bytes, feature bytes): one epoch of batches each, same batch size.
+
+    Cached: every row read into memory first (not timed), batches gathered from it in a seeded permutation, as
+    the in-memory training path does. Streamed: train.stream.BlockStream with a budget 4x smaller than the rows.
+    """
+    from train.stream import BlockStream, from_budget, row_bytes
+
+    rows = np.arange(s.n_items)
+    whole = s.read_many(features, rows)
+    perm = np.random.default_rng(0).permutation(len(rows))
+    t0 = time.perf_counter()
+    for lo in range(0, len(rows), batch):
+        pos = perm[lo:lo + batch]
+        _ = {f: (b.values[pos], b.mask[pos], b.available[pos]) for f, b in whole.items()}
+    t_cached = time.perf_counter() - t0
+    del whole
+    data = row_bytes(s, features) * len(rows)
+    cfg = from_budget(s, features, data // 4, batch_size=batch)
+    t0 = time.perf_counter()
+    n = sum(len(b[features[0]].rows) for b in BlockStream(s, features, rows, cfg).epoch(0))
+    t_stream = time.perf_counter() - t0
+    assert n == len(rows)
+    return len(rows) / t_cached, len(rows) / t_stream, data // 4, data
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build, measure, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         t_rand = timed(lambda: [s.read("resnet152", b) for b in batches])
         print(f"  read resnet152 whole in 4096-row blocks: {t_all:.1f} s ({mb / t_all:.1f} MB/s of values, "
               f"{s.n_items / t_all:.0f} rows/s); random 256-row batches: {20 * 256 / t_rand:.0f} rows/s")
+        c, st, budget, data = stream_bench(s, ["resnet152", "vggish", "clip"])
+        print(f"  training reads, 3 features, batch 256: in-memory cached {c:.0f} rows/s, streamed (budget "
+              f"{budget / 2**20:.1f} MiB = 1/4 of {data / 2**20:.1f} MiB) {st:.0f} rows/s, ratio {st / c:.2f}")
         if args.plan_rows:
             ts, tp, n = plan_bench(base / "plan.zarr", args.plan_rows)
             print(f"  resume planning over {args.plan_rows} status rows: status() {ts:.2f} s, status + plan_items "
