@@ -336,13 +336,16 @@ def pad_row(spec: FeatureSpec, row: int, r: FeatureRows) -> dict[str, Any]:
     if mask.shape != (n,) or mask.dtype != bool:
         raise StoreError(f"{where}: mask must be bool of shape ({n},), got {mask.dtype} {mask.shape}")
     out: dict[str, Any] = {}
-    if n == t:
-        v = np.array(vals, dtype=spec.dtype)  # a full row: one cast-copy, no zero fill
+    if n == t:  # a full row: no zero fill, and no copy when it has the stored dtype (it is serialised at once)
+        v = np.ascontiguousarray(vals, dtype=spec.dtype)
     else:
         v = np.zeros((t, *vals.shape[1:]), dtype=spec.dtype)
         v[:n] = vals
     head = v[:n]
     if not _all_finite(head):  # rare: find where, so only invalid steps may hold NaN/inf
+        if v is vals:
+            v = v.copy()  # never modify the caller's array
+            head = v[:n]
         bad = ~np.isfinite(head)
         if bad[mask].any():
             raise StoreError(f"{where}: values contain NaN/inf on valid steps (or overflow {spec.dtype})")

@@ -477,3 +477,13 @@ def test_store_id_of_an_old_store_appears_on_first_write_open(tmp_path: Path) ->
     assert FeatureStore.open(s.url).store_id == ""  # read-only: nothing is written
     made = FeatureStore.open(s.url, "r+").store_id
     assert len(made) == 32 and FeatureStore.open(s.url).store_id == made
+
+
+def test_nan_on_invalid_steps_is_stored_as_zero_without_touching_the_input(store: FeatureStore) -> None:
+    vals = np.ones((SPEC16.max_steps, SPEC16.dim), dtype=np.float16)  # a full row in the stored dtype: no copy
+    vals[2] = np.nan
+    mask = np.array([True, True, False, True, True])
+    store.write("resnet152", 0, FeatureRows(Status.OK, vals, np.arange(5.0), mask=mask))
+    assert np.isnan(vals[2]).all()  # the caller's array is unchanged
+    b = store.read("resnet152", [0])  # v2 reads NaN as lost data, so invalid steps must hold zeros
+    assert b.available[0] and (b.values[0, 2] == 0).all() and (b.values[0, 3] == 1).all()
