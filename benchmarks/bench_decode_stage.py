@@ -42,14 +42,15 @@ def decode_rate(paths: list[Path], keep_for: list[str] | None = None) -> tuple[f
     return grid / (time.perf_counter() - t0), kept / max(grid, 1)
 
 
-def run_sim(paths: list[Path], tmp: Path, decoders: int, batch: int, batch_seconds: float) -> tuple[float, float]:
+def run_sim(paths: list[Path], tmp: Path, decoders: int, batch: int, batch_seconds: float,
+            tag: str) -> tuple[float, float]:
     """(model busy share, process seconds) of one pipeline run with one model worker."""
     from pipelines.config import ExtractConfig
     from pipelines.run import run
 
     manifest = tmp / "m.jsonl"
     manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
-    cfg = ExtractConfig(source=str(manifest), store=str(tmp / f"sim_d{decoders}.zarr"), features=["sim_accel"],
+    cfg = ExtractConfig(source=str(manifest), store=str(tmp / f"sim_{tag}.zarr"), features=["sim_accel"],
                         random_weights=True, workers=1, progress=False, plugins=[PLUGIN], decode_workers=decoders,
                         extractor_options={"sim_accel": {"batch": batch, "batch_seconds": batch_seconds}})
     res = run(cfg)
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         try:
-            rows = [(n, *run_sim(paths, tmp, n, args.batch, batch_seconds)) for n in (0, args.decoders, 0)]
+            rows = [(n, *run_sim(paths, tmp, n, args.batch, batch_seconds, str(i)))
+                    for i, n in enumerate((0, args.decoders, 0, args.decoders))]
         finally:
             ray.shutdown()
     print(f"\nsimulated accelerator: {args.batch} frames per {batch_seconds * 1000:.1f} ms = "

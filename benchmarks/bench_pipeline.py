@@ -40,7 +40,7 @@ def make_videos(root: Path, n: int, seconds: float, size: tuple[int, int], lossl
     """`n` synthetic videos: a textured scene panning under moving colour gradients (seeded)."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]
-    texture = np.random.default_rng(0).integers(0, 96, (h, w + 256, 3), dtype=np.uint8)
+    texture = np.random.default_rng(0).integers(0, 96, (h, w + max(256, 2 * int(seconds * 25)), 3), dtype=np.uint8)
     paths = []
     for i in range(n):
         frames = np.stack([

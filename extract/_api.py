@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # --precision values
 RANDOM_IF_MISSING = "missing"  # random_init value: real weights when they resolve, else seeded random
 RandomInit = bool | Literal["missing"]
 log = logging.getLogger("tvr.extract")
@@ -168,6 +169,7 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
     name: ClassVar[str]
     needs_frames: ClassVar[bool] = True
     needs_audio: ClassVar[bool] = False
+    supports_bf16: ClassVar[bool] = False  # FrameStepExtractor: bf16 autocast in infer
     spec: FeatureSpec  # instance attribute (depends on options)
 
     def __init__(
@@ -179,6 +181,7 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         seed: int = 0,
         device: str = "auto",
         half: bool = False,
+        precision: str | None = None,
         allow_download: bool = False,
         **options: Any,
     ) -> None:
@@ -196,7 +199,15 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         self.random_init = bool(random_init)
         self.seed = int(seed)
         self.device = pick_device(device)
-        self.half = use_half(half, self.device)
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"extractor {self.name!r}: precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision!r}")
+        if precision == "bf16" and not self.supports_bf16:
+            raise ValueError(f"extractor {self.name!r} cannot run in bf16 (only frame-step extractors autocast); "
+                             "use --precision fp16 or fp32")
+        self.half = use_half(half or precision == "fp16", self.device)
+        # what actually runs: fp16 only on CUDA (use_half), bf16 as autocast (FrameStepExtractor.infer)
+        self.precision = "fp16" if self.half else ("bf16" if precision == "bf16" else "fp32")
         self.allow_download = bool(allow_download)
         self.weights: WeightsSpec | None = None  # the spec in use (real or random-initialised architecture)
         # {"file", "sha256"[, "unpinned": True]} or {"random": True, "seed": s[, "reason"]}; unpinned: an explicitly
@@ -248,6 +259,10 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         model.to(self.device)
         if self.half:
             model.half()
+        if self.device.type == "cuda":  # NHWC convolutions are faster on tensor cores; no-op for other layers
+            import torch
+
+            model.to(memory_format=torch.channels_last)
         return model
 
     # -- identity ------------------------------------------------------------------------------------------------
@@ -263,6 +278,9 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         }
         if self.weights is not None:
             out["weights_url"] = self.weights.url
+        out["precision"] = self.precision
+        if self.precision != "fp32":  # a value-changing setting, compared on reruns (fp32: as before it existed)
+            out["options"]["precision"] = self.precision
         return out
 
     # -- streaming -----------------------------------------------------------------------------------------------
@@ -292,6 +310,7 @@ class FrameStepExtractor(Extractor):
 
     policy: StepPolicy
     batch_size: int = 32
+    supports_bf16: ClassVar[bool] = True
 
     @abc.abstractmethod
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
@@ -323,13 +342,19 @@ class FrameStepExtractor(Extractor):
 
         with torch.inference_mode():
             x = self.preprocess(frames)
-            return x.half() if self.half else x
+            x = x.half() if self.half else x
+            if x.dim() == 4 and x.is_cuda:  # matches the channels_last model (build_model)
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x
 
     def infer(self, x: torch.Tensor) -> np.ndarray:
         """`forward` without autograd; float32 (B, D) numpy on CPU."""
         import torch
 
         with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    return self.forward(x).float().cpu().numpy()
             return self.forward(x).float().cpu().numpy()
 
     def start(self, info: MediaInfo) -> ItemSession:

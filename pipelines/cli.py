@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a rerun whose manifest changed an item's path/kind/split or a caption's text: update "
                    "the store's tables and redo those rows (default: refuse, listing the changes)")
     p.add_argument("--batch-size", type=int, help="frames per decoded batch (default 16)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="model precision (default fp32): fp16 runs "
+                   "the models in half precision on CUDA, bf16 autocasts frame-step models; recorded per feature "
+                   "and compared on reruns")
     p.add_argument("--decode-workers", type=int, help="CPU actors that decode items and stream frame batches to "
                    "the model workers through Ray's object store (default 0: each model worker decodes its own)")
     p.add_argument("--decode-queue", dest="queue_size", type=int,

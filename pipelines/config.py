@@ -47,6 +47,7 @@ class ExtractConfig:
     caption_chunk: int | None = None  # caption rows per task (rounded to the feature's chunk_rows); None: chunk_rows
     queue_size: int = 4  # decoded batches buffered ahead of the models by a decode thread; 0: decode inline
     decode_workers: int = 0  # CPU decode actors streaming batches to the model workers (0: decode inside them)
+    precision: str = "fp32"  # model precision: fp32 | fp16 (CUDA) | bf16 (autocast, frame-step extractors)
     plugins: list[str] = field(default_factory=list)  # modules (or .py files) imported before creating extractors
     extractor_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-feature constructor options
     progress: bool = True  # live progress bar on stderr
@@ -88,6 +89,10 @@ class ExtractConfig:
                               f"got {self.random_weights!r}")
         from extract.decode import FRAME_RULES
 
+        from extract._api import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.frame_rule not in FRAME_RULES:
             raise ConfigError(f"--frame-rule must be one of {', '.join(FRAME_RULES)}, got {self.frame_rule!r}")
         for key in ("retry_failed", "strict", "allow_download", "progress", "update_manifest"):

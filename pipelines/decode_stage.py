@@ -61,12 +61,9 @@ class RemoteDecode:
         """The decoded items; a decoder that dies mid-stream fails the streams still open (decode_error)."""
         import ray
 
-        got = {"frames": False, "audio": False}
         try:
             for ref in self.gen:
-                kind, payload = ray.get(ref)
-                got[engine.STREAM_ERRORS.get(kind, kind)] = True
-                yield kind, payload
+                yield ray.get(ref)
         except ray.exceptions.RayError as e:
             err = RuntimeError(f"the decode worker failed while decoding {self.path}: {engine.short_error(e)[:500]}")
             for kind, wanted in (("frames_error", self.plan.frames), ("audio_error", self.plan.audio)):
@@ -74,12 +71,21 @@ class RemoteDecode:
                     yield kind, err
 
     def close(self) -> None:
-        """Stop the producer (it may be blocked on backpressure) and release its objects."""
+        """Stop the producer (it may be blocked on backpressure) and release its objects.
+
+        After the cancel request the remaining refs are read off (not their data): a producer the cancel could not
+        interrupt then runs to its end instead of holding its decode actor's slot blocked on backpressure.
+        """
         import ray
 
         try:
             ray.cancel(self.gen)
         except Exception:  # noqa: BLE001 - already finished or its actor is gone: nothing left to stop
+            pass
+        try:
+            for _ in self.gen:
+                pass
+        except Exception:  # noqa: BLE001 - cancelled or its actor died: the stream is over either way
             pass
 
 
