@@ -277,6 +277,9 @@ def test_resume_refuses_another_store_and_records_the_store_id(store_url, tmp_pa
     err = capsys.readouterr().err
     assert "another store" in err and saved["store_id"] in err and "other.zarr" in err
     assert (run / "config.yaml").read_bytes() == before  # nothing rewritten
+    capsys.readouterr()
+    assert main(["eval", str(run), "--store", other, "--split", "val"]) == 0  # evaluating elsewhere is allowed ...
+    assert "evaluating on another store" in capsys.readouterr().err  # ... and said
     assert main(_args("xpool", store_url, run, "--resume")) == 0  # the same store resumes
 
 

@@ -176,6 +176,11 @@ def _eval(args: argparse.Namespace) -> int:
     if not store_url:
         raise ConfigError(f"{run / CONFIG_FILE} names no store; pass --store STORE")
     store = _open_store(store_url)
+    saved_id = str(extra.get("store_id") or "")
+    if saved_id and saved_id != str(getattr(store, "store_id", "") or ""):
+        # allowed (held-out data lives in other stores), but never silently
+        print(f"note: {run} was trained on store {extra.get('store')} (id {saved_id}); evaluating on another store, "
+              f"{store_url}", file=sys.stderr)
     if args.noise_seeds < 1:
         raise ConfigError(f"--noise-seeds must be >= 1, got {args.noise_seeds}")
     data = StoreData(store, store_url, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
