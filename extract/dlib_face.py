@@ -202,17 +202,23 @@ class DlibFaceExtractor(Extractor):
 
     def start(self, info: MediaInfo) -> ItemSession:
         """A session that runs the face pipeline on the step frames as they arrive."""
+        return DlibFaceSession(self, frame_indices(self._times(info)))
+
+    def frames_needed(self, info: MediaInfo) -> np.ndarray:
+        """The step frames (the session also reads the last frame, which the decoder always yields)."""
+        return np.unique(frame_indices(self._times(info)))
+
+    def _times(self, info: MediaInfo) -> np.ndarray:
+        """Step times: [0] for images, else the policy over the probed duration."""
         if getattr(info, "kind", "video") == "image":
-            times = np.zeros(1, dtype=np.float64)
-        else:
-            duration = float(getattr(info, "duration", float("nan")))
-            if not np.isfinite(duration):
-                raise ValueError(
-                    f"dlib_face: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
-                    "step times need it - re-mux the file so its container records a duration"
-                )
-            times = self.policy.times(duration)
-        return DlibFaceSession(self, frame_indices(times))
+            return np.zeros(1, dtype=np.float64)
+        duration = float(getattr(info, "duration", float("nan")))
+        if not np.isfinite(duration):
+            raise ValueError(
+                f"dlib_face: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
+                "step times need it - re-mux the file so its container records a duration"
+            )
+        return self.policy.times(duration)
 
 
 class DlibFaceSession(ItemSession):

