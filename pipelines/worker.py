@@ -1,7 +1,10 @@
 """The extraction worker: holds models once, decodes each item once, feeds every extractor, writes its rows.
 
-`ExtractWorker` is a plain class (testable without Ray); `pipelines.run` wraps it with `ray.remote`. Decoding runs
-in a thread that fills a bounded queue while the calling thread runs the models, so decode overlaps compute.
+`ExtractWorker` is a plain class (testable without Ray); `pipelines.run` wraps it with `ray.remote`. Each item runs
+through `extract.engine` (probe, one decode, every session fed, a row or a failure per feature), the code
+`Extractor.extract_path` runs. Decoding runs in a thread that fills a bounded queue while the calling thread runs the
+models, or, with decode actors (`pipelines.decode_stage`, --decode-workers), in other processes that stream batches
+through Ray's object store; either way decode overlaps compute.
 """
 from __future__ import annotations
 
