@@ -13,6 +13,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from store._pack import effective_status
+from store._shard_io import decode, fetch, shard_layout
 from store._zarr_io import _fast_status, _gather, _get, _quiet_members
 from store.schema import FeatureBatch, Status, StoreError
 
@@ -79,15 +80,24 @@ class ReadMixin:
                         names: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
         """`_read_rows` of several features at once: every array in one concurrent zarr round trip."""
         keys = [(f, k) for f, ks in names.items() for k in ks]
+        # v2 shards are fetched whole (or their needed byte ranges) and decoded here in bulk: zarr's own path
+        # costs ~0.5 ms per inner chunk, and decoding in the caller's thread lets reader threads run in parallel
+        lays = [shard_layout(self._arrays[f][k]) if self.version >= 2 else None for f, k in keys]
         for _ in range(5):
             try:
-                raw = sync(_gather([_get(self._arrays[f][k], sel) for f, k in keys]))
+                raw = sync(_gather([_get(self._arrays[f][k], sel) if lay is None else fetch(lay, idx)
+                                    for (f, k), lay in zip(keys, lays)]))
+                got: dict[str, dict[str, Any]] = {f: {} for f in names}
+                for (f, k), lay, v in zip(keys, lays, raw):
+                    if lay is not None:
+                        got[f][k] = decode(lay, idx, v)
+                    elif self._arrays[f][k].dtype.kind in "OTU":
+                        got[f][k] = np.asarray(v, dtype=object)
+                    else:
+                        got[f][k] = np.array(v)
             except Exception as e:
                 raise StoreError(f"{self.url}: cannot read features {list(names)} ({type(e).__name__}: {e}); a "
                                  f"chunk or shard file is damaged: run `tvr-store verify {self.url}`") from e
-            got: dict[str, dict[str, Any]] = {f: {} for f in names}
-            for (f, k), v in zip(keys, raw):
-                got[f][k] = np.asarray(v, dtype=object) if self._arrays[f][k].dtype.kind in "OTU" else np.array(v)
             if all(self._overlay(f, idx, got[f]) for f in names):
                 return got
         raise StoreError(f"{self.url}: features {list(names)} kept changing while being read; retry")
