@@ -169,6 +169,7 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
     name: ClassVar[str]
     needs_frames: ClassVar[bool] = True
     needs_audio: ClassVar[bool] = False
+    has_weights: ClassVar[bool] = True  # False: no model (raw frames); one fixed weights identity
     supports_bf16: ClassVar[bool] = False  # FrameStepExtractor: bf16 autocast in infer
     spec: FeatureSpec  # instance attribute (depends on options)
 

@@ -16,7 +16,7 @@ There is no model, so there are no weights: provenance names none, and --random-
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Frames(FrameStepExtractor):
     """uint8 RGB frames at a fixed short side, centre-cropped square, at the step times of a StepPolicy."""
 
     in_default_features = False  # 150 kB per frame: extracted only when asked for (--features frames)
-    has_weights = False  # no model: the weights identity is NO_WEIGHTS whatever random_init says
+    has_weights: ClassVar[bool] = False  # no model: the weights identity is NO_WEIGHTS whatever random_init says
 
     def __init__(self, *, size: int = 224, count: int | None = 12, fps: float | None = None, max_steps: int = 48,
                  batch_size: int = 32, **common: Any) -> None:
