@@ -13,7 +13,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from store._pack import effective_status
-from store._shard_io import decode, fetch, shard_layout
+from store._shard_io import ShardLayout, decode, fetch, fetch_local, shard_layout
 from store._zarr_io import _fast_status, _gather, _get, _quiet_members
 from store.schema import FeatureBatch, Status, StoreError
 
@@ -82,11 +82,14 @@ class ReadMixin:
         keys = [(f, k) for f, ks in names.items() for k in ks]
         # v2 shards are fetched whole (or their needed byte ranges) and decoded here in bulk: zarr's own path
         # costs ~0.5 ms per inner chunk, and decoding in the caller's thread lets reader threads run in parallel
-        lays = [shard_layout(self._arrays[f][k]) if self.version >= 2 else None for f, k in keys]
+        lays = [self._layout(self._arrays[f][k]) for f, k in keys]
         for _ in range(5):
             try:
-                raw = sync(_gather([_get(self._arrays[f][k], sel) if lay is None else fetch(lay, idx)
-                                    for (f, k), lay in zip(keys, lays)]))
+                local = [None if lay is None else fetch_local(lay, idx) for lay in lays]  # plain file reads
+                coros = [_get(self._arrays[f][k], sel) if lay is None else fetch(lay, idx)
+                         for (f, k), lay, got in zip(keys, lays, local) if got is None]
+                remote = iter(sync(_gather(coros)) if coros else [])
+                raw = [next(remote) if got is None else got for got in local]
                 got: dict[str, dict[str, Any]] = {f: {} for f in names}
                 for (f, k), lay, v in zip(keys, lays, raw):
                     if lay is not None:
@@ -101,6 +104,16 @@ class ReadMixin:
             if all(self._overlay(f, idx, got[f]) for f in names):
                 return got
         raise StoreError(f"{self.url}: features {list(names)} kept changing while being read; retry")
+
+    def _layout(self, a: Any) -> ShardLayout | None:
+        """The bulk-read layout of v2 array `a` (cached per array object), or None: read it through zarr."""
+        if self.version < 2:
+            return None
+        cache = self.__dict__.setdefault("_shard_layouts", {})
+        hit = cache.get(id(a))
+        if hit is None or hit[0] is not a:
+            hit = cache[id(a)] = (a, shard_layout(a))
+        return hit[1]
 
     def _rows_of(self, feature: str, status: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         idx = np.flatnonzero(status)

@@ -12,7 +12,10 @@ returns None from `shard_layout` and the caller uses zarr.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -22,6 +25,7 @@ from numcodecs import Zstd
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
 
 _ABSENT = np.uint64(2**64 - 1)
 _ZSTD = Zstd()
@@ -108,17 +112,39 @@ async def _get(store: Any, key: str, req: Any = None) -> np.ndarray | None:
     return None if buf is None else buf.as_numpy_array()
 
 
-async def _fetch_shard(lay: ShardLayout, shard: int, local: np.ndarray) -> _Shard:
-    """Fetch what shard `shard` holds of inner chunks `local` (sorted): the whole object when most are needed."""
-    store, key = lay.array.store_path.store, lay.key(shard)
+def _get_local(root: Path, key: str, req: Any = None) -> np.ndarray | None:
+    """A LocalStore get done directly in the calling thread (no event-loop and worker-thread hops per request)."""
+    try:
+        f = open(root / key, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        if isinstance(req, SuffixByteRequest):
+            f.seek(max(0, os.fstat(f.fileno()).st_size - req.suffix))
+            data = f.read()
+        elif isinstance(req, RangeByteRequest):
+            f.seek(req.start)
+            data = f.read(req.end - req.start)
+        else:
+            data = f.read()
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+_Reqs = list[tuple[str, Any]]
+
+
+def _shard_steps(lay: ShardLayout, shard: int, local: np.ndarray) -> Generator[_Reqs, list[Any], _Shard]:
+    """What shard `shard` holds of inner chunks `local` (sorted): yields batches of (key, byte range) requests
+    and receives their bytes; the whole object in one request when most of it is needed."""
+    key = lay.key(shard)
     n, ib = lay.chunks_per_shard, lay.index_bytes
     if 2 * len(local) >= n:  # most of the shard: one request for all of it
-        whole = await _get(store, key)
+        (whole,) = yield [(key, None)]
         if whole is None:
             return _Shard(None, [])
         ix = whole[len(whole) - ib:] if lay.index_at_end else whole[:ib]
         return _Shard(_parse_index(lay, ix, key), [(0, whole)])
-    raw = await _get(store, key, SuffixByteRequest(ib) if lay.index_at_end else RangeByteRequest(0, ib))
+    (raw,) = yield [(key, SuffixByteRequest(ib) if lay.index_at_end else RangeByteRequest(0, ib))]
     if raw is None:
         return _Shard(None, [])
     index = _parse_index(lay, raw, key)
@@ -128,21 +154,53 @@ async def _fetch_shard(lay: ShardLayout, shard: int, local: np.ndarray) -> _Shar
         return _Shard(index, [])
     lo, hi = int(ent[:, 0].min()), int((ent[:, 0] + ent[:, 1]).max())
     if hi - lo <= 2 * int(ent[:, 1].sum()) + (1 << 20):  # dense enough: one range for all of them
-        piece = await _get(store, key, RangeByteRequest(lo, hi))
+        (piece,) = yield [(key, RangeByteRequest(lo, hi))]
         return _Shard(index, [] if piece is None else [(lo, piece)])
-    got = await asyncio.gather(*[_get(store, key, RangeByteRequest(int(o), int(o + b))) for o, b in ent])
+    got = yield [(key, RangeByteRequest(int(o), int(o + b))) for o, b in ent]
     return _Shard(index, [(int(o), p) for (o, _), p in zip(ent, got) if p is not None])
 
 
-async def fetch(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_Shard]]:
-    """(sorted unique inner chunk numbers covering `rows`, their shards' raw bytes), concurrently."""
+def _groups(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """(sorted unique inner chunks covering `rows`, [(shard, its chunks' positions in the shard)])."""
     chunks = np.unique(np.asarray(rows, dtype=np.int64) // lay.inner_rows)
-    shards = chunks // lay.chunks_per_shard
-    cuts = np.flatnonzero(np.diff(shards)) + 1
-    groups = np.split(chunks, cuts) if len(chunks) else []
-    got = await asyncio.gather(*[_fetch_shard(lay, int(g[0] // lay.chunks_per_shard), g % lay.chunks_per_shard)
-                                 for g in groups])
-    return chunks, list(got)
+    n = lay.chunks_per_shard
+    groups = np.split(chunks, np.flatnonzero(np.diff(chunks // n)) + 1) if len(chunks) else []
+    return chunks, [(int(g[0] // n), g % n) for g in groups]
+
+
+async def fetch(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_Shard]]:
+    """(sorted unique inner chunk numbers covering `rows`, their shards' raw bytes), through the zarr store."""
+    chunks, groups = _groups(lay, rows)
+    store = lay.array.store_path.store
+
+    async def drive(gen: Generator[_Reqs, list[Any], _Shard]) -> _Shard:
+        got: list[Any] | None = None
+        try:
+            while True:
+                reqs = gen.send(got)  # type: ignore[arg-type]
+                got = list(await asyncio.gather(*[_get(store, k, r) for k, r in reqs]))
+        except StopIteration as stop:
+            return stop.value
+
+    return chunks, list(await asyncio.gather(*[drive(_shard_steps(lay, s, loc)) for s, loc in groups]))
+
+
+def fetch_local(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_Shard]] | None:
+    """`fetch` done with plain file reads in the calling thread for a local store; None for other stores."""
+    store = lay.array.store_path.store
+    if not isinstance(store, LocalStore):
+        return None
+    root = Path(store.root)
+    chunks, groups = _groups(lay, rows)
+    out = []
+    for s, loc in groups:
+        gen, got = _shard_steps(lay, s, loc), None
+        try:
+            while True:
+                got = [_get_local(root, k, r) for k, r in gen.send(got)]  # type: ignore[arg-type]
+        except StopIteration as stop:
+            out.append(stop.value)
+    return chunks, out
 
 
 def _piece(sh: _Shard, off: int, nb: int, key: str) -> np.ndarray | None:

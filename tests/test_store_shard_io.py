@@ -17,9 +17,14 @@ ZSTD = [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]
 
 
 def _read(a: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Bulk read through both fetchers (zarr store gets, plain local file reads); they must agree."""
     lay = sio.shard_layout(a)
     assert lay is not None
-    return sio.decode(lay, rows, sync(sio.fetch(lay, rows)))
+    via_store = sio.decode(lay, rows, sync(sio.fetch(lay, rows)))
+    local = sio.fetch_local(lay, rows)
+    assert local is not None
+    np.testing.assert_array_equal(sio.decode(lay, rows, local), via_store)
+    return via_store
 
 
 @pytest.fixture(params=["zstd", "raw"])
@@ -56,11 +61,18 @@ def test_one_request_per_whole_shard_and_few_for_scattered_rows(arr: zarr.Array,
         return await real(store, key, req)
 
     monkeypatch.setattr(sio, "_get", counting)
+    real_local = sio._get_local
+
+    def counting_local(root, key, req=None):  # type: ignore[no-untyped-def]
+        calls.append(req)
+        return real_local(root, key, req)
+
+    monkeypatch.setattr(sio, "_get_local", counting_local)
     _read(arr, np.arange(0, 256))  # two shards, 64 inner chunks
-    assert len(calls) == 2 and calls == [None, None]
+    assert len(calls) == 4 and calls == [None] * 4  # per fetcher: one request per shard
     calls.clear()
     _read(arr, np.array([3, 700]))  # two shards, one chunk each: index then the chunk's bytes
-    assert len(calls) == 4
+    assert len(calls) == 8
 
 
 def test_damaged_index_checksum_and_truncated_shard_are_errors(arr: zarr.Array) -> None:

@@ -1,0 +1,79 @@
+"""Training reads: BlockStream (budget = features/4) vs the in-memory cached path, same batch size, one run.
+
+Builds a synthetic store of `--items` rows with the scale benchmark's resnet152, vggish and clip specs (small
+dims), then times one epoch of batches: in-memory (every row read first, batches gathered from a seeded
+permutation) and streamed through train.stream.BlockStream, once with store._shard_io's bulk shard reads and
+once with zarr's per-inner-chunk reads (the baseline, same store, same run). Also times scattered-row
+FeatureStore.read calls both ways.
+Run: `.venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--batch 256]`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_store_scale import PROV, SPECS, _rows, stream_bench  # noqa: E402
+from store import FeatureStore, ItemRecord  # noqa: E402
+
+FEATURES = ["resnet152", "vggish", "clip"]
+
+
+def build(path: Path, n: int, block: int = 1024) -> FeatureStore:
+    """A store of n items with FEATURES written and packed."""
+    rng = np.random.default_rng(0)
+    specs = [sp for sp in SPECS if sp.name in FEATURES]
+    s = FeatureStore.create(path, [ItemRecord(f"v{i:07d}", "/x") for i in range(n)],
+                            features=[(sp, PROV) for sp in specs])
+    pool = {sp.name: _rows(sp, block, rng) for sp in specs}
+    for sp in specs:
+        for lo in range(0, n, block):
+            s.write_block(sp.name, lo, pool[sp.name][:min(block, n - lo)])
+    s.pack_ready(partial=True)
+    return FeatureStore.open(path)
+
+
+def scattered(s: FeatureStore, k: int = 20) -> float:
+    """Seconds per FeatureStore.read of 3 scattered rows."""
+    rng = np.random.default_rng(5)
+    picks = [np.sort(rng.choice(s.n_items, 3, replace=False)) for _ in range(k)]
+    t0 = time.perf_counter()
+    for p in picks:
+        s.read("resnet152", p)
+    return (time.perf_counter() - t0) / k
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, measure both read paths, print."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=30_000)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        s = build(Path(tmp) / "s.zarr", args.items)
+        print(f"store: {args.items} items, features {FEATURES}, built in {time.perf_counter() - t0:.1f} s")
+        results = {}
+        for name in ("zarr per-chunk reads (before)", "bulk shard reads (after)"):
+            before = "before" in name  # the baseline: no bulk layout, so every array goes through zarr
+            with mock.patch("store._read.shard_layout", return_value=None) if before else contextlib.nullcontext():
+                c, st, budget, data = stream_bench(s, FEATURES, args.batch)
+                sc = scattered(s)
+            results[name] = (c, st, sc)
+            print(f"  {name}: in-memory {c:.0f} rows/s, streamed {st:.0f} rows/s (budget {budget / 2**20:.1f} MiB "
+                  f"= 1/4 of {data / 2**20:.1f} MiB), ratio {st / c:.2f}; read of 3 scattered rows "
+                  f"{sc * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
