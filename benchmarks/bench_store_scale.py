@@ -6,7 +6,8 @@ Reports, in one run:
     `pack_ready` — seconds each, files per item (whole store and per feature group), bytes on disk;
   * full status scan (`status()` of every feature), `tvr-store info` in-process (text, stdout discarded);
   * resume planning over `--plan-rows` status rows (a 1M-row store with one tiny feature, statuses planted
-    straight into the sharded status array): `status()` + `pipelines.plan.plan_items` as the driver runs them;
+    straight into the sharded status array): `status()`, `items()`, entries and `pipelines.plan.plan_items` as
+    the driver runs them, with the old per-item planning loop as the baseline;
   * read throughput: whole-feature reads in shard-sized blocks and random 256-row batches (`FeatureStore.read`).
 Run: `.venv/bin/python benchmarks/bench_store_scale.py [--items 100000] [--plan-rows 1000000] [--keep DIR]`.
 """
@@ -93,8 +94,24 @@ def timed(fn, repeats: int = 1) -> float:  # type: ignore[no-untyped-def]
     return best
 
 
-def plan_bench(path: Path, n: int) -> tuple[float, float, int]:
-    """(status seconds, plan seconds, tasks) over an n-row store with one tiny feature; statuses planted."""
+def _plan_loop(items, statuses, features, retry_failed):  # type: ignore[no-untyped-def]
+    """The per-item loop plan_items used before it was vectorised (the baseline of the planning figure)."""
+    from pipelines.plan import ItemTask, needs_work
+
+    todo = {f: needs_work(statuses[f], retry_failed) for f in features}
+    out = []
+    for row, item_id, path, kind in items:
+        feats = tuple(f for f in features if todo[f][row])
+        if feats:
+            out.append(ItemTask(row=row, item_id=item_id, path=path, kind=kind, features=feats))
+    return out
+
+
+def plan_bench(path: Path, n: int) -> tuple[float, float, int, dict[str, float]]:
+    """(status s, status + items + plan s, tasks, seconds per step) over an n-row store with one tiny feature.
+
+    Steps as the driver runs them: status(), items() (the id table), the (row, id, path, kind) entries,
+    plan_items; plus the old per-item loop on the same entries as the baseline (same tasks checked)."""
     from pipelines.plan import plan_items
 
     items = [ItemRecord(f"v{i:07d}", f"/d/{i}.mp4") for i in range(n)]
@@ -103,12 +120,25 @@ def plan_bench(path: Path, n: int) -> tuple[float, float, int]:
     zarr.open_array(str(path / "tiny" / "status"), mode="r+")[:] = st
     s = FeatureStore.open(path)
     t_status = timed(lambda: s.status("tiny"), 2)
+    steps: dict[str, float] = {}
     t0 = time.perf_counter()
     statuses = {"tiny": s.status("tiny")}
-    ids = s.items().id
-    entries = [(r, str(i), "", "video") for r, i in enumerate(ids)]
+    steps["status"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    table = s.items()
+    steps["items"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    entries = [(r, str(i), str(p), str(k)) for r, (i, p, k) in enumerate(zip(table.id, table.path, table.kind))]
+    steps["entries"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     tasks = plan_items(entries, statuses, ["tiny"], retry_failed=True)
-    return t_status, time.perf_counter() - t0, len(tasks)
+    steps["plan_items"] = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    old = _plan_loop(entries, statuses, ["tiny"], True)
+    steps["plan_items before (per-item loop)"] = time.perf_counter() - t1
+    assert old == tasks
+    return t_status, total, len(tasks), steps
 
 
 def stream_bench(s: FeatureStore, features: list[str], batch: int = 256) -> tuple[float, float, int, int]:
@@ -179,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  training reads, 3 features, batch 256: in-memory cached {c:.0f} rows/s, streamed (budget "
               f"{budget / 2**20:.1f} MiB = 1/4 of {data / 2**20:.1f} MiB) {st:.0f} rows/s, ratio {st / c:.2f}")
         if args.plan_rows:
-            ts, tp, n = plan_bench(base / "plan.zarr", args.plan_rows)
-            print(f"  resume planning over {args.plan_rows} status rows: status() {ts:.2f} s, status + plan_items "
-                  f"{tp:.2f} s ({n} tasks) (target <= 5 s)")
+            ts, tp, n, steps = plan_bench(base / "plan.zarr", args.plan_rows)
+            print(f"  resume planning over {args.plan_rows} status rows: status() {ts:.2f} s, status + items + "
+                  f"plan_items {tp:.2f} s ({n} tasks) (target <= 5 s); "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()))
     return 0
 
 

@@ -107,3 +107,32 @@ def test_cpu_bound_features_follow_dlib_cuda(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "dlib", types.SimpleNamespace(DLIB_USE_CUDA=True))
     assert cpu_bound_features(["dlib_face", "clip"], 1) == ()
     assert cpu_bound_features(["clip"], 2, dlib_cuda=False) == ()
+
+
+def _plan_items_loop(items, statuses, features, retry_failed, skip_ids):  # type: ignore[no-untyped-def]
+    """The per-item loop plan_items replaced: the reference its vectorised form must equal."""
+    out = []
+    for row, item_id, path, kind in items:
+        feats = tuple(f for f in features if item_id not in skip_ids and (
+            statuses[f][row] == P or (retry_failed and statuses[f][row] == F)))
+        if feats:
+            out.append(ItemTask(row, item_id, path, kind, feats))
+    return out
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_plan_items_equals_the_per_item_loop_on_a_random_status_mix(retry_failed: bool) -> None:
+    rng = np.random.default_rng(7)
+    n = 5000
+    codes = np.array([P, O, A, F], np.uint8)
+    statuses = {f: rng.choice(codes, n, p=p) for f, p in
+                (("x", [0.3, 0.5, 0.1, 0.1]), ("y", [0.05, 0.9, 0.0, 0.05]), ("z", [0.5, 0.2, 0.2, 0.1]))}
+    order = rng.permutation(n)[: n - 300]  # a subset of rows, not in row order (manifest order)
+    items = [(int(r), f"id{r}", f"/v/{r}.mp4", "video" if r % 5 else "image") for r in order]
+    skip = {f"id{r}" for r in rng.choice(order, 200, replace=False)}
+    for feats in (["x", "y", "z"], ["z", "x"], ["y"]):
+        got = plan_items(items, statuses, feats, retry_failed=retry_failed, skip_ids=skip)
+        assert got == _plan_items_loop(items, statuses, feats, retry_failed, skip)
+        assert len(got) > 100
+    assert plan_items([], statuses, ["x"], retry_failed=retry_failed) == []
+    assert plan_items(items, statuses, [], retry_failed=retry_failed) == []
