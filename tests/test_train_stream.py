@@ -95,3 +95,37 @@ def test_memory_stays_within_the_budget(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert n == store.n_items
     assert peak < 2 * budget, (peak, budget, data)  # reads, buffer and one batch; the whole feature is 4x budget
+
+
+def test_small_buffer_keeps_every_field_of_slot_and_extra_features(tmp_path: Path) -> None:
+    from store import ExtraSpec
+
+    face = FeatureSpec("dlib_face", dim=8, max_steps=3, slots=2, modality="face", extras=(ExtraSpec("box", (4,)),))
+    n = 300
+    store = FeatureStore.create(tmp_path / "f.zarr", [ItemRecord(f"v{i}", "/x") for i in range(n)],
+                                features=[(face, RANDOM), (B, RANDOM)], shard_rows=64)
+    rng = np.random.default_rng(4)
+    store.write_block("dlib_face", 0, [FeatureRows.absent(face, "no_face") if i % 5 == 2 else FeatureRows(
+        Status.OK, rng.standard_normal((2, 2, 8)), np.arange(2, dtype=np.float32),
+        extras={"box": rng.standard_normal((2, 2, 4)).astype(np.float32)}) for i in range(n)])
+    store.write_block("vggish", 0, [FeatureRows(Status.OK, rng.standard_normal((3, 16)), np.arange(3.0))
+                                    for _ in range(n)])
+    store.pack_ready(partial=True)
+    rows = np.arange(0, n, 3)
+    whole = store.read_many(["dlib_face", "vggish"], rows)
+    cfg = StreamConfig(batch_size=16, buffer_rows=40, block_rows=64, seed=2)
+    seen = []
+    for batch in BlockStream(store, ["dlib_face", "vggish"], rows, cfg).epoch(0):
+        at = np.searchsorted(rows, batch["dlib_face"].rows)
+        for f in ("dlib_face", "vggish"):
+            b, w = batch[f], whole[f]
+            for name in ("rows", "values", "mask", "time", "status", "available", "slot_mask"):
+                got, want = getattr(b, name), getattr(w, name)
+                assert (got is None) == (want is None), name
+                if want is not None:
+                    np.testing.assert_array_equal(got, want[at], err_msg=f"{f}.{name}")
+            assert b.extras.keys() == w.extras.keys()
+            for k in w.extras:
+                np.testing.assert_array_equal(b.extras[k], w.extras[k][at])
+        seen += batch["vggish"].rows.tolist()
+    assert sorted(seen) == rows.tolist()

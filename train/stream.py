@@ -88,36 +88,62 @@ def _concat(parts: list[dict[str, FeatureBatch]]) -> dict[str, FeatureBatch]:
 
 
 class _Buffer:
-    """Fixed-capacity shuffle buffer: blocks are copied in, batches leave by swap-remove (no reallocation)."""
+    """Fixed-capacity shuffle buffer: one byte matrix, each row holding every field of every feature.
+
+    A batch leaves with one gather (and the tail moves into its holes with one more), whatever the number of
+    features and fields; its arrays are views of the gathered rows (last axis contiguous, 8-byte aligned).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.cap, self.n = capacity, 0
-        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.data: np.ndarray | None = None
+        self.layout: list[tuple[str, str, int, int, np.dtype, tuple[int, ...]]] = []  # feature, field, at, bytes
+
+    @staticmethod
+    def _columns(block: dict[str, FeatureBatch]) -> list[tuple[str, str, np.ndarray]]:
+        out = []
+        for f, b in block.items():
+            out += [(f, name, getattr(b, name)) for name in _FIELDS if getattr(b, name) is not None]
+            out += [(f, f"extra:{e}", v) for e, v in b.extras.items()]
+        return out
 
     def add(self, block: dict[str, FeatureBatch]) -> None:
-        k = len(next(iter(block.values())).rows)
-        for f, b in block.items():
-            cols = {**{name: getattr(b, name) for name in _FIELDS if getattr(b, name) is not None},
-                    **{f"extra:{e}": v for e, v in b.extras.items()}}
-            dst = self.arrays.setdefault(f, {name: np.empty((self.cap, *v.shape[1:]), v.dtype)
-                                             for name, v in cols.items()})
-            for name, v in cols.items():
-                dst[name][self.n:self.n + k] = v
+        cols = self._columns(block)
+        k = len(cols[0][2])
+        if self.data is None:
+            at = 0
+            for f, name, v in cols:
+                if v.dtype.hasobject:
+                    raise TypeError(f"BlockStream: field '{f}.{name}' has object dtype; only numeric fields stream")
+                nb = v.dtype.itemsize * int(np.prod(v.shape[1:], dtype=np.int64))
+                self.layout.append((f, name, at, nb, v.dtype, tuple(v.shape[1:])))
+                at += -(-nb // 8) * 8  # 8-byte aligned fields
+            self.data = np.empty((self.cap, max(8, at)), dtype=np.uint8)
+        if not k:
+            return
+        for (_, _, at, nb, dt, _), (_, _, v) in zip(self.layout, cols):
+            rows = np.ascontiguousarray(v, dtype=dt).reshape(k, -1).view(np.uint8)
+            self.data[self.n:self.n + k, at:at + nb] = rows
         self.n += k
 
     def pop(self, pos: np.ndarray) -> dict[str, FeatureBatch]:
         """Remove the rows at `pos` (unique) and return them; the last rows move into the holes."""
-        out = {}
-        for f, cols in self.arrays.items():
-            got = {name: a[pos].copy() for name, a in cols.items()}
-            out[f] = FeatureBatch(**{name: got.get(name) for name in _FIELDS},
-                                  extras={n[6:]: v for n, v in got.items() if n.startswith("extra:")})
-        keep_tail = np.setdiff1d(np.arange(self.n - len(pos), self.n), pos, assume_unique=True)
-        holes = np.sort(pos[pos < self.n - len(pos)])
-        for cols in self.arrays.values():
-            for a in cols.values():
-                a[holes] = a[keep_tail]
-        self.n -= len(pos)
+        assert self.data is not None
+        got = self.data[pos]
+        m = len(pos)
+        cols: dict[str, dict[str, np.ndarray]] = {}
+        for f, name, at, nb, dt, shape in self.layout:
+            cols.setdefault(f, {})[name] = got[:, at:at + nb].view(dt).reshape(m, *shape)
+        out = {f: FeatureBatch(**{name: c.get(name) for name in _FIELDS},
+                               extras={n[6:]: v for n, v in c.items() if n.startswith("extra:")})
+               for f, c in cols.items()}
+        tail = self.n - m
+        taken = np.zeros(m, dtype=bool)
+        taken[pos[pos >= tail] - tail] = True
+        holes = pos[pos < tail]
+        if len(holes):
+            self.data[holes] = self.data[tail + np.flatnonzero(~taken)]
+        self.n = tail
         return out
 
 
@@ -126,7 +152,8 @@ class BlockStream:
 
     def __init__(self, store: Any, features: Sequence[str], rows: np.ndarray, cfg: StreamConfig) -> None:
         self.store, self.features, self.cfg = store, list(features), cfg
-        self.rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        self.rows = rows if len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1])) else np.unique(rows)  # sorted: as is
         block = cfg.block_rows or max(store.shard_rows(f) for f in features)
         keys = self.rows // block
         cuts = np.flatnonzero(np.diff(keys)) + 1
