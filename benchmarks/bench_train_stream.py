@@ -5,11 +5,12 @@ dims), then times one epoch of batches: in-memory (every row read first, batches
 permutation) and streamed through train.stream.BlockStream, once with store._shard_io's bulk shard reads and
 once with zarr's per-inner-chunk reads (the baseline, same store, same run). Also times scattered-row
 FeatureStore.read calls both ways.
-Run: `.venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--batch 256]`.
+Run: `.venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--batch 256] [--dim 512]`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import sys
 import tempfile
@@ -28,10 +29,10 @@ from store import FeatureStore, ItemRecord  # noqa: E402
 FEATURES = ["resnet152", "vggish", "clip"]
 
 
-def build(path: Path, n: int, block: int = 1024) -> FeatureStore:
-    """A store of n items with FEATURES written and packed."""
+def build(path: Path, n: int, block: int = 1024, dim: int = 0) -> FeatureStore:
+    """A store of n items with FEATURES written and packed; `dim` > 0 replaces the specs' (small) dims."""
     rng = np.random.default_rng(0)
-    specs = [sp for sp in SPECS if sp.name in FEATURES]
+    specs = [dataclasses.replace(sp, dim=dim or sp.dim) for sp in SPECS if sp.name in FEATURES]
     s = FeatureStore.create(path, [ItemRecord(f"v{i:07d}", "/x") for i in range(n)],
                             features=[(sp, PROV) for sp in specs])
     pool = {sp.name: _rows(sp, block, rng) for sp in specs}
@@ -42,10 +43,10 @@ def build(path: Path, n: int, block: int = 1024) -> FeatureStore:
     return FeatureStore.open(path)
 
 
-def scattered(s: FeatureStore, k: int = 20) -> float:
-    """Seconds per FeatureStore.read of 3 scattered rows."""
+def scattered(s: FeatureStore, size: int = 3, k: int = 20) -> float:
+    """Seconds per FeatureStore.read of `size` scattered rows."""
     rng = np.random.default_rng(5)
-    picks = [np.sort(rng.choice(s.n_items, 3, replace=False)) for _ in range(k)]
+    picks = [np.sort(rng.choice(s.n_items, size, replace=False)) for _ in range(k)]
     t0 = time.perf_counter()
     for p in picks:
         s.read("resnet152", p)
@@ -57,21 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=30_000)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=0, help="feature dim of all three features (0: the small dims)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = build(Path(tmp) / "s.zarr", args.items)
-        print(f"store: {args.items} items, features {FEATURES}, built in {time.perf_counter() - t0:.1f} s")
-        results = {}
+        s = build(Path(tmp) / "s.zarr", args.items, dim=args.dim)
+        print(f"store: {args.items} items, features {FEATURES} (dim {args.dim or 'small'}), "
+              f"built in {time.perf_counter() - t0:.1f} s")
         for name in ("zarr per-chunk reads (before)", "bulk shard reads (after)"):
             before = "before" in name  # the baseline: no bulk layout, so every array goes through zarr
             with mock.patch("store._read.shard_layout", return_value=None) if before else contextlib.nullcontext():
                 c, st, budget, data = stream_bench(s, FEATURES, args.batch)
-                sc = scattered(s)
-            results[name] = (c, st, sc)
+                sc, sc256 = scattered(s), scattered(s, 256, 5)
             print(f"  {name}: in-memory {c:.0f} rows/s, streamed {st:.0f} rows/s (budget {budget / 2**20:.1f} MiB "
-                  f"= 1/4 of {data / 2**20:.1f} MiB), ratio {st / c:.2f}; read of 3 scattered rows "
-                  f"{sc * 1e3:.1f} ms")
+                  f"= 1/4 of {data / 2**20:.1f} MiB), ratio {st / c:.2f}; FeatureStore.read of 3 scattered rows "
+                  f"{sc * 1e3:.1f} ms, of 256 random rows {256 / sc256:.0f} rows/s")
     return 0
 
 

@@ -162,7 +162,12 @@ def _shard_steps(lay: ShardLayout, shard: int, local: np.ndarray) -> Generator[_
 
 def _groups(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """(sorted unique inner chunks covering `rows`, [(shard, its chunks' positions in the shard)])."""
-    chunks = np.unique(np.asarray(rows, dtype=np.int64) // lay.inner_rows)
+    rows = np.asarray(rows, dtype=np.int64)
+    c = lay.inner_rows
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)):
+        chunks = np.arange(int(rows[0]) // c, int(rows[-1]) // c + 1)  # a contiguous range: no sort needed
+    else:
+        chunks = np.unique(rows // c)
     n = lay.chunks_per_shard
     groups = np.split(chunks, np.flatnonzero(np.diff(chunks // n)) + 1) if len(chunks) else []
     return chunks, [(int(g[0] // n), g % n) for g in groups]
