@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_store_scale import PROV, SPECS, _rows, stream_bench  # noqa: E402
 from store import FeatureStore, ItemRecord  # noqa: E402
+from train.stream import from_budget  # noqa: E402
 
 FEATURES = ["resnet152", "vggish", "clip"]
 
@@ -53,6 +54,15 @@ def scattered(s: FeatureStore, size: int = 3, k: int = 20) -> float:
     return (time.perf_counter() - t0) / k
 
 
+def block_reads(s: FeatureStore, rows: int) -> float:
+    """Rows/s of read_many(FEATURES) over consecutive `rows`-row blocks (what a BlockStream reader does)."""
+    blocks = [np.arange(lo, min(lo + rows, s.n_items)) for lo in range(0, min(s.n_items, 40 * rows), rows)]
+    t0 = time.perf_counter()
+    for b in blocks:
+        s.read_many(FEATURES, b)
+    return sum(len(b) for b in blocks) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build, measure both read paths, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
               f"built in {time.perf_counter() - t0:.1f} s")
         for name in ("zarr per-chunk reads (before)", "bulk shard reads (after)"):
             before = "before" in name  # the baseline: no bulk layout, so every array goes through zarr
-            with mock.patch("store._read.shard_layout", return_value=None) if before else contextlib.nullcontext():
+            with mock.patch.object(FeatureStore, "_layout", return_value=None) if before else contextlib.nullcontext():
                 c, st, budget, data = stream_bench(s, FEATURES, args.batch)
                 sc, sc256 = scattered(s), scattered(s, 256, 5)
+                blk = from_budget(s, FEATURES, data // 4).block_rows
+                br = block_reads(s, blk)
             print(f"  {name}: in-memory {c:.0f} rows/s, streamed {st:.0f} rows/s (budget {budget / 2**20:.1f} MiB "
                   f"= 1/4 of {data / 2**20:.1f} MiB), ratio {st / c:.2f}; FeatureStore.read of 3 scattered rows "
-                  f"{sc * 1e3:.1f} ms, of 256 random rows {256 / sc256:.0f} rows/s")
+                  f"{sc * 1e3:.1f} ms, of 256 random rows {256 / sc256:.0f} rows/s; read_many of {blk}-row blocks "
+                  f"(one reader thread) {br:.0f} rows/s")
     return 0
 
 
