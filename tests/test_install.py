@@ -23,7 +23,7 @@ PREBUILT = {
     ("darwin", "x86_64"): {11, 12, 13},
     ("win32", "AMD64"): {11, 12, 13, 14},
 }
-DEV_TOOLS = {"pytest", "pytest-timeout", "jupytext", "moto"}  # test tools, imported by the tests rather than by tvr
+DEV_TOOLS = {"pytest", "pytest-timeout", "jupytext", "moto", "flask", "flask-cors"}  # test tools, imported by the tests rather than by tvr
 PLATFORMS = [*PREBUILT, ("win32", "ARM64"), ("linux", "ppc64le"), ("linux", "s390x"), ("linux", "armv7l")]
 
 
