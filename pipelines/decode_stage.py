@@ -56,6 +56,7 @@ class RemoteDecode:
     path: str
     plan: engine.StreamPlan
     gen: Any  # ray ObjectRefGenerator
+    done: bool = False  # every item was read
 
     def items(self) -> Iterator[tuple[str, Any]]:
         """The decoded items; a decoder that dies mid-stream fails the streams still open (decode_error)."""
@@ -64,6 +65,7 @@ class RemoteDecode:
         try:
             for ref in self.gen:
                 yield ray.get(ref)
+            self.done = True
         except ray.exceptions.RayError as e:
             err = RuntimeError(f"the decode worker failed while decoding {self.path}: {engine.short_error(e)[:500]}")
             for kind, wanted in (("frames_error", self.plan.frames), ("audio_error", self.plan.audio)):
@@ -78,6 +80,8 @@ class RemoteDecode:
         """
         import ray
 
+        if self.done:
+            return
         try:
             ray.cancel(self.gen)
         except Exception:  # noqa: BLE001 - already finished or its actor is gone: nothing left to stop

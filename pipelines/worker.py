@@ -99,7 +99,7 @@ class ExtractWorker:
             from pipelines.decode_stage import DecoderPool
 
             self._pool = DecoderPool(list(decoders), self.decode, start=worker_index)
-        self._ahead: dict[str, Any] = {}  # path -> RemoteDecode opened ahead of its item
+        self._ahead: dict[str, tuple[Any, Any]] = {}  # path -> (MediaInfo, RemoteDecode) opened ahead of its item
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Spec (JSON), provenance and needs of every extractor, for the driver to create store groups."""
@@ -136,7 +136,8 @@ class ExtractWorker:
         """
         t0 = time.perf_counter()
         store = self._store(store_url)
-        info, failed = engine.probe_failure(path)
+        ahead = self._ahead.pop(path, None)  # probed when its decode was opened: not probed twice
+        info, failed = (ahead[0], None) if ahead is not None else engine.probe_failure(path)
         if failed is not None:
             if self._pool is not None:
                 self._open_ahead(prefetch)
@@ -149,8 +150,8 @@ class ExtractWorker:
         live: Any = None
         stream: Iterable[tuple[str, Any]] = ()
         if self._pool is not None:  # the decode stage: this item's stream, then the next items' start at once
-            live = (self._ahead.pop(path, None) if run.live else None)
-            if live is not None and live.plan != plan:
+            live = ahead[1] if ahead is not None else None
+            if live is not None and (live.plan != plan or not run.live):
                 live.close()
                 live = None
             live = live or (self._pool.open(path, info, plan) if run.live else None)
@@ -197,14 +198,14 @@ class ExtractWorker:
         hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
         wanted = {str(p) for p, _ in hints}
         for p in [p for p in self._ahead if p not in wanted]:
-            self._ahead.pop(p).close()
+            self._ahead.pop(p)[1].close()
         for p, feats in hints:
             if p in self._ahead:
                 continue
             info, failed = engine.probe_failure(p)
             if failed is None:  # a probe failure is left for its own process() call to record
                 exs = [self.extractors[f] for f in feats if f in self.extractors]
-                self._ahead[p] = self._pool.open(p, info, engine.plan_streams(exs, info, self.decode.select))
+                self._ahead[p] = (info, self._pool.open(p, info, engine.plan_streams(exs, info, self.decode.select)))
 
     def _start_decode(self, path: str, plan: engine.StreamPlan) -> "_Stream":
         """A decode thread filling a bounded queue for `path`."""
