@@ -68,7 +68,7 @@ def from_budget(store: Any, features: Sequence[str], budget_bytes: int, **kw: An
 _FIELDS = ("rows", "values", "mask", "time", "status", "available", "slot_mask")
 
 
-def _take(batch: dict[str, FeatureBatch], pos: np.ndarray) -> dict[str, FeatureBatch]:
+def _take(batch: dict[str, FeatureBatch], pos: np.ndarray | slice) -> dict[str, FeatureBatch]:
     out = {}
     for f, b in batch.items():
         out[f] = FeatureBatch(rows=b.rows[pos], values=b.values[pos], mask=b.mask[pos], time=b.time[pos],
@@ -197,6 +197,9 @@ class BlockStream:
         t.start()
         cap = self.cfg.buffer_rows + max((len(b) for b in self.blocks), default=0)
         buf, done = _Buffer(cap), False
+        # up to a block's worth of rows leaves the buffer in one gather, then is cut into batches (views): per-batch
+        # numpy calls dominate when rows are small; memory: one block more, within from_budget's allowance
+        per = bs * max(1, (cap - self.cfg.buffer_rows) // bs)
         while True:
             while not done and buf.n < self.cfg.buffer_rows:
                 got = q.get()
@@ -209,5 +212,10 @@ class BlockStream:
                 del got
             if not buf.n:
                 break
-            yield buf.pop(rng.choice(buf.n, size=min(bs, buf.n), replace=False))
+            take = min(per, buf.n)
+            if not done:  # whole batches only until the last one of the epoch
+                take = max(min(bs, buf.n), take // bs * bs)
+            rows = buf.pop(rng.choice(buf.n, size=take, replace=False))
+            for lo in range(0, take, bs):
+                yield _take(rows, slice(lo, lo + bs))
         t.join()
