@@ -3,9 +3,11 @@
 `BlockStream` yields batches of rows of one or more features of one axis (design §1 shards): the selected rows are
 grouped into blocks of `block_rows` consecutive store rows (a shard's worth by default), blocks are read in a
 seeded random order by `workers` background threads, at most `prefetch` blocks ahead, into a shuffle buffer of
-at most `buffer_rows` rows; each batch takes `batch_size` random rows out of the buffer (swap-remove in a
-preallocated buffer, no reallocation). Memory stays within about (buffer_rows + (prefetch + 2) * block_rows)
-rows, which `from_budget` derives from a byte budget (`--cache-gb`).
+at most `buffer_rows` rows (one preallocated byte matrix, no reallocation); up to a block's worth of random rows
+leaves it in one gather (swap-remove) and is cut into batches of `batch_size`. Blocks are read with
+store._shard_io's bulk shard reads (one request per shard or byte range, not one per inner chunk). Memory stays
+within about (buffer_rows + (prefetch + 2) * block_rows) rows, which `from_budget` derives from a byte budget
+(`--cache-gb`).
 
 When the buffer holds every selected row (the cache fits), the batches are exactly those of the in-memory path:
 rows in the order `np.random.default_rng([seed, epoch]).permutation(rows)`, cut into `batch_size` slices.
