@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -95,3 +96,16 @@ def make_shapes_store(path, per_combo_train: int = 6, seed: int = 0, steps: int 
 def shapes_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A read-only moving-shapes frames store shared by the fine-tuning tests."""
     return make_shapes_store(tmp_path_factory.mktemp("shapes") / "shapes.zarr")
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One in-process local Ray for the module; workers get the repo root on their path."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -96,19 +95,6 @@ def test_frames_is_not_a_default_feature() -> None:
     from pipelines.run import default_features
 
     assert "frames" not in default_features(True) and "clip" in default_features(True)
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """One in-process local Ray; workers get the repo root on their path."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-             log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:

@@ -10,7 +10,7 @@ import pytest
 from extract import engine
 from store.schema import Status
 from pipelines.decode_stage import DecodeWorker, decode_actor_cpus, max_in_flight
-from tests.test_pipelines_run import _by_id, _open, _run, make_dataset, ray_session, write_video  # noqa: F401
+from tests.test_pipelines_run import _by_id, _open, _run, make_dataset, write_video
 
 
 def test_in_flight_objects_follow_the_byte_budget() -> None:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -27,19 +26,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext")
 OK, ABSENT, FAILED, PENDING = int(Status.OK), int(Status.ABSENT), int(Status.FAILED), int(Status.PENDING)
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """One in-process local Ray for the module; workers get the repo root on their path."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-             log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 25, audio: np.ndarray | None = None) -> None:
