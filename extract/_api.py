@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Ma
 
 import numpy as np
 
-from extract.sampling import DECODE_FPS, StepPolicy, frame_indices, frame_times
+from extract.sampling import DECODE_FPS, StepPolicy, frame_indices, frame_times, item_step_times
 from store.schema import FeatureRows, FeatureSpec, Status
 
 if TYPE_CHECKING:  # decode.py imports PyAV; only needed at run time by extract_path
@@ -323,15 +323,7 @@ class FrameStepExtractor(Extractor):
 
     def step_times(self, info: MediaInfo) -> np.ndarray:
         """Step times for an item: [0] for images, else the policy over the probed duration."""
-        if getattr(info, "kind", "video") == "image":
-            return np.zeros(1, dtype=np.float64)
-        duration = float(getattr(info, "duration", float("nan")))
-        if not np.isfinite(duration):
-            raise ValueError(
-                f"{self.name}: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
-                "step times need it - re-mux the file so its container records a duration"
-            )
-        return self.policy.times(duration)
+        return item_step_times(self.name, self.policy, info)
 
     def run_batch(self, frames: np.ndarray) -> np.ndarray:
         """Preprocess + forward one batch of uint8 frames; float32 (B, D) numpy on CPU."""

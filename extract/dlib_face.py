@@ -21,7 +21,7 @@ import numpy as np
 from extract import _dlib_models as models
 from extract._api import Extractor, ItemSession, WeightsSpec
 from extract._registry import register_extractor
-from extract.sampling import StepPolicy, frame_indices, frame_times
+from extract.sampling import StepPolicy, frame_indices, frame_times, item_step_times
 from extract.transforms import register_preset
 from store.schema import ExtraSpec, FeatureRows, FeatureSpec, Status
 
@@ -210,15 +210,7 @@ class DlibFaceExtractor(Extractor):
 
     def _times(self, info: MediaInfo) -> np.ndarray:
         """Step times: [0] for images, else the policy over the probed duration."""
-        if getattr(info, "kind", "video") == "image":
-            return np.zeros(1, dtype=np.float64)
-        duration = float(getattr(info, "duration", float("nan")))
-        if not np.isfinite(duration):
-            raise ValueError(
-                f"dlib_face: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
-                "step times need it - re-mux the file so its container records a duration"
-            )
-        return self.policy.times(duration)
+        return item_step_times("dlib_face", self.policy, info)
 
 
 class DlibFaceSession(ItemSession):

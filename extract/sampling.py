@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # decode.py imports PyAV
+    from extract.decode import MediaInfo
 
 DECODE_FPS = 25.0  # every extractor sees frames on this grid (extract.decode.iter_frames default)
 _EPS = 1e-6  # absorbs float error so t = k/25 maps back to k
@@ -84,3 +88,16 @@ def frame_indices(times: np.ndarray, fps: float = DECODE_FPS, n_frames: int | No
 def frame_times(indices: np.ndarray, fps: float = DECODE_FPS) -> np.ndarray:
     """Time in seconds of decode-grid frames (float32, as stored)."""
     return (np.asarray(indices, dtype=np.float64) / fps).astype(np.float32)
+
+
+def item_step_times(who: str, policy: StepPolicy, info: MediaInfo) -> np.ndarray:
+    """Step times for one item: [0] for images, else `policy` over the probed duration (an error names `who`)."""
+    if getattr(info, "kind", "video") == "image":
+        return np.zeros(1, dtype=np.float64)
+    duration = float(getattr(info, "duration", float("nan")))
+    if not np.isfinite(duration):
+        raise ValueError(
+            f"{who}: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
+            "step times need it - re-mux the file so its container records a duration"
+        )
+    return policy.times(duration)
