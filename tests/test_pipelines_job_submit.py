@@ -117,10 +117,11 @@ def test_ray_job_submit_fills_a_store(tmp_path: Path) -> None:
                "python", "-m", "pipelines.extract", str(manifest), "--store", str(store),
                "--features", "test_mean,test_caption", "--plugins",
                os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext"), "--no-progress"]
+        agent_deadline = time.time() + 180  # a loaded machine may take minutes to start the head's job agent
         while True:  # the head answers `job list` before its job agent registers; Ray says to retry then
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             out = r.stdout + r.stderr
-            if r.returncode == 0 or "No available agent to submit job" not in out or time.time() > deadline:
+            if r.returncode == 0 or "No available agent to submit job" not in out or time.time() > agent_deadline:
                 break
             time.sleep(2)
         assert r.returncode == 0, out[-4000:]
