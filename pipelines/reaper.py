@@ -46,7 +46,9 @@ def _table() -> tuple[dict[int, list[int]], dict[int, int]]:
 
 
 def children_of(pid: int) -> dict[int, int]:
-    """pid -> start time of the living direct children of `pid`."""
+    """pid -> start time of the living direct children of `pid` ({} off Linux)."""
+    if not PROC.joinpath("self", "stat").exists():
+        return {}
     children, starts = _table()
     return {c: starts[c] for c in children.get(pid, ()) if c in starts}
 

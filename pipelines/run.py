@@ -102,7 +102,7 @@ def connect_ray(cfg: ExtractConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-        before = reaper.children_of(os.getpid()) if reaper.PROC.exists() else {}
+        before = reaper.children_of(os.getpid())
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=True)
         reaper.start_reaper(before)  # a SIGKILLed driver would otherwise leave Ray's agents running
     return True
