@@ -4,9 +4,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
+
+if TYPE_CHECKING:  # the fixtures import these lazily: collecting a store-only module stays free of torch/PyAV
+    from fractions import Fraction
+
+    import numpy as np
+
+    from store import FeatureStore
+    from tests._fakes import FakeWeightsFactory, TinyStoreFactory
+    from tests._media import TinyVideoFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -109,3 +118,39 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+# ---- shared test data: tests/_media.py (video), tests/_fakes.py (store, weights) --------------------------------
+@pytest.fixture
+def tiny_video(tmp_path: Path) -> TinyVideoFactory:
+    """Factory: a lossless video under tmp_path (frames or a count, fps, size, audio) and its exact decoded frames."""
+    from tests._media import TinyVideo, tiny_video
+
+    def make(frames: int | np.ndarray = 10, *, fps: int | Fraction = 25, size: tuple[int, int] = (16, 24),
+             audio: np.ndarray | None = None, sample_rate: int = 16000, name: str = "tiny.mkv") -> TinyVideo:
+        return tiny_video(tmp_path / name, frames, fps=fps, size=size, audio=audio, sample_rate=sample_rate)
+
+    return make
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> TinyStoreFactory:
+    """Factory: a FeatureStore of n items with captions and seeded features under tmp_path (tests/_fakes.py)."""
+    from tests._fakes import tiny_store
+
+    def make(n: int = 4, *, name: str = "tiny.zarr", **kw: Any) -> FeatureStore:
+        return tiny_store(tmp_path / name, n, **kw)
+
+    return make
+
+
+@pytest.fixture
+def fake_weights(tmp_path: Path) -> FakeWeightsFactory:
+    """Factory: a weights file (bytes or a state dict) under tmp_path, its sha256 and a WeightsSpec pinning it."""
+    from tests._fakes import FakeWeights, fake_weights
+
+    def make(content: Any = b"fake weights", filename: str = "net.pth", *, directory: Path | None = None,
+             **kw: Any) -> FakeWeights:
+        return fake_weights(directory if directory is not None else tmp_path, content, filename, **kw)
+
+    return make
