@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 import pickle
-import signal
 import tracemalloc
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,66 +30,9 @@ from extract.decode import (
     read_audio,
     read_frames,
 )
+from tests._media import deadline, ramp_tone, shown_index, source_frame, write_audio, write_numbered
 
 OUT_FPS = 25
-
-
-def source_frame(i: int, h: int, w: int) -> np.ndarray:
-    """Source frame i: red/green hold the index, blue a fixed spatial pattern (catches flips and shifts)."""
-    img = np.empty((h, w, 3), np.uint8)
-    img[..., 0] = i % 256
-    img[..., 1] = i // 256
-    img[..., 2] = (np.arange(w)[None, :] * 7 + np.arange(h)[:, None] * 13) % 256
-    return img
-
-
-def shown_index(frames: np.ndarray) -> np.ndarray:
-    """Source index each output frame shows, read from its top-left pixel."""
-    return frames[:, 0, 0, 0].astype(np.int64) + 256 * frames[:, 0, 0, 1].astype(np.int64)
-
-
-def write_video(path: Path, times: Sequence[Fraction | float] | None = None, *, n: int = 0, rate: int = 25,
-                size: tuple[int, int] = (16, 24), time_base: Fraction | None = None,
-                audio: tuple[int, str, np.ndarray] | None = None) -> None:
-    """Lossless RGB video; frame i at `times[i]` s (needs `time_base`) or at i/rate; optional s16 PCM audio.
-
-    `audio` is (sample_rate, layout, int16 samples shaped (channels, n)).
-    """
-    h, w = size
-    count = len(times) if times is not None else n
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264rgb", rate=rate)
-        vs.width, vs.height, vs.pix_fmt, vs.options = w, h, "rgb24", {"crf": "0"}
-        if time_base is not None:  # both, or the encoder rounds pts to 1/rate and VFR is lost
-            vs.time_base = time_base
-            vs.codec_context.time_base = time_base
-        astream = None
-        if audio is not None:
-            astream = c.add_stream("pcm_s16le", rate=audio[0], layout=audio[1])
-        for i in range(count):
-            frame = av.VideoFrame.from_ndarray(source_frame(i, h, w), format="rgb24")
-            frame.pts = i if times is None else round(Fraction(times[i]) / time_base)
-            c.mux(vs.encode(frame))
-        c.mux(vs.encode())
-        if astream is not None:
-            sr, layout, pcm = audio
-            for s in range(0, pcm.shape[1], 1024):
-                chunk = np.ascontiguousarray(pcm[:, s:s + 1024].T.reshape(1, -1))  # packed s16: interleaved
-                af = av.AudioFrame.from_ndarray(chunk, format="s16", layout=layout)
-                af.sample_rate, af.pts = sr, s
-                c.mux(astream.encode(af))
-            c.mux(astream.encode())
-
-
-def write_wav(path: Path, pcm: np.ndarray, sample_rate: int, codec: str = "pcm_s16le") -> None:
-    """Audio-only mono file from s16 samples shaped (n,); the container follows the suffix (.wav by default)."""
-    with av.open(str(path), "w") as c:
-        a = c.add_stream(codec, rate=sample_rate, layout="mono")
-        for s in range(0, pcm.shape[0], 1000):
-            af = av.AudioFrame.from_ndarray(pcm[None, s:s + 1000], format="s16", layout="mono")
-            af.sample_rate, af.pts = sample_rate, s
-            c.mux(a.encode(af))
-        c.mux(a.encode())
 
 
 def expected_mapping(times: Sequence[Fraction], n_out: int) -> np.ndarray:
@@ -115,26 +56,12 @@ def collect(path: Path, **kw: object) -> tuple[list[FrameBatch], BaseException |
     return batches, None
 
 
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging (SIGALRM; the tests run on Linux)."""
-    def boom(*_: object) -> None:
-        raise TimeoutError(f"decode did not finish within {seconds} s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 # ---- constant-rate sources above, at and below 25 fps ----
 @pytest.mark.parametrize("src_fps,n,ext", [(30, 45, "mp4"), (24, 36, "mkv"), (50, 60, "mkv"), (25, 20, "mp4"),
                                            (10, 12, "mkv")])
 def test_constant_rate_resampled_exactly(tmp_path: Path, src_fps: int, n: int, ext: str) -> None:
     path = tmp_path / f"v{src_fps}.{ext}"
-    write_video(path, n=n, rate=src_fps)
+    write_numbered(path, n=n, rate=src_fps)
     info = probe(path)
     assert (info.kind, info.has_video, info.has_audio) == ("video", True, False)
     assert info.duration == pytest.approx(n / src_fps, abs=2e-3)
@@ -155,7 +82,7 @@ def test_variable_frame_rate(tmp_path: Path, ext: str) -> None:
     ms = [0, 10, 100, 130, 500, 520, 900, 1300]  # bursts, a frame superseded within one grid step, a long gap
     times = [Fraction(t, 1000) for t in ms]
     path = tmp_path / f"vfr.{ext}"
-    write_video(path, times, rate=25, time_base=Fraction(1, 1000))
+    write_numbered(path, times, rate=25, time_base=Fraction(1, 1000))
     with av.open(str(path)) as c:  # the file really is VFR (guards the fixture itself)
         got = [float(f.pts * f.time_base) for f in c.decode(video=0)]
     np.testing.assert_allclose(got, [float(t) for t in times], atol=1e-6)
@@ -171,7 +98,7 @@ def test_variable_frame_rate(tmp_path: Path, ext: str) -> None:
 
 def test_batches_bounded_with_grid_times(tmp_path: Path) -> None:
     path = tmp_path / "v.mp4"
-    write_video(path, n=45, rate=30)
+    write_numbered(path, n=45, rate=30)
     batches, err = collect(path, batch_size=7)
     assert err is None
     assert [len(b) for b in batches] == [7, 7, 7, 7, 7, 3]  # 38 output frames
@@ -191,7 +118,7 @@ def test_batches_bounded_with_grid_times(tmp_path: Path) -> None:
 
 def test_other_output_fps(tmp_path: Path) -> None:
     path = tmp_path / "v.mkv"
-    write_video(path, n=30, rate=30)
+    write_numbered(path, n=30, rate=30)
     fb = read_frames(path, fps=10.0, frame_rule="floor")
     assert len(fb) == 10
     np.testing.assert_array_equal(shown_index(fb.frames), np.arange(10) * 3)
@@ -207,7 +134,7 @@ def test_other_output_fps(tmp_path: Path) -> None:
                                              ((36, 64), {"height": 18}, (18, 32))])
 def test_resize_keeps_aspect(tmp_path: Path, size: tuple[int, int], kw: dict, want_hw: tuple[int, int]) -> None:
     path = tmp_path / "v.mkv"
-    write_video(path, n=10, rate=25, size=size)
+    write_numbered(path, n=10, rate=25, size=size)
     fb = read_frames(path, **kw)
     assert fb.frames.shape == (10, *want_hw, 3)
     # red/green are constant per frame, so scaling keeps them up to swscale's rounding: the mapping survives
@@ -219,7 +146,7 @@ def test_resize_keeps_aspect(tmp_path: Path, size: tuple[int, int], kw: dict, wa
 
 def test_resize_needs_one_rule(tmp_path: Path) -> None:
     path = tmp_path / "v.mkv"
-    write_video(path, n=2)
+    write_numbered(path, n=2)
     with pytest.raises(ValueError, match="height or short_side"):
         list(iter_frames(path, height=8, short_side=8))
 
@@ -232,7 +159,7 @@ def test_video_with_44k_stereo_audio_resampled_to_16k_mono(tmp_path: Path) -> No
     right = 0.2 * np.sin(2 * np.pi * 1000 * t)
     pcm = np.round(np.stack([left, right]) * 32767).astype(np.int16)
     path = tmp_path / "av.mkv"
-    write_video(path, n=50, rate=25, audio=(sr, "stereo", pcm))
+    write_numbered(path, n=50, rate=25, audio=pcm, sample_rate=sr)
     info = probe(path)
     assert info.has_audio and info.has_video and info.kind == "video"
     assert (info.audio_sample_rate, info.audio_channels) == (sr, 2)
@@ -263,7 +190,7 @@ def test_full_scale_stereo_is_not_clipped(tmp_path: Path) -> None:
     wave = 0.9 * np.sin(2 * np.pi * 250 * t)
     pcm = np.round(np.stack([wave, wave]) * 32767).astype(np.int16)
     path = tmp_path / "loud.mkv"
-    write_video(path, n=25, audio=(sr, "stereo", pcm))
+    write_numbered(path, n=25, audio=pcm, sample_rate=sr)
     a = read_audio(path)
     assert a is not None
     np.testing.assert_allclose(a[:sr], pcm[0].astype(np.float32) / 32768, atol=1e-4)  # mean of equal channels
@@ -271,7 +198,7 @@ def test_full_scale_stereo_is_not_clipped(tmp_path: Path) -> None:
 
 def test_video_without_audio(tmp_path: Path) -> None:
     path = tmp_path / "silent.mp4"
-    write_video(path, n=10)
+    write_numbered(path, n=10)
     info = probe(path)
     assert info.has_audio is False and info.audio_sample_rate == 0
     assert list(iter_audio(path)) == []
@@ -282,7 +209,7 @@ def test_audio_only_wav(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     pcm = rng.integers(-20000, 20000, 24000, dtype=np.int16)
     path = tmp_path / "speech.wav"
-    write_wav(path, pcm, 16000)
+    write_audio(path, pcm, 16000)
     info = probe(path)
     assert (info.kind, info.has_video, info.has_audio) == ("audio", False, True)
     assert info.duration == pytest.approx(1.5, abs=1e-3) and info.n_output_frames() == 0
@@ -298,7 +225,7 @@ def test_truncated_audio_reports_after_readable_part(tmp_path: Path, ext: str, c
     # (a cut .wav cannot be told from a short one: FFmpeg sizes its data chunk from the file)
     pcm = np.random.default_rng(1).integers(-20000, 20000, 48000, dtype=np.int16)
     path = tmp_path / f"cut.{ext}"
-    write_wav(path, pcm, 16000, codec)
+    write_audio(path, pcm, 16000, codec)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 3])
     assert probe(path).duration == pytest.approx(3.0, abs=0.01)  # the header still declares 3 s
@@ -373,7 +300,7 @@ def test_animated_gif_is_a_video_not_an_image(tmp_path: Path) -> None:
 # ---- broken input ----
 def test_truncated_video_yields_readable_part_then_raises(tmp_path: Path) -> None:
     path = tmp_path / "cut.mkv"
-    write_video(path, n=100, rate=25, size=(32, 32))
+    write_numbered(path, n=100, rate=25, size=(32, 32))
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     assert probe(path).duration == pytest.approx(4.0)  # the header still promises 4 s
@@ -386,12 +313,6 @@ def test_truncated_video_yields_readable_part_then_raises(tmp_path: Path) -> Non
     np.testing.assert_array_equal(np.concatenate([b.index for b in batches]), np.arange(len(frames)))
     for k in range(len(frames)):  # what was yielded is the real picture, not garbage
         np.testing.assert_array_equal(frames[k], source_frame(k, 32, 32))
-
-
-def tone(sample_rate: int, seconds: float) -> np.ndarray:
-    """Mono s16 samples (1, n): a 440 Hz tone whose amplitude ramps up, so a prefix identifies its position."""
-    t = np.arange(int(round(sample_rate * seconds))) / sample_rate
-    return np.round((0.1 + 0.8 * t / seconds) * np.sin(2 * np.pi * 440 * t) * 32767)[None].astype(np.int16)
 
 
 # FLV has no per-stream durations (only the container's, shared by both streams) and takes 22.05 kHz, not 16 kHz.
@@ -415,8 +336,8 @@ def decode_all(path: Path) -> tuple[np.ndarray, np.ndarray, BaseException | None
 @pytest.mark.parametrize("ext,sr", AV_FORMATS)
 def test_truncated_video_with_audio_reports_both_streams(tmp_path: Path, ext: str, sr: int) -> None:
     path = tmp_path / f"cut.{ext}"
-    pcm = tone(sr, 4.0)
-    write_video(path, n=100, rate=25, size=(32, 32), audio=(sr, "mono", pcm))
+    pcm = ramp_tone(sr, 4.0)
+    write_numbered(path, n=100, rate=25, size=(32, 32), audio=pcm, sample_rate=sr)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     assert probe(path).duration == pytest.approx(4.0)  # the header still promises 4 s
@@ -442,9 +363,9 @@ def test_truncated_video_with_audio_reports_both_streams(tmp_path: Path, ext: st
 def test_intact_streams_of_different_lengths_are_not_truncated(tmp_path: Path, ext: str, sr: int,
                                                                video_s: float, audio_s: float) -> None:
     path = tmp_path / f"av.{ext}"
-    pcm = tone(sr, audio_s)
+    pcm = ramp_tone(sr, audio_s)
     n = int(video_s * 25)
-    write_video(path, n=n, rate=25, size=(16, 16), audio=(sr, "mono", pcm))
+    write_numbered(path, n=n, rate=25, size=(16, 16), audio=pcm, sample_rate=sr)
     with deadline(30):
         frames, audio, verr, aerr = decode_all(path)
     assert verr is None and aerr is None, (verr, aerr)
@@ -503,8 +424,8 @@ def peak_while_streaming(path: Path) -> tuple[int, int]:
 
 def test_memory_flat_with_length(tmp_path: Path) -> None:
     short, long = tmp_path / "short.mkv", tmp_path / "long.mkv"
-    write_video(short, n=20, size=(64, 64))
-    write_video(long, n=400, size=(64, 64))  # 400 x 12 KiB = 4.7 MiB if it were all held
+    write_numbered(short, n=20, size=(64, 64))
+    write_numbered(long, n=400, size=(64, 64))  # 400 x 12 KiB = 4.7 MiB if it were all held
     peak_short, n_short = peak_while_streaming(short)
     peak_long, n_long = peak_while_streaming(long)
     assert (n_short, n_long) == (20, 400)

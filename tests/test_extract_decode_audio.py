@@ -12,7 +12,7 @@ import av.filter
 import numpy as np
 
 from extract.decode import SAMPLE_RATE, iter_audio, read_audio
-from tests.test_extract_decode import write_video
+from tests._media import write_numbered
 
 
 def ffmpeg_resampled(path: Path, rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -57,7 +57,7 @@ def test_loud_stereo_keeps_overshoot_and_matches_ffmpeg(tmp_path: Path) -> None:
     right = square_wave(sr, 1.0, 441.0, 24000)  # different levels: the mean is not either channel
     pcm = np.round(np.stack([left, right])).astype(np.int16)
     path = tmp_path / "loud.mkv"
-    write_video(path, n=25, rate=25, audio=(sr, "stereo", pcm))
+    write_numbered(path, n=25, rate=25, audio=pcm, sample_rate=sr)
     got = read_audio(path)
     want = ffmpeg_resampled(path)
     assert got is not None and got.dtype == np.float32

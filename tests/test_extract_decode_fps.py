@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from extract.decode import FRAME_RULES, iter_frames, probe, read_frames
-from tests.test_extract_decode import shown_index, source_frame, write_video
+from tests._media import shown_index, source_frame, write_numbered
 
 
 def ffmpeg_fps(path: Path, fps: str = "25") -> np.ndarray:
@@ -74,7 +74,7 @@ def check_against_ffmpeg(path: Path, size: tuple[int, int] = (16, 24), fps: floa
                               "19.62-mp4"])
 def test_constant_rate_matches_ffmpeg_fps_filter(tmp_path: Path, rate: Fraction, n: int, ext: str) -> None:
     path = tmp_path / f"cfr.{ext}"
-    write_video(path, n=n, rate=rate)
+    write_numbered(path, n=n, rate=rate)
     want = check_against_ffmpeg(path)
     if rate == 50:  # t = (2j+1)/50 sits exactly on a half slot: FFmpeg rounds it up, to the next slot
         assert want[:3].tolist() == [0, 2, 4]
@@ -82,7 +82,7 @@ def test_constant_rate_matches_ffmpeg_fps_filter(tmp_path: Path, rate: Fraction,
 
 def test_floor_and_nearest_differ_where_the_issue_says(tmp_path: Path) -> None:
     path = tmp_path / "v30.mp4"
-    write_video(path, n=90, rate=30)
+    write_numbered(path, n=90, rate=30)
     nearest = shown_index(read_frames(path).frames)
     floor = shown_index(read_frames(path, frame_rule="floor").frames)
     assert len(nearest) == len(floor) == 75
@@ -95,7 +95,7 @@ def test_variable_rate_matches_ffmpeg_fps_filter(tmp_path: Path, ext: str) -> No
     # bursts, a frame superseded within one slot, exact half-slot times (20, 60 ms), long gaps
     ms = [0, 10, 20, 60, 100, 130, 500, 520, 900, 1300, 1318, 3100]
     path = tmp_path / f"vfr.{ext}"
-    write_video(path, [Fraction(t, 1000) for t in ms], rate=25, time_base=Fraction(1, 1000))
+    write_numbered(path, [Fraction(t, 1000) for t in ms], rate=25, time_base=Fraction(1, 1000))
     want = check_against_ffmpeg(path)
     assert want[:4].tolist() == [1, 2, 3, 5]  # 10 ms -> slot 0; 20 ms = 0.5 -> 1; 60 ms = 1.5 -> 2; 130 ms -> 3
 
@@ -104,7 +104,7 @@ def test_variable_rate_matches_ffmpeg_fps_filter(tmp_path: Path, ext: str) -> No
 def test_first_timestamp_not_zero(tmp_path: Path, ext: str) -> None:
     ms = [370 + 33 * i for i in range(30)]
     path = tmp_path / f"late.{ext}"
-    write_video(path, [Fraction(t, 1000) for t in ms], rate=30, time_base=Fraction(1, 1000))
+    write_numbered(path, [Fraction(t, 1000) for t in ms], rate=30, time_base=Fraction(1, 1000))
     with av.open(str(path)) as c:  # guards the fixture: the video really starts late
         first = next(c.decode(video=0))
         assert first.pts * first.time_base == Fraction(37, 100)
@@ -117,8 +117,8 @@ def test_video_starting_after_audio(tmp_path: Path) -> None:
     ms = [50 + 40 * i for i in range(20)]
     pcm = np.zeros((1, 16000), np.int16)
     path = tmp_path / "av.mkv"
-    write_video(path, [Fraction(t, 1000) for t in ms], rate=25, time_base=Fraction(1, 1000),
-                audio=(16000, "mono", pcm))
+    write_numbered(path, [Fraction(t, 1000) for t in ms], rate=25, time_base=Fraction(1, 1000),
+                   audio=pcm, sample_rate=16000)
     want = check_against_ffmpeg(path)
     assert probe(path).video_start == pytest.approx(0.05)
     assert want[0] == 0 and len(want) == 20  # slots 1..20: 50 ms -> 1.25 -> 1; end 0.85 s -> 21.25 -> 21
@@ -127,13 +127,13 @@ def test_video_starting_after_audio(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fps", [1.0, 10.0, 30.0])
 def test_other_output_rates_match_ffmpeg(tmp_path: Path, fps: float) -> None:
     path = tmp_path / "v.mkv"
-    write_video(path, n=70, rate=Fraction(981, 50))
+    write_numbered(path, n=70, rate=Fraction(981, 50))
     check_against_ffmpeg(path, fps=fps)
 
 
 def test_frame_rule_is_validated(tmp_path: Path) -> None:
     path = tmp_path / "v.mkv"
-    write_video(path, n=3)
+    write_numbered(path, n=3)
     assert FRAME_RULES == ("nearest", "floor")
     with pytest.raises(ValueError, match="frame_rule"):
         next(iter_frames(path, frame_rule="round"))

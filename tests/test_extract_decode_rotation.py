@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from extract.decode import probe, read_frames
-from tests.test_extract_decode import source_frame
+from tests._media import source_frame
 
 H, W = 16, 24
 

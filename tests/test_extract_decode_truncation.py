@@ -16,7 +16,7 @@ import pytest
 
 from extract.decode import DecodeError, TruncatedMedia, iter_audio, iter_frames, probe
 from extract.decode_integrity import structural_gap
-from tests.test_extract_decode import deadline, shown_index, source_frame, tone, write_video, write_wav
+from tests._media import deadline, ramp_tone, shown_index, source_frame, write_audio, write_numbered
 
 GAPS_MS = [0, 40, 80, 3000, 3040, 6200]  # two gaps of about 3 s; the last frame is shown for 2.8 s
 END_MS = 9000
@@ -113,7 +113,7 @@ def test_every_cut_copy_is_caught(tmp_path: Path, layout: str) -> None:
 def test_cut_at_a_box_boundary_is_caught_by_the_index(tmp_path: Path) -> None:
     # faststart MP4 = ftyp, moov, mdat: cut right before mdat, every box left is whole; the sample index is not
     path = tmp_path / "v.mp4"
-    write_video(path, n=50, rate=25, size=(32, 32))
+    write_numbered(path, n=50, rate=25, size=(32, 32))
     whole = tmp_path / "fast.mp4"
     with av.open(str(path)) as src, av.open(str(whole), "w", options={"movflags": "+faststart"}) as dst:
         s = dst.add_stream_from_template(src.streams.video[0])
@@ -134,7 +134,7 @@ def test_cut_at_a_box_boundary_is_caught_by_the_index(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ext,sr", [("mkv", 16000), ("flv", 22050)])
 def test_cut_audio_is_caught_without_duration_checks(tmp_path: Path, ext: str, sr: int) -> None:
     path = tmp_path / f"a.{ext}"
-    write_video(path, n=100, rate=25, size=(16, 16), audio=(sr, "mono", tone(sr, 4.0)))
+    write_numbered(path, n=100, rate=25, size=(16, 16), audio=ramp_tone(sr, 4.0), sample_rate=sr)
     data = path.read_bytes()
     for frac in (0.3, 0.7):
         cut = tmp_path / f"cut{frac}.{ext}"
@@ -147,7 +147,7 @@ def test_cut_audio_is_caught_without_duration_checks(tmp_path: Path, ext: str, s
 
 def test_bytes_after_the_last_box_are_not_a_cut(tmp_path: Path) -> None:
     path = tmp_path / "padded.mp4"
-    write_video(path, n=30, rate=30)
+    write_numbered(path, n=30, rate=30)
     with open(path, "ab") as f:
         f.write(b"\0" * 64 + b"\xff\xfe" * 32)  # camera padding / junk that is no box
     n, err = decode_outcome(path)
@@ -158,9 +158,9 @@ def test_bytes_after_the_last_box_are_not_a_cut(tmp_path: Path) -> None:
 def test_riff_files_cut_are_caught(tmp_path: Path, ext: str) -> None:
     path = tmp_path / f"a.{ext}"
     if ext == "wav":
-        write_wav(path, tone(16000, 2.0)[0], 16000)
+        write_audio(path, ramp_tone(16000, 2.0)[0], 16000)
     else:
-        write_video(path, n=50, rate=25, size=(16, 16), audio=(16000, "mono", tone(16000, 2.0)))
+        write_numbered(path, n=50, rate=25, size=(16, 16), audio=ramp_tone(16000, 2.0), sample_rate=16000)
     assert structural_gap(str(path)) == (True, None)
     assert list(iter_audio(path))  # intact: no error
     data = path.read_bytes()
