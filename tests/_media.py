@@ -133,6 +133,24 @@ def write_image(path: Path, img: np.ndarray) -> Path:
     return path
 
 
+def break_video_stream(src: Path, dst: Path) -> Path:
+    """Copy `src` packet by packet, replacing every video packet's payload with noise; audio packets stay intact."""
+    rng = np.random.default_rng(7)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for pkt in inp.demux():
+            if pkt.dts is None:  # the demuxer's flush packets
+                continue
+            idx = pkt.stream.index
+            if pkt.stream.type == "video":
+                bad = av.Packet(rng.integers(0, 256, pkt.size, dtype=np.uint8).tobytes())
+                bad.pts, bad.dts, bad.time_base = pkt.pts, pkt.dts, pkt.time_base
+                pkt = bad
+            pkt.stream = streams[idx]
+            out.mux(pkt)
+    return dst
+
+
 @dataclass(frozen=True)
 class TinyVideo:
     """A written lossless video and exactly what decoding it must give back."""

@@ -10,7 +10,8 @@ import pytest
 from extract import engine
 from store.schema import Status
 from pipelines.decode_stage import DecodeWorker, decode_actor_cpus, max_in_flight
-from tests.test_pipelines_run import _by_id, _open, _run, make_dataset, write_video
+from tests._media import write_video
+from tests._pipelines import PLUGIN, make_dataset, open_store, run_extract, status_by_id, worker_store
 
 
 def test_in_flight_objects_follow_the_byte_budget() -> None:
@@ -45,11 +46,11 @@ def test_decode_worker_streams_what_the_engine_decodes(tmp_path: Path) -> None:
 def test_decode_workers_give_the_same_store_as_in_worker_decoding(ray_session: None, tmp_path: Path) -> None:
     man, _ = make_dataset(tmp_path)
     feats = "test_mean,test_max,test_rms"
-    assert _run(man, tmp_path / "inline.zarr", features=feats) == 1  # the dataset has bad files: exit 1
-    assert _run(man, tmp_path / "stage.zarr", "--decode-workers", "2", "--batch-size", "3", features=feats) == 1
-    a, b = _open(tmp_path / "inline.zarr"), _open(tmp_path / "stage.zarr")
+    assert run_extract(man, tmp_path / "inline.zarr", features=feats) == 1  # the dataset has bad files: exit 1
+    assert run_extract(man, tmp_path / "stage.zarr", "--decode-workers", "2", "--batch-size", "3", features=feats) == 1
+    a, b = open_store(tmp_path / "inline.zarr"), open_store(tmp_path / "stage.zarr")
     for f in feats.split(","):
-        assert _by_id(a, f) == _by_id(b, f), f  # statuses and reasons, item by item (bad files, stream errors)
+        assert status_by_id(a, f) == status_by_id(b, f), f  # statuses and reasons per item (bad files, stream errors)
         ra, rb = a.read(f), b.read(f)
         np.testing.assert_array_equal(ra.values, rb.values)
         np.testing.assert_array_equal(ra.mask, rb.mask)
@@ -62,7 +63,6 @@ def test_model_worker_reads_its_items_from_decode_actors_only(ray_session: None,
 
     from extract import decode
     from pipelines.worker import ExtractWorker
-    from tests.test_pipelines_worker import PLUGIN, _store
 
     rng = np.random.default_rng(4)
     clips = {k: rng.integers(0, 256, (9 + i, 8, 8, 3), dtype=np.uint8) for i, k in enumerate("abc")}
@@ -73,7 +73,7 @@ def test_model_worker_reads_its_items_from_decode_actors_only(ray_session: None,
     w = ExtractWorker(feats, plugins=[PLUGIN], extractor_kwargs={"random_init": True}, batch_size=2,
                       decoders=decoders)
     paths = {k: tmp_path / f"{k}.mkv" for k in clips}
-    url = _store(tmp_path, w, paths)
+    url = worker_store(tmp_path, w, paths)
 
     def no_local_decode(*a: object, **k: object) -> None:
         raise AssertionError("the model worker decoded locally")

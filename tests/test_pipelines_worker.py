@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipelines.worker import ExtractWorker
-from store.schema import ItemRecord, Status
-from tests.test_pipelines_run import write_image, write_video
+from store.schema import Status
+from tests._media import break_video_stream, write_audio, write_image, write_video
+from tests._pipelines import worker_store
 
 PLUGIN = "tests.pipelines_testext"
 FEATURES = ["test_mean", "test_max", "test_rms"]
@@ -18,18 +19,6 @@ FEATURES = ["test_mean", "test_max", "test_rms"]
 
 def _worker(features: list[str] = FEATURES, **kw: Any) -> ExtractWorker:
     return ExtractWorker(features, plugins=[PLUGIN], extractor_kwargs={"random_init": True, "seed": 0}, **kw)
-
-
-def _store(tmp_path: Path, worker: ExtractWorker, paths: dict[str, Path]) -> str:
-    from pipelines.worker import spec_from_description
-    from store.zarr_store import FeatureStore
-
-    url = str(tmp_path / "w.zarr")
-    kinds = {k: ("image" if p.suffix == ".png" else "video") for k, p in paths.items()}
-    fs = FeatureStore.create(url, [ItemRecord(id=k, path=str(p), kind=kinds[k]) for k, p in paths.items()])
-    for d in worker.describe().values():
-        fs.ensure_feature(spec_from_description(d), d["provenance"])
-    return url
 
 
 def _plain(obj: Any) -> bool:
@@ -71,7 +60,7 @@ def test_each_item_is_decoded_once_for_every_extractor(tmp_path: Path, monkeypat
     frames = rng.integers(0, 256, (10, 8, 12, 3), dtype=np.uint8)
     write_video(tmp_path / "a.mkv", frames, audio=np.sin(np.arange(8000) * 0.05) * 0.5)
     w = _worker(batch_size=4)
-    url = _store(tmp_path, w, {"a": tmp_path / "a.mkv"})
+    url = worker_store(tmp_path, w, {"a": tmp_path / "a.mkv"})
     calls = _counting(monkeypatch)
     summary = w.process(url, 0, str(tmp_path / "a.mkv"), FEATURES)
     assert calls == {"frames": 1, "audio": 1}  # three extractors, one decode of each stream
@@ -94,7 +83,7 @@ def test_decode_thread_overlaps_model_compute(tmp_path: Path, monkeypatch: pytes
     _counting(monkeypatch, delay=delay)
     for q in (0, 4):
         w = _worker(["test_mean"], batch_size=2, queue_size=q, extractor_options=opts)
-        url = _store(tmp_path / f"q{q}", w, {"v": tmp_path / "v.mkv"})
+        url = worker_store(tmp_path / f"q{q}", w, {"v": tmp_path / "v.mkv"})
         t0 = time.perf_counter()
         assert w.process(url, 0, str(tmp_path / "v.mkv"), ["test_mean"])["results"]["test_mean"][0] == Status.OK
         took[q] = time.perf_counter() - t0
@@ -113,7 +102,7 @@ def test_one_failing_extractor_or_file_leaves_everything_else(tmp_path: Path) ->
     (tmp_path / "bad.mp4").write_text("not a video\n")
     w = _worker()
     paths = {"boom": tmp_path / "boom.mkv", "bad": tmp_path / "bad.mp4", "p": tmp_path / "p.png"}
-    url = _store(tmp_path, w, paths)
+    url = worker_store(tmp_path, w, paths)
     res = {k: w.process(url, r, str(p), FEATURES)["results"] for r, (k, p) in enumerate(paths.items())}
     assert res["boom"]["test_mean"] == (int(Status.FAILED), "extractor_error")
     assert res["boom"]["test_max"] == (int(Status.OK), "")  # same item, other extractor: unaffected
@@ -136,7 +125,7 @@ def test_next_item_is_prefetched_once_and_a_wrong_hint_is_dropped(tmp_path: Path
         write_video(tmp_path / f"{k}.mkv", f)
     w = _worker(["test_mean", "test_max"], batch_size=2)
     paths = {k: tmp_path / f"{k}.mkv" for k in clips}
-    url = _store(tmp_path, w, paths)
+    url = worker_store(tmp_path, w, paths)
     calls = _counting(monkeypatch)
     feats = ["test_mean", "test_max"]
     def settled(n: int) -> int:
@@ -163,45 +152,12 @@ def test_next_item_is_prefetched_once_and_a_wrong_hint_is_dropped(tmp_path: Path
         np.testing.assert_allclose(vals[r, : len(f)], want, atol=1e-6)  # every item got its own frames
 
 
-def _write_audio_only(path: Path, audio: np.ndarray) -> None:
-    """A real audio-only file: 16 kHz mono PCM, no video stream."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        a = c.add_stream("pcm_s16le", rate=16000)
-        a.layout = "mono"
-        fr = av.AudioFrame.from_ndarray((np.clip(audio, -1, 1) * 32767).astype(np.int16)[None], format="s16",
-                                        layout="mono")
-        fr.sample_rate = 16000
-        for p in list(a.encode(fr)) + list(a.encode()):
-            c.mux(p)
-
-
-def _break_video_stream(src: Path, dst: Path) -> None:
-    """Copy `src` packet by packet, replacing every video packet's payload with noise; audio packets stay intact."""
-    import av
-
-    rng = np.random.default_rng(7)
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
-        for pkt in inp.demux():
-            if pkt.dts is None:  # the demuxer's flush packets
-                continue
-            idx = pkt.stream.index
-            if pkt.stream.type == "video":
-                bad = av.Packet(rng.integers(0, 256, pkt.size, dtype=np.uint8).tobytes())
-                bad.pts, bad.dts, bad.time_base = pkt.pts, pkt.dts, pkt.time_base
-                pkt = bad
-            pkt.stream = streams[idx]
-            out.mux(pkt)
-
-
 def _rms_alone(tmp_path: Path, path: Path) -> np.ndarray:
     """test_rms values of `path` from a worker that runs only test_rms (the reference run)."""
     from store.zarr_store import FeatureStore
 
     w = _worker(["test_rms"])
-    url = _store(tmp_path / "alone", w, {"x": path})
+    url = worker_store(tmp_path / "alone", w, {"x": path})
     assert w.process(url, 0, str(path), ["test_rms"])["results"]["test_rms"] == (int(Status.OK), "")
     return FeatureStore.open(url).read("test_rms").values[0]
 
@@ -210,12 +166,12 @@ def _rms_alone(tmp_path: Path, path: Path) -> np.ndarray:
 def test_audio_only_file_gives_audio_features_ok_beside_frame_features(tmp_path: Path, queue_size: int) -> None:
     audio = np.sin(np.arange(12000) * 0.03) * 0.5
     path = tmp_path / "speech.wav"
-    _write_audio_only(path, audio)
+    write_audio(path, audio, 16000)
     from extract import decode
 
     assert not decode.probe(path).has_video and decode.probe(path).has_audio  # really audio-only
     w = _worker(["test_mean", "test_rms"], queue_size=queue_size)
-    url = _store(tmp_path, w, {"a": path})
+    url = worker_store(tmp_path, w, {"a": path})
     res = w.process(url, 0, str(path), ["test_mean", "test_rms"])["results"]
     assert res == {"test_mean": (int(Status.ABSENT), "no_video"), "test_rms": (int(Status.OK), "")}
     from store.zarr_store import FeatureStore
@@ -231,14 +187,14 @@ def test_corrupt_video_stream_fails_only_frame_features(tmp_path: Path, queue_si
     audio = np.sin(np.arange(16000) * 0.02) * 0.4
     write_video(tmp_path / "good.mkv", rng.integers(0, 256, (25, 16, 16, 3), dtype=np.uint8), audio=audio)
     path = tmp_path / "broken.mkv"
-    _break_video_stream(tmp_path / "good.mkv", path)
+    break_video_stream(tmp_path / "good.mkv", path)
     from extract import decode
 
     with pytest.raises(decode.DecodeError):  # the video stream really is unreadable ...
         list(decode.iter_frames(path))
     assert np.concatenate(list(decode.iter_audio(path))).size == audio.size  # ... and the audio intact
     w = _worker(["test_mean", "test_max", "test_rms"], queue_size=queue_size)
-    url = _store(tmp_path, w, {"b": path})
+    url = worker_store(tmp_path, w, {"b": path})
     res = w.process(url, 0, str(path), ["test_mean", "test_max", "test_rms"])["results"]
     assert res["test_mean"][0] == res["test_max"][0] == int(Status.FAILED)
     assert res["test_mean"][1] in ("decode_error", "truncated")
@@ -265,6 +221,6 @@ def test_frames_are_decoded_on_the_25_fps_grid_with_the_frame_rule(tmp_path: Pat
     monkeypatch.setattr(decode, "iter_frames", spy)
     for rule in ("floor", "nearest"):
         w = _worker(["test_mean"], frame_rule=rule, decode_height=6, queue_size=0)
-        url = _store(tmp_path / rule, w, {"v": tmp_path / "v.mkv"})
+        url = worker_store(tmp_path / rule, w, {"v": tmp_path / "v.mkv"})
         assert w.process(url, 0, str(tmp_path / "v.mkv"), ["test_mean"])["results"]["test_mean"][0] == Status.OK
     assert [(k["fps"], k["frame_rule"], k["height"]) for k in seen] == [(25.0, "floor", 6), (25.0, "nearest", 6)]
