@@ -1,113 +1,28 @@
-"""Extraction framework: step policies, frame-step sessions, registry behaviour, device choice, provenance."""
+"""extract._api: frame-step sessions (step frames, batching, gaps, images), caption extractors, seeded random
+weights and the random_init="missing" fallback, provenance."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
-
-import hashlib
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from extract import (
-    FrameStepExtractor,
     RandomWeightsWarning,
-    StepPolicy,
     WeightsError,
     WeightsNotFound,
     WeightsSpec,
     create_extractor,
-    list_extractors,
+    register_extractor,
     weights_available,
 )
-from extract._device import pick_device, use_half
-from extract._registry import UnknownExtractorError, _REGISTRY, register_extractor
-from extract.sampling import frame_indices, frame_times, uniform_times
-from store.schema import FeatureSpec, Status
-
-
-@dataclass
-class Batch:
-    """Duck-typed extract.decode.FrameBatch."""
-
-    frames: np.ndarray
-    times: np.ndarray
-    index: np.ndarray
-
-
-def batches(n_frames: int, size: int = 7, hw: tuple[int, int] = (4, 6)) -> list[Batch]:
-    """25 fps frames whose every pixel equals the frame index (mod 256), in batches of `size`."""
-    out = []
-    for s in range(0, n_frames, size):
-        idx = np.arange(s, min(s + size, n_frames), dtype=np.int64)
-        frames = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (len(idx), *hw, 3)).copy()
-        out.append(Batch(frames, idx / 25.0, idx))
-    return out
-
-
-ECHO_WEIGHTS = WeightsSpec("t", "t.pth", "", "https://example.org/t.pth", "imagenet_v1")  # unpinned
-
-
-class IndexEcho(FrameStepExtractor):
-    """Test extractor: the feature of a frame is its pixel value (= its index), via a real batched 'model'."""
-
-    name = "index_echo"
-
-    def __init__(self, *, fps: float | None = 1.0, count: int | None = None, max_steps: int = 64,
-                 batch_size: int = 3, weights: WeightsSpec = ECHO_WEIGHTS, **common: Any) -> None:
-        super().__init__(**common)
-        self.policy = StepPolicy(fps=fps, max_steps=max_steps, count=count)
-        self.batch_size = batch_size
-        self.spec = FeatureSpec(name="index_echo", dim=2, max_steps=self.policy.steps, dtype="float32")
-        self.calls: list[int] = []
-        self.model = self.build_model(lambda: torch.nn.Linear(1, 2), weights)
-
-    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(frames[:, 0, 0, :1].astype(np.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(len(x))
-        return torch.cat([x, x], dim=1)
-
-
-def test_rate_policy_times() -> None:
-    p = StepPolicy(fps=1.0, max_steps=64)
-    np.testing.assert_allclose(p.times(3.0), [0, 1, 2])
-    np.testing.assert_allclose(p.times(3.04), [0, 1, 2, 3])
-    np.testing.assert_allclose(p.times(0.3), [0])
-    np.testing.assert_allclose(StepPolicy(fps=2.0).times(1.5), [0, 0.5, 1.0])
-    capped = StepPolicy(fps=1.0, max_steps=4).times(100.0)  # beyond max_steps: spread over the whole item
-    np.testing.assert_allclose(capped, [12.5, 37.5, 62.5, 87.5])
-    assert StepPolicy(fps=1.0, max_steps=4).steps == 4
-
-
-def test_count_policy_middle_of_segments_and_images() -> None:
-    p = StepPolicy(count=4)
-    np.testing.assert_allclose(p.times(2.0), [0.25, 0.75, 1.25, 1.75])
-    assert p.steps == 4 and p.max_steps == 4
-    np.testing.assert_allclose(uniform_times(1.0, 2), [0.25, 0.75])
-    for pol in (p, StepPolicy(fps=1.0)):
-        np.testing.assert_array_equal(pol.times(0.0), [0.0])  # images: one step at 0
-
-
-@pytest.mark.parametrize("kw", [{}, {"fps": 1.0, "count": 3}, {"fps": 0.0}, {"count": 0}, {"fps": 1.0, "max_steps": 0}])
-def test_bad_policies_raise(kw: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="StepPolicy"):
-        StepPolicy(**kw)
-    with pytest.raises(ValueError, match="duration"):
-        StepPolicy(fps=1.0).times(float("nan"))
-
-
-def test_frame_index_mapping() -> None:
-    t = np.array([0.0, 0.04, 0.039999999, 1.0, 0.5 / 25, 99.0])
-    np.testing.assert_array_equal(frame_indices(t), [0, 1, 1, 25, 0, 2475])  # floor(t*25 + 1e-6)
-    np.testing.assert_array_equal(frame_indices(t, n_frames=30), [0, 1, 1, 25, 0, 29])
-    np.testing.assert_allclose(frame_times(np.array([0, 25, 13])), [0.0, 1.0, 0.52])
-    assert frame_times(np.array([1])).dtype == np.float32
+from extract._registry import _REGISTRY
+from store.schema import Status
+from tests._extractors import Batch, IndexEcho, batches
+from tests._fakes import FakeWeightsFactory
 
 
 def test_session_picks_step_frames_and_batches() -> None:
@@ -162,23 +77,6 @@ def test_unknown_duration_is_a_clear_error() -> None:
         ex.start(SimpleNamespace(kind="video", duration=float("nan"), path="x.mp4"))
 
 
-def test_registry_duplicate_unknown_and_options() -> None:
-    assert {"resnet152", "clip", "clip_text", "glove", "word2vec"} <= set(list_extractors())
-    assert list_extractors() == sorted(list_extractors())
-    with pytest.raises(ValueError, match="already registered"):
-        register_extractor("resnet152")(IndexEcho)
-    with pytest.raises(UnknownExtractorError, match="no extractor named 'nope'.*resnet152"):
-        create_extractor("nope")
-    try:
-        register_extractor("index_echo_tmp")(IndexEcho)
-        ex = create_extractor("index_echo_tmp", random_init=True, seed=3)
-        assert isinstance(ex, IndexEcho)
-        with pytest.raises(TypeError, match="unknown options"):
-            create_extractor("index_echo_tmp", random_init=True, bogus=1)
-    finally:
-        _REGISTRY.pop("index_echo_tmp", None)
-
-
 def test_random_init_is_seeded_and_recorded() -> None:
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -191,18 +89,6 @@ def test_random_init_is_seeded_and_recorded() -> None:
     assert prov["weights"] == {"random": True, "seed": 5}
     assert prov["preset"] == "imagenet_v1" and prov["tvr_version"] and prov["extractor"] == "index_echo"
     assert not a.model.training and not any(p.requires_grad for p in a.model.parameters())
-
-
-def test_device_choice() -> None:
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert IndexEcho(random_init=True).device == pick_device("auto")  # extractors default to "auto"
-    assert pick_device("cpu") == torch.device("cpu")
-    assert not use_half(True, torch.device("cpu")) and use_half(True, torch.device("cuda"))
-    with pytest.raises(ValueError, match="not a torch device"):
-        pick_device("tpu-ish:x")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            pick_device("cuda")
 
 
 def test_caption_extractors_refuse_media() -> None:
@@ -245,10 +131,10 @@ def test_random_if_missing_falls_back_loudly_to_the_seeded_random_weights(tmp_pa
     np.testing.assert_array_equal(s.finish().values[:, 0], [0, 25])  # and it runs like any extractor
 
 
-def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, no_env_weights: None) -> None:
+def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, no_env_weights: None,
+                                                               fake_weights: FakeWeightsFactory) -> None:
     src = torch.nn.Linear(1, 2)
-    torch.save(src.state_dict(), tmp_path / "t.pth")
-    digest = hashlib.sha256((tmp_path / "t.pth").read_bytes()).hexdigest()
+    digest = fake_weights(src, "t.pth").sha256
     with warnings.catch_warnings():
         warnings.simplefilter("error", RandomWeightsWarning)  # no fallback, so no warning
         ex = IndexEcho(random_init="missing", weights_dir=tmp_path)

@@ -11,8 +11,8 @@ import pytest
 from extract import decode
 from extract.engine import DecodeOptions, StreamPlan, plan_streams, run_item
 from store.schema import Status
-from tests.test_extract_api import IndexEcho
-from tests.test_pipelines_run import write_video
+from tests._extractors import IndexEcho, batches
+from tests._media import break_video_stream, write_image, write_video
 
 
 def _numbered(n: int, hw: tuple[int, int] = (16, 16)) -> np.ndarray:
@@ -59,7 +59,6 @@ def test_keep_with_a_resize_and_an_image(tmp_path: Path) -> None:
     got = decode.read_frames(path, height=12, keep=[3, 11])
     np.testing.assert_array_equal(got.index, [3, 11])
     np.testing.assert_array_equal(got.frames, full.frames[[3, 11]])
-    from tests.test_pipelines_run import write_image
 
     write_image(tmp_path / "p.png", np.full((6, 8, 3), 5, np.uint8))
     img = decode.read_frames(tmp_path / "p.png", keep=[])  # even an empty keep yields the (last = only) frame
@@ -119,14 +118,13 @@ def test_run_item_decodes_once_and_matches_a_full_decode(tmp_path: Path, monkeyp
 
 
 def test_stream_failures_stay_in_their_stream(tmp_path: Path) -> None:
-    from tests.test_pipelines_worker import _break_video_stream
     import tests.pipelines_testext  # noqa: F401
     from extract._registry import create_extractor
 
     audio = np.sin(np.arange(16000) * 0.02) * 0.4
     write_video(tmp_path / "good.mkv", np.random.default_rng(5).integers(0, 256, (25, 16, 16, 3), np.uint8),
                 audio=audio)
-    _break_video_stream(tmp_path / "good.mkv", tmp_path / "broken.mkv")
+    break_video_stream(tmp_path / "good.mkv", tmp_path / "broken.mkv")
     exs = {"echo": IndexEcho(random_init=True), "rms": create_extractor("test_rms", random_init=True)}
     out = run_item(exs, tmp_path / "broken.mkv", list(exs))
     assert out.failures["echo"].reason in ("decode_error", "truncated") and "echo" not in out.rows
@@ -156,7 +154,6 @@ class _OomAbove(IndexEcho):
 
 
 def test_cuda_oom_halves_the_batch_and_retries() -> None:
-    from tests.test_extract_api import batches
 
     info = SimpleNamespace(kind="video", duration=12.0)  # 1 fps: 12 steps
     ref = IndexEcho(random_init=True, batch_size=8)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract._api import FrameStepExtractor, StepPolicy
+from extract import FrameStepExtractor, StepPolicy, create_extractor
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.rerun import settings_diffs
 from store.schema import FeatureSpec
-from tests.test_extract_api import ECHO_WEIGHTS, batches
+from tests._extractors import ECHO_WEIGHTS, batches
 
 
 class TinyLinear(FrameStepExtractor):
@@ -69,8 +69,6 @@ def test_bad_precision_values_are_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
         TinyLinear(random_init=True, precision="fp8")
     import tests.pipelines_testext  # noqa: F401
-    from extract._registry import create_extractor
-
     with pytest.raises(ValueError, match="cannot run in bf16.*--precision fp16 or fp32"):
         create_extractor("test_rms", random_init=True, precision="bf16")
     with pytest.raises(ConfigError, match="--precision must be one of"):

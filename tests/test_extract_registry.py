@@ -19,9 +19,20 @@ import numpy as np
 import pytest
 
 import extract
-from extract import RandomWeightsWarning, WeightsError, create_extractor, list_extractors, transforms
-from extract._api import CaptionExtractor, Extractor, FrameStepExtractor
+from extract import (
+    CaptionExtractor,
+    Extractor,
+    FrameStepExtractor,
+    RandomWeightsWarning,
+    WeightsError,
+    create_extractor,
+    list_extractors,
+    register_extractor,
+    transforms,
+)
+from extract._registry import _REGISTRY, UnknownExtractorError
 from store.schema import FeatureRows, FeatureSpec, Status
+from tests._extractors import IndexEcho
 
 NAMES = list_extractors()
 FPS, SECONDS, H, W, SR = 25, 1.2, 48, 64, 16000
@@ -247,6 +258,23 @@ def test_registry_lists_the_other_helpers_modules_when_present() -> None:
     assert extract.list_extractors is list_extractors
 
 
+def test_registry_duplicate_unknown_and_options() -> None:
+    assert {"resnet152", "clip", "clip_text", "glove", "word2vec"} <= set(list_extractors())
+    assert list_extractors() == sorted(list_extractors())
+    with pytest.raises(ValueError, match="already registered"):
+        register_extractor("resnet152")(IndexEcho)
+    with pytest.raises(UnknownExtractorError, match="no extractor named 'nope'.*resnet152"):
+        create_extractor("nope")
+    try:
+        register_extractor("index_echo_tmp")(IndexEcho)
+        ex = create_extractor("index_echo_tmp", random_init=True, seed=3)
+        assert isinstance(ex, IndexEcho)
+        with pytest.raises(TypeError, match="unknown options"):
+            create_extractor("index_echo_tmp", random_init=True, bogus=1)
+    finally:
+        _REGISTRY.pop("index_echo_tmp", None)
+
+
 @pytest.fixture
 def no_weights_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Empty weights dir env, torch hub dir, HOME (open_clip's URL cache) and HF cache; downloads fail loudly."""
@@ -374,7 +402,7 @@ def weights_digest(ex):
 
 def _has_weights(name: str) -> bool:
     """Whether the extractor registered as `name` holds a model (factories are assumed to)."""
-    cls = extract._registry.extractor_class(name)
+    cls = extract.extractor_class(name)
     return not isinstance(cls, type) or cls.has_weights
 
 
