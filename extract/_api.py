@@ -115,6 +115,9 @@ class ItemSession(abc.ABC):
     def finish(self) -> FeatureRows:
         """The row for the item: OK, or ABSENT with a reason."""
 
+    def close(self) -> None:
+        """The item's run ends without `finish` (it failed elsewhere): release shared state (default: nothing)."""
+
 
 class _ExtractorMeta(abc.ABCMeta):
     """Implements ``random_init="missing"`` once, for every Extractor subclass and registry factory.
@@ -368,18 +371,21 @@ class FrameStepSession(ItemSession):
 
     def __init__(self, extractor: FrameStepExtractor, times: np.ndarray) -> None:
         """Plan the wanted frame indices for `times`."""
+        from extract.engine import batch_pool
+
         self.ex = extractor
         self.want = frame_indices(times)  # ascending, may repeat (short items with many steps)
         self._uniq = np.unique(self.want)
         self._next = 0  # position in _uniq of the next unsatisfied step frame
         self._used: dict[int, int] = {}  # wanted index -> decoded index used
-        self._queue: list[torch.Tensor] = []  # preprocessed single-frame inputs waiting for a batch
-        self._queue_idx: list[int] = []
+        self._pool = batch_pool(extractor)  # shared with the extractor's other live sessions (cross-item batches)
+        self._queued: set[int] = set()  # decoded indices waiting in the pool
         self._feats: dict[int, np.ndarray] = {}  # decoded index -> (D,) float32
         self._last: tuple[int, np.ndarray] | None = None  # last decoded frame, for steps past the end
+        self._error: BaseException | None = None  # the model failed on this item's own frames
 
     def add_frames(self, batch: FrameBatch) -> None:
-        """Preprocess the step frames of `batch` (as one batch); run the model on every full batch."""
+        """Preprocess the step frames of `batch` (as one batch); queue them for the model (full batches run)."""
         index = np.asarray(batch.index)
         if index.size == 0:
             return
@@ -392,28 +398,35 @@ class FrameStepSession(ItemSession):
                 hit = True
             if hit:
                 pick.append(i)
+        self._last = (int(index[-1]), np.array(batch.frames[-1], copy=True))
         if pick:
             x = self.ex.prepare(np.stack([np.asarray(batch.frames[i]) for i in pick]))
-            self._queue.extend(x.unbind(0))
-            self._queue_idx.extend(int(index[i]) for i in pick)
-        self._last = (int(index[-1]), np.array(batch.frames[-1], copy=True))
-        while len(self._queue) >= self.ex.batch_size:
-            self._flush(self.ex.batch_size)
+            self._queue([int(index[i]) for i in pick], x.unbind(0))
+        self._raise_error()
 
-    def _flush(self, n: int | None = None) -> None:
-        """Run the model on the first `n` queued inputs (all when None)."""
-        import torch
+    def _queue(self, keys: list[int], inputs: Sequence[torch.Tensor]) -> None:
+        """Hand inputs to the shared pool (it runs every full batch, possibly with other items' frames)."""
+        self._queued.update(keys)
+        self._pool.add(self, keys, inputs)
 
-        n = len(self._queue) if n is None else n
-        if n == 0:
-            return
-        xs, idx = self._queue[:n], self._queue_idx[:n]
-        del self._queue[:n], self._queue_idx[:n]
-        from extract.engine import infer_halving
+    def deliver(self, key: int, row: np.ndarray) -> None:
+        """BatchPool: the feature of decoded frame `key`."""
+        self._feats[key] = row
+        self._queued.discard(key)
 
-        out = infer_halving(self.ex, torch.stack(xs))  # a CUDA OOM halves the batch instead of failing the item
-        for k, row in zip(idx, out):
-            self._feats[k] = row
+    def fail(self, error: BaseException) -> None:
+        """BatchPool: the model failed on this item's frames (raised by the session's next call)."""
+        self._error = self._error or error
+
+    def close(self) -> None:
+        """Drop this item's frames still waiting in the shared pool."""
+        self._pool.discard(self)
+
+    def _raise_error(self) -> None:
+        """Raise the model's error on this item's frames, if any."""
+        if self._error is not None:
+            self._pool.discard(self)
+            raise self._error
 
     def finish(self) -> FeatureRows:
         """OK row with one value per step; ABSENT ("no_video") when no frame was decoded."""
@@ -424,10 +437,11 @@ class FrameStepSession(ItemSession):
             for k in self._uniq[self._next :]:
                 self._used[int(k)] = last_k
             self._next = len(self._uniq)
-            if last_k not in self._feats and last_k not in self._queue_idx:
-                self._queue.extend(self.ex.prepare(last_frame[None]).unbind(0))
-                self._queue_idx.append(last_k)
-        self._flush()
+            if last_k not in self._feats and last_k not in self._queued:
+                self._queue([last_k], self.ex.prepare(last_frame[None]).unbind(0))
+        if self._queued:
+            self._pool.flush()  # one batch with whatever other items have queued
+        self._raise_error()
         used = np.array([self._used[int(k)] for k in self.want], dtype=np.int64)
         values = to_store_dtype(np.stack([self._feats[int(k)] for k in used]), self.ex.spec, self.ex.name)
         return FeatureRows(status=Status.OK, values=values, times=frame_times(used))

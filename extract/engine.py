@@ -13,7 +13,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -184,7 +184,7 @@ class ItemRun:
                     self.sessions[f].add_audio(payload)
                 self.outcome.spent[f] += time.perf_counter() - t
             except Exception as e:
-                del self.sessions[f]
+                self.sessions.pop(f).close()
                 self.outcome.failures[f] = extractor_failure(e)
 
     def finish(self) -> ItemOutcome:
@@ -192,6 +192,7 @@ class ItemRun:
         for f, sess in self.sessions.items():
             failed = self._stream_failure(f)
             if failed is not None:
+                sess.close()
                 self.outcome.failures[f] = failed
                 continue
             try:
@@ -203,6 +204,12 @@ class ItemRun:
         self.sessions = {}
         return self.outcome
 
+    def abandon(self) -> None:
+        """Close every live session without a result (the item's run stopped early)."""
+        for sess in self.sessions.values():
+            sess.close()
+        self.sessions = {}
+
     def _stream_failure(self, feature: str) -> Failure | None:
         """The decode failure of a stream `feature` consumes (a frame error never fails audio features)."""
         ex = self.extractors[feature]
@@ -213,13 +220,23 @@ class ItemRun:
         return None
 
 
-def infer_halving(ex: Any, x: Any) -> np.ndarray:
-    """`ex.infer(x)`; a CUDA out-of-memory error halves the batch and retries each half (down to one input),
-    and lowers `ex.batch_size` so later batches start at the size that fits, instead of failing the item."""
+def lower_attr(owner: object, attr: str) -> Callable[[int], None]:
+    """An `on_halve` for `run_halving`: lowers `owner.<attr>` (a batch size) to at most the halved size."""
+
+    def lower(half: int) -> None:
+        setattr(owner, attr, max(1, min(int(getattr(owner, attr)), half)))
+
+    return lower
+
+
+def run_halving(run: Callable[[Any], Any], x: Any, on_halve: Callable[[int], None], who: str) -> Any:
+    """`run(x)`; a CUDA out-of-memory error halves `x` (anything sliceable) and retries each half (down to one
+    input), calling `on_halve(half)` so later batches start at a size that fits, instead of failing the item.
+    The halves' outputs are joined (numpy arrays or torch tensors)."""
     import torch
 
     try:
-        return ex.infer(x)
+        return run(x)
     except torch.cuda.OutOfMemoryError:
         if len(x) <= 1:
             raise
@@ -227,11 +244,112 @@ def infer_halving(ex: Any, x: Any) -> np.ndarray:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = len(x) // 2
-    old = int(getattr(ex, "batch_size", len(x)))
-    ex.batch_size = max(1, min(old, half))
-    log.warning("%s: CUDA out of memory on a batch of %d; retrying as %d + %d (batch size now %d)",
-                getattr(ex, "name", "?"), len(x), half, len(x) - half, ex.batch_size)
-    return np.concatenate([infer_halving(ex, x[:half]), infer_halving(ex, x[half:])])
+    on_halve(half)
+    log.warning("%s: CUDA out of memory on a batch of %d; retrying as %d + %d", who, len(x), half, len(x) - half)
+    a, b = run_halving(run, x[:half], on_halve, who), run_halving(run, x[half:], on_halve, who)
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else np.concatenate([a, b])
+
+
+def infer_halving(ex: Any, x: Any) -> np.ndarray:
+    """`ex.infer(x)` under `run_halving`, lowering `ex.batch_size` when a batch does not fit."""
+    return run_halving(ex.infer, x, lower_attr(ex, "batch_size"), str(getattr(ex, "name", "?")))
+
+
+class PoolMember(Protocol):
+    """A session whose model inputs wait in a `BatchPool`: receives its outputs, or the error of its inputs."""
+
+    def deliver(self, key: int, row: np.ndarray) -> None:
+        """The model output for the input queued under `key`."""
+
+    def fail(self, error: BaseException) -> None:
+        """The model failed on this session's inputs (also when run alone)."""
+
+
+class BatchPool:
+    """The model inputs of every live session of one frame-step extractor, run together in batches.
+
+    Several items' frames fill one batch (cross-item batching, when a worker has several items in flight); each
+    output goes back to its session under its key, so results do not depend on batch composition for row-wise
+    models. A failure of a batch holding several sessions' inputs is retried per session: only the sessions whose
+    own inputs fail get the error. Used from one thread (the worker's model thread).
+    """
+
+    def __init__(self, ex: Any) -> None:
+        """`ex`: has `batch_size` and `infer(x)` (stacked inputs -> (B, D) numpy)."""
+        self.ex = ex
+        self.inputs: list[Any] = []
+        self.owners: list[PoolMember] = []
+        self.keys: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def add(self, owner: PoolMember, keys: Sequence[int], inputs: Sequence[Any]) -> None:
+        """Queue single-item inputs; run every full batch."""
+        self.inputs.extend(inputs)
+        self.keys.extend(int(k) for k in keys)
+        self.owners.extend([owner] * len(keys))
+        while len(self.inputs) >= max(1, int(self.ex.batch_size)):
+            self._run(max(1, int(self.ex.batch_size)))
+
+    def flush(self) -> None:
+        """Run everything queued, in batches of at most the batch size."""
+        while self.inputs:
+            self._run(min(len(self.inputs), max(1, int(self.ex.batch_size))))
+
+    def discard(self, owner: PoolMember) -> None:
+        """Drop an abandoned session's queued inputs (its item failed elsewhere)."""
+        keep = [i for i, o in enumerate(self.owners) if o is not owner]
+        if len(keep) != len(self.owners):
+            self.inputs = [self.inputs[i] for i in keep]
+            self.keys = [self.keys[i] for i in keep]
+            self.owners = [self.owners[i] for i in keep]
+
+    def _run(self, n: int) -> None:
+        """Run the first `n` queued inputs; a failure is retried per session when the batch is mixed."""
+        xs, keys, owners = self.inputs[:n], self.keys[:n], self.owners[:n]
+        del self.inputs[:n], self.keys[:n], self.owners[:n]
+        groups: dict[int, list[int]] = {}
+        for i, o in enumerate(owners):
+            groups.setdefault(id(o), []).append(i)
+        try:
+            out = infer_halving(self.ex, _stack(xs))
+        except Exception as e:  # noqa: BLE001 - attributed to the sessions whose inputs fail
+            if len(groups) == 1:
+                owners[0].fail(e)
+                return
+            log.warning("%s: a batch of %d items' frames failed (%s); retrying each item alone",
+                        getattr(self.ex, "name", "?"), len(groups), short_error(e))
+            for idx in groups.values():
+                self._run_alone([xs[i] for i in idx], [keys[i] for i in idx], owners[idx[0]])
+            return
+        for k, o, row in zip(keys, owners, out):
+            o.deliver(k, row)
+
+    def _run_alone(self, xs: list[Any], keys: list[int], owner: PoolMember) -> None:
+        """One session's inputs on their own (after a mixed batch failed)."""
+        try:
+            out = infer_halving(self.ex, _stack(xs))
+        except Exception as e:  # noqa: BLE001 - this session's own inputs fail: its item's feature fails
+            owner.fail(e)
+            return
+        for k, row in zip(keys, out):
+            owner.deliver(k, row)
+
+
+def _stack(xs: list[Any]) -> Any:
+    """Single-item model inputs -> one batch tensor."""
+    import torch
+
+    return torch.stack(xs)
+
+
+def batch_pool(ex: Any) -> BatchPool:
+    """The extractor's shared pool (created on first use), so every session of `ex` batches together."""
+    pool = vars(ex).get("_batch_pool")
+    if pool is None:
+        pool = vars(ex)["_batch_pool"] = BatchPool(ex)
+    return pool
 
 
 def probe_failure(path: str | os.PathLike[str]) -> tuple[MediaInfo | None, Failure | None]:
@@ -260,3 +378,43 @@ def run_item(extractors: Mapping[str, Extractor], path: str | os.PathLike[str], 
         if not run.live:
             break
     return run.finish()
+
+
+END = "end"  # event kind: an item's stream is fully read
+
+
+def run_group(runs: dict[Any, ItemRun], events: Iterable[tuple[Any, str, Any]]) -> Iterator[tuple[Any, ItemOutcome]]:
+    """Several items in flight at once: feed each (key, kind, payload) event to its item's run; yield (key,
+    outcome) as each item's stream ends (an (key, END, None) event) or its sessions are all done.
+
+    Their frame-step sessions share each extractor's `BatchPool`, so one model batch holds frames of several
+    items. Items whose stream never ends are finished when `events` is exhausted. `runs` is emptied as items end.
+    """
+    for key, kind, payload in events:
+        run = runs.get(key)
+        if run is None:  # already finished (its sessions were done before its stream ended)
+            continue
+        if kind != END:
+            run.feed(kind, payload)
+        if kind == END or not run.live:
+            yield key, runs.pop(key).finish()
+    while runs:
+        key = next(iter(runs))
+        yield key, runs.pop(key).finish()
+
+
+def interleave(streams: dict[Any, Iterator[tuple[str, Any]]]) -> Iterator[tuple[Any, str, Any]]:
+    """Round-robin over items' streams in the calling thread: (key, kind, payload) events, (key, END, None) at each
+    stream's end. A key the consumer removes from `streams` is not read further."""
+    while streams:
+        for key in list(streams):
+            it = streams.get(key)
+            if it is None:
+                continue
+            try:
+                kind, payload = next(it)
+            except StopIteration:
+                streams.pop(key, None)
+                yield key, END, None
+                continue
+            yield key, kind, payload

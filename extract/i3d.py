@@ -44,6 +44,7 @@ from torchvision.transforms import functional as TF
 
 from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
+from extract.engine import lower_attr, run_halving
 from extract.i3d_net import (
     BN_EPS,
     FEATURE_DIM,
@@ -202,6 +203,10 @@ class _I3DExtractor(Extractor):
     def make_items(self, first: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
         """Resized uint8 frames k (and k+1 for flow), (B, 3, H, W) -> I3D inputs (B, C, 224, 224) in [-1, 1]."""
 
+    def lower_pair_batch(self, half: int) -> None:
+        """After a CUDA OOM: compute at most `half` per-frame inputs per batch from now on."""
+        self.pair_batch = max(1, min(self.pair_batch, half))
+
     def run_stacks(self, stacks: list[torch.Tensor]) -> np.ndarray:
         """[(C, T, 224, 224)] -> float32 (B, 1024) features."""
         with torch.inference_mode():
@@ -306,10 +311,17 @@ class _StackSession(ItemSession):
         if not self.pending:
             return
         ks, self.pending = self.pending, []
+        while ks:  # chunks of pair_batch (RAFT's own batches); a CUDA OOM halves them (engine.run_halving)
+            chunk, ks = ks[: self.ex.pair_batch], ks[self.ex.pair_batch :]
+            out = run_halving(self._make_items, chunk, self.ex.lower_pair_batch, self.ex.name)
+            for k, item in zip(chunk, out):
+                self.items[k] = item
+
+    def _make_items(self, ks: list[int]) -> torch.Tensor:
+        """The I3D inputs of items `ks` (their frames, and the next frames for flow)."""
         first = torch.stack([self.frames[k] for k in ks])
         second = torch.stack([self.frames[k + 1] for k in ks]) if self.ex.lag else None
-        for k, item in zip(ks, self.ex.make_items(first, second)):
-            self.items[k] = item
+        return self.ex.make_items(first, second)
 
     def _build(self, s: int) -> None:
         """Assemble stack s (C, T, 224, 224) and run I3D when `stack_batch` stacks are ready."""
@@ -331,7 +343,8 @@ class _StackSession(ItemSession):
             return
         starts, stacks = zip(*self.ready)
         self.ready = []
-        for s, feat in zip(starts, self.ex.run_stacks(list(stacks))):
+        feats = run_halving(self.ex.run_stacks, list(stacks), lower_attr(self.ex, "stack_batch"), self.ex.name)
+        for s, feat in zip(starts, feats):
             self.out.append((s, feat))
 
     def finish(self) -> FeatureRows:
@@ -413,6 +426,11 @@ class I3DFlow(_I3DExtractor):
         out["options"]["flow"] = self.flow.provenance()
         out["options"]["flow_scaling"] = "uint8 round trip (reference)" if self.quantize_uint8 else "clamp 20, f/20"
         return out
+
+    def lower_pair_batch(self, half: int) -> None:
+        """After a CUDA OOM: RAFT pairs per forward drop with the pair batch."""
+        super().lower_pair_batch(half)
+        self.flow.batch_size = self.pair_batch
 
     def make_items(self, first: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
         """RAFT flow of each pair on the full resized frames, unpadded, then centre-crop 224 and scale."""

@@ -34,6 +34,7 @@ from torch import nn
 from extract import vggish_frontend as fe
 from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
+from extract.engine import lower_attr, run_halving
 from extract._weights import WeightsNotFound, expected_digest, resolve_weights, sha256_file, weights_identity
 from extract.transforms import register_preset
 from store.schema import FeatureRows, FeatureSpec, Status
@@ -427,9 +428,14 @@ class VGGishSession(ItemSession):
         """Embed all pending examples."""
         if not self._pending:
             return
-        out = self.ex.embed(np.stack(self._pending))
-        self._emb.update(zip(self._pending_idx, out))
+        examples, idx = np.stack(self._pending), self._pending_idx
         self._pending, self._pending_idx = [], []
+        s = 0
+        while s < len(examples):  # the batches embed_examples would run; a CUDA OOM halves them
+            n = self.ex.batch_size
+            out = run_halving(self.ex.embed, examples[s : s + n], lower_attr(self.ex, "batch_size"), "vggish")
+            self._emb.update(zip(idx[s : s + n], out))
+            s += n
 
     def finish(self) -> FeatureRows:
         """OK with (n, 128) values at i·0.96 s; ABSENT no_audio / too_short."""
