@@ -5,9 +5,12 @@ running a task (`died`), a ping answered by a restarted worker (`back`) or not (
 start (`assignments`) and workers to ping (`pings_due`). The Ray loop in `pipelines.run` only translates between
 Ray and these calls, so every rule below is unit-tested with fake workers (tests/test_pipelines_dispatch.py):
 
-- one task at a time per worker; with `prefetch`, a worker's next item is reserved and named with its current
-  one (the worker starts decoding it early); a worker that dies gives its reserved item back to the queue;
+- one task at a time per worker, or with `group` > 1 up to that many items in one call (their frames share
+  model batches); with `prefetch`, a worker's next items are reserved and named with its current ones (the
+  worker starts decoding them early); a worker that dies gives its reserved items back to the queue;
 - an item whose worker died is retried up to `max_retries` times, then FAILED `worker_died` with the count;
+  when a call holding several items dies or raises, nobody can tell which item did it: each of them is retried
+  alone (not counted as an attempt), so only the culprit uses up its retries and innocent items never fail;
 - a restarted worker gets work again only after it answers a ping; one silent for `max_pings` pings is dropped,
   and when a pool has no usable worker left its remaining tasks are FAILED `worker_died`;
 - every task ends exactly once: a result, or FAILED rows through `fail(task, reason, message)`.
@@ -34,6 +37,12 @@ class Assignment:
     worker: WorkerId
     task: Task
     hint: tuple[str, list[str]] | list[tuple[str, list[str]]] | None = None  # a list when lookahead > 1
+    more: tuple[ItemTask, ...] = ()  # further items run in the same call (group > 1)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        """Every task of the call, `task` first."""
+        return (self.task, *self.more)
 
 
 @dataclass
@@ -56,21 +65,23 @@ class Dispatcher:
     """Assigns queued tasks to idle workers and reacts to results, deaths and recoveries."""
 
     def __init__(self, queues: Sequence[Iterable[Task]], workers: Sequence[int], fail: FailFn, *,
-                 max_retries: int = 2, prefetch: bool = True, lookahead: int = 1, ping_every: float = 0.5,
-                 max_pings: int = 600,
+                 max_retries: int = 2, prefetch: bool = True, lookahead: int = 1, group: int = 1,
+                 ping_every: float = 0.5, max_pings: int = 600,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda _: None,
                  on_done: Callable[[Tally], None] = lambda _: None) -> None:
         """`queues[p]`: tasks of pool p; `workers[p]`: its worker count; `fail` writes a task's FAILED rows;
         `lookahead`: items reserved and named ahead per worker with `prefetch` (decode-stage workers open that
-        many remote decodes early)."""
+        many remote decodes early, beyond the next call's items); `group`: items per worker call."""
         if len(queues) != len(workers):
             raise ValueError(f"dispatch: {len(queues)} task queues for {len(workers)} pools")
         self.queues = [deque(q) for q in queues]
         self.idle = [deque(range(n)) for n in workers]
         self.fail, self.clock, self.log, self.on_done = fail, clock, log, on_done
         self.max_retries, self.prefetch, self.lookahead = int(max_retries), bool(prefetch), max(1, int(lookahead))
+        self.group = max(1, int(group))
+        self.solo: set[tuple] = set()  # task keys that run alone from now on (their group call died or raised)
         self.ping_every, self.max_pings = float(ping_every), int(max_pings)
-        self.running: dict[WorkerId, Task] = {}
+        self.running: dict[WorkerId, tuple[Task, ...]] = {}
         self.reserved: dict[WorkerId, list[Task]] = {}  # worker -> its next items (being prefetched)
         self.recovering: dict[WorkerId, tuple[float, int]] = {}  # worker -> (next ping time, failed pings)
         self.pinging: set[WorkerId] = set()
@@ -85,7 +96,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------------------------------------- outputs
     def assignments(self) -> list[Assignment]:
-        """Tasks to start now, one per idle worker that has work."""
+        """Tasks to start now, one call per idle worker that has work."""
         out = []
         for p, q in enumerate(self.queues):
             for a in list(self.idle[p]):
@@ -94,15 +105,21 @@ class Dispatcher:
                 if not q and not ahead:
                     continue
                 self.idle[p].remove(a)
-                task = ahead.pop(0) if ahead else q.popleft()
-                if self.prefetch and isinstance(task, ItemTask):
-                    while len(ahead) < self.lookahead and q and isinstance(q[0], ItemTask):
-                        ahead.append(q.popleft())  # named now so their decoding overlaps this item's compute
+                tasks = [ahead.pop(0) if ahead else q.popleft()]
+                while len(tasks) < self.group and self._groupable(tasks[0]) and self._groupable(_head(ahead, q)):
+                    tasks.append(ahead.pop(0) if ahead else q.popleft())
+                if self.prefetch and isinstance(tasks[0], ItemTask):
+                    while len(ahead) < self.lookahead + self.group - 1 and q and isinstance(q[0], ItemTask):
+                        ahead.append(q.popleft())  # named now so their decoding overlaps this call's compute
                 hints = [(t.path, list(t.features)) for t in ahead]
-                hint = (hints or None) if self.lookahead > 1 else (hints[0] if hints else None)
-                self.running[w] = task
-                out.append(Assignment(w, task, hint))
+                hint = (hints or None) if self.lookahead > 1 or self.group > 1 else (hints[0] if hints else None)
+                self.running[w] = tuple(tasks)
+                out.append(Assignment(w, tasks[0], hint, tuple(tasks[1:])))  # type: ignore[arg-type]
         return out
+
+    def _groupable(self, task: Task | None) -> bool:
+        """Whether `task` may share a call with other items."""
+        return isinstance(task, ItemTask) and task_key(task) not in self.solo
 
     def pings_due(self) -> list[WorkerId]:
         """Recovering workers to ping now (at most one ping in flight each)."""
@@ -113,9 +130,21 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------------------------------- events
     def result(self, w: WorkerId, summary: dict[str, Any]) -> None:
-        """The worker finished its task (its rows are written); it takes the next one."""
-        self.running.pop(w)
+        """The worker finished its call (its rows are written); it takes the next one. A call of several items
+        answers {"items": [one summary per item]}; an item missing from it is FAILED worker_error."""
+        tasks = self.running.pop(w)
         self.idle[w[0]].append(w[1])
+        summaries = summary["items"] if "items" in summary else [summary]
+        for one in summaries:
+            self._count(one)
+        if len(tasks) > 1:
+            rows = {one.get("row") for one in summaries}
+            for t in tasks:
+                if isinstance(t, ItemTask) and t.row not in rows:
+                    self._failed(t, "worker_error", "worker_error: the worker returned no result for this item")
+
+    def _count(self, summary: dict[str, Any]) -> None:
+        """Tally one finished task."""
         self.tally.model_seconds.update(summary.get("model_seconds", {}))
         self.tally.task_seconds += float(summary.get("seconds", 0.0))
         res = summary.get("results", {})
@@ -127,18 +156,26 @@ class Dispatcher:
         self.on_done(self.tally)
 
     def error(self, w: WorkerId, message: str) -> None:
-        """The task raised inside a live worker (a bug in the worker itself): FAILED worker_error, run goes on."""
-        task = self.running.pop(w)
+        """The call raised inside a live worker (a bug in the worker itself): FAILED worker_error, run goes on;
+        the items of a several-item call are retried alone first."""
+        tasks = self.running.pop(w)
         self.idle[w[0]].append(w[1])
-        self._failed(task, "worker_error", f"worker_error: {message[:1500]}")
+        if len(tasks) > 1:
+            self._retry_alone(w[0], tasks)
+            return
+        self._failed(tasks[0], "worker_error", f"worker_error: {message[:1500]}")
 
     def died(self, w: WorkerId, message: str) -> None:
-        """The worker process died running its task: retry the task (bounded), ping the worker until it is back."""
-        task = self.running.pop(w)
+        """The worker process died running its call: retry its tasks (bounded), ping the worker until it is back."""
+        tasks = self.running.pop(w)
         p = w[0]
         self.recovering[w] = (self.clock(), 0)
         for t in reversed(self.reserved.pop(w, [])):  # its next items were never started: any worker may take them
             self.queues[p].appendleft(t)
+        if len(tasks) > 1:
+            self._retry_alone(p, tasks)
+            return
+        task = tasks[0]
         key = (p, task_key(task))
         self.attempts[key] += 1
         if self.attempts[key] <= self.max_retries:
@@ -148,6 +185,13 @@ class Dispatcher:
         self._failed(task, "worker_died", f"worker_died: the worker process died {self.attempts[key]} time(s) on "
                      f"this item (segfault, out of memory or exit in a codec/model): {message[:500]}")
         self._drop_if_pool_dead(p)
+
+    def _retry_alone(self, p: int, tasks: Sequence[Task]) -> None:
+        """A call of several items failed as a whole: each item runs again on its own (once grouped, never again)."""
+        for t in tasks:
+            self.solo.add(task_key(t))
+            self.queues[p].append(t)
+        self.tally.retried += len(tasks)
 
     def back(self, w: WorkerId) -> None:
         """A restarted worker answered its ping: it takes work again."""
@@ -183,3 +227,8 @@ class Dispatcher:
         self.log(f"every worker of pool {p} is gone; marking its {len(self.queues[p])} remaining task(s) FAILED")
         while self.queues[p]:
             self._failed(self.queues[p].popleft(), "worker_died", "worker_died: no live worker left to run this item")
+
+
+def _head(ahead: list[Task], q: deque[Task]) -> Task | None:
+    """The task a worker's call takes next: its reserved items first, then the queue."""
+    return ahead[0] if ahead else (q[0] if q else None)

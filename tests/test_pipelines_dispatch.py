@@ -156,3 +156,43 @@ def test_lookahead_names_several_next_items_and_a_death_returns_them_in_order() 
         if cur.hint:
             assert cur.hint[0][0] == nxt.task.path  # the first name is always the next item
     assert d.tally.ok == 6 and not c.failed
+
+
+class GroupCluster(FakeCluster):
+    """FakeCluster whose calls hold several items: a `die`/`raise` item takes the whole call down with it."""
+
+    def _finish(self, d: Dispatcher, a: Assignment) -> None:
+        names = [t.item_id if isinstance(t, ItemTask) else "caption" for t in a.tasks]
+        for n in names:
+            self.attempts[n] += 1
+        if any(n.startswith("die") and (n != "die1" or self.attempts[n] == 1) for n in names):
+            self.dead.add(a.worker)
+            d.died(a.worker, "actor died")
+        elif "raise" in names:
+            d.error(a.worker, "TypeError: bug")
+        else:
+            ok = {"a": (int(Status.OK), ""), "b": (int(Status.OK), "")}
+            d.result(a.worker, {"items": [{"row": getattr(t, "row", None), "results": ok, "seconds": 1.0}
+                                          for t in a.tasks]})
+
+
+def test_groups_run_several_items_per_call_and_hint_the_next_call() -> None:
+    c = GroupCluster()
+    caps = [CaptionTask("cap", 0, 4)]
+    d = _dispatcher(c, [_items(*"abcdefg") + caps], [1], group=3)
+    c.run(d)
+    calls = [[getattr(t, "item_id", "caption") for t in a.tasks] for a in c.started]
+    assert calls == [["a", "b", "c"], ["d", "e", "f"], ["g"], ["caption"]]  # a caption chunk never joins items
+    assert [h[0] for h in c.started[0].hint] == ["/v/d.mkv", "/v/e.mkv", "/v/f.mkv"]  # the next call's items
+    assert d.tally.ok == 8 and d.tally.task_seconds == 8.0 and not c.failed
+
+
+def test_a_group_that_dies_or_raises_retries_its_items_alone_so_only_the_culprit_fails() -> None:
+    c = GroupCluster(down=1)
+    d = _dispatcher(c, [_items("a", "die", "b", "die1", "c", "raise", "e")], [1], group=3, max_retries=1)
+    c.run(d)
+    assert sorted((t.item_id, r) for t, r, _ in c.failed) == [("die", "worker_died"), ("raise", "worker_error")]
+    assert c.attempts["die"] == 3  # one group death (not counted), then 1 + max_retries deaths alone
+    assert d.tally.ok == 5 and d.tally.failed == 2
+    alone = [a.tasks for a in c.started if len(a.tasks) == 1]
+    assert {t[0].item_id for t in alone} >= {"a", "b", "die1", "c", "raise", "e"}  # every group-mate ran alone
