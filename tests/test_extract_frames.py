@@ -11,7 +11,9 @@ import pytest
 
 from extract import create_extractor
 from extract.sampling import frame_indices, frame_times, uniform_times
-from store.schema import FeatureRows, FeatureSpec, ItemRecord, Status
+from store.schema import FeatureRows, FeatureSpec, Status
+from tests._fakes import TinyStoreFactory
+from tests._media import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 FPS = 25
@@ -75,16 +77,15 @@ def test_rate_policy_keeps_more_frames_for_random_training_samples() -> None:
     assert img.values.shape == (1, 16 * 16 * 3) and img.times.tolist() == [0.0]
 
 
-def test_store_keeps_uint8_values_without_a_float_copy(tmp_path: Path) -> None:
+def test_store_keeps_uint8_values_without_a_float_copy(tiny_store: TinyStoreFactory) -> None:
     from store.zarr_store import FeatureStore
 
     spec = FeatureSpec("frames", 8 * 8 * 3, 4, dtype="uint8", modality="frames")
-    fs = FeatureStore.create(str(tmp_path / "s.zarr"), [ItemRecord("a", "a.mp4", duration=1.0),
-                                                         ItemRecord("b", "b.mp4", duration=1.0)])
+    fs = tiny_store(2, captions=0, fill=False, name="s.zarr")
     fs.ensure_feature(spec, {"weights": {"file": "none", "sha256": ""}})
     vals = np.random.default_rng(0).integers(0, 256, (3, spec.dim), dtype=np.uint8)
     fs.write("frames", 1, FeatureRows(Status.OK, vals, np.array([0.0, 0.1, 0.2], np.float32)))
-    b = FeatureStore.open(str(tmp_path / "s.zarr")).read("frames")
+    b = FeatureStore.open(fs.url).read("frames")
     assert b.values.dtype == np.uint8 and b.values.shape == (2, 4, spec.dim)
     np.testing.assert_array_equal(b.values[1, :3], vals)
     assert b.available.tolist() == [False, True] and b.mask[1].tolist() == [True, True, True, False]
@@ -95,20 +96,6 @@ def test_frames_is_not_a_default_feature() -> None:
     from pipelines.run import default_features
 
     assert "frames" not in default_features(True) and "clip" in default_features(True)
-
-
-def write_video(path: Path, frames: np.ndarray) -> None:
-    """Lossless RGB video (libx264rgb crf 0) at 25 fps."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264rgb", rate=FPS)
-        vs.width, vs.height, vs.pix_fmt, vs.options = frames.shape[2], frames.shape[1], "rgb24", {"crf": "0"}
-        for f in frames:
-            for p in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from extract.i3d import I3D_WEIGHTS, I3DFlow, I3DRgb, plan_stacks, resized_size
 from extract.i3d_net import I3DCheckpointError, InceptionI3d, export_state_dict
 from extract.raft_flow import RAFT_WEIGHTS
 from store.schema import Status
+from tests._fakes import FakeWeightsFactory
+from tests._media import write_image, write_video
 
 FAST_FLOW = dict(random_init=True, raft="raft_small.C_T_V2", num_flow_updates=2, device="cpu")
 
@@ -281,21 +282,19 @@ def test_defaults_are_the_reference_recipe() -> None:
 
 @pytest.mark.parametrize("layout", ["hassony2", "piergiaj"])
 def test_real_layout_checkpoints_load_into_the_extractor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, fake_weights: FakeWeightsFactory
 ) -> None:
     torch.manual_seed(5)
     reference = InceptionI3d(2, 400).eval()
     spec = I3D_WEIGHTS["video_features.flow"]
-    torch.save(export_state_dict(reference, layout), tmp_path / spec.filename)
+    i3d_digest = fake_weights(export_state_dict(reference, layout), spec.filename).sha256
     raft_spec = RAFT_WEIGHTS["raft_small.C_T_V2"]
-    torch.save(raft_small(weights=None).state_dict(), tmp_path / raft_spec.filename)
-    digest = hashlib.sha256((tmp_path / raft_spec.filename).read_bytes()).hexdigest()
+    digest = fake_weights(raft_small(weights=None), raft_spec.filename).sha256
     monkeypatch.setitem(RAFT_WEIGHTS, raft_spec.name, dataclasses.replace(raft_spec, sha256=digest))
     ex = I3DFlow(weights_dir=tmp_path, raft=raft_spec.name, num_flow_updates=1, stack_size=9, device="cpu")
     for name, value in ex.model.state_dict().items():
         torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=0)
     prov = ex.provenance()
-    i3d_digest = hashlib.sha256((tmp_path / spec.filename).read_bytes()).hexdigest()
     assert prov["weights"] == {"file": "i3d_flow.pt", "sha256": i3d_digest}
     assert prov["options"]["checkpoint_layout"] == layout
     assert prov["options"]["flow"]["weights"] == {"file": raft_spec.filename, "sha256": digest}
@@ -352,59 +351,36 @@ def test_video_features_compat_is_selectable_recorded_and_never_mixed(tmp_path: 
 # ---- through the decoder -----------------------------------------------------------------------------------
 
 
-def _write_lossless(path: Path, frames: np.ndarray) -> None:
-    """25 fps lossless mkv (libx264rgb, crf 0)."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
-        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        for f in frames:
-            c.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        c.mux(v.encode())
-
-
 def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: Path) -> None:
     frames = _video(19, 48, 48)  # square: RAFT runs at 256x256, the cheapest size it accepts here
     path = tmp_path / "clip.mkv"
-    _write_lossless(path, frames)
+    write_video(path, frames)
     ex = create_extractor("i3d_flow", stack_size=9, step_size=9, **FAST_FLOW)
     row = ex.extract_path(path)
     assert row.status == Status.OK and row.values.shape == (2, 1024)
     np.testing.assert_allclose(row.times, [0.0, 0.36])
     np.testing.assert_array_equal(row.values, _run(ex, frames).values)
     short = tmp_path / "short.mkv"
-    _write_lossless(short, frames[:9])
+    write_video(short, frames[:9])
     row = ex.extract_path(short)
     assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "10 (0.40 s)" in row.message
     image = tmp_path / "still.png"
-    _write_png(image, frames[0])
+    write_image(image, frames[0])
     row = ex.extract_path(image)
     assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_motion", (0, 1024))
-
-
-def _write_png(path: Path, frame: np.ndarray) -> None:
-    """A lossless still image."""
-    import av
-
-    with av.open(str(path), "w", format="image2") as c:
-        v = c.add_stream("png", rate=1)
-        v.width, v.height, v.pix_fmt = frame.shape[1], frame.shape[0], "rgb24"
-        c.mux(v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        c.mux(v.encode())
 
 
 def test_rgb_extract_path_on_a_lossless_video(tmp_path: Path) -> None:
     frames = _video(21)
     path = tmp_path / "clip.mkv"
-    _write_lossless(path, frames)
+    write_video(path, frames)
     ex = create_extractor("i3d_rgb", random_init=True, seed=3, stack_size=10, step_size=10, device="cpu")
     row = ex.extract_path(path)
     assert row.status == Status.OK and row.values.shape == (2, 1024) and row.values.dtype == np.float16
     np.testing.assert_allclose(row.times, [0.0, 0.4])
     np.testing.assert_array_equal(row.values, _run(ex, frames).values)  # lossless: decoded = written frames
     image = tmp_path / "still.png"
-    _write_png(image, frames[0])
+    write_image(image, frames[0])
     assert ex.extract_path(image).reason == "too_short"
 
 
