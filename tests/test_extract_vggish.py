@@ -12,6 +12,8 @@ import torch
 
 from extract import WeightsError, create_extractor, vggish, vggish_frontend
 from store.schema import Status
+from tests._fakes import FakeWeightsFactory
+from tests._media import write_audio, write_video
 
 SR = 16000
 
@@ -283,7 +285,8 @@ def test_pca_npz_and_pth_resolve_with_their_own_pins_and_postprocess_identically
 def test_pca_pins_are_enforced_in_the_weights_dir_and_explicit_files_are_flagged(tmp_path, monkeypatch) -> None:
     import warnings
 
-    from extract._weights import UnpinnedWeightsWarning, weights_identity
+    from extract import UnpinnedWeightsWarning
+    from extract._weights import weights_identity
 
     monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -414,20 +417,17 @@ def test_max_steps_spreads_uniformly_and_skips_unused_examples(tiny_ex, monkeypa
         np.testing.assert_allclose(row.values, full[keep], atol=1e-5, rtol=1e-5)
 
 
-def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch) -> None:
-    sd_path = tmp_path / "vggish-10086976.pth"
-    torch.save(_synthetic_state_dict(seed=11), sd_path)
+def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch, fake_weights: FakeWeightsFactory) -> None:
+    digest = fake_weights(_synthetic_state_dict(seed=11), "vggish-10086976.pth").sha256
     with pytest.raises(WeightsError, match="checksum mismatch"):  # the pinned digest guards the real file name
         create_extractor("vggish", weights_dir=tmp_path, device="cpu")
-    digest = hashlib.sha256(sd_path.read_bytes()).hexdigest()
     monkeypatch.setattr(vggish, "VGGISH_WEIGHTS", dataclasses.replace(vggish.VGGISH_WEIGHTS, sha256=digest))
     rng = np.random.default_rng(2)
-    pca_path = tmp_path / "vggish_pca_params-970ea276.pth"
-    torch.save({"pca_eigen_vectors": torch.from_numpy(rng.standard_normal((128, 128))),
-                "pca_means": torch.from_numpy(rng.standard_normal(128))}, pca_path)
+    pca_digest = fake_weights({"pca_eigen_vectors": torch.from_numpy(rng.standard_normal((128, 128))),
+                               "pca_means": torch.from_numpy(rng.standard_normal(128))},
+                              "vggish_pca_params-970ea276.pth").sha256
     with pytest.raises(WeightsError, match="sha256 prefix"):  # prefix 970ea276 from the file name is checked
         create_extractor("vggish", weights_dir=tmp_path, pca=True, device="cpu")
-    pca_digest = hashlib.sha256(pca_path.read_bytes()).hexdigest()
     monkeypatch.setattr(vggish, "VGGISH_PCA", dataclasses.replace(vggish.VGGISH_PCA, sha256=pca_digest))
     ex = create_extractor("vggish", weights_dir=tmp_path, pca=True, device="cpu")
     prov = ex.provenance()["weights"]
@@ -438,35 +438,15 @@ def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch) -> None:
 
 
 # ---- through the decoder (extract.decode) ----
-def _write_media(path, audio_i16: np.ndarray | None, video_frames: int = 0) -> None:
-    """A lossless file: 16 kHz mono PCM audio (s16) and/or a tiny 25 fps libx264rgb video."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        v = None
-        if video_frames:
-            v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
-            v.width, v.height, v.pix_fmt = 32, 32, "rgb24"
-        a = None
-        if audio_i16 is not None:
-            a = c.add_stream("pcm_s16le", rate=SR, layout="mono")
-        for k in range(video_frames):
-            img = np.full((32, 32, 3), (7 * k) % 256, np.uint8)
-            c.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        if v is not None:
-            c.mux(v.encode())
-        if a is not None:
-            for s in range(0, audio_i16.shape[0], 1024):  # 1024-sample frames, as a muxer would get them
-                frame = av.AudioFrame.from_ndarray(audio_i16[None, s : s + 1024], format="s16", layout="mono")
-                frame.sample_rate = SR
-                c.mux(a.encode(frame))
-            c.mux(a.encode())
+def _grey_frames(n: int) -> np.ndarray:
+    """uint8 (n, 32, 32, 3): frame k is flat grey 7k mod 256 (a tiny video track beside the audio)."""
+    return np.stack([np.full((32, 32, 3), (7 * k) % 256, np.uint8) for k in range(n)])
 
 
 def test_extract_path_through_the_decoder(tiny_ex, tmp_path) -> None:
     pcm = np.round(_audio(3.0, seed=4) * 32767).astype(np.int16)
     wav = tmp_path / "speech.wav"
-    _write_media(wav, pcm)
+    write_audio(wav, pcm, SR)
     row = tiny_ex.extract_path(wav)
     assert row.status == Status.OK and row.values.shape == (3, 128)
     np.testing.assert_allclose(row.times, [0.0, 0.96, 1.92], atol=1e-6)
@@ -475,14 +455,14 @@ def test_extract_path_through_the_decoder(tiny_ex, tmp_path) -> None:
     np.testing.assert_allclose(row.values, ref, atol=1e-5, rtol=1e-5)
     # a video file with a PCM track gives the same row; one without audio is ABSENT no_audio
     both = tmp_path / "both.mkv"
-    _write_media(both, pcm, video_frames=75)
+    write_video(both, _grey_frames(75), audio=pcm, sample_rate=SR)
     np.testing.assert_allclose(tiny_ex.extract_path(both).values, row.values, atol=1e-5, rtol=1e-5)
     silent = tmp_path / "silent.mkv"
-    _write_media(silent, None, video_frames=25)
+    write_video(silent, _grey_frames(25))
     row = tiny_ex.extract_path(silent)
     assert (row.status, row.reason) == (Status.ABSENT, "no_audio")
     short = tmp_path / "short.wav"
-    _write_media(short, pcm[:8000])  # 0.5 s < 0.975 s
+    write_audio(short, pcm[:8000], SR)  # 0.5 s < 0.975 s
     row = tiny_ex.extract_path(short)
     assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "8000 audio samples" in row.message
 
