@@ -14,12 +14,13 @@ import logging
 import os
 import tomllib
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 
+from extract import _weights
+from extract._weights import WeightsError, WeightsNotFound, WeightsSpec, load_state_dict, weights_identity
 from extract.sampling import DECODE_FPS, StepPolicy, frame_indices, frame_times, item_step_times
 from store.schema import FeatureRows, FeatureSpec, Status
 
@@ -47,23 +48,12 @@ __all__ = [
 PRECISIONS = ("fp32", "fp16", "bf16")  # --precision values
 RANDOM_IF_MISSING = "missing"  # random_init value: real weights when they resolve, else seeded random
 RandomInit = bool | Literal["missing"]
+T = TypeVar("T")
 log = logging.getLogger("tvr.extract")
 
 
 class RandomWeightsWarning(UserWarning):
     """An extractor fell back to seeded random weights because its weights file was not found."""
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """One weights file of an extractor, with the preprocessing that belongs to it."""
-
-    name: str  # variant tag, e.g. "IMAGENET1K_V1"
-    filename: str  # "resnet152-394f9c45.pth": the name looked up in weights dirs and hub caches
-    sha256: str  # full hex digest, or a hex prefix checked with startswith (torch.hub style); "" = see _weights
-    url: str  # where users get it (provenance; downloaded only by the library's own hub code, when allowed)
-    preset: str  # preprocessing preset name in extract/transforms.py PRESETS
-    meta: Mapping[str, Any] = field(default_factory=dict)  # free-form: architecture, hf_hub, license, notes
 
 
 @functools.cache
@@ -119,60 +109,19 @@ class ItemSession(abc.ABC):
         """The item's run ends without `finish` (it failed elsewhere): release shared state (default: nothing)."""
 
 
-class _ExtractorMeta(abc.ABCMeta):
-    """Implements ``random_init="missing"`` once, for every Extractor subclass and registry factory.
-
-    The extractor is built with real weights; if that raises `WeightsNotFound` (no file anywhere in the resolution
-    order; NOT a checksum mismatch or a missing explicit path) it is built again with ``random_init=True`` under
-    the same seed - exactly the weights ``random_init=True`` gives - with a loud warning, and its weights identity
-    becomes ``{"random": True, "seed": s, "reason": "weights not found: <file>"}``. The whole extractor becomes
-    random (every model it holds), so its store group has one weights identity.
-    """
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        """Construct; with random_init="missing", real weights or the seeded random fallback."""
-        mode = kwargs.get("random_init", False)
-        if not isinstance(mode, str):
-            return super().__call__(*args, **kwargs)
-        if mode != RANDOM_IF_MISSING:
-            raise ValueError(f"extractor {getattr(cls, 'name', cls.__name__)!r}: random_init must be True, False or "
-                             f"{RANDOM_IF_MISSING!r}, got {mode!r}")
-        from extract._weights import WeightsError, WeightsNotFound
-
-        try:
-            return super().__call__(*args, **{**kwargs, "random_init": False})
-        except WeightsNotFound as missing:
-            first = missing
-        name = getattr(cls, "name", cls.__name__)
-        try:
-            ex = super().__call__(*args, **{**kwargs, "random_init": True})
-        except WeightsError as exc:  # e.g. dlib / word vectors: no random variant, the real files are required
-            raise WeightsError(f"{name}: {first} -- and {name} cannot run with random weights "
-                               f"(random_init='missing' fell back to random_init=True, which failed: {exc})") from exc
-        if ex.weights_identity.get("random") is not True:  # it found real files on the second try after all
-            return ex
-        reason = f"weights not found: {first.spec.filename}"
-        ex.weights_identity = {**ex.weights_identity, "random": True, "seed": ex.seed, "reason": reason}
-        ex.random_reason = reason
-        msg = (f"extractor {name!r}: USING SEEDED RANDOM WEIGHTS (seed {ex.seed}) because its weights were not found; "
-               f"its features are NOT meaningful and the store records weights={ex.weights_identity}. {first}")
-        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
-        log.warning(msg)
-        return ex
-
-
-class Extractor(abc.ABC, metaclass=_ExtractorMeta):
+class Extractor(abc.ABC):
     """A feature extractor: a FeatureSpec, weights, and per-item streaming sessions.
 
     ``random_init``: False (real weights, resolved by extract._weights; missing ones are an error), True (seeded
     random weights, for tests and benchmarks) or "missing" (real weights where they resolve, else seeded random
-    with a warning and ``"reason"`` in the weights identity; see `_ExtractorMeta`).
+    with a warning and ``"reason"`` in the weights identity; see `resolve`).
     """
 
     name: ClassVar[str]
     needs_frames: ClassVar[bool] = True
     needs_audio: ClassVar[bool] = False
     has_weights: ClassVar[bool] = True  # False: no model (raw frames); one fixed weights identity
+    random_variant: ClassVar[bool] = True  # False: only real files exist (dlib, word vectors); random_init ignored
     supports_bf16: ClassVar[bool] = False  # FrameStepExtractor: bf16 autocast in infer
     spec: FeatureSpec  # instance attribute (depends on options)
 
@@ -194,13 +143,13 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
 
         if options:
             raise TypeError(f"extractor {self.name!r}: unknown options {sorted(options)}")
-        if isinstance(random_init, str):  # "missing" is resolved by the metaclass before __init__ runs
-            raise TypeError(f"extractor {self.name!r}: random_init reached __init__ as {random_init!r}; construct "
-                            f"extractors by calling the class or create_extractor(), which handle "
-                            f"{RANDOM_IF_MISSING!r}")
+        if isinstance(random_init, str) and random_init != RANDOM_IF_MISSING:
+            raise ValueError(f"extractor {self.name!r}: random_init must be True, False or {RANDOM_IF_MISSING!r}, "
+                             f"got {random_init!r}")
         self.weights_path = weights_path
         self.weights_dir = weights_dir
-        self.random_init = bool(random_init)
+        self.random_if_missing = random_init == RANDOM_IF_MISSING  # resolve() decides real or random, once
+        self.random_init = not self.random_if_missing and bool(random_init)
         self.seed = int(seed)
         self.device = pick_device(device)
         if precision is not None and precision not in PRECISIONS:
@@ -221,15 +170,57 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
         self.preset: str = ""
         self.variant: str = ""
         self.options: dict[str, Any] = {}  # extractor-specific options recorded in provenance
+        self._found: dict[str, Any] = {}  # resolve_with key -> what its lookup found (each file resolved once)
+        self._loaded_real = False  # a model holds real weights: a later fallback could no longer make all random
 
     # -- weights -------------------------------------------------------------------------------------------------
-    def resolve(self, spec: WeightsSpec, hub: str | None = None) -> Path:
-        """Resolve `spec` with this extractor's weights_path / weights_dir / allow_download (extract._weights)."""
-        from extract._weights import resolve_weights
+    def resolve(self, spec: WeightsSpec, hub: str | None = None, *,
+                path: str | os.PathLike[str] | None = None) -> Path | None:
+        """The file for `spec` (explicit `path`, else this extractor's weights dir, hub cache, package, download),
+        or None for seeded random weights; every extractor finds every weights file through here."""
+        key = f"{spec.name}|{spec.filename}|{hub}|{path}"
+        return self.resolve_with(key, lambda: _weights.resolve_weights(
+            spec, path=path, weights_dir=self.weights_dir, hub=hub, allow_download=self.allow_download))
 
-        return resolve_weights(
-            spec, path=self.weights_path, weights_dir=self.weights_dir, hub=hub, allow_download=self.allow_download
-        )
+    def resolve_with(self, key: str, find: Callable[[], T]) -> T | None:
+        """Run the lookup `find` (extract._weights underneath) once per `key`; None = seeded random weights.
+
+        ``random_init=True`` skips it; ``"missing"`` turns its `WeightsNotFound` into the random fallback of the
+        WHOLE extractor (one weights identity per store group), so an extractor holding several files resolves all
+        of them before it loads any.
+        """
+        if self.random_init and self.random_variant:
+            return None
+        if key not in self._found:
+            try:
+                self._found[key] = find()
+            except WeightsNotFound as missing:
+                if not self.random_if_missing:
+                    raise
+                self._fall_back_to_random(missing)
+                return None
+        return self._found[key]
+
+    def _fall_back_to_random(self, missing: WeightsNotFound) -> None:
+        """``random_init="missing"`` and a file is not found: seeded random weights from now on, loudly."""
+        if not self.random_variant:
+            raise WeightsError(f"{self.name}: {missing} -- and {self.name} cannot run with random weights (it has "
+                               "no random variant; its real files are required)") from missing
+        if self._loaded_real:  # a programming error in the extractor, not a user error
+            raise RuntimeError(f"{self.name}: {missing.spec.filename} was resolved after real weights were loaded; "
+                               "resolve every weights file before loading any")
+        self.random_init, self.random_if_missing = True, False
+        self.random_reason = f"weights not found: {missing.spec.filename}"
+        msg = (f"extractor {self.name!r}: USING SEEDED RANDOM WEIGHTS (seed {self.seed}) because its weights were not "
+               f"found; its features are NOT meaningful and the store records weights={self.random_identity()}. "
+               f"{missing}")
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=4)
+        log.warning(msg)
+
+    def random_identity(self) -> dict[str, Any]:
+        """The weights identity of seeded random weights (with the fallback's reason, when there was one)."""
+        reason = {"reason": self.random_reason} if self.random_reason else {}
+        return {"random": True, "seed": self.seed, **reason}
 
     def build_model(
         self,
@@ -243,22 +234,21 @@ class Extractor(abc.ABC, metaclass=_ExtractorMeta):
 
         `load(model, path)` defaults to a strict `load_state_dict` of `torch.load(path, weights_only=True)`.
         """
-        from extract._weights import load_state_dict, weights_identity
-
         self.weights = spec
         self.preset = spec.preset
         self.variant = spec.name
-        path = None if self.random_init else self.resolve(spec, hub)  # fail fast before the (slow) construction
+        path = self.resolve(spec, hub, path=self.weights_path)  # fail fast before the (slow) construction
         with seeded(self.seed):
             model = make()
         if path is None:
-            self.weights_identity = {"random": True, "seed": self.seed}
+            self.weights_identity = self.random_identity()
         else:
             if load is None:
                 model.load_state_dict(load_state_dict(path), strict=True)
             else:
                 load(model, path)
             self.weights_identity = weights_identity(path, spec)
+            self._loaded_real = True
         model.eval().requires_grad_(False)
         model.to(self.device)
         if self.half:

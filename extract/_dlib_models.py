@@ -1,21 +1,17 @@
-"""dlib's model files: pinned WeightsSpecs and their location in the `face_recognition_models` wheel.
+"""dlib's model files: pinned WeightsSpecs, shipped by the `face_recognition_models` wheel.
 
-`import face_recognition_models` runs `pkg_resources`, which setuptools >= 81 no longer ships, so the package's
-model directory is found WITHOUT importing it: from its installed-file list (`importlib.metadata.files`), else from
-its import spec (`importlib.util.find_spec` does not execute a top-level package). The digests are those of
-face_recognition_models 0.3.0's files (the ones pip installs; also in its wheel RECORD); every load checks them.
-
-Resolution order: explicit path > weights dir (`weights_dir` / $TVR_WEIGHTS_DIR) > the installed wheel.
+The digests are those of face_recognition_models 0.3.0's files (the ones pip installs; also in its wheel RECORD);
+every load checks them. The files resolve like every tvr weights file (extract._weights): explicit path > weights
+dir (`weights_dir` / $TVR_WEIGHTS_DIR) > the installed package (`WeightsSpec.package`, found without importing it:
+its own import needs pkg_resources, which setuptools >= 81 no longer ships).
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 from pathlib import Path
 
-from extract._api import WeightsSpec
-from extract._weights import ENV_WEIGHTS_DIR, WeightsNotFound, resolve_weights, weights_identity
+from extract import _weights
+from extract._weights import WeightsSpec, weights_identity
 
 PACKAGE = "face_recognition_models"
 _DLIB_FILES = "http://dlib.net/files/"
@@ -28,6 +24,7 @@ RECOGNITION = WeightsSpec(
     url=_DLIB_FILES + "dlib_face_recognition_resnet_model_v1.dat.bz2",
     preset="dlib_face_chip",
     meta=_META,
+    package=PACKAGE,
 )
 LANDMARKS_5 = WeightsSpec(
     name="shape_predictor_5_face_landmarks",
@@ -36,6 +33,7 @@ LANDMARKS_5 = WeightsSpec(
     url=_DLIB_FILES + "shape_predictor_5_face_landmarks.dat.bz2",
     preset="dlib_face_chip",
     meta=_META,
+    package=PACKAGE,
 )
 LANDMARKS_68 = WeightsSpec(
     name="shape_predictor_68_face_landmarks",
@@ -44,6 +42,7 @@ LANDMARKS_68 = WeightsSpec(
     url=_DLIB_FILES + "shape_predictor_68_face_landmarks.dat.bz2",
     preset="dlib_face_chip",
     meta=_META,
+    package=PACKAGE,
 )
 MMOD_DETECTOR = WeightsSpec(
     name="mmod_human_face_detector",
@@ -52,41 +51,14 @@ MMOD_DETECTOR = WeightsSpec(
     url=_DLIB_FILES + "mmod_human_face_detector.dat.bz2",
     preset="dlib_face_chip",
     meta=_META,
+    package=PACKAGE,
 )
 ALL_MODELS = (RECOGNITION, LANDMARKS_5, LANDMARKS_68, MMOD_DETECTOR)
-
-
-def package_models_dir() -> Path | None:
-    """`.../face_recognition_models/models` of the installed wheel (not imported), or None when not installed."""
-    try:
-        files = importlib.metadata.files(PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == RECOGNITION.filename:
-            return Path(str(f.locate())).resolve().parent
-    spec = importlib.util.find_spec(PACKAGE)  # no metadata (e.g. a source checkout on sys.path)
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            if (Path(loc) / "models").is_dir():
-                return Path(loc) / "models"
-    return None
 
 
 def resolve_dlib_model(
     spec: WeightsSpec, *, path: str | os.PathLike[str] | None = None, weights_dir: str | os.PathLike[str] | None = None
 ) -> tuple[Path, dict[str, str]]:
-    """(verified path, {"file", "sha256"}) of one model file, in the module's resolution order."""
-    if path is None:
-        wdir = weights_dir if weights_dir is not None else os.environ.get(ENV_WEIGHTS_DIR) or None
-        if wdir is None or not (Path(wdir).expanduser() / spec.filename).is_file():
-            pkg = package_models_dir()
-            if pkg is not None and (pkg / spec.filename).is_file():
-                weights_dir = pkg
-    try:
-        p = resolve_weights(spec, path=path, weights_dir=weights_dir)
-    except WeightsNotFound as exc:  # stays a WeightsNotFound, so random_init="missing" reports it properly
-        raise WeightsNotFound(
-            f"{exc}. The usual source is `pip install {PACKAGE}` (found by tvr without importing it)", spec
-        ) from None
+    """(verified path, {"file", "sha256"}) of one model file, in extract._weights' resolution order."""
+    p = _weights.resolve_weights(spec, path=path, weights_dir=weights_dir)
     return p, weights_identity(p, spec)

@@ -55,7 +55,7 @@ def create_extractor(name: str, **kwargs: Any) -> Extractor:
 
     ``random_init`` is False, True, or "missing": real weights when they resolve, else seeded random weights with a
     `RandomWeightsWarning` and ``provenance()["weights"] == {"random": True, "seed": s, "reason": "weights not
-    found: <file>"}`` (extract._api._ExtractorMeta).
+    found: <file>"}`` (decided once, while the extractor resolves its files: extract._api.Extractor.resolve).
     """
     return extractor_class(name)(**kwargs)
 

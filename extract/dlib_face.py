@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
 from extract import _dlib_models as models
-from extract._api import Extractor, ItemSession, WeightsSpec
+from extract._api import Extractor, ItemSession
+from extract._weights import WeightsSpec, weights_identity
 from extract._registry import register_extractor
 from extract.sampling import StepPolicy, frame_indices, frame_times, item_step_times
 from extract.transforms import register_preset
@@ -34,6 +36,7 @@ DETECTORS = ("hog", "cnn")
 DEFAULT_THRESHOLD = {"hog": 0.5, "cnn": 0.0}
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
+ModelResolver = Callable[[WeightsSpec, "str | os.PathLike[str] | None"], Path]  # (spec, explicit path) -> file
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,10 @@ class FacePipeline:
         recognition_path: str | os.PathLike[str] | None = None,
         landmarks_path: str | os.PathLike[str] | None = None,
         mmod_path: str | os.PathLike[str] | None = None,
+        resolve: ModelResolver | None = None,
     ) -> None:
-        """Load the models (sha256-checked) once; `threshold` None = the detector's default."""
+        """Load the models (sha256-checked) once; `threshold` None = the detector's default; `resolve(spec, path)`:
+        how to find each file (an extractor's own resolver; default: extract._weights' order with `weights_dir`)."""
         if detector not in DETECTORS:
             raise ValueError(f"dlib_face: detector must be one of {DETECTORS}, got {detector!r}")
         if upsample < 0 or max_faces < 1:
@@ -81,17 +86,18 @@ class FacePipeline:
         self.upsample = int(upsample)
         self.threshold = float(DEFAULT_THRESHOLD[detector] if threshold is None else threshold)
         self.max_faces = int(max_faces)
-        self.files: dict[str, dict[str, str]] = {}
-        rec, self.files["recognition"] = models.resolve_dlib_model(
-            models.RECOGNITION, path=recognition_path, weights_dir=weights_dir)
-        lm, self.files["landmarks"] = models.resolve_dlib_model(
-            models.LANDMARKS_5, path=landmarks_path, weights_dir=weights_dir)
-        self._recognizer = dlib.face_recognition_model_v1(str(rec))
-        self._predictor = dlib.shape_predictor(str(lm))
+        find: ModelResolver = resolve or (
+            lambda spec, path: models.resolve_dlib_model(spec, path=path, weights_dir=weights_dir)[0])
+        wanted = {"recognition": (models.RECOGNITION, recognition_path),
+                  "landmarks": (models.LANDMARKS_5, landmarks_path)}
         if detector == "cnn":
-            mm, self.files["detector"] = models.resolve_dlib_model(
-                models.MMOD_DETECTOR, path=mmod_path, weights_dir=weights_dir)
-            self._cnn = dlib.cnn_face_detection_model_v1(str(mm))
+            wanted["detector"] = (models.MMOD_DETECTOR, mmod_path)
+        found = {role: find(spec, path) for role, (spec, path) in wanted.items()}  # every file before any load
+        self.files = {role: weights_identity(found[role], spec) for role, (spec, _) in wanted.items()}
+        self._recognizer = dlib.face_recognition_model_v1(str(found["recognition"]))
+        self._predictor = dlib.shape_predictor(str(found["landmarks"]))
+        if detector == "cnn":
+            self._cnn = dlib.cnn_face_detection_model_v1(str(found["detector"]))
         else:
             self._hog = dlib.get_frontal_face_detector()
         self._dlib = dlib
@@ -159,6 +165,7 @@ class DlibFaceExtractor(Extractor):
 
     needs_frames: ClassVar[bool] = True
     needs_audio: ClassVar[bool] = False
+    random_variant: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -180,7 +187,7 @@ class DlibFaceExtractor(Extractor):
         self.pipeline = FacePipeline(
             detector=detector, upsample=upsample, threshold=threshold, max_faces=max_faces,
             weights_dir=self.weights_dir, recognition_path=self.weights_path, landmarks_path=landmarks_path,
-            mmod_path=detector_path,
+            mmod_path=detector_path, resolve=self._model_file,
         )
         self.spec = FeatureSpec(
             name="dlib_face", dim=DESCRIPTOR_DIM, max_steps=self.policy.steps, dtype=dtype, modality="face",
@@ -199,6 +206,12 @@ class DlibFaceExtractor(Extractor):
         }
         if self.random_init:  # there is no random dlib network: say so in provenance rather than pretend
             self.options["random_init"] = "ignored: dlib_face always uses the real, sha256-checked model files"
+
+    def _model_file(self, spec: WeightsSpec, path: str | os.PathLike[str] | None) -> Path:
+        """A dlib model file through `Extractor.resolve` (never None: dlib has no random variant)."""
+        found = self.resolve(spec, path=path)
+        assert found is not None, "random_variant is False: resolve returns a file or raises"
+        return found
 
     def start(self, info: MediaInfo) -> ItemSession:
         """A session that runs the face pipeline on the step frames as they arrive."""

@@ -54,7 +54,7 @@ from extract.i3d_net import (
     load_i3d_weights,
     min_input,
 )
-from extract.raft_flow import DEFAULT_FLOW_UPDATES, DEFAULT_RAFT, RaftFlow, center_crop, scale_flow
+from extract.raft_flow import DEFAULT_FLOW_UPDATES, DEFAULT_RAFT, RAFT_WEIGHTS, RaftFlow, center_crop, scale_flow
 from extract.sampling import DECODE_FPS
 from extract.transforms import frames_to_tensor, register_preset
 from store.schema import FeatureRows, FeatureSpec, Status
@@ -406,18 +406,23 @@ class I3DFlow(_I3DExtractor):
     ) -> None:
         """raft: extract.raft_flow.RAFT_WEIGHTS name; raft_weights_path: explicit file; num_flow_updates: RAFT
         iterations (reference 20); raft_batch_size: pairs per RAFT forward; quantize_uint8: reference rounding."""
-        self._raft_args = dict(weights=raft, weights_path=raft_weights_path, num_flow_updates=num_flow_updates,
-                               batch_size=raft_batch_size)
+        self._raft_args = dict(weights=raft, num_flow_updates=num_flow_updates, batch_size=raft_batch_size)
+        self._raft_path = raft_weights_path
         self.pair_batch = raft_batch_size
         self.quantize_uint8 = bool(quantize_uint8)
         super().__init__(**kwargs)
 
     def build_model(self, make: Any, spec: WeightsSpec, **kw: Any) -> torch.nn.Module:
-        """Build RAFT (its own weights) before I3D, so a missing flow file fails before the slow I3D load."""
-        self.flow = RaftFlow(
-            **self._raft_args, weights_dir=self.weights_dir, allow_download=self.allow_download,
-            random_init=self.random_init, seed=self.seed, device=self.device,
-        )
+        """Resolve RAFT's file, then I3D's (one real-or-random decision for both), then build RAFT, then I3D."""
+
+        def find_raft(raft_spec: WeightsSpec) -> Path | None:
+            return self.resolve(raft_spec, "torch", path=self._raft_path)
+
+        raft_spec = RAFT_WEIGHTS.get(str(self._raft_args["weights"]))  # an unknown name: RaftFlow's error below
+        if raft_spec is not None:
+            find_raft(raft_spec)
+            self.resolve(spec, kw.get("hub"), path=self.weights_path)
+        self.flow = RaftFlow(**self._raft_args, seed=self.seed, device=self.device, resolve=find_raft)
         return super().build_model(make, spec, **kw)
 
     def provenance(self) -> dict[str, Any]:

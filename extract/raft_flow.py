@@ -17,7 +17,8 @@ approximate motion features can pick `raft_small.*` and fewer updates; the choic
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.optical_flow import raft_large, raft_small
 
-from extract._api import WeightsSpec, seeded
-from extract._weights import resolve_weights, weights_identity
+from extract import _weights
+from extract._api import seeded
+from extract._weights import WeightsSpec, weights_identity
 from extract.transforms import register_preset
 
 FLOW_BOUND = 20.0  # px; the DeepMind I3D flow recipe clips to [-20, 20]
@@ -137,8 +139,11 @@ class RaftFlow:
         device: str | torch.device = "cpu",
         num_flow_updates: int = DEFAULT_FLOW_UPDATES,
         batch_size: int = 8,
+        resolve: Callable[[WeightsSpec], Path | None] | None = None,
     ) -> None:
-        """weights: a RAFT_WEIGHTS name (resolved like every tvr weights file, torch hub cache included)."""
+        """weights: a RAFT_WEIGHTS name (resolved like every tvr weights file, torch hub cache included);
+        resolve: an owning extractor's `Extractor.resolve` (its None: random weights), instead of the path,
+        dir, download and random_init arguments."""
         if weights not in RAFT_WEIGHTS:
             raise FlowError(f"unknown RAFT weights {weights!r}; choose one of {sorted(RAFT_WEIGHTS)}")
         if num_flow_updates < 1 or batch_size < 1:
@@ -147,11 +152,11 @@ class RaftFlow:
         self.arch = str(self.spec.meta["arch"])
         self.num_flow_updates, self.batch_size = num_flow_updates, batch_size
         self.device = torch.device(device)
-        path = None
-        if not random_init:  # resolve (and verify) before the construction, to fail fast
-            path = resolve_weights(
-                self.spec, path=weights_path, weights_dir=weights_dir, hub="torch", allow_download=allow_download
-            )
+        find = resolve
+        if find is None and not random_init:  # standalone: extract._weights' order with this class's own arguments
+            find = functools.partial(_weights.resolve_weights, path=weights_path, weights_dir=weights_dir,
+                                     hub="torch", allow_download=allow_download)
+        path = None if find is None else find(self.spec)  # verified before the construction, to fail fast
         with seeded(seed):
             model = _ARCHS[self.arch](weights=None)
         if path is None:

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from extract import _weights
 from extract import vggish_frontend as fe
 from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
 from extract.engine import lower_attr, run_halving
-from extract._weights import WeightsNotFound, expected_digest, resolve_weights, sha256_file, weights_identity
+from extract._weights import WeightsNotFound, expected_digest, sha256_file, weights_identity
 from extract.transforms import register_preset
 from store.schema import FeatureRows, FeatureSpec, Status
 
@@ -306,6 +307,10 @@ class VGGishExtractor(Extractor):
         self.embedding = variant
         self.pca = bool(pca)
         self.quantize = pca_quantize
+        # Both files are resolved before either loads: one real-or-random decision for the whole extractor.
+        self.resolve(VGGISH_WEIGHTS, "torch", path=self.weights_path)
+        if self.pca:
+            self._find_pca(pca_path)
         self.net = self.build_model(VGGishNet, VGGISH_WEIGHTS, hub="torch", load=_load_into)
         self.variant = variant
         self.pca_params: tuple[np.ndarray, np.ndarray] | None = None
@@ -316,14 +321,20 @@ class VGGishExtractor(Extractor):
             "example_seconds": fe.EXAMPLE_SECONDS, "sample_rate": fe.SAMPLE_RATE,
         }
 
+    def _find_pca(self, pca_path: str | os.PathLike[str] | None) -> tuple[Path, WeightsSpec] | None:
+        """The PCA file and its spec through the extractor's resolver (`resolve_pca`'s order); None = random."""
+        return self.resolve_with(f"pca|{pca_path}", lambda: resolve_pca(
+            pca_path, weights_dir=self.weights_dir, allow_download=self.allow_download))
+
     def _load_pca(self, pca_path: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray]:
         """Real PCA params (resolved like the weights, sha256-prefix checked), or seeded random ones."""
-        if self.random_init:
+        found = self._find_pca(pca_path)
+        if found is None:
             rng = np.random.default_rng(self.seed)
             q, _ = np.linalg.qr(rng.standard_normal((EMBEDDING_SIZE, EMBEDDING_SIZE)))
             self.weights_identity["pca"] = {"random": True, "seed": self.seed}
             return q, rng.standard_normal(EMBEDDING_SIZE) * 0.1
-        path, spec = resolve_pca(pca_path, weights_dir=self.weights_dir, allow_download=self.allow_download)
+        path, spec = found
         self.weights_identity["pca"] = weights_identity(path, spec)
         return load_pca(path)
 
@@ -351,15 +362,15 @@ def resolve_pca(
     if pca_path is not None:
         p = Path(pca_path).expanduser()
         spec = pca_spec_for(p) if p.is_file() else VGGISH_PCA
-        return resolve_weights(spec, path=p), _canonical(spec)
+        return _weights.resolve_weights(spec, path=p), _canonical(spec)
     for spec in pca_specs():
         try:
-            return resolve_weights(spec, weights_dir=weights_dir, hub="torch"), _canonical(spec)
+            return _weights.resolve_weights(spec, weights_dir=weights_dir, hub="torch"), _canonical(spec)
         except WeightsNotFound:
             continue
     try:
-        return resolve_weights(VGGISH_PCA, weights_dir=weights_dir, hub="torch",
-                               allow_download=allow_download), VGGISH_PCA
+        return _weights.resolve_weights(VGGISH_PCA, weights_dir=weights_dir, hub="torch",
+                                        allow_download=allow_download), VGGISH_PCA
     except WeightsNotFound as exc:
         raise WeightsNotFound(f"{exc}. TF AudioSet's {VGGISH_PCA_NPZ.filename} (sha256 {VGGISH_PCA_NPZ.sha256}, "
                               f"{VGGISH_PCA_NPZ.url}) works as well", VGGISH_PCA) from None

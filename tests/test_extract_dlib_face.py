@@ -14,6 +14,7 @@ pytest.importorskip("dlib")
 skdata = pytest.importorskip("skimage.data")
 
 from extract import WeightsError, create_extractor  # noqa: E402
+from extract import _weights  # noqa: E402
 from extract._weights import UnpinnedWeightsWarning  # noqa: E402
 from extract import _dlib_models as models  # noqa: E402
 from extract.dlib_face import FacePipeline  # noqa: E402
@@ -128,7 +129,7 @@ def test_provenance_pins_the_real_files(ex) -> None:
     assert "random_init" not in prov["options"]
     asked_random = create_extractor("dlib_face", random_init=True).provenance()
     assert asked_random["weights"] == prov["weights"] and "ignored" in asked_random["options"]["random_init"]
-    pkg = models.package_models_dir()
+    pkg = _weights.package_file(models.RECOGNITION)
     assert pkg is not None
     for spec in models.ALL_MODELS:  # the pinned digests are those of the installed wheel's files
         assert models.resolve_dlib_model(spec)[1]["sha256"] == spec.sha256
@@ -151,7 +152,8 @@ def test_models_located_without_importing_face_recognition_models() -> None:
 
 def test_sha256_mismatch_of_a_copied_model_is_detected(tmp_path) -> None:
     spec = models.MMOD_DETECTOR  # the smallest file (730 kB)
-    src = models.package_models_dir() / spec.filename
+    src = _weights.package_file(spec)
+    assert src is not None
     good = tmp_path / "good"
     good.mkdir()
     shutil.copy(src, good / spec.filename)
@@ -248,7 +250,7 @@ def test_missing_models_are_weights_not_found_with_the_pip_hint(tmp_path, monkey
     from extract import WeightsNotFound
 
     monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
-    monkeypatch.setattr(models, "package_models_dir", lambda: None)  # as if face_recognition_models were absent
+    monkeypatch.setattr(_weights, "package_file", lambda spec: None)  # as if face_recognition_models were absent
     with pytest.raises(WeightsNotFound) as e:
         models.resolve_dlib_model(models.LANDMARKS_5, weights_dir=tmp_path)
     msg = str(e.value)
