@@ -1,9 +1,11 @@
 """Packing staged rows into the sharded arrays of a v2 store (design.md §1, "Crash-safe shard commits").
 
-One process packs a shard at a time (per-shard lock). A pack reads the shard's packed rows (when it has any),
-overlays the staged objects oldest first, writes every array's shard (one whole-shard object each, `status`
-last) and only then deletes the staged objects it used. A crash at any point leaves either the old shard plus
-the staged objects, or the new shard plus (some of) the same staged objects: re-packing gives the same result.
+One process packs a shard at a time (per-shard lock). A pack claims the shard's staging (local segments stay
+flocked: no append slips in until they are deleted), reads the shard's packed rows (when it has any), overlays
+the staged blocks oldest first, writes every array's shard (one whole-shard object each, `status` last) and
+only then deletes what it claimed (store/_staging.py `Claim.consume`). A crash at any point leaves either the
+old shard plus the staged blocks, or the new shard plus (some of) the same blocks, which a marker then excludes:
+re-packing gives the same result.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from zarr.core.sync import sync
 
-from store._staging import Staged
+from store._staging import Claim, Staged
 from store._zarr_io import _gather, _get
 from store.schema import Status, StoreError
 
@@ -57,30 +59,37 @@ def pack_shard(fs: "FeatureStore", feature: str, shard: int) -> bool:
     if not lock.try_acquire():
         return False
     try:
-        entries = fs._staging.list(feature, shard)
-        if not entries:
-            return False
-        arrays = fs._open_arrays(feature)
-        s, total = fs._shard_rows[feature], arrays["status"].shape[0]
-        lo, hi = shard * s, min((shard + 1) * s, total)
-        if any(e.start < lo or e.stop > hi for e in entries):
-            raise StoreError(f"{fs.url}: staged rows of '{feature}' shard {shard} fall outside rows {lo}:{hi}; "
-                             "the store was changed by another tool; delete .tvr/staging and re-run extraction")
-        base = _base(arrays, lo, hi)
-        blocks = fs._staging.read(entries)
-        for e, b in zip(entries, blocks):
-            if b:
-                _apply(base, lo, e, b, fs.url)
-        pending = base["status"] == Status.PENDING
-        if base["values"].dtype.kind == "f":
-            base["values"][pending] = np.nan  # fill value: a PENDING row never looks like data
-        sel = slice(lo, hi)
-        sync(_gather([arrays[k].async_array.setitem(sel, v) for k, v in base.items() if k != "status"]))
-        sync(arrays["status"].async_array.setitem(sel, base["status"]))  # the commit point of the shard
-        fs._staging.delete([e for e, b in zip(entries, blocks) if b])
-        return True
+        with fs._staging.claim(feature, shard) as claim:
+            return _pack_claimed(fs, feature, shard, claim)
     finally:
         lock.release()
+
+
+def _pack_claimed(fs: "FeatureStore", feature: str, shard: int, claim: Claim) -> bool:
+    """Commit the claimed staged blocks into the shard, then delete them."""
+    entries = claim.entries
+    if not entries:
+        claim.consume()  # leftovers only (a crashed pack's marker, a dead writer's empty segment)
+        return False
+    arrays = fs._open_arrays(feature)
+    s, total = fs._shard_rows[feature], arrays["status"].shape[0]
+    lo, hi = shard * s, min((shard + 1) * s, total)
+    if any(e.start < lo or e.stop > hi for e in entries):
+        raise StoreError(f"{fs.url}: staged rows of '{feature}' shard {shard} fall outside rows {lo}:{hi}; "
+                         "the store was changed by another tool; delete .tvr/staging and re-run extraction")
+    base = _base(arrays, lo, hi)
+    blocks = claim.read(entries)
+    for e, b in zip(entries, blocks):
+        if b:
+            _apply(base, lo, e, b, fs.url)
+    pending = base["status"] == Status.PENDING
+    if base["values"].dtype.kind == "f":
+        base["values"][pending] = np.nan  # fill value: a PENDING row never looks like data
+    sel = slice(lo, hi)
+    sync(_gather([arrays[k].async_array.setitem(sel, v) for k, v in base.items() if k != "status"]))
+    sync(arrays["status"].async_array.setitem(sel, base["status"]))  # the commit point of the shard
+    claim.consume()
+    return True
 
 
 def effective_status(fs: "FeatureStore", feature: str, packed: np.ndarray, lo: int,
@@ -110,9 +119,7 @@ def pack_ready(fs: "FeatureStore", feature: str | None = None, partial: bool = F
         if fs._staging is None or not fs._shard_rows.get(f):
             continue
         s = fs._shard_rows[f]
-        by_shard: dict[int, list[Staged]] = {}
-        for e in fs._staging.list(f):
-            by_shard.setdefault(e.shard, []).append(e)
+        by_shard = fs._staging.by_shard(f)  # [] for a folder of leftovers: a pack of it just cleans up
         status = fs._arrays[f]["status"]
         for shard, entries in sorted(by_shard.items()):
             if not partial:

@@ -101,23 +101,29 @@ FeatureStore.open({url!r}, "r+").pack_ready()
 """
 
 
-def staged_store(path: Path, n: int) -> FeatureStore:
+def staged_store(path: Path, n: int, two_writers: bool = False) -> FeatureStore:
+    """Every row staged; with `two_writers`, each row is written twice (a stale value, then its result) by two
+    writers in turn, so each shard has two segments and each one holds the newer record of some rows."""
     s = FeatureStore.create(path, [ItemRecord(f"v{i}", f"/{i}") for i in range(n)], shard_rows=8)
     s.ensure_feature(SPEC, RANDOM)
+    other = FeatureStore.open(s.url, "r+") if two_writers else s
     for row in range(n):
-        s.write("resnet152", row, result(row))
+        first, last = (s, other) if row % 2 else (other, s)
+        if two_writers:
+            first.write("resnet152", row, result(row + 1000))
+        last.write("resnet152", row, result(row))
     return s
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_of_packing_then_resume_is_clean(tmp_path: Path) -> None:
-    n = 40  # 5 shards; a pack of one shard = 8 array writes + 8 staged deletions (+ lock create/delete)
+    n = 40  # 5 shards; a pack of one shard = 6 array writes, a marker, 2 segment + 1 marker deletions, lock release
     clean = staged_store(tmp_path / "clean.zarr", n)
     clean.pack_ready()
     want = clean.read("resnet152")
     rng = random.Random(0)
-    for trial, k in enumerate(sorted(rng.sample(range(1, 80), 6))):
-        s = staged_store(tmp_path / f"k{trial}.zarr", n)
+    for trial, k in enumerate(sorted(rng.sample(range(1, 52), 8))):
+        s = staged_store(tmp_path / f"k{trial}.zarr", n, two_writers=True)
         p = run_py(_PACKER, url=s.url, k=k)
         assert p.wait(timeout=120) == -signal.SIGKILL
         mid = FeatureStore.open(s.url)  # consistent at the crash: every row as written, packed or staged

@@ -341,33 +341,43 @@ def test_two_processes_write_disjoint_rows(tmp_path: Path) -> None:
 _CRASH = """
 import os, sys, numpy as np
 sys.path.insert(0, {root!r})
-import store._staging as st
+import store._segment as seg
 from store import FeatureStore, FeatureRows, Status
-def dying(src, dst):
-    os._exit(17)  # the process dies after writing the staged object's temp file, before publishing it
-st.os.replace = dying
 s = FeatureStore.open({url!r}, "r+")
+s.write("resnet152", 0, FeatureRows(Status.OK, np.full((3, 6), 5.0), np.arange(3)))  # a finished row ...
+real = seg.os.writev
+def dying(fd, bufs):
+    whole = b"".join(bytes(b) for b in bufs)
+    real(fd, [whole[:{cut}]])
+    os._exit(17)  # ... then the process dies {cut} bytes into appending the next record to the same segment
+seg.os.writev = dying
 s.write("resnet152", {row}, FeatureRows(Status.OK, np.full((3, 6), 7.0), np.arange(3)))
 """
 
 
+@pytest.mark.parametrize("cut", [20, 200])  # inside the record's prefix, inside its body
 @pytest.mark.parametrize("rewrite", [True, False], ids=["rewrite_of_ok_row", "fresh_row"])
-def test_writer_killed_before_publishing_leaves_row_unchanged(store: FeatureStore, rewrite: bool) -> None:
+def test_writer_killed_mid_append_leaves_row_unchanged(store: FeatureStore, rewrite: bool, cut: int) -> None:
     if rewrite:
         store.write("resnet152", 1, rows(SPEC16, 2, seed=8))  # an earlier successful run of the same row
         assert store.status("resnet152")[1] == Status.OK
-    proc = subprocess.run([sys.executable, "-c", _CRASH.format(root=str(ROOT), url=store.url, row=1)],
+    proc = subprocess.run([sys.executable, "-c", _CRASH.format(root=str(ROOT), url=store.url, row=1, cut=cut)],
                           timeout=120)
     assert proc.returncode == 17
-    leftovers = list((Path(store.url) / ".tvr" / "staging" / "resnet152" / "0").glob(".*.tmp"))
-    assert len(leftovers) == 1  # the half-published object is there ...
-    s = FeatureStore.open(store.url)  # ... but is never taken for a row
+    segs = sorted((Path(store.url) / ".tvr" / "staging" / "resnet152" / "0").glob("*.seg"))
+    assert len(segs) == 1 + rewrite  # the dead writer's segment ends in a truncated record ...
+    s = FeatureStore.open(store.url)  # ... which is never taken for a row; the record before it counts
     want = Status.OK if rewrite else Status.PENDING
-    assert s.status("resnet152")[1] == want
-    b = s.read("resnet152", [1])
-    assert b.available[0] == rewrite and not (b.values == 7.0).any()
-    FeatureStore.open(store.url, "r+").pack_ready(partial=True)
-    assert FeatureStore.open(store.url).status("resnet152")[1] == want
+    assert list(s.status("resnet152")[:2]) == [Status.OK, want]
+    b = s.read("resnet152", [0, 1])
+    assert b.available[1] == rewrite and not (b.values == 7.0).any() and (b.values[0, :3] == 5.0).all()
+    assert s.staged_count("resnet152") == 1 + rewrite
+    w = FeatureStore.open(store.url, "r+")
+    w.write("resnet152", 2, rows(SPEC16, 2, seed=3))  # a new writer: its own segment, never after the torn tail
+    w.pack_ready(partial=True)
+    got = FeatureStore.open(store.url)
+    assert list(got.status("resnet152")[:3]) == [Status.OK, want, Status.OK] and got.staged_count("resnet152") == 0
+    assert not (Path(store.url) / ".tvr").exists()  # the torn segment went with the pack
 
 
 def test_staged_rows_are_read_before_and_after_packing(tmp_path: Path) -> None:
