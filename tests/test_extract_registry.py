@@ -33,6 +33,7 @@ from extract import (
 from extract._registry import _REGISTRY, UnknownExtractorError
 from store.schema import FeatureRows, FeatureSpec, Status
 from tests._extractors import IndexEcho
+from tests._media import write_video
 
 NAMES = list_extractors()
 FPS, SECONDS, H, W, SR = 25, 1.2, 48, 64, 16000
@@ -211,35 +212,14 @@ def test_image_rows(name: str, media: tuple[np.ndarray, np.ndarray]) -> None:
         assert (r.status, r.reason) == (Status.ABSENT, want), r.message
 
 
-def write_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
-    """Lossless mkv: libx264rgb crf 0 video at 25 fps + 16 kHz mono pcm_s16le audio."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264rgb", rate=FPS, options={"crf": "0"})
-        v.width, v.height, v.pix_fmt = W, H, "rgb24"
-        a = c.add_stream("pcm_s16le", rate=SR, layout="mono")
-        for f in frames:
-            for p in v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in v.encode():
-            c.mux(p)
-        pcm = (audio * 32767).astype(np.int16)[None, :]
-        af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        af.sample_rate = SR
-        for p in a.encode(af):
-            c.mux(p)
-        for p in a.encode():
-            c.mux(p)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_extract_path_matches_sessions(name: str, media: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     ex = get(name)
     if isinstance(ex, CaptionExtractor):
         pytest.skip("caption feature")
     path = tmp_path / "clip.mkv"
-    write_clip(path, *media)
+    frames, audio = media
+    write_video(path, frames, fps=FPS, audio=audio, sample_rate=SR)  # lossless video + 16 kHz mono PCM
     r = ex.extract_path(path)
     check_row(ex.spec, r)
     if ex.spec.modality in ("appearance", "clip", "motion"):  # lossless video: same frames, same values

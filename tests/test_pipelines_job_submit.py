@@ -16,9 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+
+from tests._media import write_video
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -30,17 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _write_video(path: Path, value: int) -> None:
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264rgb", rate=25)
-        vs.width, vs.height, vs.pix_fmt, vs.options = 16, 16, "rgb24", {"crf": "0"}
-        for _ in range(5):
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), value, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
@@ -84,7 +74,7 @@ def test_ray_job_submit_fills_a_store(tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
     for i in range(3):
-        _write_video(media / f"v{i}.mkv", 30 * (i + 1))
+        write_video(media / f"v{i}.mkv", np.full((5, 16, 16, 3), 30 * (i + 1), np.uint8))
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"v{i}", "path": f"media/v{i}.mkv", "captions": [f"video {i}"]})
                                 + "\n" for i in range(3)))
