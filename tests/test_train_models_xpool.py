@@ -128,3 +128,40 @@ def test_loss_and_build_errors():
         create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_heads=3)
     with pytest.raises(ValueError, match="num_frames"):
         m.encode_video({"clip": torch.zeros(2, NF + 1, D)})
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_pool_train_equals_forward_with_dropout_and_gradients(heads):
+    """The training fast path (no per-pair D x D product) is forward(), same dropout draws, same gradients."""
+    head = XPoolHead(D, heads, dropout=0.3)
+    _perturb(head, seed=3 + heads)
+    t, frames, mask = _inputs()
+    keep = mask | ~mask.any(1, keepdim=True)
+    for train in (False, True):
+        head.train(train)
+        grads = []
+        for fn in (head.forward, head.pool_train):
+            head.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            out = fn(t, frames, keep)
+            (out * torch.linspace(-1, 1, D)).sum().backward()
+            grads.append((out.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}))
+        (ref, g_ref), (fast, g_fast) = grads
+        assert torch.allclose(fast, ref, atol=1e-5)
+        for n in g_ref:
+            assert torch.allclose(g_fast[n], g_ref[n], atol=1e-4, rtol=1e-4), n
+
+
+def test_xpool_loss_is_symmetric_ce_of_cos_t_forward_pool_in_train_mode():
+    m = create_model("xpool", feature_dims={"clip": D, "clip_text": D}, num_frames=NF)
+    _perturb(m)
+    t, frames, mask = _inputs(nt=5, nv=5)
+    te, ve = m.encode_text({"clip_text": t}), m.encode_video({"clip": frames, "clip_mask": mask})
+    torch.manual_seed(2)
+    loss, _ = m.loss(te, ve)
+    torch.manual_seed(2)
+    pooled = m.pool(t, frames, ve["frames_mask"])  # same dropout draws
+    sim = F.cosine_similarity(t[None], pooled, dim=-1).t()
+    from train.losses import symmetric_cross_entropy
+
+    assert loss.item() == pytest.approx(symmetric_cross_entropy(sim, m.logit_scale).item(), rel=1e-5)

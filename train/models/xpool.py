@@ -110,6 +110,35 @@ class XPoolHead(nn.Module):
         o = self.ln2(self.out_proj(agg))
         return self.ln3(o + self.dropout(self.linear_proj(o)))
 
+    def pool_train(self, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() for all pairs, dropout included, with no D x D product per pair or per frame key: (Nv, Nt, D).
+
+        q . k_f = (Wk^T q) . V^_f + q . bk, so the keys need one D x D product per text, not per frame.
+        Wo agg + bo = sum_j a_j w_j with per-video rows w (Nv, HF, D), so its centred value is a @ (w - mean w)
+        and LN2 needs no per-pair matmul; Wl o + bl = rstd * a @ ((w - mean w) g2 Wl^T) + Wl b2 + bl likewise.
+        Per pair only (HF)-term weighted sums and elementwise work remain. Dropout is drawn on the same
+        (Nv, Nt, D) tensor as in forward(), so both use the same random numbers.
+        """
+        nv, nf, d = frames.shape
+        h, dh = self.heads, d // self.heads
+        q = self.q_proj(self.ln1(text)).view(-1, h, dh) / math.sqrt(dh)  # (Nt, H, dh)
+        vf = self.ln1(frames)
+        qk = torch.einsum("thc,hcd->thd", q, self.k_proj.weight.view(h, dh, d))  # Wk^T q per head: (Nt, H, D)
+        logits = torch.einsum("thd,vfd->vthf", qk, vf) + (q * self.k_proj.bias.view(h, dh)).sum(-1)[None, :, :, None]
+        logits = logits.masked_fill(~frame_mask(frames, mask)[:, None, None, :], float("-inf"))
+        a = torch.softmax(logits, dim=-1).flatten(2)  # (Nv, Nt, HF); each head's weights sum to one
+        u = self.v_proj(vf).view(nv, nf, h, dh)
+        # w[v, h*F + f] = Wo[:, head h] u_f[head h] + bo / H: per video, not per pair
+        w = torch.einsum("dhc,vfhc->vhfd", self.out_proj.weight.view(d, h, dh), u).reshape(nv, h * nf, d)
+        w = w + self.out_proj.bias / h
+        wc = w - w.mean(dim=2, keepdim=True)
+        rows = torch.cat([wc, torch.matmul(wc * self.ln2.weight, self.linear_proj.weight.t())], dim=2)
+        xc, y = torch.bmm(a, rows).split(d, dim=2)  # centred Wo agg + bo, and Wl applied to it (pre-LN2 scale)
+        rstd = torch.rsqrt(xc.square().mean(dim=2, keepdim=True) + self.ln2.eps)
+        o = torch.addcmul(self.ln2.bias, xc * rstd, self.ln2.weight)  # LN2 output
+        y = y * rstd + self.linear_proj(self.ln2.bias)  # = linear_proj(o)
+        return self.ln3(o + self.dropout(y))
+
     # ---- evaluation fast path (dropout must be off) ------------------------------------------------------
     def text_queries(self, text: torch.Tensor) -> torch.Tensor:
         """(Nt, H, dh) scaled attention queries q / sqrt(dh)."""
@@ -172,6 +201,16 @@ class XPoolHead(nn.Module):
     def pool_fast(self, q: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Eval-mode pool(v|t) for a chunk: (Nv, Nt, D), equal to forward() without any per-pair D x D product."""
         return self.pool_values(self.mix_weights(q, cache), cache)
+
+
+def pair_cosines(x: torch.Tensor, pooled_unit: torch.Tensor) -> torch.Tensor:
+    """(Nt, Nv) cos(x_t, pooled[v, t]) from texts x (Nt, D) and unit pooled vectors (Nv, Nt, D)."""
+    return torch.einsum("vtd,td->tv", pooled_unit, unit(x))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last axis (norm floored at COS_EPS, as F.cosine_similarity)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=COS_EPS)
 
 
 def cosine_to_frames(text: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -249,8 +288,8 @@ class XPoolModel(XPoolBase):
     def loss(self, text_emb: Emb, video_emb: Emb) -> tuple[torch.Tensor, dict[str, float]]:
         """Symmetric CE on S[i, j] = cos(t_i, pool(v_j | t_i))."""
         t = text_emb["t"]
-        pooled = self.pool(t, video_emb["frames"], video_emb["frames_mask"])  # (Bv, Bt, D)
-        sim = F.cosine_similarity(t[None], pooled, dim=-1).t()
+        pooled = self.pool.pool_train(t, video_emb["frames"], video_emb["frames_mask"])  # (Bv, Bt, D)
+        sim = pair_cosines(t, unit(pooled))
         loss = symmetric_cross_entropy(sim, self.logit_scale)
         return loss, {"loss_xpool": float(loss.detach()), "logit_scale": float(self.logit_scale.detach().exp())}
 
