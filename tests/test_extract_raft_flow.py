@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.models.optical_flow import raft_small
 
-from extract._weights import WeightsError
+from extract import WeightsError
 from extract.raft_flow import (
     DEFAULT_FLOW_UPDATES,
     DEFAULT_RAFT,
@@ -21,6 +20,7 @@ from extract.raft_flow import (
     scale_flow,
     unpad,
 )
+from tests._fakes import FakeWeightsFactory
 
 
 def _frames(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -109,13 +109,13 @@ def test_real_raft_large_default_on_a_tiny_frame() -> None:
     assert out.shape == (1, 2, 128, 131) and torch.isfinite(out).all()
 
 
-def test_weights_file_loads_through_resolve_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_file_loads_through_resolve_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fake_weights: FakeWeightsFactory) -> None:
     torch.manual_seed(7)
     state = raft_small(weights=None).state_dict()
     spec = RAFT_WEIGHTS["raft_small.C_T_V2"]
-    path = tmp_path / spec.filename
-    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # DataParallel-style prefix is stripped
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # DataParallel-style prefix is stripped
+    digest = fake_weights({f"module.{k}": v for k, v in state.items()}, spec.filename).sha256
     with pytest.raises(WeightsError, match="checksum mismatch"):  # the real spec pins torchvision's prefix
         RaftFlow("raft_small.C_T_V2", weights_dir=tmp_path)
     monkeypatch.setitem(RAFT_WEIGHTS, "raft_small.C_T_V2", dataclasses.replace(spec, sha256=digest[:8]))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ from extract import WeightsError, create_extractor
 from extract import resnet152 as R
 from extract.transforms import frames_to_tensor, imagenet_classification
 from store.schema import Status
+from tests._fakes import FakeWeightsFactory
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,13 @@ def test_missing_real_weights_error_names_the_file(tmp_path: Path, monkeypatch: 
 
 
 @pytest.mark.slow
-def test_real_weights_file_loads_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_weights_file_loads_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                fake_weights: FakeWeightsFactory) -> None:
     """A full torchvision-layout checkpoint (with fc) in the weights dir is verified, loaded and recorded."""
     torch.manual_seed(7)
     src = resnet152(weights=None, zero_init_residual=True)
-    path = tmp_path / R.WEIGHTS["IMAGENET1K_V1"].filename
-    torch.save(src.state_dict(), path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    w = fake_weights(src, R.WEIGHTS["IMAGENET1K_V1"].filename)
+    path, digest = w.path, w.sha256
     with pytest.raises(WeightsError, match="394f9c45"):  # the pinned torch.hub prefix does not match a fake file
         create_extractor("resnet152", weights_dir=tmp_path, device="cpu")
     monkeypatch.setitem(R.WEIGHTS, "IMAGENET1K_V1", dataclasses.replace(R.WEIGHTS["IMAGENET1K_V1"], sha256=digest[:8]))
