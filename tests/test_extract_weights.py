@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from extract import WeightsError, WeightsSpec, resolve_weights
+from extract import Extractor, WeightsError, WeightsSpec, resolve_weights
 from extract import _weights as W
 from extract.resnet152 import WEIGHTS as RESNET_WEIGHTS
+from tests._fakes import FakeWeightsFactory
 
 PAYLOAD = b"fake weights bytes"
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -25,6 +26,15 @@ def put(d: Path, data: bytes = PAYLOAD, name: str = "net.pth") -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / name).write_bytes(data)
     return d / name
+
+
+class Tiny(Extractor):
+    """The smallest concrete extractor: only weights resolution, build_model and provenance run."""
+
+    name = "tiny"
+
+    def start(self, info: object) -> None:  # type: ignore[override]
+        raise NotImplementedError
 
 
 @pytest.fixture(autouse=True)
@@ -100,18 +110,9 @@ def test_explicit_foreign_file_is_used_with_a_warning_and_recorded_unpinned(
         resolve_weights(spec(), hub="torch")
 
 
-def test_explicit_foreign_file_reaches_extractor_provenance(tmp_path: Path) -> None:
-    from extract._api import Extractor
-
-    class Tiny(Extractor):
-        name = "tiny"
-
-        def start(self, info: object) -> None:  # type: ignore[override]
-            raise NotImplementedError
-
+def test_explicit_foreign_file_reaches_extractor_provenance(tmp_path: Path, fake_weights: FakeWeightsFactory) -> None:
     src = torch.nn.Linear(2, 2)
-    torch.save(src.state_dict(), tmp_path / "converted.pth")
-    actual = hashlib.sha256((tmp_path / "converted.pth").read_bytes()).hexdigest()
+    actual = fake_weights(src, "converted.pth").sha256
     ex = Tiny(weights_path=tmp_path / "converted.pth")
     with pytest.warns(W.UnpinnedWeightsWarning, match="converted.pth"):
         m = ex.build_model(lambda: torch.nn.Linear(2, 2), spec())
@@ -223,19 +224,10 @@ def test_load_state_dict_weights_only(tmp_path: Path) -> None:
     assert torch.equal(W.load_state_dict(tmp_path / "wrapped.pth")["w"], sd["w"])
 
 
-def test_real_weights_provenance_and_loading(tmp_path: Path) -> None:
-    from extract._api import Extractor
-
-    class Tiny(Extractor):
-        name = "tiny"
-
-        def start(self, info: object) -> None:  # type: ignore[override]
-            raise NotImplementedError
-
+def test_real_weights_provenance_and_loading(tmp_path: Path, fake_weights: FakeWeightsFactory) -> None:
     src = torch.nn.Linear(2, 2)
-    torch.save(src.state_dict(), tmp_path / "tiny.pth")
-    digest = hashlib.sha256((tmp_path / "tiny.pth").read_bytes()).hexdigest()
-    s = WeightsSpec("T", "tiny.pth", digest, "u", "imagenet_v1")
+    w = fake_weights(src, "tiny.pth", name="T")
+    digest, s = w.sha256, w.spec
     ex = Tiny(weights_dir=tmp_path)
     m = ex.build_model(lambda: torch.nn.Linear(2, 2), s)
     assert torch.equal(m.weight, src.weight)
@@ -246,14 +238,7 @@ def test_real_weights_provenance_and_loading(tmp_path: Path) -> None:
 
 def test_checksum_is_verified_before_anything_is_built_or_loaded(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract._api import Extractor
     from extract.raft_flow import RAFT_WEIGHTS, RaftFlow
-
-    class Tiny(Extractor):
-        name = "tiny"
-
-        def start(self, info: object) -> None:  # type: ignore[override]
-            raise NotImplementedError
 
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "net.pth")  # loadable, but not the pinned file
     raft = RAFT_WEIGHTS["raft_small.C_T_V2"]
