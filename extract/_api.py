@@ -273,7 +273,8 @@ class Extractor(abc.ABC):
         if self.weights is not None:
             out["weights_url"] = self.weights.url
         out["precision"] = self.precision
-        if self.precision != "fp32":  # a value-changing setting, compared on reruns (fp32: as before it existed)
+        # precision changes values, so reruns compare it; fp32 stays out so groups stored without the option match
+        if self.precision != "fp32":
             out["options"]["precision"] = self.precision
         return out
 

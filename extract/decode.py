@@ -21,7 +21,6 @@ import os
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import av
@@ -555,14 +554,3 @@ def read_frames(path: str | os.PathLike[str], fps: float = DEFAULT_FPS, **kw: An
     frames = np.concatenate([b.frames for b in batches])
     index = np.concatenate([b.index for b in batches])
     return FrameBatch(frames, index / float(fps), index)
-
-
-def is_media_path(path: str | os.PathLike[str]) -> bool:
-    """Cheap filter for folder inputs: a known video, audio or image extension."""
-    return Path(path).suffix.lower() in MEDIA_EXTENSIONS
-
-
-MEDIA_EXTENSIONS = frozenset(
-    ".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .ts .flv .wmv .3gp .ogv .gif .jpg .jpeg .png .webp .bmp .tif .tiff "
-    ".wav .mp3 .m4a .aac .flac .ogg .opus".split()
-)

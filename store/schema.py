@@ -156,7 +156,7 @@ class FeatureRows:
         )
 
 
-# --- additions by the store helper: read-side containers returned by FeatureStore ---
+# --- read-side containers returned by FeatureStore ---
 
 
 @dataclass

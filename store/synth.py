@@ -1,7 +1,8 @@
 """Synthetic tvr stores with planted, learnable text-video structure (`tvr-store synth`).
 
 The store is written through the same `FeatureStore` code path as extraction (create, ensure_feature, write,
-write_block), with provenance `{"weights": {"synthetic": true, "seed": S}}`.
+write_block, pack_ready), with provenance `{"weights": {"synthetic": true, "random": true, "seed": S}, "preset":
+"synthetic", "small": ...}` ("random": true is the weights identity ensure_feature accepts for model-less data).
 
 Planted structure: every item has a latent concept vector z (items come in clusters, so near-duplicates make
 retrieval non-trivial). Each modality sees z through its own random projection, a subset of the latent

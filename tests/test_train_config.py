@@ -73,3 +73,9 @@ def test_resume_changes_lists_what_alters_training():
     assert resume_changes(a, b) == ["model_config.trials: 20 -> 3", "batch_size: 32 -> 16", "lr: 3e-05 -> 0.0001"]
     # an explicit default is no change
     assert resume_changes(a, build_config("tmass", {"recipe": "msrvtt", "model_config": {"trials": 20}})) == []
+
+
+def test_num_workers_is_gone():
+    """Features are always read in-process; a config still setting num_workers is told the key is unknown."""
+    with pytest.raises(ConfigError, match="unknown key 'num_workers'"):
+        build_config("mee", {"num_workers": 0})

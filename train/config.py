@@ -47,7 +47,6 @@ class TrainConfig:
     caption_sampling: str = "per_video"  # per_video: one random caption per video per epoch | all_pairs: every pair
     drop_last: bool = False  # drop a partial final batch (the MEE reference does; one of < 2 pairs is always dropped)
     eval_chunk: int = 256  # texts per similarity chunk at evaluation
-    num_workers: int = 0  # data is read in-process (kept for config compatibility; must be 0)
     cache_bytes: int = 2 * 1024**3  # load a feature's rows into memory when they fit in this budget
     zero_fill_missing: bool = False  # ablation: missing modalities as zero vectors marked available
     val_split: str = "val"  # split used to pick the best checkpoint (never test)
@@ -99,7 +98,7 @@ _CHOICES = {
 
 
 # keys a --resume may change: they do not alter what is trained (where it runs, eval chunking, read caching)
-RESUME_FREE = ("device", "eval_chunk", "cache_bytes", "num_workers")
+RESUME_FREE = ("device", "eval_chunk", "cache_bytes")
 
 
 def _resolved_model_config(model: str, model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,7 +192,6 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         ("lr", cfg.lr > 0, "> 0"),
         ("image_rate", cfg.image_rate >= 0, ">= 0"),
         ("eval_chunk", cfg.eval_chunk >= 1, ">= 1"),
-        ("num_workers", cfg.num_workers == 0, "0 (features are read in-process)"),
         ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"),
         ("val_split", cfg.val_split in ("train", "val", "test"), "train, val or test"),
         ("test_split", cfg.test_split in ("train", "val", "test"), "train, val or test"),

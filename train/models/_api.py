@@ -164,8 +164,3 @@ def feature_dims_from(feature_dims: Mapping[str, int] | None, specs: Mapping[str
         dims[name] = int(spec.dim if hasattr(spec, "dim") else spec)
     dims.update({k: int(v) for k, v in (feature_dims or {}).items()})
     return dims
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
