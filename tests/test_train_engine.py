@@ -26,6 +26,34 @@ def test_optimizer_groups_keep_the_logit_scale_lr():
     assert isinstance(mee, torch.optim.Adam) and not isinstance(mee, torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("name", ["mee", "tmass"])
+def test_optimizer_is_fused_and_steps_as_the_for_loop_optimizer(name):
+    """make_optimizer's fused Adam / AdamW gives the for-loop optimiser's parameters (per-group lrs kept)."""
+    cfg = build_config(name, {"lr": 1e-2})
+    dims = {"resnet152": 6, "glove": 3} if name == "mee" else {"clip": 8, "clip_text": 8}
+    kw = {"text_clusters": 2} if name == "mee" else {"num_frames": 4}
+    torch.manual_seed(0)
+    model = create_model(name, feature_dims=dims, **kw)
+    twin = create_model(name, feature_dims=dims, **kw)
+    twin.load_state_dict(model.state_dict())
+    opt = make_optimizer(cfg, model)
+    assert all(g["fused"] for g in opt.param_groups)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    twin_params = dict(twin.named_parameters())
+    groups = [{**{k: v for k, v in grp.items() if k not in ("params", "fused")},
+               "params": [twin_params[name_of[id(p)]] for p in grp["params"]]} for grp in opt.param_groups]
+    plain = type(opt)(groups, foreach=False)  # the for-loop implementation, same per-group hyper-parameters
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
 def test_cosine_schedule_with_warmup():
     cfg = build_config("tmass", {"lr": 1.0})  # warmup 0.1
     total = 100

@@ -100,9 +100,12 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         g["base_lr"] = float(g.get("lr", cfg.lr))
         g["lr"] = g["base_lr"]
     groups = [g for g in groups if g["params"]]
+    # fused: one pass over each parameter instead of ~10 (the for-loop Adam was ~30% of an MEE step on CPU);
+    # same update formula (tests/test_train_engine.py checks it against the for-loop optimiser)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6, fused=fused or None)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
