@@ -13,12 +13,12 @@ import pytest
 pytest.importorskip("dlib")
 skdata = pytest.importorskip("skimage.data")
 
-from extract import WeightsError, create_extractor  # noqa: E402
+from extract import UnpinnedWeightsWarning, WeightsError, create_extractor  # noqa: E402
 from extract import _weights  # noqa: E402
-from extract._weights import UnpinnedWeightsWarning  # noqa: E402
 from extract import _dlib_models as models  # noqa: E402
 from extract.dlib_face import FacePipeline  # noqa: E402
 from store.schema import Status  # noqa: E402
+from tests._media import write_image, write_video  # noqa: E402
 
 pytestmark = pytest.mark.real_weights
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,29 +196,6 @@ def test_mmod_cnn_detector(astronaut) -> None:
 
 
 # ---- through the decoder: a lossless video and a PNG of the astronaut ----
-def _write_video(path: Path, frames: np.ndarray) -> None:
-    """25 fps lossless RGB video (libx264rgb, crf 0): decoded frames equal the written ones."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264rgb", rate=25, options={"crf": "0"})
-        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        for f in frames:
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-        c.mux(v.encode())
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """A lossless still image."""
-    import av
-
-    with av.open(str(path), "w", format="image2") as c:
-        v = c.add_stream("png", rate=1)
-        v.width, v.height, v.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-        c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
-        c.mux(v.encode())
-
-
 def test_video_and_image_files_give_the_still_descriptor(ex, astronaut, tmp_path) -> None:
     """Second 0 shows the astronaut, second 1 a face-free gradient: one face, then none; patch never kept."""
     still = FacePipeline().faces(astronaut)
@@ -226,7 +203,7 @@ def test_video_and_image_files_give_the_still_descriptor(ex, astronaut, tmp_path
     blank = np.broadcast_to(np.linspace(0, 255, 512, dtype=np.uint8)[None, :, None], (512, 512, 3))
     frames = np.stack([astronaut] * 25 + [blank] * 25)
     video = tmp_path / "astronaut.mkv"
-    _write_video(video, frames)
+    write_video(video, frames)
     row = ex.extract_path(video)
     assert row.status == Status.OK and row.values.shape == (2, 4, 128)
     np.testing.assert_allclose(row.times, [0.0, 1.0])
@@ -236,12 +213,12 @@ def test_video_and_image_files_give_the_still_descriptor(ex, astronaut, tmp_path
     np.testing.assert_array_equal(row.extras["box"][0, 0], still[0].box)
     assert row.extras["score"][0, 0] == np.float32(still[0].score)
     png = tmp_path / "astronaut.png"
-    _write_png(png, astronaut)
+    write_image(png, astronaut)
     row = ex.extract_path(png)
     assert row.status == Status.OK and row.values.shape == (1, 4, 128) and row.times.tolist() == [0.0]
     np.testing.assert_array_equal(row.values[0, 0], still[0].descriptor)
     empty = tmp_path / "blank.mkv"
-    _write_video(empty, frames[25:])
+    write_video(empty, frames[25:])
     row = ex.extract_path(empty)
     assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_face", (0, 4, 128))
 
