@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and compared on reruns")
     p.add_argument("--decode-workers", type=int, help="CPU actors that decode items and stream frame batches to "
                    "the model workers through Ray's object store (default 0: each model worker decodes its own)")
+    p.add_argument("--items-in-flight", type=int, help="items each model worker runs at once, their frames "
+                   "sharing model batches (default 1); e.g. 32 short items fill ResNet batches at 1 fps")
     p.add_argument("--decode-queue", dest="queue_size", type=int,
                    help="frame batches a decode thread buffers ahead of the models (default 4; 0: decode inline)")
     p.add_argument("--caption-chunk", type=int, help="caption rows per task (default: one store chunk)")

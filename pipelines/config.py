@@ -47,6 +47,7 @@ class ExtractConfig:
     caption_chunk: int | None = None  # caption rows per task (rounded to the feature's chunk_rows); None: chunk_rows
     queue_size: int = 4  # decoded batches buffered ahead of the models by a decode thread; 0: decode inline
     decode_workers: int = 0  # CPU decode actors streaming batches to the model workers (0: decode inside them)
+    items_in_flight: int = 1  # items a model worker runs at once; their frames share model batches (cross-item)
     precision: str = "fp32"  # model precision: fp32 | fp16 (CUDA) | bf16 (autocast, frame-step extractors)
     plugins: list[str] = field(default_factory=list)  # modules (or .py files) imported before creating extractors
     extractor_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-feature constructor options
@@ -108,7 +109,7 @@ class ExtractConfig:
 # (field, smallest allowed value, None allowed) for every numeric option; "--x-y" in messages
 _INT_RANGES = (("workers", 1, True), ("max_retries", 0, False), ("seed", 0, False), ("decode_height", 1, True),
                ("batch_size", 1, False), ("queue_size", 0, False), ("caption_chunk", 1, True),
-               ("decode_workers", 0, False))
+               ("decode_workers", 0, False), ("items_in_flight", 1, False))
 _FLOAT_RANGES = (("gpus_per_worker", 0.0, True), ("cpus_per_worker", 0.0, True))
 _FLAGS = {"queue_size": "--decode-queue"}  # fields whose command-line flag is not --<field-with-dashes>
 

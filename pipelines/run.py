@@ -17,7 +17,7 @@ import numpy as np
 from pipelines import reaper
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset, DatasetError, is_url, read_source
-from pipelines.dispatch import Dispatcher, Tally, WorkerId
+from pipelines.dispatch import Assignment, Dispatcher, Tally, WorkerId
 from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
                             plan_items)
 from pipelines.rerun import check_manifest, check_settings, with_decode
@@ -320,7 +320,7 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[
 
     disp = Dispatcher(queues, [len(a) for a in actors], lambda t, r, m: _mark_failed(store, t, r, m),
                       max_retries=cfg.max_retries, prefetch=bool(cfg.queue_size or cfg.decode_workers),
-                      lookahead=_lookahead(cfg, actors), on_done=progress,
+                      lookahead=_lookahead(cfg, actors), group=cfg.items_in_flight, on_done=progress,
                       log=lambda line: print(f"tvr-extract: {line}", file=err))
     try:
         _drive(ray, disp, actors, cfg, cap_texts, store)
@@ -386,7 +386,7 @@ def _drive(ray: Any, disp: Dispatcher, actors: list[list[Any]], cfg: ExtractConf
     next_pack = time.monotonic() + PACK_EVERY_S
     while not disp.done or inflight:
         for a in disp.assignments():
-            inflight[_submit(actors[a.worker[0]][a.worker[1]], cfg, a.task, cap_texts, a.hint)] = (False, a.worker)
+            inflight[_submit(actors[a.worker[0]][a.worker[1]], cfg, a, cap_texts)] = (False, a.worker)
         for w in (disp.pings_due() if not disp.done else ()):  # with no work left, a lost worker is not waited for
             inflight[actors[w[0]][w[1]].pid.remote()] = (True, w)
         if not inflight:
@@ -411,11 +411,14 @@ def _drive(ray: Any, disp: Dispatcher, actors: list[list[Any]], cfg: ExtractConf
             next_pack = time.monotonic() + PACK_EVERY_S
 
 
-def _submit(actor: Any, cfg: ExtractConfig, task: ItemTask | CaptionTask, cap_texts: Any,
-            prefetch: tuple[str, list[str]] | None = None) -> Any:
-    """Send one task to an actor (with the path of its next item to prefetch); returns the result ref."""
+def _submit(actor: Any, cfg: ExtractConfig, a: Assignment, cap_texts: Any) -> Any:
+    """Send one call to an actor (with the paths of its next items to prefetch); returns the result ref."""
+    task = a.task
+    if a.more:  # several items in flight on the worker, sharing model batches
+        items = [(t.row, t.path, list(t.features)) for t in a.tasks if isinstance(t, ItemTask)]
+        return actor.process_many.remote(cfg.store, items, a.hint)
     if isinstance(task, ItemTask):
-        return actor.process.remote(cfg.store, task.row, task.path, list(task.features), prefetch)
+        return actor.process.remote(cfg.store, task.row, task.path, list(task.features), a.hint)
     texts = [str(t) for t in cap_texts[task.start:task.stop]]
     return actor.captions.remote(cfg.store, task.feature, task.start, texts)
 

@@ -18,12 +18,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from extract import engine
 from store.schema import FeatureSpec, Status
 
 _DONE = object()
+Hint = tuple[str, Sequence[str]] | list[tuple[str, Sequence[str]]] | None  # the next items: (path, features)
 
 
 def import_plugins(plugins: Sequence[str]) -> None:
@@ -93,13 +94,14 @@ class ExtractWorker:
         self.decode = engine.DecodeOptions(frame_rule=frame_rule, batch_size=batch_size, height=decode_height,
                                            threads=self.decode_threads, select=select_frames)
         self._stores: dict[str, Any] = {}
-        self._prefetched: _Stream | None = None  # the next item's decode, started early
+        self._wake = threading.Event()  # set by every producer thread after each put (the merged read waits on it)
         self._pool = None
         if decoders:
             from pipelines.decode_stage import DecoderPool
 
             self._pool = DecoderPool(list(decoders), self.decode, start=worker_index)
-        self._ahead: dict[str, tuple[Any, Any]] = {}  # path -> (MediaInfo, RemoteDecode) opened ahead of its item
+        # path -> (MediaInfo, RemoteDecode or decode thread) opened ahead of its item
+        self._ahead: dict[str, tuple[Any, Any]] = {}
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Spec (JSON), provenance and needs of every extractor, for the driver to create store groups."""
@@ -127,53 +129,105 @@ class ExtractWorker:
 
     # ---------------------------------------------------------------- items
     def process(self, store_url: str, row: int, path: str, features: Sequence[str],
-                prefetch: tuple[str, Sequence[str]] | None = None) -> dict[str, Any]:
+                prefetch: Hint = None) -> dict[str, Any]:
         """Extract `features` for item `row` from `path`, write each row (status last); return a small summary.
 
         The item runs through `extract.engine` (the code `Extractor.extract_path` runs). `prefetch` = (path,
-        features) of this worker's next item: its decoding starts as soon as this item's stream is decoded, so it
-        overlaps this item's remaining compute (models that run at `finish`) and writes.
+        features) of this worker's next item(s): their decoding starts as soon as this item's stream is decoded,
+        so it overlaps this item's remaining compute (models that run at `finish`) and writes.
         """
-        t0 = time.perf_counter()
+        return self.process_many(store_url, [(row, path, features)], prefetch)["items"][0]
+
+    def process_many(self, store_url: str, items: Sequence[tuple[int, str, Sequence[str]]],
+                     prefetch: Hint = None) -> dict[str, list[dict[str, Any]]]:
+        """Several items at once: their streams are read as batches arrive and their frames share model batches
+        (`extract.engine.run_group`); each item's rows are written (status last) as soon as that item ends, and a
+        failure stays in its item. Returns {"items": [one summary per item, in the order they ended]}."""
         store = self._store(store_url)
-        ahead = self._ahead.pop(path, None)  # probed when its decode was opened: not probed twice
-        info, failed = (ahead[0], None) if ahead is not None else engine.probe_failure(path)
-        if failed is not None:
-            if self._pool is not None:
-                self._open_ahead(prefetch)
-            elif prefetch is not None and self.queue_size:
-                self._prefetch(*prefetch)
-            outcome = engine.ItemOutcome(failures=dict.fromkeys(features, failed), spent=dict.fromkeys(features, 0.0))
-            return self._write(store, row, features, outcome, t0)
-        run = engine.ItemRun(self.extractors, info, features)
-        plan = run.plan(self.decode.select)
-        live: Any = None
-        stream: Iterable[tuple[str, Any]] = ()
-        if self._pool is not None:  # the decode stage: this item's stream, then the next items' start at once
-            live = ahead[1] if ahead is not None else None
-            if live is not None and (live.plan != plan or not run.live):
-                live.close()
-                live = None
-            live = live or (self._pool.open(path, info, plan) if run.live else None)
-            self._open_ahead(prefetch)
-            prefetch = None
-            stream = live.items() if live is not None else ()
-        elif run.live and self.queue_size:
-            live = self._take_prefetched(path, plan) or self._start_decode(path, plan)
-            stream = live.items()
-        elif run.live:
-            stream = engine.decode_streams(path, plan, self.decode)
+        feats = {row: list(f) for row, _, f in items}
+        runs: dict[int, engine.ItemRun] = {}
+        streams: dict[int, Any] = {}
+        out: list[dict[str, Any]] = []
+        clock = [time.perf_counter()]  # each summary's seconds run from the previous item's end: they add up
+
+        def write(row: int, outcome: engine.ItemOutcome) -> None:
+            out.append(self._write(store, row, feats[row], outcome, clock[0]))
+            clock[0] = time.perf_counter()
+
         try:
-            for kind, payload in stream:
-                run.feed(kind, payload)
-                if not run.live:
-                    break
+            for row, path, features in items:
+                info, failed = self._info(path)
+                run = engine.ItemRun(self.extractors, info, features) if failed is None else None
+                if run is None or not run.live:
+                    write(row, run.finish() if run is not None else _failed_outcome(features, failed))
+                    continue
+                runs[row] = run
+                streams[row] = self._open(path, info, run.plan(self.decode.select))
+            self._open_ahead(prefetch if self._pool is not None else None)  # decode actors start the next items now
+            for row, outcome in engine.run_group(runs, self._events(streams, prefetch)):
+                live = streams.pop(row, None)
+                if live is not None:
+                    live.close()
+                write(row, outcome)
         finally:
-            if live is not None:
+            for live in streams.values():
                 live.close()
-        if prefetch is not None and self.queue_size:
-            self._prefetch(*prefetch)
-        return self._write(store, row, features, run.finish(), t0)
+            for run in runs.values():  # only after an exception: their queued model inputs are dropped
+                run.abandon()
+        return {"items": out}
+
+    def _info(self, path: str) -> tuple[Any, engine.Failure | None]:
+        """The item's MediaInfo (probed when its decode was opened ahead: not probed twice), or its failure."""
+        ahead = self._ahead.get(path)
+        return (ahead[0], None) if ahead is not None else engine.probe_failure(path)
+
+    def _open(self, path: str, info: Any, plan: engine.StreamPlan) -> Any:
+        """The item's stream: opened ahead (when its plan matches), else started now; something with close()."""
+        ahead = self._ahead.pop(path, None)
+        early = ahead[1] if ahead is not None else None
+        if early is not None and early.plan != plan:
+            early.close()
+            early = None
+        if self._pool is not None:  # a feeder thread reads the remote stream into a queue, for the merged read
+            remote = early or self._pool.open(path, info, plan)
+            return self._start_thread(path, plan, remote.items, remote.close, nice=False)
+        if self.queue_size:
+            return early or self._start_decode(path, plan)
+        return engine.decode_streams(path, plan, self.decode)
+
+    def _events(self, streams: dict[int, Any], prefetch: Hint) -> Iterator[tuple[int, str, Any]]:
+        """The items' stream events: round-robin in this thread (inline decode), else in arrival order from the
+        decode threads; with decode threads the next items' decodes open once these streams are all read."""
+        if self._pool is None and not self.queue_size:
+            return engine.interleave(streams)
+        return self._merged(streams, lambda: None if self._pool is not None else self._open_ahead(prefetch))
+
+    def _merged(self, streams: dict[int, _Stream], on_drained: Callable[[], None]) -> Iterator[tuple[int, str, Any]]:
+        """(row, kind, payload) from several threads' queues as they fill, (row, END, None) at each stream's end;
+        a row the consumer removes from `streams` is not read further. `on_drained()` runs once all have ended."""
+        live = set(streams)
+        if not live:
+            on_drained()
+        while live:
+            self._wake.clear()  # before the pass: a put after this sets it again, so no wake-up is missed
+            got = False
+            for row in list(live):
+                s = streams.get(row)
+                try:
+                    item = s.queue.get_nowait() if s is not None else _DONE
+                except queue.Empty:
+                    continue
+                got = True
+                if item is not _DONE:
+                    yield (row, *item)
+                    continue
+                live.discard(row)
+                if not live:
+                    on_drained()
+                if s is not None:
+                    yield row, engine.END, None
+            if not got and live:
+                self._wake.wait(0.5)
 
     def _write(self, store: Any, row: int, features: Sequence[str], outcome: engine.ItemOutcome,
                t0: float) -> dict[str, Any]:
@@ -193,63 +247,56 @@ class ExtractWorker:
             results[f] = (int(Status.FAILED), fail.reason)
         return self._summary(row, results, t0, outcome.spent)
 
-    def _open_ahead(self, prefetch: Any) -> None:
-        """Open remote decodes for the named next items (one (path, features) or a list); close the others."""
+    def _open_ahead(self, prefetch: Hint) -> None:
+        """Open the decodes of the named next items (one (path, features) or a list): on the decode actors, or in
+        decode threads; close the other early decodes. A probe failure is left for the item's own call."""
         hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
         wanted = {str(p) for p, _ in hints}
         for p in [p for p in self._ahead if p not in wanted]:
             self._ahead.pop(p)[1].close()
+        if self._pool is None and not self.queue_size:
+            return
         for p, feats in hints:
             if p in self._ahead:
                 continue
             info, failed = engine.probe_failure(p)
-            if failed is None:  # a probe failure is left for its own process() call to record
+            if failed is None:
                 exs = [self.extractors[f] for f in feats if f in self.extractors]
-                self._ahead[p] = (info, self._pool.open(p, info, engine.plan_streams(exs, info, self.decode.select)))
+                plan = engine.plan_streams(exs, info, self.decode.select)
+                early = self._pool.open(p, info, plan) if self._pool is not None else self._start_decode(p, plan)
+                self._ahead[p] = (info, early)
 
     def _start_decode(self, path: str, plan: engine.StreamPlan) -> "_Stream":
-        """A decode thread filling a bounded queue for `path`."""
+        """A decode thread (at a lower CPU priority) filling a bounded queue for `path`."""
+        return self._start_thread(path, plan, lambda: engine.decode_streams(path, plan, self.decode), None, nice=True)
+
+    def _start_thread(self, path: str, plan: engine.StreamPlan, source: Callable[[], Iterable[tuple[str, Any]]],
+                      on_close: Callable[[], None] | None, nice: bool) -> "_Stream":
+        """A thread moving `source()`'s items into a bounded queue (then the end marker)."""
         stop = threading.Event()
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.queue_size))
-        thread = threading.Thread(target=self._decode_into, args=(path, plan, q, stop), daemon=True)
+        q: queue.Queue = queue.Queue(maxsize=max(2, self.queue_size))
+        thread = threading.Thread(target=self._produce, args=(source, plan, q, stop, nice), daemon=True)
         thread.start()
-        return _Stream(path, plan, q, stop, thread)
+        return _Stream(path, plan, q, stop, thread, on_close)
 
-    def _prefetch(self, path: str, features: Sequence[str]) -> None:
-        """Start decoding the next item; a probe failure is left for its own `process` call to record."""
-        if self._prefetched is not None:
-            self._prefetched.close()
-            self._prefetched = None
-        info, failed = engine.probe_failure(path)
-        if failed is not None:
-            return
-        exs = [self.extractors[f] for f in features if f in self.extractors]
-        self._prefetched = self._start_decode(path, engine.plan_streams(exs, info, self.decode.select))
-
-    def _take_prefetched(self, path: str, plan: engine.StreamPlan) -> "_Stream | None":
-        """The prefetched stream when it is this item's, decoding the same streams and frames; otherwise drop it."""
-        pre, self._prefetched = self._prefetched, None
-        if pre is not None and (pre.path, pre.plan) == (path, plan):
-            return pre
-        if pre is not None:
-            pre.close()
-        return None
-
-    def _decode_into(self, path: str, plan: engine.StreamPlan, q: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, source: Callable[[], Iterable[tuple[str, Any]]], plan: engine.StreamPlan, q: queue.Queue,
+                 stop: threading.Event, nice: bool) -> None:
         """Producer thread: frame batches, then audio chunks, then the end marker (errors in between)."""
 
         def put(item: Any) -> bool:
             while not stop.is_set():
                 try:
                     q.put(item, timeout=0.1)
+                    self._wake.set()
                     return True
                 except queue.Full:
                     continue
             return False
 
-        _lower_priority()
+        if nice:
+            _lower_priority()
         try:
-            for item in engine.decode_streams(path, plan, self.decode):
+            for item in source():
                 if not put(item):
                     return
         except BaseException as e:  # not an Exception (e.g. SystemExit): every requested stream counts as failed
@@ -257,15 +304,6 @@ class ExtractWorker:
                 if wanted:
                     put((kind, e))
         put(_DONE)  # the consumer reads on after a stream's error, so the end marker always follows
-
-    @staticmethod
-    def _drain(q: queue.Queue) -> Iterator[tuple[str, Any]]:
-        """Items from the decode queue until the end marker."""
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            yield item
 
     @staticmethod
     def _summary(row: int, results: dict[str, tuple[int, str]], t0: float,
@@ -310,22 +348,27 @@ def _lower_priority() -> None:
 
 @dataclass
 class _Stream:
-    """One item's decode thread and the bounded queue it fills."""
+    """One item's producer thread (a decode, or a remote stream's reader) and the bounded queue it fills."""
 
     path: str
     plan: engine.StreamPlan
     queue: queue.Queue
     stop: threading.Event
     thread: threading.Thread
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        """Items from the queue until the end marker."""
-        return ExtractWorker._drain(self.queue)
+    on_close: Callable[[], None] | None = None  # after the thread: e.g. cancel the remote decode
 
     def close(self) -> None:
-        """Stop the thread (it may be blocked on a full queue) and wait for it."""
+        """Stop the thread (it may be blocked on a full queue), wait for it, then release its source."""
         self.stop.set()
         self.thread.join(timeout=30)
+        if self.on_close is not None:
+            self.on_close()
+
+
+def _failed_outcome(features: Sequence[str], failed: engine.Failure | None) -> engine.ItemOutcome:
+    """Every feature failed the same way (the probe failed)."""
+    assert failed is not None
+    return engine.ItemOutcome(failures=dict.fromkeys(features, failed), spent=dict.fromkeys(features, 0.0))
 
 
 def spec_from_description(desc: Mapping[str, Any]) -> FeatureSpec:

@@ -57,6 +57,24 @@ def test_decode_workers_give_the_same_store_as_in_worker_decoding(ray_session: N
 
 
 @pytest.mark.slow
+def test_items_in_flight_give_the_same_store(ray_session: None, tmp_path: Path) -> None:
+    man, _ = make_dataset(tmp_path)
+    feats = "test_mean,test_max,test_rms,test_caption"
+    assert run_extract(man, tmp_path / "one.zarr", features=feats) == 1
+    runs = {"threads": ("--items-in-flight", "4"), "inline": ("--items-in-flight", "3", "--decode-queue", "0"),
+            "stage": ("--items-in-flight", "3", "--decode-workers", "2", "--batch-size", "3")}
+    a = open_store(tmp_path / "one.zarr")
+    for name, extra in runs.items():
+        assert run_extract(man, tmp_path / f"{name}.zarr", *extra, features=feats) == 1, name
+        b = open_store(tmp_path / f"{name}.zarr")
+        for f in feats.split(","):
+            assert status_by_id(a, f) == status_by_id(b, f), (name, f)  # bad files, stream errors: per item
+            ra, rb = a.read(f), b.read(f)
+            np.testing.assert_array_equal(ra.values, rb.values)
+            np.testing.assert_array_equal(ra.mask, rb.mask)
+
+
+@pytest.mark.slow
 def test_model_worker_reads_its_items_from_decode_actors_only(ray_session: None, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import ray

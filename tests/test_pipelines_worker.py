@@ -8,8 +8,9 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+from extract._api import FrameStepExtractor, StepPolicy
 from pipelines.worker import ExtractWorker
-from store.schema import Status
+from store.schema import FeatureSpec, Status
 from tests._media import break_video_stream, write_audio, write_image, write_video
 from tests._pipelines import worker_store
 
@@ -224,3 +225,99 @@ def test_frames_are_decoded_on_the_25_fps_grid_with_the_frame_rule(tmp_path: Pat
         url = worker_store(tmp_path / rule, w, {"v": tmp_path / "v.mkv"})
         assert w.process(url, 0, str(tmp_path / "v.mkv"), ["test_mean"])["results"]["test_mean"][0] == Status.OK
     assert [(k["fps"], k["frame_rule"], k["height"]) for k in seen] == [(25.0, "floor", 6), (25.0, "nearest", 6)]
+
+
+class _Tagged(FrameStepExtractor):
+    """A frame-step extractor whose feature is a frame's pixel value; records each model batch's values and fails
+    any batch holding the value `poison` (a model error on one item's frames)."""
+
+    name = "tagged"
+
+    def __init__(self, *, batch_size: int = 8, poison: int = -1, **common: Any) -> None:
+        super().__init__(**common)
+        self.policy = StepPolicy(fps=5.0, max_steps=64)
+        self.batch_size, self.poison = batch_size, poison
+        self.spec = FeatureSpec(name="tagged", dim=2, max_steps=64, dtype="float32")
+        self.batches: list[list[int]] = []
+        self.weights_identity, self.preset, self.variant = {"random": True, "seed": 0}, "none", "test"
+
+    def preprocess(self, frames: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(frames[:, 0, 0, :1].astype(np.float32))
+
+    def forward(self, x: Any) -> Any:
+        import torch
+
+        values = [int(v) for v in x[:, 0].tolist()]
+        self.batches.append(values)
+        if self.poison in values:
+            raise RuntimeError(f"scripted model failure on value {self.poison}")
+        return torch.cat([x, 2 * x], dim=1)
+
+
+def _tagged_worker(queue_size: int, poison: int = -1) -> tuple[ExtractWorker, _Tagged]:
+    w = _worker(["test_mean"], queue_size=queue_size, batch_size=4)
+    ex = _Tagged(random_init=True, poison=poison)
+    w.extractors = {"tagged": ex}  # the worker holds whatever extractors it is given; this one is test-only
+    return w, ex
+
+
+def _item_of(value: int) -> int:
+    """Which item a pixel value belongs to (item i's frame k shows 60 * i + k)."""
+    return value // 60
+
+
+@pytest.mark.parametrize("queue_size", [0, 4])
+def test_items_in_flight_share_model_batches_and_match_per_item_extraction(tmp_path: Path, queue_size: int) -> None:
+    paths = {}
+    for i in range(4):  # 2 s at 5 steps/s: 10 step frames per item, 8 per model batch
+        frames = np.broadcast_to((60 * i + np.arange(50)).astype(np.uint8)[:, None, None, None], (50, 8, 8, 3))
+        paths[f"v{i}"] = write_video(tmp_path / f"v{i}.mkv", frames.copy())
+    w, ex = _tagged_worker(queue_size)
+    url = worker_store(tmp_path, w, paths)
+    items = [(r, str(p), ["tagged"]) for r, p in enumerate(paths.values())]
+    out = w.process_many(url, items)["items"]
+    assert sorted(s["row"] for s in out) == [0, 1, 2, 3] and _plain(out)
+    assert all(s["results"] == {"tagged": (int(Status.OK), "")} for s in out)
+    mixed = [b for b in ex.batches if len({_item_of(v) for v in b}) >= 2]
+    assert mixed, ex.batches  # model batches held frames of several items
+    assert sorted(v for b in ex.batches for v in b) == sorted(60 * i + k for i in range(4) for k in range(0, 50, 5))
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    alone = _Tagged(random_init=True)
+    for r, p in enumerate(paths.values()):
+        want = alone.extract_path(p)  # the same extractor, one item at a time
+        got = fs.read("tagged", [r])
+        assert int(got.mask[0].sum()) == len(want.values)
+        np.testing.assert_array_equal(got.values[0, : len(want.values)], want.values)
+        np.testing.assert_array_equal(got.time[0, : len(want.times)], want.times)
+    assert all(len({_item_of(v) for v in b}) == 1 for b in alone.batches)
+
+
+@pytest.mark.parametrize("queue_size", [0, 4])
+def test_a_failing_item_in_flight_fails_alone(tmp_path: Path, queue_size: int) -> None:
+    paths = {}
+    for i in range(3):
+        frames = np.broadcast_to((60 * i + np.arange(50)).astype(np.uint8)[:, None, None, None], (50, 8, 8, 3))
+        paths[f"v{i}"] = write_video(tmp_path / f"v{i}.mkv", frames.copy())
+    break_video_stream(paths["v0"], tmp_path / "broken.mkv")
+    (tmp_path / "bad.mp4").write_text("not a video\n")
+    paths = {"broken": tmp_path / "broken.mkv", "bad": tmp_path / "bad.mp4", **paths}
+    w, ex = _tagged_worker(queue_size, poison=60 + 15)  # item v1's step frame 15 breaks any batch holding it
+    url = worker_store(tmp_path, w, paths)
+    out = w.process_many(url, [(r, str(p), ["tagged"]) for r, p in enumerate(paths.values())])["items"]
+    res = {list(paths)[s["row"]]: s["results"]["tagged"] for s in out}
+    assert res["broken"][0] == res["bad"][0] == res["v1"][0] == int(Status.FAILED)
+    assert res["broken"][1] in ("decode_error", "truncated") and res["bad"][1] == "decode_error"
+    assert res["v1"][1] == "extractor_error"
+    assert res["v0"] == res["v2"] == (int(Status.OK), "")  # their frames shared a failed batch: retried alone
+    assert any(75 in b and len({_item_of(v) for v in b}) >= 2 for b in ex.batches)  # the failed batch was mixed
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    assert "scripted model failure" in str(fs.messages("tagged", [3])[0])
+    for r, name in ((2, "v0"), (4, "v2")):
+        want = _Tagged(random_init=True).extract_path(paths[name])
+        np.testing.assert_array_equal(fs.read("tagged", [r]).values[0, : len(want.values)], want.values)
