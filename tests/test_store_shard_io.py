@@ -10,9 +10,9 @@ import zarr
 from zarr.core.sync import sync
 
 import store._shard_io as sio
-from store import FeatureRows, FeatureSpec, FeatureStore, ItemRecord, Status, StoreError
+from store import FeatureSpec, StoreError
+from tests._fakes import TinyStoreFactory
 
-RANDOM = {"weights": {"random": True, "seed": 0}, "preset": "test"}
 ZSTD = [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]
 
 
@@ -109,17 +109,11 @@ def _drop_inner_chunk(shard: Path, inner: int, n_inner: int) -> None:
     shard.write_bytes(bytes(raw))
 
 
-def test_feature_store_reads_equal_zarr_and_a_lost_inner_chunk_of_an_ok_row_is_an_error(tmp_path: Path) -> None:
+def test_feature_store_reads_equal_zarr_and_a_lost_inner_chunk_of_an_ok_row_is_an_error(
+        tmp_path: Path, tiny_store: TinyStoreFactory) -> None:
     spec = FeatureSpec("resnet152", dim=512, max_steps=8)  # 8 KiB rows: inner chunks of 8 rows
-    n = 300
-    s = FeatureStore.create(tmp_path / "s.zarr", [ItemRecord(f"v{i}", "/x") for i in range(n)],
-                            features=[(spec, RANDOM)], shard_rows=128)
-    rng = np.random.default_rng(2)
-    s.write_block("resnet152", 0, [FeatureRows.absent(spec, "none") if i % 7 == 3 else
-                                   FeatureRows(Status.OK, rng.standard_normal((1 + i % 8, 512)),
-                                               np.arange(1 + i % 8, dtype=np.float32)) for i in range(n)])
-    s.pack_ready(partial=True)
-    s = FeatureStore.open(s.url)
+    n = 300  # rows of 1..8 steps, every 7th ABSENT; packed and reopened read-only
+    s = tiny_store(n, features=[spec], captions=0, absent_every=7, shard_rows=128, seed=2, name="s.zarr")
     vals = zarr.open_array(str(tmp_path / "s.zarr" / "resnet152" / "values"), mode="r")
     for rows in (slice(0, n), slice(130, 170), [5, 290, 17]):
         b = s.read("resnet152", rows)
