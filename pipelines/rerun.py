@@ -2,8 +2,9 @@
 
 * Settings: every frame feature records the decode settings that produced its values (``provenance["decode"]``:
   decode rate, height, frame rule) beside its extractor options (``provenance["options"]``). A rerun whose settings
-  differ from the stored ones is refused, naming both. (Weights, preset and variant are compared by
-  ``FeatureStore.ensure_feature``.)
+  differ from the stored ones is refused, naming both, with the flags that reproduce the stored ones.
+  ``FeatureStore.ensure_feature`` (store/provenance.py) refuses every value-changing difference too; this check
+  runs first for the friendlier message and knows what a group from before recorded decode settings used.
 * Manifest: an item whose path, kind or split changed, or a caption whose text changed, is refused with a list; with
   ``--update-manifest`` the store's tables are updated and the rows whose values depend on the change are reset to
   PENDING in every feature (status first, then the tables, so a crash in between can never leave old values marked
@@ -22,12 +23,13 @@ import numpy as np
 from extract.sampling import DECODE_FPS
 from pipelines.config import ConfigError, ExtractConfig
 from pipelines.dataset import Dataset
-from store.schema import FeatureSpec, Status
+from store.provenance import NON_VALUE_OPTIONS
+from store.provenance import plain as _plain
+from store.schema import FeatureSpec
 
 DECODE_KEY = "decode"  # provenance key of the decode settings of frame features
 # What tvr decoded with before it recorded decode settings (--decode-height unknown: assumed native)
 LEGACY_DECODE = {"fps": DECODE_FPS, "height": None, "frame_rule": "floor"}
-NON_VALUE_OPTIONS = frozenset({"dlib_use_cuda", "random_init"})  # recorded, but they do not change the values
 SHOW = 20  # changes listed in an error message; the count covers all of them
 
 
@@ -46,11 +48,6 @@ def with_decode(provenance: Mapping[str, Any], needs_frames: bool, cfg: ExtractC
     if needs_frames:
         out[DECODE_KEY] = decode_settings(cfg)
     return out
-
-
-def _plain(value: Any) -> Any:
-    """JSON round trip, so tuples/lists and numpy scalars compare as they are stored."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _settings(prov: Mapping[str, Any], decode: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -197,34 +194,17 @@ def check_manifest(store: Any, ds: Dataset, *, update: bool, err: TextIO) -> Man
 
 
 def apply_manifest_changes(store: Any, ch: ManifestChanges) -> None:
-    """Reset the affected rows to PENDING in every feature, then write the new table values.
+    """Write the changed table values through the store, which resets the dependent rows to PENDING first.
 
-    Runs under the store's structural lock (no add_items / ensure_feature meanwhile). The store has no public
-    row-reset or table-update call yet, so this uses FeatureStore internals (_lock, _reload, _commit, _root);
-    a PENDING row is staged exactly like write_failed stages a FAILED one.
+    `FeatureStore.update_items` / `update_captions` run under the store's structural lock and reset every item
+    (caption) feature's rows whose path or kind (text) changed before writing the tables, so a crash in between
+    can never leave old values marked done for the new file.
     """
     from store.zarr_store import FeatureStore
 
     fs = FeatureStore.open(store.url, mode="r+")
-    with fs._lock("structure", "manifest update (--update-manifest)"):
-        fs._reload()
-        for name in fs.features:
-            spec = fs.spec(name)
-            rows = ch.reset_items if spec.axis == "item" else ch.captions[0]
-            for start in np.unique(np.asarray(rows) // spec.chunk_rows) * spec.chunk_rows:  # whole chunks
-                n = min(spec.chunk_rows, fs.n_rows(name) - int(start))
-                fs._commit(name, int(start), [_pending(spec, int(start) + i) for i in range(n)])
-        for col, (rows, values) in ch.items.items():
-            fs._root[f"item_{col}"].set_orthogonal_selection((rows,), values)
-        rows, texts = ch.captions
-        if len(rows):
-            fs._root["caption_text"].set_orthogonal_selection((rows,), texts)
-
-
-def _pending(spec: FeatureSpec, row: int) -> dict[str, Any]:
-    """One padded PENDING row (empty values) for the store's staging."""
-    from store.schema import FeatureRows, pad_row
-
-    p = pad_row(spec, row, FeatureRows.absent(spec, "manifest_changed", "manifest_changed: re-extract"))
-    p["status"] = np.uint8(Status.PENDING)
-    return p
+    for col, (rows, values) in ch.items.items():
+        fs.update_items(rows, {col: values})
+    rows, texts = ch.captions
+    if len(rows):
+        fs.update_captions(rows, texts)

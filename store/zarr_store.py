@@ -30,10 +30,11 @@ from zarr.storage import LocalStore
 
 from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
                            tvr_version)
-from store import _pack
+from store import _pack, _rows
 from store._lock import StoreLock
 from store._read import ReadMixin
 from store._staging import Staging
+from store.provenance import spec_diffs, value_diffs
 from store._zarr_io import (
     _quiet_members,
     _check_dims,
@@ -64,7 +65,6 @@ from store.schema import (
 )
 
 ROOT_CHUNK = 16384  # v1 rows per chunk of the root tables
-IDENTITY_KEYS = ("weights", "preset", "variant")  # provenance keys that must match to share a feature group
 STORE_ID_ATTR = "tvr_store_id"  # uuid4 hex written at creation; old stores get one on their first r+ open
 LAYOUT_ATTR = "tvr_layout"  # root: {"shard_bytes", "shard_rows"}; feature group attr "layout": {"shard_rows"}
 LOCK_TIMEOUT = 120.0  # seconds a structural change waits for another process's structural change
@@ -433,15 +433,14 @@ class FeatureStore(ReadMixin):
             self._create_feature(spec, provenance, shard_rows)
 
     def _same_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any]) -> None:
-        old, old_prov = self._specs[spec.name], self.provenance(spec.name)
-        diffs = [f for f in spec.__dataclass_fields__ if getattr(spec, f) != getattr(old, f)]
-        diffs += [k for k in IDENTITY_KEYS if _jsonable(old_prov.get(k)) != _jsonable(provenance.get(k))]
+        """Refuse a rerun whose spec or any value-changing provenance entry differs from the stored group's."""
+        diffs = spec_diffs(self._specs[spec.name], spec) + value_diffs(self.provenance(spec.name), provenance)
         if diffs:
             raise StoreError(
-                f"feature '{spec.name}' in {self.url} already holds rows made with a different "
-                f"{', '.join(diffs)} (stored weights: {old_prov.get('weights')}, new: {provenance.get('weights')}). "
-                "Mixing weights, preprocessing or layouts in one feature group is refused because its rows would "
-                f"not be comparable. Use a new store, or a new feature name (e.g. '{spec.name}_v2').")
+                f"feature '{spec.name}' in {self.url} already holds rows made with other settings:\n  "
+                + "\n  ".join(diffs) + "\nMixing weights, preprocessing, options or layouts in one feature group is "
+                "refused because its rows would not be comparable. Rerun with the stored settings, or use a new "
+                f"store or a new feature name (e.g. '{spec.name}_v2').")
 
     def _create_feature(self, spec: FeatureSpec, provenance: Mapping[str, Any], shard_rows: int | None = None,
                         keep_provenance: bool = False) -> None:
@@ -558,6 +557,35 @@ class FeatureStore(ReadMixin):
             p["status"] = np.uint8(Status.FAILED)
             padded.append(p)
         self._commit(feature, row, padded)
+
+    def reset_rows(self, feature: str | None, rows: Sequence[int] | np.ndarray, *, axis: str = "item") -> int:
+        """Mark `rows` PENDING again (so extraction redoes them) in `feature`, or in every feature of `axis` (None).
+
+        Takes the structural lock; chunk_rows > 1 features reset the whole chunks holding the rows. Returns the
+        rows reset (summed over features). Staged like a write: atomic per block, packed by `pack_ready`.
+        """
+        self._require_write()
+        with self._lock("structure", "row reset"):
+            self._reload()
+            names = [feature] if feature is not None else [f for f in self.features if self.spec(f).axis == axis]
+            return sum(_rows.reset_feature(self, f, rows) for f in names)
+
+    def update_items(self, rows: Sequence[int] | np.ndarray, columns: Mapping[str, Sequence[Any]]) -> int:
+        """Write new item table values (`columns`: path/kind/split/duration -> one value per row), under the
+        structural lock; rows whose path or kind changes are first reset to PENDING in every item feature.
+        Returns the rows reset."""
+        self._require_write()
+        with self._lock("structure", "item table update"):
+            self._reload()
+            return _rows.update_items(self, rows, columns)
+
+    def update_captions(self, rows: Sequence[int] | np.ndarray, texts: Sequence[str]) -> int:
+        """Write new caption texts under the structural lock; changed rows are first reset to PENDING in every
+        caption feature (whole chunks). Returns the caption rows whose text changed."""
+        self._require_write()
+        with self._lock("structure", "caption table update"):
+            self._reload()
+            return _rows.update_captions(self, rows, texts)
 
     def _commit(self, feature: str, start: int, padded: list[dict[str, Any]]) -> None:
         """Stage rows start.. as one atomic object per shard they touch (a crash leaves them PENDING)."""
