@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from extract._api import CaptionExtractor, Extractor, ItemSession
-from extract._registry import register_extractor
+from extract import CaptionExtractor, Extractor, ItemSession, register_extractor
 from store.schema import FeatureRows, FeatureSpec, Status
 
 
