@@ -154,3 +154,20 @@ def fake_weights(tmp_path: Path) -> FakeWeightsFactory:
         return fake_weights(directory if directory is not None else tmp_path, content, filename, **kw)
 
     return make
+
+
+@pytest.fixture
+def no_weights_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No TVR_WEIGHTS_DIR, HOME without caches, an empty torch hub dir (returned); torch hub downloads fail loudly."""
+    import torch
+
+    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def no_network(*a: object, **k: object) -> None:
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return hub

@@ -110,13 +110,7 @@ def test_session_with_gaps_uses_the_next_decoded_frame() -> None:
     np.testing.assert_allclose(r.times, [0.0, 1.12, 2.0], rtol=1e-6)
 
 
-@pytest.fixture
-def no_env_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No TVR_WEIGHTS_DIR from the caller's environment."""
-    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
-
-
-def test_random_if_missing_falls_back_loudly_to_the_seeded_random_weights(tmp_path: Path, no_env_weights: None,
+def test_random_if_missing_falls_back_loudly_to_the_seeded_random_weights(tmp_path: Path, no_weights_anywhere: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     with pytest.warns(RandomWeightsWarning, match="USING SEEDED RANDOM WEIGHTS.*seed 5.*t.pth.*example.org"):
         ex = IndexEcho(random_init="missing", seed=5, weights_dir=tmp_path)
@@ -131,7 +125,7 @@ def test_random_if_missing_falls_back_loudly_to_the_seeded_random_weights(tmp_pa
     np.testing.assert_array_equal(s.finish().values[:, 0], [0, 25])  # and it runs like any extractor
 
 
-def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, no_env_weights: None,
+def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, no_weights_anywhere: Path,
                                                                fake_weights: FakeWeightsFactory) -> None:
     src = torch.nn.Linear(1, 2)
     digest = fake_weights(src, "t.pth").sha256
@@ -151,7 +145,7 @@ def test_random_if_missing_uses_real_weights_when_they_resolve(tmp_path: Path, n
     assert made.provenance()["weights"]["reason"] == "weights not found: t.pth"
 
 
-def test_random_if_missing_never_hides_a_wrong_or_named_file(tmp_path: Path, no_env_weights: None) -> None:
+def test_random_if_missing_never_hides_a_wrong_or_named_file(tmp_path: Path, no_weights_anywhere: Path) -> None:
     (tmp_path / "t.pth").write_bytes(b"not the pinned file")
     pinned = WeightsSpec("t", "t.pth", "ab" * 32, "https://example.org/t.pth", "imagenet_v1")
     with warnings.catch_warnings():

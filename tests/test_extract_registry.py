@@ -256,27 +256,19 @@ def test_registry_duplicate_unknown_and_options() -> None:
 
 
 @pytest.fixture
-def no_weights_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Empty weights dir env, torch hub dir, HOME (open_clip's URL cache) and HF cache; downloads fail loudly."""
+def no_weights_anywhere(no_weights_anywhere: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """conftest.py's no_weights_anywhere, and an empty Hugging Face cache."""
     import huggingface_hub
-    import torch
 
-    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-
-    def no_network(*a: object, **k: object) -> None:
-        raise AssertionError("download attempted")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return no_weights_anywhere
 
 
 PACKAGED = {"glove", "dlib_face"}  # real files ship in installed packages: found even with no weights dir
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_weights_anywhere: None) -> None:
+def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_weights_anywhere: Path) -> None:
     opts = FAST.get(name, {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -300,7 +292,7 @@ def test_random_if_missing(name: str, media: tuple[np.ndarray, np.ndarray], no_w
         same(run(ex, *media), run(get(name), *media))
 
 
-def test_random_if_missing_cannot_invent_word_vectors(no_weights_anywhere: None) -> None:
+def test_random_if_missing_cannot_invent_word_vectors(no_weights_anywhere: Path) -> None:
     with pytest.raises(WeightsError, match="GoogleNews-vectors-negative300.bin.*cannot run with random weights"):
         create_extractor("word2vec", random_init="missing")
 

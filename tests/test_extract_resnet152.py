@@ -78,9 +78,7 @@ def test_unknown_variant_and_bad_batch() -> None:
         create_extractor("resnet152", batch_size=0, random_init=True)
 
 
-def test_missing_real_weights_error_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
+def test_missing_real_weights_error_names_the_file(tmp_path: Path, no_weights_anywhere: Path) -> None:
     with pytest.raises(WeightsError, match=r"resnet152-f82ba261\.pth.*download\.pytorch\.org.*--weights-dir"):
         create_extractor("resnet152", variant="IMAGENET1K_V2", weights_dir=tmp_path)
 

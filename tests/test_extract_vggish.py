@@ -167,9 +167,8 @@ def test_published_pca_pins() -> None:
     assert npz.url.endswith("/audioset/vggish_pca_params.npz") and npz.sha256 != pth.sha256
 
 
-def test_pca_npz_and_pth_resolve_with_their_own_pins_and_postprocess_identically(tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+def test_pca_npz_and_pth_resolve_with_their_own_pins_and_postprocess_identically(tmp_path, monkeypatch,
+                                                                                 no_weights_anywhere) -> None:
     e, mu, files = _pca_files(tmp_path / "both")
     digests = _pin_pca(monkeypatch, files)
     only = {}
@@ -196,14 +195,13 @@ def test_pca_npz_and_pth_resolve_with_their_own_pins_and_postprocess_identically
     assert 0 < len(np.unique(ref)) and (ref > 0).any() and (ref < 255).any()
 
 
-def test_pca_pins_are_enforced_in_the_weights_dir_and_explicit_files_are_flagged(tmp_path, monkeypatch) -> None:
+def test_pca_pins_are_enforced_in_the_weights_dir_and_explicit_files_are_flagged(tmp_path, monkeypatch,
+                                                                                 no_weights_anywhere) -> None:
     import warnings
 
     from extract import UnpinnedWeightsWarning
     from extract._weights import weights_identity
 
-    monkeypatch.delenv("TVR_WEIGHTS_DIR", raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     _, _, files = _pca_files(tmp_path / "good")
     digests = _pin_pca(monkeypatch, files)
     _, _, other = _pca_files(tmp_path / "other", rng_seed=9)  # the same names, other numbers

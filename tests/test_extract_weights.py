@@ -38,18 +38,9 @@ class Tiny(Extractor):
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No env weights dir, an empty torch hub dir, a home without caches, and downloads that fail loudly."""
-    monkeypatch.delenv(W.ENV_WEIGHTS_DIR, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    hub = tmp_path / "hub"
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-
-    def no_network(*a: object, **k: object) -> None:
-        raise AssertionError("download attempted")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return hub
+def isolated(no_weights_anywhere: Path) -> Path:
+    """Every test here runs with no weights anywhere (conftest.py); the empty torch hub dir."""
+    return no_weights_anywhere
 
 
 def test_order_explicit_path_beats_dir_beats_env_beats_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
