@@ -14,107 +14,29 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from pipelines.cli import main
 from store.schema import Status
+from tests._media import write_image, write_video
+from tests._pipelines import PLUGIN, make_dataset, open_store, run_extract, status_by_id
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = os.environ.get("TVR_TEST_PLUGINS", "tests.pipelines_testext")
 OK, ABSENT, FAILED, PENDING = int(Status.OK), int(Status.ABSENT), int(Status.FAILED), int(Status.PENDING)
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 25, audio: np.ndarray | None = None) -> None:
-    """Lossless RGB video (libx264rgb crf 0), optionally with 16 kHz PCM audio."""
-    t, h, w, _ = frames.shape
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264rgb", rate=fps)
-        vs.width, vs.height, vs.pix_fmt, vs.options = w, h, "rgb24", {"crf": "0"}
-        a = None
-        if audio is not None:
-            a = c.add_stream("pcm_s16le", rate=16000)
-            a.layout = "mono"
-        for f in frames:
-            for p in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
-        if a is not None:
-            fr = av.AudioFrame.from_ndarray((np.clip(audio, -1, 1) * 32767).astype(np.int16)[None], format="s16",
-                                            layout="mono")
-            fr.sample_rate = 16000
-            for p in list(a.encode(fr)) + list(a.encode()):
-                c.mux(p)
-
-
-def write_image(path: Path, img: np.ndarray) -> None:
-    """Lossless PNG."""
-    from PIL import Image
-
-    Image.fromarray(img).save(path)
-
-
-def make_dataset(root: Path, n_good: int = 4) -> tuple[Path, dict[str, np.ndarray]]:
-    """~10 items: videos (with/without audio), images, a scripted extractor failure and bad files; JSONL."""
-    rng = np.random.default_rng(0)
-    media = root / "media"
-    media.mkdir(parents=True)
-    expect: dict[str, np.ndarray] = {}
-    rows = []
-    for i in range(n_good):
-        frames = rng.integers(0, 256, (8 + i, 12, 16, 3), dtype=np.uint8)
-        audio = np.sin(np.arange(6000) * (0.01 + i * 0.01)) * 0.5 if i % 2 == 0 else None
-        write_video(media / f"v{i}.mkv", frames, audio=audio)
-        expect[f"v{i}"] = frames
-        rows.append({"id": f"v{i}", "path": f"media/v{i}.mkv", "captions": [f"video {i}", f"clip number {i}"]})
-    for i in range(2):
-        img = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
-        write_image(media / f"img{i}.png", img)
-        expect[f"img{i}"] = img[None]
-        rows.append({"id": f"img{i}", "path": f"media/img{i}.png", "kind": "image", "captions": [f"image {i}"]})
-    frames = rng.integers(0, 256, (6, 12, 16, 3), dtype=np.uint8)
-    write_video(media / "boom.mkv", frames)
-    (media / "corrupt.mp4").write_text("this is not a video\n")
-    (media / "zero.mp4").write_bytes(b"")
-    good = (media / "v0.mkv").read_bytes()
-    (media / "truncated.mkv").write_bytes(good[: len(good) // 2])
-    rows += [{"id": "boom", "path": "media/boom.mkv", "captions": ["kaboom"]},
-             {"id": "corrupt", "path": "media/corrupt.mp4"}, {"id": "zero", "path": "media/zero.mp4"},
-             {"id": "truncated", "path": "media/truncated.mkv"}, {"id": "missing", "path": "media/missing.mp4"}]
-    man = root / "manifest.jsonl"
-    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return man, expect
-
-
-def _run(man: Path | str, store: Path, *extra: str, features: str = "test_mean,test_rms,test_caption") -> int:
-    return main([str(man), "--store", str(store), "--features", features, "--plugins", PLUGIN, "--no-progress",
-                 *extra])
-
-
-def _open(store: Path):  # type: ignore[no-untyped-def]
-    from store.zarr_store import FeatureStore
-
-    return FeatureStore.open(str(store))
-
-
-def _by_id(fs, feature: str) -> dict[str, tuple[int, str]]:  # type: ignore[no-untyped-def]
-    ids = [str(i) for i in fs.items().id] if fs.spec(feature).axis == "item" else [str(i) for i in fs.captions().id]
-    return {i: (int(s), str(r)) for i, s, r in zip(ids, fs.status(feature), fs.reasons(feature))}
 
 
 def test_store_contents_statuses_reasons_and_resume(ray_session: None, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     man, expect = make_dataset(tmp_path)
     store = tmp_path / "s.zarr"
-    assert _run(man, store) == 1  # bad files FAILED -> exit 1
+    assert run_extract(man, store) == 1  # bad files FAILED -> exit 1
     out = capsys.readouterr().out
     assert "test_mean" in out and "decode_error" in out and "missing_file" in out
-    fs = _open(store)
-    mean, rms = _by_id(fs, "test_mean"), _by_id(fs, "test_rms")
+    fs = open_store(store)
+    mean, rms = status_by_id(fs, "test_mean"), status_by_id(fs, "test_rms")
     for i in ("v0", "v1", "v2", "v3", "img0", "img1"):
         assert mean[i][0] == OK, (i, mean[i])
     assert rms["v0"][0] == OK and rms["v2"][0] == OK
@@ -132,7 +54,7 @@ def test_store_contents_statuses_reasons_and_resume(ray_session: None, tmp_path:
         want = frames.reshape(len(frames), -1, 3).astype(np.float64).mean(axis=1) / 255.0
         np.testing.assert_allclose(batch.values[r, : len(frames)], want, rtol=0, atol=1e-6)
         assert batch.mask[r].sum() == len(frames)
-    caps = _by_id(fs, "test_caption")
+    caps = status_by_id(fs, "test_caption")
     assert set(s for s, _ in caps.values()) == {OK} and len(caps) == 4 * 2 + 2 + 1
     cbatch = fs.read("test_caption")
     texts = [str(t) for t in fs.captions().text]
@@ -140,11 +62,11 @@ def test_store_contents_statuses_reasons_and_resume(ray_session: None, tmp_path:
     before = {f: fs.read(f).values.copy() for f in ("test_mean", "test_rms")}
 
     # resume: nothing left to do without --retry-failed; FAILED rows redone (and FAILED again) with it
-    assert _run(man, store) == 1
+    assert run_extract(man, store) == 1
     assert "0 task(s)" in capsys.readouterr().out
-    assert _run(man, store, "--retry-failed") == 1
+    assert run_extract(man, store, "--retry-failed") == 1
     assert "4 task(s)" in capsys.readouterr().out  # boom, corrupt, zero, truncated (missing: no task)
-    fs = _open(store)
+    fs = open_store(store)
     for f, v in before.items():
         np.testing.assert_array_equal(fs.read(f).values, v)
 
@@ -155,14 +77,14 @@ def test_added_feature_fills_only_that_feature_and_folder_input(ray_session: Non
     for bad in ("boom.mkv", "corrupt.mp4", "zero.mp4", "truncated.mkv"):
         (tmp_path / "media" / bad).unlink()
     store = tmp_path / "f.zarr"
-    assert _run(tmp_path / "media", store, features="test_mean") == 0
+    assert run_extract(tmp_path / "media", store, features="test_mean") == 0
     capsys.readouterr()
-    fs = _open(store)
+    fs = open_store(store)
     assert sorted(str(i) for i in fs.items().id) == ["img0.png", "img1.png", "v0.mkv", "v1.mkv"]
     first = fs.read("test_mean").values.copy()
-    assert _run(tmp_path / "media", store, features="test_mean,test_rms") == 0
+    assert run_extract(tmp_path / "media", store, features="test_mean,test_rms") == 0
     assert "4 task(s)" in capsys.readouterr().out
-    fs = _open(store)
+    fs = open_store(store)
     np.testing.assert_array_equal(fs.read("test_mean").values, first)
     assert fs.coverage()["test_rms"] == {"ok": 1, "absent": 3, "failed": 0, "pending": 0}
 
@@ -174,8 +96,8 @@ def test_csv_manifest_captions(ray_session: None, tmp_path: Path) -> None:
     man = tmp_path / "m.csv"
     man.write_text("id,path,caption\na,m/a.png,first\nb,m/b.mkv,second\na,m/a.png,third\n")
     store = tmp_path / "c.zarr"
-    assert _run(man, store, "--workers", "3") == 0  # 3 actors on 2 CPUs (fractional): all start, no deadlock
-    fs = _open(store)
+    assert run_extract(man, store, "--workers", "3") == 0  # 3 actors on 2 CPUs (fractional): all start, no deadlock
+    fs = open_store(store)
     assert [str(c) for c in fs.captions().text] == ["first", "third", "second"]
     assert fs.coverage()["test_caption"]["ok"] == 3
     assert float(fs.read("test_mean").values[0, 0, 0]) == pytest.approx(7 / 255)
@@ -193,28 +115,28 @@ def test_reruns_refuse_other_decode_settings_and_changed_manifests(ray_session: 
     man = tmp_path / "m.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store, same = tmp_path / "s.zarr", ("--decode-height", "8", "--frame-rule", "floor")
-    assert _run(man, store, *same) == 0
-    fs = _open(store)
+    assert run_extract(man, store, *same) == 0
+    fs = open_store(store)
     assert fs.provenance("test_mean")["decode"] == {"fps": 25.0, "height": 8, "frame_rule": "floor"}
     assert "decode" not in fs.provenance("test_rms")  # audio values do not depend on frame decoding
     capsys.readouterr()
-    assert _run(man, store) == 2  # native height, nearest frame rule: refused, nothing mixed
+    assert run_extract(man, store) == 2  # native height, nearest frame rule: refused, nothing mixed
     err = capsys.readouterr().err
     assert "decode.height: stored 8, this run null" in err and '"floor", this run "nearest"' in err
     assert "--decode-height 8" in err and "--frame-rule floor" in err
     with monkeypatch.context() as m:  # a concurrent driver created the store after this one looked: still refused
         m.setattr("pipelines.run._existing_store", lambda cfg, ds, err: None)
-        assert _run(man, store) == 2
+        assert run_extract(man, store) == 2
     assert "decode.height: stored 8, this run null" in capsys.readouterr().err
     rows[0] = {"id": "a", "path": "media/b.mkv", "captions": ["uno"]}  # a now names b's file, and a new caption
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _run(man, store, *same) == 2
+    assert run_extract(man, store, *same) == 2
     err = capsys.readouterr().err
     assert "changed 2 entries" in err and "caption 'a#0': text 'one' -> 'uno'" in err and "b.mkv'" in err
-    assert _open(store).status("test_mean").tolist() == [OK, OK]  # refused before anything was written
-    assert _run(man, store, *same, "--update-manifest") == 0
+    assert open_store(store).status("test_mean").tolist() == [OK, OK]  # refused before anything was written
+    assert run_extract(man, store, *same, "--update-manifest") == 0
     assert "1 item row(s) and the chunks holding 1 caption row(s) are PENDING again" in capsys.readouterr().err
-    fs = _open(store)
+    fs = open_store(store)
     assert str(fs.items().path[0]) == str((tmp_path / "media" / "b.mkv").resolve())
     vals = fs.read("test_mean").values
     np.testing.assert_array_equal(vals[0], vals[1])  # row a re-extracted from the new file, same settings
@@ -228,11 +150,11 @@ def test_worker_dies_once_is_retried_and_always_is_worker_died(ray_session: None
     for name in ("ok_a", "die_once", "die_always", "ok_b"):
         write_video(media / f"{name}.mkv", np.full((4, 8, 8, 3), 40, np.uint8))
     store = tmp_path / "d.zarr"
-    assert _run(media, store, "--max-retries", "1", features="test_mean") == 1
+    assert run_extract(media, store, "--max-retries", "1", features="test_mean") == 1
     out = capsys.readouterr().out
     assert "worker_died" in out
-    fs = _open(store)
-    st = _by_id(fs, "test_mean")
+    fs = open_store(store)
+    st = status_by_id(fs, "test_mean")
     assert st["die_once.mkv"] == (OK, "") and st["ok_a.mkv"][0] == OK and st["ok_b.mkv"][0] == OK
     assert st["die_always.mkv"] == (FAILED, "worker_died")
     assert (media / "die_once.mkv.died").exists()
@@ -241,15 +163,15 @@ def test_worker_dies_once_is_retried_and_always_is_worker_died(ray_session: None
 
 def test_input_errors_exit_2(ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     man, _ = make_dataset(tmp_path, n_good=1)
-    assert _run(man, tmp_path / "x.zarr", "--strict") == 2
+    assert run_extract(man, tmp_path / "x.zarr", "--strict") == 2
     err = capsys.readouterr().err
     assert "1 item file(s)" in err and "missing" in err and "--strict" in err
     assert not (tmp_path / "x.zarr").exists()  # nothing was started
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a", "path": "media/v0.mkv"}\n{"id": "a", "path": "media/v0.mkv"}\n')
-    assert _run(dup, tmp_path / "y.zarr") == 2
+    assert run_extract(dup, tmp_path / "y.zarr") == 2
     assert "duplicate item id 'a'" in capsys.readouterr().err
-    assert _run(man, tmp_path / "z.zarr", features="nope") == 2
+    assert run_extract(man, tmp_path / "z.zarr", features="nope") == 2
     assert "unknown feature(s) ['nope']" in capsys.readouterr().err
 
 
@@ -268,7 +190,7 @@ def kill_case(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tu
     cfg = root / "slow.yaml"
     cfg.write_text("extractor_options:\n  test_mean: {delay: 0.15}\n")
     clean = root / "clean.zarr"
-    assert _run(man, clean, "--config", str(cfg), features="test_mean,test_rms") == 1
+    assert run_extract(man, clean, "--config", str(cfg), features="test_mean,test_rms") == 1
     return man, cfg, clean
 
 
@@ -291,7 +213,7 @@ def test_sigkill_driver_then_rerun_matches_clean_run(kill_case: tuple[Path, Path
             while time.time() < deadline and proc.poll() is None:  # wait until items are being written
                 if (killed / "test_mean" / "status").exists():
                     try:
-                        done = int((_open(killed).status("test_mean") != PENDING).sum())
+                        done = int((open_store(killed).status("test_mean") != PENDING).sum())
                     except Exception:
                         done = 0
                     if done >= 1:
@@ -302,10 +224,10 @@ def test_sigkill_driver_then_rerun_matches_clean_run(kill_case: tuple[Path, Path
     finally:
         _kill_driver_and_its_ray(proc)
     if moment == "while_writing":
-        partial = _open(killed).coverage()["test_mean"]
+        partial = open_store(killed).coverage()["test_mean"]
         assert partial["pending"] > 0, partial  # it really was interrupted
-    assert _run(man, killed, "--config", str(cfg), features="test_mean,test_rms") == 1
-    a, b = _open(clean), _open(killed)
+    assert run_extract(man, killed, "--config", str(cfg), features="test_mean,test_rms") == 1
+    a, b = open_store(clean), open_store(killed)
     assert [str(i) for i in a.items().id] == [str(i) for i in b.items().id]
     for f in ("test_mean", "test_rms"):
         np.testing.assert_array_equal(a.status(f), b.status(f))
@@ -358,20 +280,20 @@ def test_real_extractors_on_sample_dataset(ray_session: None, tmp_path: Path) ->
     extra = [a for p in PLUGIN.split(",") if p.endswith(".py") for a in ("--plugins", p)]
     assert main([str(man), "--store", str(store), "--features", feats, "--random-weights", "--no-progress",
                  *extra]) == 1  # the corrupt file
-    fs = _open(store)
+    fs = open_store(store)
     for f in ("resnet152", "clip", "vggish", "dlib_face"):
-        st = _by_id(fs, f)
+        st = status_by_id(fs, f)
         assert st["broken"] == (FAILED, "decode_error"), (f, st)
     for f in ("resnet152", "clip"):
-        st = _by_id(fs, f)
+        st = status_by_id(fs, f)
         assert all(st[i][0] == OK for i in st if i != "broken"), (f, st)
         b = fs.read(f)
         assert np.isfinite(b.values[b.mask]).all() and b.mask[b.available].any(axis=1).all()
         assert fs.provenance(f)["weights"] == {"random": True, "seed": 0}
-    vg = _by_id(fs, "vggish")
+    vg = status_by_id(fs, "vggish")
     assert vg["gradient_sound"][0] == OK and vg["astronaut_face"][0] == OK
     assert vg["gradient_silent"] == (ABSENT, "no_audio") and vg["coffee"][0] == ABSENT
-    face = _by_id(fs, "dlib_face")
+    face = status_by_id(fs, "dlib_face")
     assert face["astronaut_face"][0] == OK and face["astronaut_still"][0] == OK
     assert face["gradient_silent"] == (ABSENT, "no_face")
     for f in ("clip_text", "glove"):
