@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from store.zarr_store import FeatureStore
 
 
+def is_data(name: str) -> bool:
+    """Per-step data arrays (values, slot_mask, extras): their inner chunks must exist for an OK row."""
+    return name in ("values", "slot_mask") or name.startswith("extra_")
+
+
 def _fill_block(a: Any, n: int) -> np.ndarray:
     """n rows of an array's fill value (strings as objects)."""
     if a.dtype.kind in "OTU":
@@ -86,7 +91,11 @@ def _pack_claimed(fs: "FeatureStore", feature: str, shard: int, claim: Claim) ->
     if base["values"].dtype.kind == "f":
         base["values"][pending] = np.nan  # fill value: a PENDING row never looks like data
     sel = slice(lo, hi)
-    sync(_gather([arrays[k].async_array.setitem(sel, v) for k, v in base.items() if k != "status"]))
+    # every inner chunk of data whose fill value is also a valid value (uint8 pixels, extras, slot masks) is
+    # stored, so an OK row's chunk missing from the shard index always means lost data (store/_read.py)
+    full = {k for k in base if is_data(k) and not (k == "values" and base[k].dtype.kind == "f")}
+    sync(_gather([(arrays[k].with_config({"write_empty_chunks": True}) if k in full else arrays[k])
+                  .async_array.setitem(sel, v) for k, v in base.items() if k != "status"]))
     sync(arrays["status"].async_array.setitem(sel, base["status"]))  # the commit point of the shard
     claim.consume()
     return True

@@ -1,7 +1,10 @@
 """The read side of FeatureStore: status scans, row reads and reasons, merging staged rows into packed ones.
 
-An OK row whose data is missing (lost chunk or shard: v2 values read as the NaN fill value, or no valid mask
-step) and a status byte outside the Status codes are StoreErrors naming the rows and the fix, never valid data.
+An OK row whose data is missing (lost chunk or shard: its inner chunk is absent from the shard index, v2 float
+values read as the NaN fill value, or no valid mask step) and a status byte outside the Status codes are
+StoreErrors naming the rows and the fix, never valid data. The shard-index check covers every dtype (uint8
+frames have no NaN); packs store every inner chunk of the per-step data arrays whose fill value is a valid value
+(store/_pack.py), so a packed OK row always has its chunks.
 """
 from __future__ import annotations
 
@@ -12,12 +15,24 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from store._pack import effective_status
-from store._shard_io import ShardLayout, decode, fetch, fetch_local, shard_layout
+from store._pack import effective_status, is_data
+from store._shard_io import _ABSENT, ShardLayout, decode, fetch, fetch_local, shard_layout
 from store._zarr_io import _fast_status, _gather, _get, _quiet_members
 from store.schema import FeatureBatch, Status, StoreError
 
 _MAX_CODE = max(int(s) for s in Status)
+PRESENT = "_present"  # key of the per-row "every per-step data chunk is stored" flags among the read arrays
+
+
+def present(lay: ShardLayout, rows: np.ndarray, fetched: tuple[np.ndarray, list[Any]]) -> np.ndarray:
+    """Per row of `rows`: whether its inner chunk is stored (in the shard index) in `fetch`'s shards."""
+    chunks, shards = fetched
+    n, have = lay.chunks_per_shard, np.zeros(len(chunks), bool)
+    cuts = np.flatnonzero(np.diff(chunks // n)) + 1 if len(chunks) else []
+    for sh, pos in zip(shards, np.split(np.arange(len(chunks)), cuts) if len(chunks) else []):
+        if sh.index is not None:
+            have[pos] = sh.index[chunks[pos] % n, 0] != _ABSENT
+    return have[np.searchsorted(chunks, np.asarray(rows, dtype=np.int64) // lay.inner_rows)]
 
 
 class ReadMixin:
@@ -69,7 +84,7 @@ class ReadMixin:
             if not blk:
                 return False  # packed and removed after we listed it: read again
             for k, v in got.items():
-                v[pos] = blk[k][idx[pos] - e.start]
+                v[pos] = True if k == PRESENT else blk[k][idx[pos] - e.start]  # a staged row has all its data
         return True
 
     def _read_rows(self, feature: str, sel: slice | np.ndarray, idx: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -94,6 +109,9 @@ class ReadMixin:
                 for (f, k), lay, v in zip(keys, lays, raw):
                     if lay is not None:
                         got[f][k] = decode(lay, idx, v)
+                        if is_data(k):
+                            have = present(lay, idx, v)
+                            got[f][PRESENT] = have & got[f][PRESENT] if PRESENT in got[f] else have
                     elif self._arrays[f][k].dtype.kind in "OTU":
                         got[f][k] = np.asarray(v, dtype=object)
                     else:
@@ -167,7 +185,7 @@ class ReadMixin:
         # uint8 features (frames) stay uint8: 4x less memory than float32, and the trainer normalises on device
         values = got["values"] if spec.dtype == "uint8" else got["values"].astype(np.float32, copy=False)
         mask = got["mask"].astype(bool)
-        self._check_rows(feature, idx, status, values, mask)
+        self._check_rows(feature, idx, status, values, mask, got.get(PRESENT))
         values[~ok] = 0  # v2 PENDING rows hold the NaN fill value
         mask &= ok[:, None]
         slot_mask = got.get("slot_mask")
@@ -178,10 +196,13 @@ class ReadMixin:
                             extras={e.name: got[f"extra_{e.name}"] for e in spec.extras})
 
     def _check_rows(self, feature: str, idx: np.ndarray, status: np.ndarray, values: np.ndarray,
-                    mask: np.ndarray) -> None:
-        """Refuse invalid status codes and OK rows whose data is missing (lost chunk/shard: NaN fill, no mask)."""
+                    mask: np.ndarray, stored: np.ndarray | None = None) -> None:
+        """Refuse invalid status codes and OK rows whose data is missing (lost chunk/shard: absent from the shard
+        index, NaN fill, no mask)."""
         ok = status == Status.OK
         lost = ok & ~mask.any(axis=1)
+        if stored is not None:
+            lost |= ok & ~stored
         if self.version >= 2 and values.dtype.kind == "f":
             lost |= ok & np.isnan(values.reshape(len(values), -1)).any(axis=1)
         bad = status > _MAX_CODE

@@ -16,6 +16,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from store._create import StoreExistsError, is_local
+from store._read import PRESENT
 from store.schema import FeatureRows, Status, StoreError, pad_row
 from store.zarr_store import STORE_ID_ATTR, FeatureStore
 
@@ -139,6 +140,8 @@ def verify(store: FeatureStore) -> dict[str, FeatureReport]:
             lost = ~np.asarray(got["mask"], bool).any(axis=1)
             if store.version >= 2:
                 lost |= np.isnan(vals).any(axis=1)
+            if PRESENT in got:  # the values chunk is absent from its shard's index (any dtype: uint8 has no NaN)
+                lost |= ~np.asarray(got[PRESENT], bool)
             rep.lost += idx[lost].tolist()
         out[name] = rep
     return out
