@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,3 +54,15 @@ class IndexEcho(FrameStepExtractor):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(len(x))
         return torch.cat([x, x], dim=1)
+
+
+def oom_above(limit: int, run: Callable[..., Any], seen: list[int]) -> Callable[..., Any]:
+    """`run` that raises CUDA's out-of-memory error for inputs longer than `limit` (records every size tried)."""
+
+    def wrapped(*args: Any) -> Any:
+        seen.append(len(args[0]))
+        if len(args[0]) > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {len(args[0])})")
+        return run(*args)
+
+    return wrapped

