@@ -72,3 +72,17 @@ def worker_store(tmp_path: Path, worker: ExtractWorker, paths: dict[str, Path]) 
     for d in worker.describe().values():
         fs.ensure_feature(spec_from_description(d), d["provenance"])
     return url
+
+
+def proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every process, from /proc (tests kill exactly the processes they started)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(d)] = (int(fields[1]), int(fields[2]))
+    return out

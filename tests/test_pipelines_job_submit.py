@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests._media import write_video
+from tests._pipelines import proc_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -33,26 +34,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid), from /proc."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            out[int(d)] = (int(fields[1]), int(fields[2]))
-    return out
-
-
 def _stop_head(head: subprocess.Popen) -> None:
     """Stop exactly the head this test started: SIGTERM its group, then SIGKILL what is left of it, by pid.
 
     (`ray stop --force` would also kill every other Ray on the machine, e.g. a test session running beside this.)
     """
-    table = _proc_table()
+    table = proc_table()
     group = {p for p, (_, g) in table.items() if g == head.pid}
     mine = group | {p for p, (pp, _) in table.items() if pp in group}
     try:
@@ -60,7 +47,7 @@ def _stop_head(head: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     end = time.time() + 20
-    while time.time() < end and any(p in _proc_table() for p in mine):
+    while time.time() < end and any(p in proc_table() for p in mine):
         time.sleep(0.5)
     for pid in mine:
         try:

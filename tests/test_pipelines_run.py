@@ -20,7 +20,7 @@ import pytest
 from pipelines.cli import main
 from store.schema import Status
 from tests._media import write_image, write_video
-from tests._pipelines import PLUGIN, make_dataset, open_store, run_extract, status_by_id
+from tests._pipelines import PLUGIN, make_dataset, open_store, proc_table, run_extract, status_by_id
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -239,23 +239,9 @@ def test_sigkill_driver_then_rerun_matches_clean_run(kill_case: tuple[Path, Path
     assert not list(tmp_path.glob("killed.zarr.partial-*"))  # a half-made store from a kill is cleaned up
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid) of every process, from /proc."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            out[int(d)] = (int(fields[1]), int(fields[2]))
-    return out
-
-
 def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
     """SIGKILL the driver, the local Ray it started (its process group) and that Ray's workers, by pid."""
-    table = _proc_table()
+    table = proc_table()
     group = {p for p, (_, g) in table.items() if g == proc.pid}
     workers = {p for p, (pp, _) in table.items() if pp in group} - group  # actors run in their own groups
     os.kill(proc.pid, signal.SIGKILL)
@@ -266,7 +252,7 @@ def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     end = time.time() + 30
-    while time.time() < end and any(p in _proc_table() for p in group | workers):
+    while time.time() < end and any(p in proc_table() for p in group | workers):
         time.sleep(0.2)
 
 
