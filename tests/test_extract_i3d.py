@@ -17,7 +17,7 @@ from extract.raft_flow import RAFT_WEIGHTS
 from store.schema import Status
 from tests._extractors import oom_above
 from tests._fakes import FakeWeightsFactory
-from tests._media import write_image, write_video
+from tests._media import TinyVideoFactory, write_image
 
 FAST_FLOW = dict(random_init=True, raft="raft_small.C_T_V2", num_flow_updates=2, device="cpu")
 
@@ -352,18 +352,16 @@ def test_video_features_compat_is_selectable_recorded_and_never_mixed(tmp_path: 
 # ---- through the decoder -----------------------------------------------------------------------------------
 
 
-def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: Path) -> None:
-    frames = _video(19, 48, 48)  # square: RAFT runs at 256x256, the cheapest size it accepts here
-    path = tmp_path / "clip.mkv"
-    write_video(path, frames)
+def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: Path,
+                                                                      tiny_video: TinyVideoFactory) -> None:
+    clip = tiny_video(_video(19, 48, 48), name="clip.mkv")  # square: RAFT runs at 256x256, the cheapest it accepts
+    frames = clip.frames
     ex = create_extractor("i3d_flow", stack_size=9, step_size=9, **FAST_FLOW)
-    row = ex.extract_path(path)
+    row = ex.extract_path(clip.path)
     assert row.status == Status.OK and row.values.shape == (2, 1024)
     np.testing.assert_allclose(row.times, [0.0, 0.36])
     np.testing.assert_array_equal(row.values, _run(ex, frames).values)
-    short = tmp_path / "short.mkv"
-    write_video(short, frames[:9])
-    row = ex.extract_path(short)
+    row = ex.extract_path(tiny_video(frames[:9], name="short.mkv").path)
     assert (row.status, row.reason) == (Status.ABSENT, "too_short") and "10 (0.40 s)" in row.message
     image = tmp_path / "still.png"
     write_image(image, frames[0])
@@ -371,12 +369,11 @@ def test_extract_path_on_a_lossless_video_equals_streaming_the_frames(tmp_path: 
     assert (row.status, row.reason, row.values.shape) == (Status.ABSENT, "no_motion", (0, 1024))
 
 
-def test_rgb_extract_path_on_a_lossless_video(tmp_path: Path) -> None:
-    frames = _video(21)
-    path = tmp_path / "clip.mkv"
-    write_video(path, frames)
+def test_rgb_extract_path_on_a_lossless_video(tmp_path: Path, tiny_video: TinyVideoFactory) -> None:
+    clip = tiny_video(_video(21), name="clip.mkv")
+    frames = clip.frames
     ex = create_extractor("i3d_rgb", random_init=True, seed=3, stack_size=10, step_size=10, device="cpu")
-    row = ex.extract_path(path)
+    row = ex.extract_path(clip.path)
     assert row.status == Status.OK and row.values.shape == (2, 1024) and row.values.dtype == np.float16
     np.testing.assert_allclose(row.times, [0.0, 0.4])
     np.testing.assert_array_equal(row.values, _run(ex, frames).values)  # lossless: decoded = written frames
