@@ -13,10 +13,17 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from extract import RandomWeightsWarning, WeightsError, WeightsNotFound, create_extractor, list_extractors
-from extract import _weights as W
-from extract._api import Extractor, ItemSession
-from extract._weights import WeightsSpec
+from extract import (
+    Extractor,
+    ItemSession,
+    RandomWeightsWarning,
+    WeightsError,
+    WeightsNotFound,
+    WeightsSpec,
+    create_extractor,
+    list_extractors,
+)
+from extract import _weights as W  # the resolver itself: monkeypatched, and its package lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small options for the slow extractors.
@@ -62,13 +69,10 @@ class Recorder:
 
 
 @pytest.fixture
-def no_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No weights dir, empty torch hub / HF / open_clip caches, no download."""
+def no_weights(no_weights_anywhere: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest.py's no_weights_anywhere, and an empty Hugging Face cache (open_clip's)."""
     import huggingface_hub
 
-    monkeypatch.delenv(W.ENV_WEIGHTS_DIR, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
 
 
