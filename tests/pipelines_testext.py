@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -53,28 +53,31 @@ class MeanColour(Extractor):
 
     def start(self, info: Any) -> ItemSession:
         """A session for one item."""
-        return _MeanSession(self, str(getattr(info, "path", "")))
+        return _ColourSession(self, str(getattr(info, "path", "")), lambda px: px.mean(axis=0), scripted=True)
 
 
-class _MeanSession(ItemSession):
-    """Accumulates per-frame means."""
+class _ColourSession(ItemSession):
+    """One colour statistic per frame (over its pixels, / 255) for the first max_steps frames."""
 
-    def __init__(self, ex: MeanColour, path: str) -> None:
-        self.ex, self.path = ex, path
+    def __init__(self, ex: MeanColour | MaxColour, path: str, stat: Callable[[np.ndarray], np.ndarray], *,
+                 scripted: bool) -> None:
+        """`scripted`: obey the file-name script (die_once, die_always, boom)."""
+        self.ex, self.path, self.stat, self.scripted = ex, path, stat, scripted
         self.values: list[np.ndarray] = []
         self.times: list[float] = []
 
     def add_frames(self, batch: Any) -> None:
-        """Mean colour of every frame up to max_steps."""
-        _maybe_die(self.path)
-        if "boom" in os.path.basename(self.path):
-            raise RuntimeError("scripted test failure")
+        """The statistic of every frame up to max_steps."""
+        if self.scripted:
+            _maybe_die(self.path)
+            if "boom" in os.path.basename(self.path):
+                raise RuntimeError("scripted test failure")
         if self.ex.delay:
             time.sleep(self.ex.delay)
         frames = np.asarray(batch.frames, dtype=np.float64)
         for f, t in zip(frames, np.asarray(batch.times)):
             if len(self.values) < self.ex.spec.max_steps:
-                self.values.append(f.reshape(-1, 3).mean(axis=0) / 255.0)
+                self.values.append(self.stat(f.reshape(-1, 3)) / 255.0)
                 self.times.append(float(t))
 
     def finish(self) -> FeatureRows:
@@ -100,32 +103,7 @@ class MaxColour(Extractor):
 
     def start(self, info: Any) -> ItemSession:
         """A session for one item."""
-        return _MaxSession(self)
-
-
-class _MaxSession(ItemSession):
-    """Accumulates per-frame maxima."""
-
-    def __init__(self, ex: MaxColour) -> None:
-        self.ex = ex
-        self.values: list[np.ndarray] = []
-        self.times: list[float] = []
-
-    def add_frames(self, batch: Any) -> None:
-        """Max colour of every frame up to 64."""
-        if self.ex.delay:
-            time.sleep(self.ex.delay)
-        for f, t in zip(np.asarray(batch.frames), np.asarray(batch.times)):
-            if len(self.values) < self.ex.spec.max_steps:
-                self.values.append(f.reshape(-1, 3).max(axis=0) / 255.0)
-                self.times.append(float(t))
-
-    def finish(self) -> FeatureRows:
-        """OK with one step per frame, or ABSENT when nothing was decoded."""
-        if not self.values:
-            return FeatureRows.absent(self.ex.spec, "no_video")
-        return FeatureRows(status=Status.OK, values=np.stack(self.values).astype(np.float32),
-                           times=np.asarray(self.times, dtype=np.float32))
+        return _ColourSession(self, str(getattr(info, "path", "")), lambda px: px.max(axis=0), scripted=False)
 
 
 @register_extractor("test_rms")
