@@ -86,24 +86,25 @@ def bare_runner(paths: list[Path], features: list[str], device: str, threads: in
 
 
 def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tmp: Path, gpus: float,
-                        plugins: list[str], queue_size: int = 4) -> tuple[float, float, float]:
-    """(processing items/s, end-to-end items/s, share of worker time inside the models) on a fresh store."""
+                        plugins: list[str], queue_size: int = 4, in_flight: int = 1) -> tuple[float, float, float]:
+    """(processing items/s, end-to-end items/s, share of worker time inside the models) on a fresh store;
+    `in_flight`: items per worker call (--items-in-flight, cross-item model batches)."""
     from pipelines.config import ExtractConfig
     from pipelines.run import run
 
-    store = tmp / f"store_w{workers}_g{gpus:g}_q{queue_size}.zarr"
+    store = tmp / f"store_w{workers}_g{gpus:g}_q{queue_size}_k{in_flight}.zarr"
     manifest = tmp / "manifest.jsonl"
     manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
     cfg = ExtractConfig(source=str(manifest), store=str(store), features=features, random_weights=True,
                         workers=workers, gpus_per_worker=gpus, progress=False, plugins=plugins,
-                        queue_size=queue_size)
+                        queue_size=queue_size, items_in_flight=in_flight)
     t0 = time.perf_counter()
     res = run(cfg)
     total = time.perf_counter() - t0
     assert res.exit_code == 0, res.table()
     busy = sum(res.model_seconds.values()) / (res.process_seconds * workers)
     in_task = res.task_seconds / (res.process_seconds * workers)
-    print(f"workers={workers} q{queue_size}: {in_task:.0%} of worker time inside tasks, {busy:.0%} inside models; "
+    print(f"workers={workers} q{queue_size} k{in_flight}: {in_task:.0%} of worker time inside tasks, {busy:.0%} inside models; "
           f"{res.time_line()}", flush=True)
     return len(paths) / res.process_seconds, len(paths) / total, busy
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lossless", action="store_true", help="lossless RGB H.264 inputs (decode-heavy worst case)")
     ap.add_argument("--features", default="resnet152,clip")
     ap.add_argument("--plugins", default="", help="modules or .py files registering extra extractors")
+    ap.add_argument("--in-flight", type=int, default=4, help="items per worker call in the cross-item row")
     args = ap.parse_args(argv)
     from pipelines.worker import import_plugins
 
@@ -139,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         # efficiency uses their mean, so load that changes between runs moves both sides alike.
         bare_cpu = bare_runner(paths, features, "cpu", cpus)
         last = bare_cpu()
-        for w, q in ((1, 4), (2, 4), (1, 0), (2, 0)):
-            proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q)
+        for w, q, k in ((1, 4, 1), (2, 4, 1), (1, 0, 1), (2, 0, 1), (1, 4, args.in_flight)):
+            proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q, k)
             after = bare_cpu()
-            rows.append((f"cpu q{q}", w, (last + after) / 2, proc, e2e, busy, abs(after - last) / (last + after) * 2))
+            rows.append((f"cpu q{q} k{k}", w, (last + after) / 2, proc, e2e, busy,
+                         abs(after - last) / (last + after) * 2))
             last = after
         if gpus:
             bare_gpu = bare_runner(paths, features, "cuda", cpus)
@@ -155,15 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     codec = "lossless RGB H.264" if args.lossless else "H.264 yuv420p crf 23"
     print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]} {codec} ({kbps:.0f} kbit/s), "
           f"features {features}, random weights, {cpus} CPUs, {gpus} GPUs")
-    print("q4: decode thread with a 4-batch queue inside each worker; q0: decode inline in the worker")
+    print("q4: decode thread with a 4-batch queue inside each worker; q0: decode inline in the worker; kK: K items "
+          "per worker call sharing model batches (--items-in-flight)")
     print("in-model: share of each worker's processing time spent inside the extractors (the rest: waiting for "
           "decode, store writes, Ray)")
     print("bare: mean of the bare rate measured just before and just after that row's pipeline run (+-: their "
           "relative difference, a gauge of how much the machine's load moved)")
-    print(f"{'device':<10}{'workers':>8}{'bare it/s':>11}{'+-':>6}{'pipeline it/s':>15}{'end-to-end it/s':>17}"
+    print(f"{'device':<13}{'workers':>8}{'bare it/s':>11}{'+-':>6}{'pipeline it/s':>15}{'end-to-end it/s':>17}"
           f"{'efficiency':>12}{'in-model':>10}")
     for dev, w, bare, proc, e2e, busy, spread in rows:
-        print(f"{dev:<10}{w:>8}{bare:>11.3f}{spread:>6.0%}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}{busy:>10.0%}")
+        print(f"{dev:<13}{w:>8}{bare:>11.3f}{spread:>6.0%}{proc:>15.3f}{e2e:>17.3f}{proc / bare:>12.2f}{busy:>10.0%}")
     return 0
 
 

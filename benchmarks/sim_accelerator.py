@@ -1,64 +1,157 @@
-"""A simulated accelerator for CPU benchmarks (a tvr plugin): a model that needs every 25 fps frame and spends a
-fixed wall time per batch outside the GIL (time.sleep), like a GPU kernel the host waits for.
+"""A simulated accelerator for CPU benchmarks (a tvr plugin) and the benchmark that uses it.
 
+The stand-in model (`sim_accel`) reads every 25 fps frame (one value per frame: its mean pixel on a coarse grid)
+and spends a fixed wall time per model batch outside the GIL (time.sleep), like a GPU kernel the host waits for.
+It is a frame-step extractor, so with `--items-in-flight K` frames of several items share its batches.
 Options (extractor_options: {sim_accel: {...}}): `batch` frames per model call, `batch_seconds` per call.
+
+Benchmark (`python benchmarks/sim_accelerator.py`): one decode CPU's frames/s is measured first (one thread, the
+same decode height, bracketed before and after); the stand-in is then calibrated to need `--need` times that.
+One model worker runs with 0 (its own decode threads), 1 and 2 decode actors, in one run. "Busy" is the useful
+work the accelerator did: frames processed / its capacity (batch / batch_seconds) / processing wall time, so
+padded last batches and idle waits both count against it. Run under `flock /tmp/tvr-bench.lock`.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
-from extract._api import Extractor, ItemSession
-from extract._registry import register_extractor
-from store.schema import FeatureRows, FeatureSpec, Status
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from extract._api import FrameStepExtractor, StepPolicy  # noqa: E402
+from extract._registry import register_extractor  # noqa: E402
+from store.schema import FeatureSpec  # noqa: E402
+
+PLUGIN = str(Path(__file__).resolve())
 
 
-@register_extractor("sim_accel")
-class SimAccelerator(Extractor):
-    """One value per model batch (its mean pixel); every frame of the item is consumed."""
+def _register(cls: type) -> type:
+    """Register as `sim_accel`, except in `__main__`: the benchmark imports this file again as its plugin."""
+    return cls if __name__ == "__main__" else register_extractor("sim_accel")(cls)
 
-    needs_frames = True
 
-    def __init__(self, *, batch: int = 32, batch_seconds: float = 0.05, max_steps: int = 512, **kw: Any) -> None:
+@_register
+class SimAccelerator(FrameStepExtractor):
+    """Every frame's coarse mean pixel; each model batch costs `batch_seconds` of GIL-free wall time."""
+
+    has_weights: ClassVar[bool] = False
+
+    def __init__(self, *, batch: int = 32, batch_seconds: float = 0.05, max_steps: int = 4096, **kw: Any) -> None:
+        """`batch`: frames per model call; `batch_seconds`: wall time per call; `max_steps`: frames kept."""
         super().__init__(**kw)
-        self.batch, self.batch_seconds = int(batch), float(batch_seconds)
+        self.batch_size, self.batch_seconds = int(batch), float(batch_seconds)
+        self.policy = StepPolicy(fps=25.0, max_steps=int(max_steps))
         self.spec = FeatureSpec(name="sim_accel", dim=1, max_steps=int(max_steps), dtype="float32")
         self.weights_identity = {"file": "none (simulated accelerator)", "sha256": ""}
         self.preset, self.variant = "none", "sim"
-        self.options = {"batch": self.batch, "batch_seconds": self.batch_seconds}
+        self.options = {"batch": self.batch_size, "batch_seconds": self.batch_seconds}
 
-    def start(self, info: Any) -> ItemSession:
-        """A session that batches frames and 'runs' each full batch."""
-        return _SimSession(self)
+    def preprocess(self, frames: np.ndarray) -> Any:
+        """uint8 (B, H, W, 3) -> (B, 1) float32: the mean of every 8th pixel (cheap host work)."""
+        import torch
+
+        coarse = np.asarray(frames)[:, ::8, ::8].reshape(len(frames), -1)
+        return torch.from_numpy(coarse.mean(axis=1, dtype=np.float32)[:, None])
+
+    def forward(self, x: Any) -> Any:
+        """The accelerator works: the GIL is free for decoding and reading meanwhile."""
+        time.sleep(self.batch_seconds)
+        return x
 
 
-class _SimSession(ItemSession):
-    """Holds up to one batch of frame means; each full batch costs `batch_seconds` of wall time."""
+def one_cpu_rate(paths: list[Path], height: int | None) -> float:
+    """Grid frames/s of decoding `paths` on one thread at `height` (every frame converted, as sim_accel needs)."""
+    from extract import decode
 
-    def __init__(self, ex: SimAccelerator) -> None:
-        self.ex = ex
-        self.pending: list[float] = []
-        self.values: list[float] = []
+    n = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        for b in decode.iter_frames(p, batch_size=16, threads=1, height=height):
+            n += len(b)
+    return n / (time.perf_counter() - t0)
 
-    def add_frames(self, batch: Any) -> None:
-        """Queue the frames; run every full batch."""
-        self.pending.extend(float(f.mean()) for f in np.asarray(batch.frames)[:, ::8, ::8])
-        while len(self.pending) >= self.ex.batch:
-            self._run(self.ex.batch)
 
-    def _run(self, n: int) -> None:
-        time.sleep(self.ex.batch_seconds)  # the accelerator works; the GIL is free for decoding meanwhile
-        if len(self.values) < self.ex.spec.max_steps:
-            self.values.append(float(np.mean(self.pending[:n])))
-        del self.pending[:n]
+def run_sim(paths: list[Path], tmp: Path, decoders: int, in_flight: int, opts: dict[str, Any],
+            height: int | None, queue: int, tag: str) -> tuple[float, float, float]:
+    """(accelerator busy share, share of time inside the extractor's calls, process seconds) of one pipeline run
+    with one model worker."""
+    from extract import decode
+    from pipelines.config import ExtractConfig
+    from pipelines.run import run
 
-    def finish(self) -> FeatureRows:
-        """One value per batch (the last, partial batch costs a full batch, as on a GPU)."""
-        if self.pending:
-            self._run(len(self.pending))
-        if not self.values:
-            return FeatureRows.absent(self.ex.spec, "no_video")
-        v = np.asarray(self.values, dtype=np.float32)[:, None]
-        return FeatureRows(status=Status.OK, values=v, times=np.arange(len(v), dtype=np.float32))
+    manifest = tmp / "m.jsonl"
+    manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
+    cfg = ExtractConfig(source=str(manifest), store=str(tmp / f"sim_{tag}.zarr"), features=["sim_accel"],
+                        random_weights=True, workers=1, progress=False, plugins=[PLUGIN], decode_workers=decoders,
+                        items_in_flight=in_flight, decode_height=height, queue_size=queue,
+                        extractor_options={"sim_accel": opts})
+    res = run(cfg)
+    assert res.exit_code == 0, res.table()
+    frames = sum(decode.probe(p).n_output_frames() for p in paths)
+    busy = frames * opts["batch_seconds"] / opts["batch"] / res.process_seconds
+    return busy, res.model_seconds["sim_accel"] / res.process_seconds, res.process_seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Calibrate, run every configuration in one Ray session, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--size", type=int, nargs=2, default=(360, 640), help="source height width")
+    ap.add_argument("--decode-height", type=int, default=224, help="frames are decoded (resized) to this height, "
+                    "the model's input size: decoders send only that many bytes (0: native)")
+    ap.add_argument("--need", type=float, default=1.4, help="model frames/s as a multiple of one decode CPU")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--in-flight", type=int, default=4, help="items per model worker call (cross-item batches)")
+    ap.add_argument("--queue", type=int, default=8, help="decoded batches buffered per stream (--decode-queue)")
+    args = ap.parse_args(argv)
+    import ray
+
+    from benchmarks.bench_pipeline import make_videos
+    from pipelines.worker import import_plugins
+
+    import_plugins([PLUGIN])  # registers sim_accel in this process too
+
+    height = args.decode_height or None
+    configs = [(0, 1), (0, args.in_flight), (1, args.in_flight), (2, args.in_flight), (2, 1)]
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = make_videos(tmp, args.items, args.seconds, tuple(args.size))
+        rates = [one_cpu_rate(paths, height), one_cpu_rate(paths, height)]
+        one_cpu = sum(rates) / 2
+        opts = {"batch": args.batch, "batch_seconds": args.batch / (args.need * one_cpu)}
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        try:
+            rows = [(n, k, *run_sim(paths, tmp, n, k, opts, height, args.queue, f"{i}"))
+                    for i, (n, k) in enumerate(configs)]
+        finally:
+            ray.shutdown()
+        rates.append(one_cpu_rate(paths, height))  # after: did the machine's load move during the runs?
+    load.append(os.getloadavg()[0])
+    print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]} H.264, decoded at height "
+          f"{height or 'native'}; one decode CPU: {one_cpu:.0f} frames/s (runs {rates[0]:.0f}, {rates[1]:.0f}; "
+          f"after the pipeline runs {rates[2]:.0f}); {os.cpu_count()} CPUs; 1-min load {load[0]:.2f} before, "
+          f"{load[1]:.2f} after")
+    print(f"simulated accelerator: {args.batch} frames per {opts['batch_seconds'] * 1000:.1f} ms = "
+          f"{args.need:g}x one decode CPU ({args.need * one_cpu:.0f} frames/s); 1 model worker; "
+          f"decode queue {args.queue}")
+    print(f"{'decode':<30}{'items in flight':>16}{'busy':>7}{'in extractor':>14}{'process s':>11}")
+    for n, k, busy, inside, secs in rows:
+        name = "in-worker decode threads" if n == 0 else f"{n} decode worker(s)"
+        print(f"{name:<30}{k:>16}{busy:>7.0%}{inside:>14.0%}{secs:>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
