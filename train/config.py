@@ -47,7 +47,8 @@ class TrainConfig:
     caption_sampling: str = "per_video"  # per_video: one random caption per video per epoch | all_pairs: every pair
     drop_last: bool = False  # drop a partial final batch (the MEE reference does; one of < 2 pairs is always dropped)
     eval_chunk: int = 256  # texts per similarity chunk at evaluation
-    cache_bytes: int = 2 * 1024**3  # load a feature's rows into memory when they fit in this budget
+    cache_bytes: int = 2 * 1024**3  # memory budget of feature reads (--cache-gb): cached when they fit, else streamed
+    train_reads: str = "auto"  # auto: cached when the features fit cache_bytes, else streamed | cached | stream
     zero_fill_missing: bool = False  # ablation: missing modalities as zero vectors marked available
     val_split: str = "val"  # split used to pick the best checkpoint (never test)
     test_split: str = "test"  # split for the final metrics.json
@@ -94,11 +95,13 @@ _CHOICES = {
     "schedule": ("exponential", "cosine"),
     "device": ("auto", "cpu", "cuda"),
     "caption_sampling": ("per_video", "all_pairs"),
+    "train_reads": ("auto", "cached", "stream"),
 }
 
 
-# keys a --resume may change: they do not alter what is trained (where it runs, eval chunking, read caching)
-RESUME_FREE = ("device", "eval_chunk", "cache_bytes")
+# keys a --resume may change: they do not alter what is trained (where it runs, eval chunking). cache_bytes and
+# train_reads are not free: streamed reads shuffle within a buffer sized from the budget
+RESUME_FREE = ("device", "eval_chunk")
 
 
 def _resolved_model_config(model: str, model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,6 +195,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         ("lr", cfg.lr > 0, "> 0"),
         ("image_rate", cfg.image_rate >= 0, ">= 0"),
         ("eval_chunk", cfg.eval_chunk >= 1, ">= 1"),
+        ("cache_bytes", cfg.cache_bytes >= 0, ">= 0"),
         ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"),
         ("val_split", cfg.val_split in ("train", "val", "test"), "train, val or test"),
         ("test_split", cfg.test_split in ("train", "val", "test"), "train, val or test"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +68,7 @@ def from_budget(store: Any, features: Sequence[str], budget_bytes: int, **kw: An
 
 
 _FIELDS = ("rows", "values", "mask", "time", "status", "available", "slot_mask")
+Columns = dict[str, np.ndarray]  # name -> (n, ...) array, one row per streamed unit
 
 
 def _take(batch: dict[str, FeatureBatch], pos: np.ndarray | slice) -> dict[str, FeatureBatch]:
@@ -89,64 +90,133 @@ def _concat(parts: list[dict[str, FeatureBatch]]) -> dict[str, FeatureBatch]:
     return out
 
 
-class _Buffer:
-    """Fixed-capacity shuffle buffer: one byte matrix, each row holding every field of every feature.
+def _columns(block: dict[str, FeatureBatch]) -> Columns:
+    """Every field of every feature as one flat column dict ('feature/field', 'feature/extra:name')."""
+    out = {}
+    for f, b in block.items():
+        out.update({f"{f}/{name}": getattr(b, name) for name in _FIELDS if getattr(b, name) is not None})
+        out.update({f"{f}/extra:{e}": v for e, v in b.extras.items()})
+    return out
 
-    A batch leaves with one gather (and the tail moves into its holes with one more), whatever the number of
-    features and fields; its arrays are views of the gathered rows (last axis contiguous, 8-byte aligned).
+
+def _batches_of(cols: Columns) -> dict[str, FeatureBatch]:
+    """Inverse of `_columns`."""
+    per: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in cols.items():
+        f, name = key.split("/", 1)
+        per.setdefault(f, {})[name] = v
+    return {f: FeatureBatch(**{n: c.get(n) for n in _FIELDS},
+                            extras={n[6:]: v for n, v in c.items() if n.startswith("extra:")})
+            for f, c in per.items()}
+
+
+class _Buffer:
+    """Fixed-capacity shuffle buffer: one preallocated array per column, rows removed by swap-remove.
+
+    A pop gathers each column once (contiguous results, so batches cut from them are contiguous views that
+    torch.from_numpy takes as they are) and moves the tail rows into the holes.
     """
 
     def __init__(self, capacity: int) -> None:
         self.cap, self.n = capacity, 0
-        self.data: np.ndarray | None = None
-        self.layout: list[tuple[str, str, int, int, np.dtype, tuple[int, ...]]] = []  # feature, field, at, bytes
+        self.data: Columns = {}
 
-    @staticmethod
-    def _columns(block: dict[str, FeatureBatch]) -> list[tuple[str, str, np.ndarray]]:
-        out = []
-        for f, b in block.items():
-            out += [(f, name, getattr(b, name)) for name in _FIELDS if getattr(b, name) is not None]
-            out += [(f, f"extra:{e}", v) for e, v in b.extras.items()]
-        return out
-
-    def add(self, block: dict[str, FeatureBatch]) -> None:
-        cols = self._columns(block)
-        k = len(cols[0][2])
-        if self.data is None:
-            at = 0
-            for f, name, v in cols:
+    def add(self, cols: Columns) -> None:
+        if not self.data:
+            for name, v in cols.items():
                 if v.dtype.hasobject:
-                    raise TypeError(f"BlockStream: field '{f}.{name}' has object dtype; only numeric fields stream")
-                nb = v.dtype.itemsize * int(np.prod(v.shape[1:], dtype=np.int64))
-                self.layout.append((f, name, at, nb, v.dtype, tuple(v.shape[1:])))
-                at += -(-nb // 8) * 8  # 8-byte aligned fields
-            self.data = np.empty((self.cap, max(8, at)), dtype=np.uint8)
-        if not k:
-            return
-        for (_, _, at, nb, dt, _), (_, _, v) in zip(self.layout, cols):
-            rows = np.ascontiguousarray(v, dtype=dt).reshape(k, -1).view(np.uint8)
-            self.data[self.n:self.n + k, at:at + nb] = rows
+                    raise TypeError(f"BlockStream: column '{name}' has object dtype; only numeric fields stream")
+                self.data[name] = np.empty((self.cap, *v.shape[1:]), dtype=v.dtype)
+        k = len(next(iter(cols.values())))
+        for name, v in cols.items():
+            self.data[name][self.n:self.n + k] = v
         self.n += k
 
-    def pop(self, pos: np.ndarray) -> dict[str, FeatureBatch]:
+    def pop(self, pos: np.ndarray) -> Columns:
         """Remove the rows at `pos` (unique) and return them; the last rows move into the holes."""
-        assert self.data is not None
-        got = self.data[pos]
         m = len(pos)
-        cols: dict[str, dict[str, np.ndarray]] = {}
-        for f, name, at, nb, dt, shape in self.layout:
-            cols.setdefault(f, {})[name] = got[:, at:at + nb].view(dt).reshape(m, *shape)
-        out = {f: FeatureBatch(**{name: c.get(name) for name in _FIELDS},
-                               extras={n[6:]: v for n, v in c.items() if n.startswith("extra:")})
-               for f, c in cols.items()}
+        out = {name: col[pos] for name, col in self.data.items()}
         tail = self.n - m
         taken = np.zeros(m, dtype=bool)
         taken[pos[pos >= tail] - tail] = True
         holes = pos[pos < tail]
         if len(holes):
-            self.data[holes] = self.data[tail + np.flatnonzero(~taken)]
+            src = tail + np.flatnonzero(~taken)
+            for col in self.data.values():
+                col[holes] = col[src]
         self.n = tail
         return out
+
+
+def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put `item` unless the consumer has stopped; False when it has."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _read_ahead(read: Callable[[int], Columns], order: list[int], cfg: StreamConfig, out: queue.Queue,
+                stop: threading.Event) -> None:
+    """Read blocks `order` with `workers` threads, at most `prefetch` ahead of the consumer; errors go to `out`."""
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        futs = [pool.submit(read, i) for i in order[:cfg.prefetch]]
+        nxt = len(futs)
+        for k in range(len(order)):
+            try:
+                got = futs[k].result()
+            except Exception as e:  # hand the error to the consumer
+                _put(out, e, stop)
+                return
+            futs[k] = None  # type: ignore[call-overload]  # drop the reference: memory stays bounded
+            if not _put(out, got, stop):
+                return
+            del got
+            if nxt < len(order):
+                futs.append(pool.submit(read, order[nxt]))
+                nxt += 1
+    _put(out, None, stop)
+
+
+def shuffled(read: Callable[[int], Columns], order: list[int], block_max: int, cfg: StreamConfig,
+             rng: np.random.Generator) -> Iterator[Columns]:
+    """Batches of `cfg.batch_size` rows (the last one smaller) of blocks read in `order` in the background,
+    drawn at random from a buffer of max(`cfg.buffer_rows`, batch size) rows (+ one block of <= `block_max` rows)."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    t = threading.Thread(target=_read_ahead, args=(read, order, cfg, q, stop), daemon=True)
+    t.start()
+    bs = cfg.batch_size
+    fill = max(cfg.buffer_rows, bs)  # at least a batch, so every batch but the epoch's last is whole
+    buf, done = _Buffer(fill + block_max), False
+    # up to a block's worth of rows leaves the buffer in one gather per column, then is cut into batches (views):
+    # per-batch numpy calls dominate when rows are small; memory: one block more, within the budget's allowance
+    per = bs * max(1, block_max // bs)
+    try:
+        while True:
+            while not done and buf.n < fill:
+                got = q.get()
+                if isinstance(got, Exception):
+                    raise got
+                if got is None:
+                    done = True
+                    break
+                buf.add(got)
+                del got
+            if not buf.n:
+                break
+            take = min(per, buf.n)
+            if not done:  # whole batches only until the last one of the epoch
+                take = max(min(bs, buf.n), take // bs * bs)
+            rows = buf.pop(rng.choice(buf.n, size=take, replace=False))
+            for lo in range(0, take, bs):
+                yield {k: v[lo:lo + bs] for k, v in rows.items()}
+    finally:  # also when the consumer stops early: the reader ends after its reads in flight
+        stop.set()
+        t.join()
 
 
 class BlockStream:
@@ -164,23 +234,6 @@ class BlockStream:
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.cfg.batch_size)
 
-    def _reader(self, order: list[int], out: queue.Queue) -> None:
-        """Read blocks in `order` with `workers` threads, at most `prefetch` ahead of the consumer."""
-        with ThreadPoolExecutor(self.cfg.workers) as pool:
-            futs = [pool.submit(self.store.read_many, self.features, self.blocks[i]) for i in order[:self.cfg.prefetch]]
-            nxt = len(futs)
-            for k in range(len(order)):
-                try:
-                    out.put(futs[k].result())
-                except Exception as e:  # hand the error to the consumer
-                    out.put(e)
-                    return
-                if nxt < len(order):
-                    futs.append(pool.submit(self.store.read_many, self.features, self.blocks[order[nxt]]))
-                    nxt += 1
-                futs[k] = None  # type: ignore[call-overload]  # drop the reference: memory stays bounded
-        out.put(None)
-
     def epoch(self, epoch: int = 0) -> Iterator[dict[str, FeatureBatch]]:
         """One pass over every selected row, in batches."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
@@ -194,30 +247,9 @@ class BlockStream:
                 yield _take(whole, perm[lo:lo + bs])
             return
         order = rng.permutation(len(self.blocks)).tolist()
-        q: queue.Queue = queue.Queue(maxsize=1)
-        t = threading.Thread(target=self._reader, args=(order, q), daemon=True)
-        t.start()
-        cap = self.cfg.buffer_rows + max((len(b) for b in self.blocks), default=0)
-        buf, done = _Buffer(cap), False
-        # up to a block's worth of rows leaves the buffer in one gather, then is cut into batches (views): per-batch
-        # numpy calls dominate when rows are small; memory: one block more, within from_budget's allowance
-        per = bs * max(1, (cap - self.cfg.buffer_rows) // bs)
-        while True:
-            while not done and buf.n < self.cfg.buffer_rows:
-                got = q.get()
-                if isinstance(got, Exception):
-                    raise got
-                if got is None:
-                    done = True
-                    break
-                buf.add(got)
-                del got
-            if not buf.n:
-                break
-            take = min(per, buf.n)
-            if not done:  # whole batches only until the last one of the epoch
-                take = max(min(bs, buf.n), take // bs * bs)
-            rows = buf.pop(rng.choice(buf.n, size=take, replace=False))
-            for lo in range(0, take, bs):
-                yield _take(rows, slice(lo, lo + bs))
-        t.join()
+        block_max = max((len(b) for b in self.blocks), default=0)
+        for cols in shuffled(self._read, order, block_max, self.cfg, rng):
+            yield _batches_of(cols)
+
+    def _read(self, i: int) -> Columns:
+        return _columns(self.store.read_many(self.features, self.blocks[i]))
