@@ -10,13 +10,16 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
-from extract import WeightsSpec
 from store import CaptionRecord, FeatureRows, FeatureSpec, FeatureStore, ItemRecord, Status
+
+if TYPE_CHECKING:  # imported where used: store-only test modules stay free of torch and the extractors
+    import torch
+
+    from extract import WeightsSpec
 
 RANDOM_PROVENANCE: Mapping[str, object] = {"weights": {"random": True, "seed": 0}, "preset": "test"}
 FAKE_URL = "https://example.org/"  # provenance only: tests never download
@@ -87,6 +90,8 @@ class FakeWeights:
 
 def weights_bytes(content: bytes | Mapping[str, torch.Tensor] | torch.nn.Module) -> bytes:
     """Raw bytes as given, or the torch.save bytes of a state dict (a module's, for a module)."""
+    import torch
+
     if isinstance(content, bytes):
         return content
     state = content.state_dict() if isinstance(content, torch.nn.Module) else dict(content)
@@ -99,6 +104,8 @@ def fake_weights(directory: Path, content: bytes | Mapping[str, torch.Tensor] | 
                  filename: str = "net.pth", *, name: str = "V1", preset: str = "imagenet_v1",
                  meta: Mapping[str, object] | None = None) -> FakeWeights:
     """Write `content` (bytes, a state dict or a module's state dict) as directory/filename, pinned by sha256."""
+    from extract import WeightsSpec
+
     data = weights_bytes(content)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / filename
