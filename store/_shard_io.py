@@ -112,21 +112,28 @@ async def _get(store: Any, key: str, req: Any = None) -> np.ndarray | None:
     return None if buf is None else buf.as_numpy_array()
 
 
-def _get_local(root: Path, key: str, req: Any = None) -> np.ndarray | None:
-    """A LocalStore get done directly in the calling thread (no event-loop and worker-thread hops per request)."""
-    try:
-        f = open(root / key, "rb")
-    except FileNotFoundError:
-        return None
-    with f:
-        if isinstance(req, SuffixByteRequest):
-            f.seek(max(0, os.fstat(f.fileno()).st_size - req.suffix))
-            data = f.read()
-        elif isinstance(req, RangeByteRequest):
-            f.seek(req.start)
-            data = f.read(req.end - req.start)
-        else:
-            data = f.read()
+def _get_local(root: Path, key: str, req: Any = None, files: dict[str, Any] | None = None) -> np.ndarray | None:
+    """A LocalStore get done directly in the calling thread (no event-loop and worker-thread hops per request);
+    `files` keeps each shard file open across the requests of one fetch (index, then data: one open)."""
+    f = None if files is None else files.get(key)
+    if f is None:
+        try:
+            f = open(root / key, "rb")
+        except FileNotFoundError:
+            return None
+        if files is not None:
+            files[key] = f
+    if isinstance(req, SuffixByteRequest):
+        f.seek(max(0, os.fstat(f.fileno()).st_size - req.suffix))
+        data = f.read()
+    elif isinstance(req, RangeByteRequest):
+        f.seek(req.start)
+        data = f.read(req.end - req.start)
+    else:
+        f.seek(0)
+        data = f.read()
+    if files is None:
+        f.close()
     return np.frombuffer(data, dtype=np.uint8)
 
 
@@ -199,12 +206,15 @@ def fetch_local(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_S
     chunks, groups = _groups(lay, rows)
     out = []
     for s, loc in groups:
-        gen, got = _shard_steps(lay, s, loc), None
+        gen, got, files = _shard_steps(lay, s, loc), None, {}
         try:
             while True:
-                got = [_get_local(root, k, r) for k, r in gen.send(got)]  # type: ignore[arg-type]
+                got = [_get_local(root, k, r, files) for k, r in gen.send(got)]  # type: ignore[arg-type]
         except StopIteration as stop:
             out.append(stop.value)
+        finally:
+            for f in files.values():
+                f.close()
     return chunks, out
 
 

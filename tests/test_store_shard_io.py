@@ -63,9 +63,9 @@ def test_one_request_per_whole_shard_and_few_for_scattered_rows(arr: zarr.Array,
     monkeypatch.setattr(sio, "_get", counting)
     real_local = sio._get_local
 
-    def counting_local(root, key, req=None):  # type: ignore[no-untyped-def]
+    def counting_local(root, key, req=None, files=None):  # type: ignore[no-untyped-def]
         calls.append(req)
-        return real_local(root, key, req)
+        return real_local(root, key, req, files)
 
     monkeypatch.setattr(sio, "_get_local", counting_local)
     _read(arr, np.arange(0, 256))  # two shards, 64 inner chunks
