@@ -1,15 +1,18 @@
 """Feature-store write throughput: `FeatureStore.write` against `np.save` of the same bytes, in one run.
 
 Rows are ResNet-152-like: 2048-d float16 values x 64 steps (256 KiB per item), one item per write, as extraction
-workers write them. Per case, `--items` rows go into a fresh folder on the same file system:
-  * tvr write: `FeatureStore.write(feature, row, FeatureRows(...))` from float16 input: one staged object per
-    row (schema v2: every array of the row in one atomic file);
-  * tvr write + pack: the same, then `pack_ready()` moves the rows into the sharded arrays (what a run costs in
-    total; the driver packs in the background of the workers' writes);
+workers write them: a long-lived worker process holds the store open and writes each item's row as it finishes.
+Per case, `--items` rows go into a fresh folder on the same file system:
+  * tvr write: `FeatureStore.write(feature, row, FeatureRows(...))` from float16 input: the row (every array,
+    status included) appended as one framed record to this writer's staging segment of the shard (local stores);
+  * tvr write + pack: the same, then `pack_ready()` moves the rows into the sharded, zstd-compressed arrays
+    (what a run costs in total; the driver packs in the background of the workers' writes);
   * tvr write, float32 in: as extractors return values (the cast to float16 is included);
-  * baseline: `np.save(f"{row}.npy", values)` of the padded (64, 2048) float16 array per item, one file each.
+  * baselines: `np.save(f"{row}.npy", values)` of the padded (64, 2048) float16 array per item, one file each;
+    and for the float32 case the same with the cast a worker would need first (`values32.astype(float16)`).
 MB/s counts only the float16 feature bytes (items x 64 x 2048 x 2), the same for every case; ratio = tvr MB/s /
-np.save MB/s. Files land in the page cache (no fsync in any case). Each timing is the best of `--repeats`.
+its np.save baseline's MB/s. Files land in the page cache (no fsync in any case). Each timing is the best of
+`--repeats`.
 Also times the status scan behind `coverage()` over `--scan-items` packed rows.
 Run: `.venv/bin/python benchmarks/bench_store.py [--items 200] [--repeats 3] [--scan-items 20000]`.
 """
@@ -77,7 +80,7 @@ def write_npy(rows: list[np.ndarray]) -> Callable[[object], None]:
     def run(folder: object) -> None:
         assert isinstance(folder, Path)
         for i, v in enumerate(rows):
-            np.save(folder / f"{i}.npy", v)
+            np.save(folder / f"{i}.npy", v.astype(np.float16, copy=False))  # float32 input: the cast is timed
     return run
 
 
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         # a first write per case warms zarr/numcodecs imports and the file system
         time_case(lambda f: new_store(f, 2), write_store(rows16[:2], times), 1, tmp)
         t_npy = time_case(lambda f: f, write_npy(rows16), args.repeats, tmp)
+        t_npy32 = time_case(lambda f: f, write_npy(rows32), args.repeats, tmp)
         t16 = time_case(lambda f: new_store(f, args.items), write_store(rows16, times), args.repeats, tmp)
         tpk = time_case(lambda f: new_store(f, args.items), write_store(rows16, times, True), args.repeats, tmp)
         t32 = time_case(lambda f: new_store(f, args.items), write_store(rows32, times), args.repeats, tmp)
@@ -126,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                    if p.is_file() and p.name != "zarr.json") / args.items
         print(f"store write throughput, {args.items} items x {STEPS} steps x {DIM}-d float16 "
               f"({mb:.1f} MB of feature bytes), best of {args.repeats}")
-        print("case | s | MB/s | items/s | ratio to np.save")
-        for name, t in (("np.save (.npy per item)", t_npy), ("tvr FeatureStore.write (staged)", t16),
-                        ("tvr write + pack_ready (total)", tpk), ("tvr FeatureStore.write, float32 in", t32)):
-            print(f"{name} | {t:.3f} | {mb / t:.0f} | {args.items / t:.0f} | {t_npy / t:.2f}")
+        print("case | s | MB/s | items/s | ratio to its np.save baseline")
+        for name, t, base in (("np.save (.npy per item)", t_npy, t_npy),
+                              ("tvr FeatureStore.write (staged)", t16, t_npy),
+                              ("tvr write + pack_ready (total)", tpk, t_npy),
+                              ("np.save, float32 in (cast, .npy per item)", t_npy32, t_npy32),
+                              ("tvr FeatureStore.write, float32 in", t32, t_npy32)):
+            print(f"{name} | {t:.3f} | {mb / t:.0f} | {args.items / t:.0f} | {base / t:.2f}")
         comp = check._arrays["resnet152"]["values"].compressors
         print(f"values on disk: {disk / 1024:.0f} KiB per item (raw {STEPS * DIM * 2 / 1024:.0f} KiB, "
               f"compressors {[c.to_dict()['name'] for c in comp] or 'none'}); whole store {len(files)} files for "

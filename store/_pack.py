@@ -29,17 +29,24 @@ def is_data(name: str) -> bool:
     return name in ("values", "slot_mask") or name.startswith("extra_")
 
 
-def _fill_block(a: Any, n: int) -> np.ndarray:
-    """n rows of an array's fill value (strings as objects)."""
+def _fill_block(a: Any, n: int, staged: np.ndarray) -> np.ndarray:
+    """n rows of an array's fill value (strings as objects); rows flagged in `staged` are left for the overlay."""
     if a.dtype.kind in "OTU":
         return np.full((n, *a.shape[1:]), "", dtype=object)
-    return np.full((n, *a.shape[1:]), a.fill_value, dtype=a.dtype)
+    if staged.all():  # every row comes from staged blocks: no fill pass over the (large) values
+        return np.empty((n, *a.shape[1:]), dtype=a.dtype)
+    out = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+    out[~staged] = a.fill_value
+    return out
 
 
-def _base(arrays: dict[str, Any], lo: int, hi: int) -> dict[str, np.ndarray]:
+def _base(arrays: dict[str, Any], lo: int, hi: int, entries: list[Staged]) -> dict[str, np.ndarray]:
     """Rows lo:hi as packed now: read when the shard has finished rows, fill values otherwise."""
     if not np.asarray(arrays["status"][lo:hi]).any():
-        return {k: _fill_block(a, hi - lo) for k, a in arrays.items()}
+        staged = np.zeros(hi - lo, bool)
+        for e in entries:
+            staged[max(e.start, lo) - lo:min(e.stop, hi) - lo] = True
+        return {k: _fill_block(a, hi - lo, staged) for k, a in arrays.items()}
     names = list(arrays)
     got = sync(_gather([_get(arrays[k], slice(lo, hi)) for k in names]))
     return {k: (np.asarray(v, dtype=object) if arrays[k].dtype.kind in "OTU" else np.array(v))
@@ -82,11 +89,13 @@ def _pack_claimed(fs: "FeatureStore", feature: str, shard: int, claim: Claim) ->
     if any(e.start < lo or e.stop > hi for e in entries):
         raise StoreError(f"{fs.url}: staged rows of '{feature}' shard {shard} fall outside rows {lo}:{hi}; "
                          "the store was changed by another tool; delete .tvr/staging and re-run extraction")
-    base = _base(arrays, lo, hi)
+    base = _base(arrays, lo, hi, entries)
     blocks = claim.read(entries)
     for e, b in zip(entries, blocks):
-        if b:
-            _apply(base, lo, e, b, fs.url)
+        if not b:  # claimed blocks cannot vanish unless something deletes staging without the pack lock
+            raise StoreError(f"{fs.url}: staged block {e.key} vanished while '{feature}' shard {shard} was being "
+                             "packed; is another tool clearing .tvr/staging? Re-run pack_ready")
+        _apply(base, lo, e, b, fs.url)
     pending = base["status"] == Status.PENDING
     if base["values"].dtype.kind == "f":
         base["values"][pending] = np.nan  # fill value: a PENDING row never looks like data
