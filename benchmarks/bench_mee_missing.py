@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                 cfg = build_config("mee", {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                            "seed": seed, "device": args.device, "zero_fill_missing": zero_fill,
                                            "image_rate": 0.0})
-                data = StoreData(store, url, "mee", zero_fill_missing=zero_fill)
+                data = StoreData(store, "mee", zero_fill_missing=zero_fill)
                 t0 = time.perf_counter()
                 m = fit(cfg, data, Path(tmp) / f"{label}-{seed}", store_url=url, log=lambda s: None, progress=False)
                 rows.append((seed, label, m, time.perf_counter() - t0))

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
               f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, dims {dims}")
         print(f"{'loader':<28}{'store->model pairs/s':>22}{'pre-made batches pairs/s':>26}{'ratio':>8}")
         for label, budget in (("cached in memory", cfg.cache_bytes), ("read per batch (no cache)", 0)):
-            data = StoreData(store, url, "mee", cache_bytes=budget)
+            data = StoreData(store, "mee", cache_bytes=budget)
             loader, bare = measure(data, cfg, device, args.steps, args.rounds)
             print(f"{label:<28}{loader:>22.1f}{bare:>26.1f}{loader / bare:>8.2f}")
     return 0

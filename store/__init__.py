@@ -1,4 +1,5 @@
 """tvr feature store: a Zarr v3 store of items, captions and per-feature arrays (see docs/design.md §1)."""
+from store._choices import ChoiceSet
 from store.schema import (
     SCHEMA_VERSION,
     CaptionRecord,
@@ -18,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CaptionRecord",
     "CaptionTable",
+    "ChoiceSet",
     "ExtraSpec",
     "FeatureBatch",
     "FeatureRows",

@@ -42,6 +42,14 @@ def is_local(url: str | os.PathLike) -> bool:
     return isinstance(url, os.PathLike) or "://" not in str(url)
 
 
+def open_kwargs(url: str | os.PathLike, storage_options: Mapping[str, object] | None) -> dict[str, object]:
+    """zarr.open_group keywords for `url`: URL stores never serve cached listings (other processes stage rows,
+    pack shards and add feature groups at any time; fsspec's listing cache would hide them), then the caller's."""
+    if is_local(url):
+        return {"storage_options": dict(storage_options)} if storage_options else {}
+    return {"storage_options": {"use_listings_cache": False, **dict(storage_options or {})}}
+
+
 def check_records(items: Sequence[ItemRecord], captions: Sequence[CaptionRecord],
                   known_items: Mapping[str, int], known_captions: set[str]) -> np.ndarray:
     """Validate new items/captions against each other and the store; return caption item rows."""

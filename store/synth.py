@@ -13,12 +13,9 @@ words express random subsets of z, mixed with stop words), "clip_text" a CLIP-li
 frozen CLIP features, and T-MASS/X-Pool must learn the rest (on the 300-item test store: untrained X-Pool t2v R@1
 ~25% of 30 test videos, trained ~55%).
 
-Multiple choice (LSMDC-style) representation, written when `choices > 0`: the root attribute `tvr_choices` =
-`{"item": [item id, ...], "captions": [[caption id, ...], ...], "answer": [int, ...]}`, one question per entry:
-the clip, its options (one true caption of the clip, the others captions of other items of the same split) and
-the index of the true option. (An attribute, not root arrays: FeatureStore.open accepts only its own root
-arrays and feature groups.) `train.data.StoreData.choice_set` reads it.
-One question per test-split video.
+Multiple choice (LSMDC-style), written when `choices > 0` with `FeatureStore.set_choices` (store/_choices.py):
+one question per test-split video, its options one true caption of the clip and captions of other items of the
+same split, in random order. `train.data.StoreData.choice_set` reads it (`FeatureStore.choices`).
 """
 from __future__ import annotations
 
@@ -26,11 +23,14 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from store.schema import CaptionRecord, ExtraSpec, FeatureRows, FeatureSpec, ItemRecord, Status
+
+if TYPE_CHECKING:
+    from store.zarr_store import FeatureStore
 
 LATENT = 24  # latent concept dims
 N_CLUSTERS_FRACTION = 0.1  # clusters per item: items share a concept centre with ~10 others
@@ -273,7 +273,7 @@ def generate(
     _write_captions(store, rng, specs, projs["clip"], offsets["clip"] * 0.6, clip_scale, z, captions_per_item)
     store.pack_ready(partial=True)
     if choices:
-        _write_choices(str(url), rng, records, caps, captions_per_item, choices)
+        _write_choices(store, rng, records, caps, captions_per_item, choices)
     return FeatureStore.open(str(url))
 
 
@@ -313,11 +313,10 @@ def _write_captions(
 
 
 def _write_choices(
-    url: str, rng: np.random.Generator, records: Sequence[ItemRecord], caps: Sequence[CaptionRecord], per_item: int, n_opt: int
+    store: FeatureStore, rng: np.random.Generator, records: Sequence[ItemRecord], caps: Sequence[CaptionRecord],
+    per_item: int, n_opt: int
 ) -> None:
-    """Root attribute `tvr_choices`: one question per test video (see the module docstring)."""
-    import zarr
-
+    """The store's multiple-choice set: one question per test video (see the module docstring)."""
     split_of = np.array([r.split for r in records if r.kind == "video"])
     pool = np.flatnonzero(split_of == "test")
     if len(pool) < n_opt:
@@ -331,8 +330,7 @@ def _write_choices(
         q_items.append(records[int(item)].id)
         q_caps.append([caps[rows[p]].id for p in perm])
         q_ans.append(int(np.flatnonzero(perm == 0)[0]))
-    root = zarr.open_group(url, mode="r+")
-    root.attrs["tvr_choices"] = {"item": q_items, "captions": q_caps, "answer": q_ans}
+    store.set_choices(q_items, q_caps, q_ans)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,8 +29,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
-                           tvr_version)
+                           open_kwargs, tvr_version)
 from store import _pack, _rows
+from store._choices import ChoicesMixin
 from store._lock import StoreLock
 from store._read import ReadMixin
 from store._staging import Staging
@@ -73,7 +74,7 @@ _MAX_CODE = max(int(s) for s in Status)
 __all__ = ["FeatureStore", "StoreExistsError", "open_store", "tvr_version"]
 
 
-class FeatureStore(ReadMixin):
+class FeatureStore(ReadMixin, ChoicesMixin):
     """A tvr feature store: item/caption tables at the root and one Zarr group per feature."""
 
     def __init__(self, group: zarr.Group, url: str, mode: str) -> None:
@@ -125,7 +126,7 @@ class FeatureStore(ReadMixin):
                 create_local_atomic(p, lambda tmp: build(zarr.open_group(str(tmp), mode="a", zarr_format=3),
                                                          str(tmp)))
                 return cls.open(url, "r+", storage_options=storage_options)
-        kw = {"storage_options": dict(storage_options)} if storage_options else {}
+        kw = open_kwargs(url, storage_options)
         try:
             g = zarr.open_group(str(url), mode="w" if overwrite else "w-", zarr_format=3, **kw)
         except Exception as e:  # zarr raises several types for an existing node
@@ -171,7 +172,7 @@ class FeatureStore(ReadMixin):
             if not p.is_dir() or not (p / "zarr.json").exists():
                 kind = "a file" if not p.is_dir() else "a plain directory (no zarr.json)"
                 raise StoreError(f"{url} is not a tvr store: it is {kind}; {hint}")
-        kw = {"storage_options": dict(storage_options)} if storage_options else {}
+        kw = open_kwargs(url, storage_options)
         try:
             g = zarr.open_group(str(url), mode=mode, **kw)
         except Exception as e:

@@ -254,7 +254,7 @@ def test_nonfinite_loss_names_the_batch(store_url, tmp_path, capsys, monkeypatch
     assert main(_args("xpool", store_url, tmp_path / "l")) == 2
     err = capsys.readouterr().err
     # batch 2 of epoch 1, recomputed independently from the epoch's sampling
-    data = StoreData(FeatureStore.open(store_url), store_url, "xpool")
+    data = StoreData(FeatureStore.open(store_url), "xpool")
     rows, caps = data.epoch_pairs(0, 24, 0.0)
     items = np.asarray(FeatureStore.open(store_url).items().id).astype(str)[rows[8:16]]
     assert "epoch 1 batch 2: loss is nan" in err and all(repr(str(i)) in err for i in items[:5])
@@ -414,7 +414,7 @@ def test_eval_reports_the_spread_over_noise_seeds(store_url, tmp_path, capsys):
     # independent: score the val split with each seed directly and average
     cfg, _ = config_from_run_yaml(run / "config.yaml")
     st = FeatureStore.open(store_url)
-    data = StoreData(st, store_url, "tmass")
+    data = StoreData(st, "tmass")
     model = build_model(cfg, data)
     model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
     model.eval()
@@ -449,7 +449,7 @@ def test_recipe_trains_on_every_pair(store_url, tmp_path):
     assert main(["xpool", "--store", store_url, "--out", str(run), "--recipe", "msrvtt", "--epochs", "1",
                  "--batch-size", "8", "--device", "cpu"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["caption_sampling"] == "all_pairs"
-    data = StoreData(FeatureStore.open(store_url), store_url, "xpool")
+    data = StoreData(FeatureStore.open(store_url), "xpool")
     n_videos = len(data.train_items()[0])
     steps = torch.load(run / "last.pt", weights_only=True)["step"]
     assert steps == data.n_train_batches(8, 0.0, "all_pairs") == -(-2 * n_videos // 8)  # 2 captions per video

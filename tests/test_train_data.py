@@ -30,7 +30,7 @@ def store(store_url):
 
 @pytest.fixture(scope="module")
 def mee(store, store_url):
-    return StoreData(store, store_url, "mee")
+    return StoreData(store, "mee")
 
 
 def test_image_rate_counts(mee, store):
@@ -100,13 +100,13 @@ def test_text_batches(mee, store, store_url):
     assert set(t) == {"words", "words_mask"}
     assert t["words"].shape == (3, 30, 50)
     assert torch.equal(t["words_mask"], torch.from_numpy(np.asarray(g.mask, dtype=bool)))
-    tm = StoreData(store, store_url, "tmass").text_batch(caps)
+    tm = StoreData(store, "tmass").text_batch(caps)
     assert set(tm) == {"clip_text"} and tm["clip_text"].shape == (3, 64)
     np.testing.assert_allclose(tm["clip_text"].numpy(), store.read("clip_text", caps).values[:, 0])
 
 
 def test_cache_and_per_batch_reads_agree(store, store_url, mee):
-    lazy = StoreData(store, store_url, "mee", cache_bytes=0)
+    lazy = StoreData(store, "mee", cache_bytes=0)
     assert all(src.cached for src in mee.video.values()) and not any(src.cached for src in lazy.video.values())
     rows = np.array([3, 1, 3, 45, 0])
     a, b = mee.video_batch(rows), lazy.video_batch(rows)
@@ -115,7 +115,7 @@ def test_cache_and_per_batch_reads_agree(store, store_url, mee):
 
 
 def test_zero_fill_missing(store, store_url):
-    zf = StoreData(store, store_url, "mee", zero_fill_missing=True)
+    zf = StoreData(store, "mee", zero_fill_missing=True)
     rows = np.flatnonzero(np.asarray(store.status("dlib_face")) == Status.ABSENT)[:4]
     v = zf.video_batch(rows)
     assert v["dlib_face_avail"].all()
@@ -139,12 +139,12 @@ def test_missing_features_error(tmp_path):
     st = FeatureStore.create(url, [ItemRecord("a", "a.mp4", split="train")])
     st.ensure_feature(FeatureSpec("clip", 8, 12, dtype="float32", modality="clip"), {"weights": {"random": True, "seed": 0}})
     with pytest.raises(DataError) as exc:
-        StoreData(FeatureStore.open(url), url, "mee")
+        StoreData(FeatureStore.open(url), "mee")
     msg = str(exc.value)
     assert "resnet152, i3d_flow, vggish, dlib_face, glove" in msg
     assert f"tvr-extract SOURCE --store {url} --features resnet152,i3d_flow,vggish,dlib_face,glove" in msg
     with pytest.raises(DataError, match="clip_text"):
-        StoreData(FeatureStore.open(url), url, "tmass")
+        StoreData(FeatureStore.open(url), "tmass")
 
 
 def test_no_split_fallback(tmp_path):
@@ -153,7 +153,7 @@ def test_no_split_fallback(tmp_path):
     url = str(tmp_path / "nosplit.zarr")
     synth.generate(url, items=60, captions_per_item=1, splits=None, small=True, seed=2)
     with pytest.warns(UserWarning, match="80/10/10"):
-        data = StoreData(FeatureStore.open(url), url, "tmass")
+        data = StoreData(FeatureStore.open(url), "tmass")
     ids = np.asarray(FeatureStore.open(url).items().id).astype(str)
     assert list(data.split) == [fallback_split(i) for i in ids]
     assert 35 <= (data.split == "train").sum() <= 57 and set(data.split) <= {"train", "val", "test"}
@@ -167,7 +167,7 @@ def test_empty_eval_split_error(tmp_path):
     synth.generate(url, items=6, captions_per_item=1, splits=(1.0, 0.0, 0.0), small=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = StoreData(FeatureStore.open(url), url, "mee")
+        data = StoreData(FeatureStore.open(url), "mee")
     with pytest.raises(DataError, match="split 'val' has no videos"):
         data.eval_set("val")
 
@@ -187,7 +187,7 @@ def test_mee_without_some_experts(tmp_path):
     st = FeatureStore.open(url)
     assert "dlib_face" not in st.features
     with pytest.warns(UserWarning, match="lacks video feature.*vggish, dlib_face.*--features vggish,dlib_face"):
-        data = StoreData(st, url, "mee")
+        data = StoreData(st, "mee")
     assert data.video_features == ("resnet152", "i3d_flow")
     model = build_model(build_config("mee"), data)
     assert model.modalities == ("appearance", "motion")
@@ -196,7 +196,7 @@ def test_mee_without_some_experts(tmp_path):
     assert torch.isfinite(loss)
     shutil.rmtree(tmp_path / "noface.zarr" / "glove")
     with pytest.raises(DataError, match="lacks feature.*glove"):
-        StoreData(FeatureStore.open(url), url, "mee")
+        StoreData(FeatureStore.open(url), "mee")
 
 
 # ---- features declared by the models; sampling modes (issue 11 §5, §6) ----------------------------------------
@@ -205,10 +205,10 @@ def test_features_come_from_the_model_config(store, store_url):
 
     assert model_features("mee").video == ("resnet152", "i3d_flow", "vggish", "dlib_face")
     assert model_features("xpool", {"frames_feature": "clip_l", "text_feature": "clip_l_text"}).text == "clip_l_text"
-    data = StoreData(store, store_url, "mee", model_config={"modalities": {"appearance": "resnet152"}})
+    data = StoreData(store, "mee", model_config={"modalities": {"appearance": "resnet152"}})
     assert data.video_features == ("resnet152",) and set(data.video) == {"resnet152"}
     with pytest.raises(DataError, match="lacks feature.*word2vec"):  # names what the config asks for
-        StoreData(store, store_url, "mee", model_config={"text_feature": "word2vec"})
+        StoreData(store, "mee", model_config={"text_feature": "word2vec"})
 
 
 def _all_usable_pairs(data, rows):
@@ -260,8 +260,8 @@ def test_nonfinite_rows_are_named_on_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DataError, match=f"'resnet152'.*NaN/inf.*{ids[4]}"):
-            StoreData(FeatureStore.open(url), url, "mee")
-        lazy = StoreData(FeatureStore.open(url), url, "mee", cache_bytes=0)  # read per batch: checked there
+            StoreData(FeatureStore.open(url), "mee")
+        lazy = StoreData(FeatureStore.open(url), "mee", cache_bytes=0)  # read per batch: checked there
     with pytest.raises(DataError, match=f"{ids[4]}"):
         lazy.video_batch(np.array([3, 4]))
     lazy.video_batch(np.array([3, 5]))  # other rows are fine

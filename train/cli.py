@@ -89,10 +89,9 @@ def format_spread(spread: dict[str, Any]) -> str:
 
 
 def _open_store(url: str):
+    """The store at `url` (a path or an fsspec URL such as s3://); its StoreError names the URL and the fix."""
     from store.zarr_store import FeatureStore
 
-    if not Path(url).exists():
-        raise FileNotFoundError(f"store {url} does not exist; create it with tvr-extract or tvr-store synth")
     return FeatureStore.open(url)
 
 
@@ -145,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     store = _open_store(store_url)
     if base is not None:
         _check_resume(run, base, cfg, extra, store)
-    data = StoreData(store, store_url, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
+    data = StoreData(store, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
                      zero_fill_missing=cfg.zero_fill_missing)
     metrics = fit(
         cfg, data, run, store_url=store_url, resume=args.resume, stop_after=args.stop_after,
@@ -183,7 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
               f"{store_url}", file=sys.stderr)
     if args.noise_seeds < 1:
         raise ConfigError(f"--noise-seeds must be >= 1, got {args.noise_seeds}")
-    data = StoreData(store, store_url, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
+    data = StoreData(store, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
                      zero_fill_missing=cfg.zero_fill_missing, splits=(args.split,))
     metrics = evaluate_run(cfg, data, run, args.split, BEST if args.checkpoint == "best" else LAST,
                            noise_seeds=args.noise_seeds)

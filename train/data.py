@@ -20,7 +20,8 @@
   sha1(item id) mapped to [0, 1): < 0.8 train, < 0.9 val, else test (images always train).
 - `zero_fill_missing` (ablation): unavailable rows are reported available with zero values and the first step
   (first slot for faces) marked valid, as in the original MEE's zero vectors.
-- Multiple choice: the root attribute `tvr_choices` (see `store/synth.py`) lists questions by item/caption id.
+- Multiple choice: the store's question set (`FeatureStore.choices`, store/_choices.py), limited to questions
+  whose video has an available feature and whose options all have an OK text feature.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from store import ChoiceSet
 from store.schema import FeatureSpec, Status
 from train.models._api import FeatureNeeds, model_features
 
@@ -174,22 +176,12 @@ class EvalSet:
     query_item: np.ndarray  # (n_captions,) index into `items` of each query's video
 
 
-@dataclass
-class ChoiceSet:
-    """Multiple-choice questions: video item rows, option caption rows, index of the true option."""
-
-    items: np.ndarray  # (Q,)
-    captions: np.ndarray  # (Q, n_options)
-    answer: np.ndarray  # (Q,)
-
-
 class StoreData:
     """Batches for one model from one store (see module docstring for the sampling rules)."""
 
     def __init__(
         self,
         store,
-        url: str,
         model: str | FeatureNeeds,
         *,
         model_config: Mapping[str, Any] | None = None,
@@ -200,16 +192,16 @@ class StoreData:
         """Serve the features `model` declares (a registered name with `model_config`, or FeatureNeeds)."""
         self.needs = model if isinstance(model, FeatureNeeds) else model_features(model, model_config)
         name = model if isinstance(model, str) else "model"
-        self.store, self.url, self.model = store, url, name
+        self.store, self.url, self.model = store, str(store.url), name
         self.text_feature = self.needs.text
-        self.video_features = check_features(store, url, name, self.needs)
+        self.video_features = check_features(store, self.url, name, self.needs)
         items = store.items()
         self.item_ids = np.asarray(items.id).astype(str)
         self.kind = np.asarray(items.kind).astype(str)
         split = np.asarray(items.split).astype(str)
         if (split == "").all():
             warnings.warn(
-                f"store {url} has no item splits; using the deterministic fallback sha1(id) -> 80/10/10 "
+                f"store {self.url} has no item splits; using the deterministic fallback sha1(id) -> 80/10/10 "
                 "train/val/test (images: train). Set splits at store creation for a fixed protocol.",
                 stacklevel=2,
             )
@@ -292,28 +284,12 @@ class StoreData:
         return self._keys[es.split]
 
     def choice_set(self) -> ChoiceSet | None:
-        """Multiple-choice questions from the root attribute `tvr_choices`, or None when the store has none."""
-        import zarr
-
-        try:
-            attrs = zarr.open_group(self.url, mode="r").attrs.asdict()
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            return None  # not a local zarr group: no questions
-        q = attrs.get("tvr_choices")
-        if not q:
+        """The store's multiple-choice questions that can be scored, or None when the store has none."""
+        mc = self.store.choices()
+        if mc is None:
             return None
-        item_row = {str(i): r for r, i in enumerate(self.item_ids)}
-        cap_row = {str(c): r for r, c in enumerate(np.asarray(self.store.captions().id).astype(str))}
-        try:
-            items = np.array([item_row[i] for i in q["item"]], dtype=np.int64)
-            caps = np.array([[cap_row[c] for c in opts] for opts in q["captions"]], dtype=np.int64)
-            ans = np.asarray(q["answer"], dtype=np.int64)
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"store {self.url}: root attribute 'tvr_choices' is malformed or names unknown ids ({exc})") from None
-        if caps.ndim != 2 or len(caps) != len(items) or len(ans) != len(items):
-            raise DataError(f"store {self.url}: 'tvr_choices' item/captions/answer lengths differ")
-        keep = self.any_video[items] & self.caption_ok[caps].all(axis=1)
-        return ChoiceSet(items[keep], caps[keep], ans[keep])
+        keep = self.any_video[mc.items] & self.caption_ok[mc.captions].all(axis=1)
+        return ChoiceSet(mc.items[keep], mc.captions[keep], mc.answer[keep])
 
     # ---- batches ----------------------------------------------------------------------------------------
     def epoch_pairs(self, epoch: int, seed: int, image_rate: float,

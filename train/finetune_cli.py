@@ -68,10 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _open(url: str) -> Any:
+    """The store at `url` (a path or an fsspec URL such as s3://); its StoreError names the URL and the fix."""
     from store.zarr_store import FeatureStore
 
-    if not Path(url).exists():
-        raise FileNotFoundError(f"store {url} does not exist; create it with tvr-extract ... --features frames")
     return FeatureStore.open(url)
 
 
