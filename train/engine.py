@@ -120,6 +120,34 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
 
 
 # ---- training -----------------------------------------------------------------------------------------------
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 2**30  # blocks up to this size come from (and return to) the heap instead of fresh mappings
+_heap_tuned: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to reuse freed large blocks instead of unmapping them; True when set (once per process).
+
+    A training step frees and re-allocates the same large tensors (gradients, GEMM outputs, activations). Above
+    glibc's mmap threshold (at most 32 MB by default) each is a fresh mapping whose pages fault in zero-filled,
+    every step: 10-20% of a reference-size MEE step on 2 CPU cores. Reused heap blocks skip that; the process
+    keeps its peak footprint instead of returning memory between steps. No-op without glibc (macOS, musl).
+    """
+    if _heap_tuned:
+        return _heap_tuned[0]
+    ok = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = all(libc.mallopt(opt, KEEP_FREED_BYTES) == 1 for opt in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+        except (OSError, AttributeError):  # not glibc
+            ok = False
+    _heap_tuned.append(ok)
+    return ok
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     data: StoreData,
@@ -132,6 +160,7 @@ def train_one_epoch(
     progress: bool = True,
 ) -> tuple[dict[str, float], int]:
     """One pass over the epoch's pairs; returns (mean losses, next global step)."""
+    keep_freed_memory()
     model.train()
     torch.manual_seed(_epoch_seed(cfg.seed, epoch))
     n = data.n_train_batches(cfg.batch_size, cfg.image_rate, cfg.caption_sampling, cfg.drop_last)
