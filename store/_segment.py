@@ -9,8 +9,10 @@ A failed append is cut back off and its segment takes no more records: a partial
 
 A packer flocks every segment of the shard (waiting out at most one append each), reads them, commits the shard
 and deletes them while still holding the locks, so no append falls between its read and its delete; a writer
-that finds its segment deleted (st_nlink == 0 under the lock) starts a new one. Needs POSIX flock (local disks,
-NFSv4); object stores stage one object per write instead (store/_staging.py).
+that finds its segment deleted (st_nlink == 0 under the lock) starts a new one. This needs flock and unlink
+semantics that network file systems do not give reliably (NFS renames a deleted open file instead of removing
+it, and caches attributes), so segments are used only on local file systems (`segments_ok`); shared file
+systems and object stores stage one whole file or object per write instead (store/_staging.py).
 """
 from __future__ import annotations
 
@@ -35,6 +37,30 @@ PREFIX = struct.Struct("<4sIQqqB3xQ")  # magic, crc32c(body), body bytes, start,
 MIXED = 255
 MAX_OPEN = 16  # segments one writer keeps open (least recently used closed first: bounded file descriptors)
 _IOV_MAX = 1024
+# file systems where flock, st_nlink and unlink behave as on one machine; anything else (nfs, cifs, lustre, fuse)
+# stages one atomically renamed file per write
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "jfs", "reiserfs",
+                      "bcachefs", "ramfs"})
+
+
+def segments_ok(root: Path) -> bool:
+    """Whether `root` lies on a local file system (the mount with the longest matching path in /proc/mounts);
+    `TVR_STAGING=files` forces one file per write (a shared file system that looks local)."""
+    if os.environ.get("TVR_STAGING") == "files":
+        return False
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False  # not Linux: stay with one file per write
+    path, best, fstype = os.path.realpath(root), -1, ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
+            best, fstype = len(mnt), parts[2]
+    return fstype in LOCAL_FS
 
 
 def _crc(parts: Sequence[Any]) -> int:

@@ -126,7 +126,8 @@ class Staging:
 
     def __init__(self, zstore: Any, local_root: Path | None) -> None:
         self._store, self._root = zstore, local_root
-        self._writer = _segment.SegmentWriter(local_root) if local_root is not None else None
+        local_fs = local_root is not None and _segment.segments_ok(local_root)
+        self._writer = _segment.SegmentWriter(local_root) if local_fs and local_root is not None else None
 
     def _prefix(self, feature: str, shard: int | None = None) -> str:
         return f"{STAGING_DIR}/{feature}" + (f"/{shard}" if shard is not None else "")
@@ -138,8 +139,26 @@ class Staging:
             return self._writer.append(self._prefix(feature, shard), _segment.frame(encode(data), start, stop, code))
         name = f"{start}-{stop}-{'x' if code < 0 else code}-{time.time_ns()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
         key = f"{self._prefix(feature, shard)}/{name}"
-        sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(encode(data)))))
+        if self._root is not None:
+            self._put_file(self._root / self._prefix(feature, shard), name, encode(data))
+        else:
+            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(encode(data)))))
         return key
+
+    @staticmethod
+    def _put_file(folder: Path, name: str, body: list[Any]) -> None:
+        """One staged file on a shared file system: temp file + rename, so readers see it whole or not at all."""
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        for attempt in range(20):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.writelines(body)
+                os.replace(tmp, folder / name)
+                return
+            except FileNotFoundError:  # a packer removed the (empty) folder meanwhile: make it again
+                if attempt == 19:
+                    raise
 
     def _ls(self, prefix: str) -> list[str]:
         if self._root is not None:

@@ -116,14 +116,21 @@ def staged_store(path: Path, n: int, two_writers: bool = False) -> FeatureStore:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_of_packing_then_resume_is_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("staging", ["segments", "files"])  # local file system / shared one (TVR_STAGING=files)
+def test_kill_9_at_random_points_of_packing_then_resume_is_clean(tmp_path: Path, staging: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if staging == "files":
+        monkeypatch.setenv("TVR_STAGING", "files")  # the packer subprocesses inherit it
     n = 40  # 5 shards; a pack of one shard = 6 array writes, a marker, 2 segment + 1 marker deletions, lock release
     clean = staged_store(tmp_path / "clean.zarr", n)
     clean.pack_ready()
     want = clean.read("resnet152")
     rng = random.Random(0)
-    for trial, k in enumerate(sorted(rng.sample(range(1, 52), 8))):
+    ops = 51 if staging == "segments" else 121  # files: 16 staged files per shard instead of 2 segments
+    for trial, k in enumerate(sorted(rng.sample(range(1, ops), 8))):
         s = staged_store(tmp_path / f"k{trial}.zarr", n, two_writers=True)
+        staged = list((Path(s.url) / ".tvr" / "staging").rglob("*.row"))
+        assert len(staged) == (2 * n if staging == "files" else 0)
         p = run_py(_PACKER, url=s.url, k=k)
         assert p.wait(timeout=120) == -signal.SIGKILL
         mid = FeatureStore.open(s.url)  # consistent at the crash: every row as written, packed or staged

@@ -80,3 +80,26 @@ def test_open_segments_per_writer_are_bounded(tmp_path: Path) -> None:
     s.pack_ready(partial=True)
     b = FeatureStore.open(s.url).read("resnet152")
     assert b.status.sum() == n // 4 + 1 and b.values[1, 0, 0] == -1.0 and b.values[n - 4, 0, 0] == n - 4
+
+
+def test_shared_file_systems_stage_one_renamed_file_per_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVR_STAGING", "files")  # what a store on NFS/Lustre gets (segments_ok is False there)
+    s = new_store(tmp_path)
+    for row, v in ((0, 1.0), (1, 2.0), (1, 3.0)):
+        s.write("resnet152", row, ok(v))
+    folder = Path(s.url) / ".tvr" / "staging" / "resnet152" / "0"
+    assert not segments(s) and len(list(folder.glob("*.row"))) == 3
+    b = FeatureStore.open(s.url).read("resnet152", [0, 1])
+    assert b.available.all() and list(b.values[:, 0, 0]) == [1.0, 3.0]
+    assert s.pack_ready(partial=True) == 1 and not (Path(s.url) / ".tvr").exists()
+    assert list(FeatureStore.open(s.url).read("resnet152", [0, 1]).values[:, 0, 0]) == [1.0, 3.0]
+
+
+def test_segments_only_on_local_file_systems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {tmp_path}/shared nfs4 rw 0 0\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: real(mounts if str(self) == "/proc/mounts" else self,
+                                                                       *a, **kw))
+    assert not _segment.segments_ok(tmp_path / "shared" / "s.zarr")  # the longest matching mount wins
+    assert _segment.segments_ok(tmp_path / "sharedx")  # a sibling path is not under the nfs mount
