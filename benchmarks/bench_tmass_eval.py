@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     print(f"T-MASS evaluation, {args.n} texts x {args.n} videos x {FRAMES} frames x {DIM}-d, {TRIALS} trials, "
           f"{args.threads} torch threads, load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), trial kernel: "
-          f"{'numba ' + tmass_noise.numba.__version__ if tmass_noise.numba else 'torch (numba not installed)'}")
+          f"{tmass_noise.kernel_name()}")
     res = {k: _run_child(k, args) for k in ("tmass", "naive", "xpool")}
     diff = (torch.tensor(res["tmass"]["subset"]) - torch.tensor(res["naive"]["subset"])).abs().max().item()
     naive_full = res["naive"]["seconds"] * args.n / res["naive"]["videos"]

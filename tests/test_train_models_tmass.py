@@ -129,7 +129,7 @@ def test_eval_noise_distribution_and_independence_across_videos():
 
 def test_fused_kernel_matches_the_torch_kernel():
     """The numba kernel (when installed) gives the torch reference's numbers, for both priors."""
-    if tmass_noise.numba is None:
+    if tmass_noise.fused_kernel() is None:
         pytest.skip("numba not installed: only the torch kernel is used")
     g = torch.Generator().manual_seed(0)
     n, d = 300, 40

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -196,8 +197,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def passive_openmp_waits(argv: Sequence[str]) -> bool:
+    """For `eval`, make torch's OpenMP workers sleep between ops (OMP_WAIT_POLICY=PASSIVE); True when it applies.
+
+    T-MASS scoring alternates short torch ops with the numba trial kernel on its own threads. Spinning OpenMP
+    workers (the default) hold the cores the kernel's threads need: 8x the kernel's wall time on a busy 2-core
+    machine. Only possible before torch is imported (OpenMP reads it once), and never over the user's own setting.
+    """
+    if not argv or argv[0] != "eval" or "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tvr-train`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passive_openmp_waits(argv)
     from store.schema import StoreError
     from train.data import DataError
     from train.engine import RunError
@@ -205,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from train.finetune_cli import wants_finetune
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if wants_finetune(argv):  # CLIP fine-tuning (--finetune-clip, or eval of such a run): train/finetune_cli.py
         from train.finetune_cli import main as finetune_main
 

@@ -14,22 +14,15 @@ bin centres (inverse-transform sampling; |eps| <= 4.3 std).
 
 Kernel: per pair, with u = R * p, w = R * t and R^2 (D-vectors) and the scalars t.p, |t|^2, |p|,
     cos_k = (t.p + eps_k . u) / (sqrt(|t|^2 + 2 eps_k . w + eps_k^2 . R^2) |p|),  score = max_k cos_k.
-With numba installed the noise is generated inside one fused loop (never stored); without it the same numbers come
-from torch ops on (pairs, trials, D) blocks, which is correct but much slower (tests, small sets).
+With numba installed the noise is generated inside one fused loop (never stored; `_tmass_kernel`, imported on
+first use); without it the same numbers come from torch ops on (pairs, trials, D) blocks, which is correct but much
+slower (tests, small sets).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-
-try:  # optional accelerator; the torch path below computes the same scores
-    import numba
-
-    if numba.config.THREADING_LAYER == "default":
-        # OpenMP workers of numba and of torch spin-wait against each other between the many short kernel calls of
-        # a chunked evaluation (seconds lost on 2 cores); numba's own work queue does not spin
-        numba.config.THREADING_LAYER = "workqueue"
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
 
 M32 = 0xFFFFFFFF
 C_TEXT, C_VIDEO, C_PAIR, C_TRIAL, GOLDEN = 0x68E31DA4, 0xB5297A4D, 0x1B56C4E9, 0x85EBCA6B, 0x9E3779B9
@@ -83,12 +76,13 @@ def pair_noise(states: torch.Tensor, trials: int, dim: int, prior: str = "unifor
 def trial_max(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2: torch.Tensor, tp: torch.Tensor,
               tt: torch.Tensor, pn: torch.Tensor, trials: int, prior: str, std: float) -> torch.Tensor:
     """(P,) max over trials of cos(t + eps_k R, p) for P pairs: states (P,), u/w/r2 (P, D), tp/tt/pn (P,)."""
-    if numba is not None and u.device.type == "cpu":
+    fused = fused_kernel() if u.device.type == "cpu" else None
+    if fused is not None:
         out = torch.empty(u.shape[0], dtype=torch.float32)
         table = normal_table().numpy() if prior == "normal" else _EMPTY
-        _fused(states.numpy().astype("uint32"), u.float().contiguous().numpy(), w.float().contiguous().numpy(),
-               r2.float().contiguous().numpy(), tp.float().numpy(), tt.float().numpy(), pn.float().numpy(),
-               int(trials), prior == "normal", float(std), table, out.numpy())
+        fused(states.numpy().astype("uint32"), u.float().contiguous().numpy(), w.float().contiguous().numpy(),
+              r2.float().contiguous().numpy(), tp.float().numpy(), tt.float().numpy(), pn.float().numpy(),
+              int(trials), prior == "normal", float(std), table, out.numpy())
         return out.to(u.dtype)
     return _trial_max_torch(states, u, w, r2, tp, tt, pn, trials, prior, std)
 
@@ -111,37 +105,24 @@ def _trial_max_torch(states: torch.Tensor, u: torch.Tensor, w: torch.Tensor, r2:
 
 
 _EMPTY = torch.zeros(1, dtype=torch.float32).numpy()
+_KERNEL: list[Callable[..., None] | None] = []  # the numba kernel once looked up (None: numba not installed)
 
-if numba is not None:  # pragma: no branch
 
-    @numba.njit(inline="always")
-    def _h(x):  # lowbias32 in uint32 arithmetic (wraps mod 2^32)
-        x = numba.uint32(x ^ (x >> numba.uint32(16)))
-        x = numba.uint32(x * numba.uint32(0x21F0AAAD))
-        x = numba.uint32(x ^ (x >> numba.uint32(15)))
-        x = numba.uint32(x * numba.uint32(0x735A2D97))
-        return numba.uint32(x ^ (x >> numba.uint32(15)))
+def fused_kernel() -> Callable[..., None] | None:
+    """The numba trial kernel (imported and loaded from numba's cache on first use), or None without numba."""
+    if not _KERNEL:
+        try:  # optional accelerator; the torch path computes the same scores
+            from train.models._tmass_kernel import fused
+        except ImportError:  # pragma: no cover - depends on the environment
+            fused = None
+        _KERNEL.append(fused)
+    return _KERNEL[0]
 
-    @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True)
-    def _fused(states, u, w, r2, tp, tt, pn, trials, normal, std, table, out):  # pragma: no cover - compiled
-        n, dim = u.shape
-        for i in numba.prange(n):
-            best = -3.0e38
-            for k in range(trials):
-                sk = _h(numba.uint32(states[i] ^ numba.uint32((k + 1) * C_TRIAL)))
-                a1 = numba.float32(0.0)
-                a2 = numba.float32(0.0)
-                a3 = numba.float32(0.0)
-                for d in range(dim):
-                    x = _h(numba.uint32(sk + numba.uint32(d) * numba.uint32(GOLDEN)))
-                    if normal:
-                        e = table[x >> numba.uint32(16)] * numba.float32(std)
-                    else:
-                        e = numba.float32(x >> numba.uint32(8)) * numba.float32(2.0**-24)
-                    a1 += e * u[i, d]
-                    a2 += e * w[i, d]
-                    a3 += e * e * r2[i, d]
-                norm2 = max(tt[i] + numba.float32(2.0) * a2 + a3, numba.float32(0.0))
-                c = (tp[i] + a1) / (max(numba.float32(norm2**0.5), numba.float32(COS_EPS)) * pn[i])
-                best = max(best, c)
-            out[i] = best
+
+def kernel_name() -> str:
+    """Which trial kernel runs on CPU: 'numba X.Y' or 'torch (numba not installed)'."""
+    if fused_kernel() is None:
+        return "torch (numba not installed)"
+    from train.models._tmass_kernel import VERSION
+
+    return f"numba {VERSION}"
