@@ -1,91 +1,103 @@
-"""Training reads: BlockStream (budget = features/4) vs the in-memory cached path, same batch size, one run.
+"""Training reads: tvr-train's streamed path (budget = features/4) vs its in-memory cached path, one run.
 
-Builds a synthetic store of `--items` rows with the scale benchmark's resnet152, vggish and clip specs (small
-dims), then times one epoch of batches: in-memory (every row read first, batches gathered from a seeded
-permutation) and streamed through train.stream.BlockStream, once with store._shard_io's bulk shard reads and
-once with zarr's per-inner-chunk reads (the baseline, same store, same run). Also times scattered-row
-FeatureStore.read calls both ways.
-Run: `.venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--batch 256] [--dim 512]`.
+Builds a store of `--items` train videos (2 captions each) with frame, audio and CLIP features and a CLIP text
+feature, then times one epoch of `StoreData.train_batches` (the (text, video) tensors a training step gets,
+batch `--batch`) three ways in the same process: cached (every feature in memory: what tvr-train does when they
+fit `--cache-gb`), streamed (train/stream_train.py with a budget 4x smaller than the features, as stored) and
+the old path for that budget (cached where a feature fits, the rest read from the store per batch). Torch runs
+with one thread (`--threads`): with two threads on a loaded 2-core machine the cached path's index ops spin.
+Run: `flock /tmp/tvr-bench.lock .venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--dim 64]`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import contextlib
+import os
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_store_scale import PROV, SPECS, _rows, stream_bench  # noqa: E402
-from store import FeatureStore, ItemRecord  # noqa: E402
-from train.stream import from_budget  # noqa: E402
+from store import CaptionRecord, FeatureRows, FeatureSpec, FeatureStore, ItemRecord, Status  # noqa: E402
+from train.data import StoreData, cache_need  # noqa: E402
+from train.models._api import FeatureNeeds  # noqa: E402
 
-FEATURES = ["resnet152", "vggish", "clip"]
+PROV = {"weights": {"random": True, "seed": 0}, "preset": "bench"}
+NEEDS = FeatureNeeds(video=("resnet152", "vggish", "clip"), text="clip_text", text_key="clip_text",
+                     text_sequence=False)
 
 
-def build(path: Path, n: int, block: int = 1024, dim: int = 0) -> FeatureStore:
-    """A store of n items with FEATURES written and packed; `dim` > 0 replaces the specs' (small) dims."""
+def specs(dim: int) -> list[FeatureSpec]:
+    """Frame (float16), audio (float16), CLIP frame (float32) and CLIP text features of width `dim`."""
+    return [FeatureSpec("resnet152", dim, 8), FeatureSpec("vggish", dim, 8, modality="audio"),
+            FeatureSpec("clip", dim, 12, dtype="float32", modality="clip"),
+            FeatureSpec("clip_text", dim, 1, dtype="float32", modality="text", axis="caption", chunk_rows=256)]
+
+
+def build(path: Path, n: int, dim: int, block: int = 1024) -> FeatureStore:
+    """n train items (every 10th without audio), 2 captions each, every feature written and packed."""
     rng = np.random.default_rng(0)
-    specs = [dataclasses.replace(sp, dim=dim or sp.dim) for sp in SPECS if sp.name in FEATURES]
-    s = FeatureStore.create(path, [ItemRecord(f"v{i:07d}", "/x") for i in range(n)],
-                            features=[(sp, PROV) for sp in specs])
-    pool = {sp.name: _rows(sp, block, rng) for sp in specs}
-    for sp in specs:
-        for lo in range(0, n, block):
-            s.write_block(sp.name, lo, pool[sp.name][:min(block, n - lo)])
+    s = FeatureStore.create(path, [ItemRecord(f"v{i:07d}", "/x", split="train") for i in range(n)],
+                            [CaptionRecord(f"v{i:07d}#{k}", f"v{i:07d}", "c") for i in range(n) for k in range(2)],
+                            features=[(sp, PROV) for sp in specs(dim)])
+    for sp in specs(dim):
+        total = n * (2 if sp.axis == "caption" else 1)
+        pool = [FeatureRows.absent(sp, "no_audio") if sp.name == "vggish" and i % 10 == 9 else FeatureRows(
+            Status.OK, rng.standard_normal((sp.max_steps, sp.dim)).astype(np.float32),
+            np.arange(sp.max_steps, dtype=np.float32)) for i in range(block)]
+        for lo in range(0, total, block):
+            s.write_block(sp.name, lo, pool[:min(block, total - lo)])
     s.pack_ready(partial=True)
     return FeatureStore.open(path)
 
 
-def scattered(s: FeatureStore, size: int = 3, k: int = 20) -> float:
-    """Seconds per FeatureStore.read of `size` scattered rows."""
-    rng = np.random.default_rng(5)
-    picks = [np.sort(rng.choice(s.n_items, size, replace=False)) for _ in range(k)]
-    t0 = time.perf_counter()
-    for p in picks:
-        s.read("resnet152", p)
-    return (time.perf_counter() - t0) / k
-
-
-def block_reads(s: FeatureStore, rows: int) -> float:
-    """Rows/s of read_many(FEATURES) over consecutive `rows`-row blocks (what a BlockStream reader does)."""
-    blocks = [np.arange(lo, min(lo + rows, s.n_items)) for lo in range(0, min(s.n_items, 40 * rows), rows)]
-    t0 = time.perf_counter()
-    for b in blocks:
-        s.read_many(FEATURES, b)
-    return sum(len(b) for b in blocks) / (time.perf_counter() - t0)
+def epoch_rate(data: StoreData, batch: int, epoch: int = 1) -> float:
+    """Pairs/s of one epoch of train_batches, after an untimed epoch 0 (imports, caches)."""
+    for _ in data.train_batches(0, 0, batch, 0.0):
+        pass
+    t0, n = time.perf_counter(), 0
+    for _, video in data.train_batches(epoch, 0, batch, 0.0):
+        n += len(video["clip"])
+    return n / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build, measure both read paths, print."""
+    """Build, measure the three read paths, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=30_000)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dim", type=int, default=0, help="feature dim of all three features (0: the small dims)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=64, help="feature width of every feature")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = build(Path(tmp) / "s.zarr", args.items, dim=args.dim)
-        print(f"store: {args.items} items, features {FEATURES} (dim {args.dim or 'small'}), "
-              f"built in {time.perf_counter() - t0:.1f} s")
-        for name in ("zarr per-chunk reads (before)", "bulk shard reads (after)"):
-            before = "before" in name  # the baseline: no bulk layout, so every array goes through zarr
-            with mock.patch.object(FeatureStore, "_layout", return_value=None) if before else contextlib.nullcontext():
-                c, st, budget, data = stream_bench(s, FEATURES, args.batch)
-                sc, sc256 = scattered(s), scattered(s, 256, 5)
-                blk = from_budget(s, FEATURES, data // 4).block_rows
-                br = block_reads(s, blk)
-            print(f"  {name}: in-memory {c:.0f} rows/s, streamed {st:.0f} rows/s (budget {budget / 2**20:.1f} MiB "
-                  f"= 1/4 of {data / 2**20:.1f} MiB), ratio {st / c:.2f}; FeatureStore.read of 3 scattered rows "
-                  f"{sc * 1e3:.1f} ms, of 256 random rows {256 / sc256:.0f} rows/s; read_many of {blk}-row blocks "
-                  f"(one reader thread) {br:.0f} rows/s")
+        s = build(Path(tmp) / "s.zarr", args.items, args.dim)
+        feats = sum(cache_need(s.spec(f), s.n_rows(f)) for f in (*NEEDS.video, NEEDS.text))
+        disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        print(f"store: {args.items} items, {2 * args.items} captions, dim {args.dim}: features {feats / 2**20:.1f} "
+              f"MiB in memory as stored, {disk / 2**20:.1f} MiB on disk; built in {time.perf_counter() - t0:.1f} s; "
+              f"batch {args.batch}, torch threads {args.threads}, load {os.getloadavg()[0]:.2f}")
+        budget = feats // 4
+        cached = epoch_rate(StoreData(s, NEEDS, cache_bytes=2 * feats), args.batch)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        streamed_data = StoreData(s, NEEDS, cache_bytes=budget)
+        assert streamed_data.stream is not None
+        print(f"  {streamed_data.stream.describe(0.0, 'per_video', args.batch)}")
+        streamed = epoch_rate(streamed_data, args.batch)
+        old = epoch_rate(StoreData(s, NEEDS, cache_bytes=budget, train_reads="cached"), args.batch)
+        print(f"  cached (everything in memory)          {cached:>10.0f} pairs/s")
+        print(f"  streamed, budget {budget / 2**20:.1f} MiB = features/4 {streamed:>10.0f} pairs/s  "
+              f"ratio {streamed / cached:.2f}")
+        print(f"  old path for that budget (per batch)   {old:>10.0f} pairs/s  ratio {old / cached:.2f}")
+        print(f"  max RSS {rss0 / 2**10:.0f} MiB after the cached run (whole features in memory)")
     return 0
 
 

@@ -129,3 +129,125 @@ def test_small_buffer_keeps_every_field_of_slot_and_extra_features(tmp_path: Pat
                 np.testing.assert_array_equal(b.extras[k], w.extras[k][at])
         seen += batch["vggish"].rows.tolist()
     assert sorted(seen) == rows.tolist()
+
+
+# ---- streamed training reads through tvr-train (train/stream_train.py) ---------------------------------------
+@pytest.fixture(scope="module")
+def synth_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from store import synth
+
+    url = str(tmp_path_factory.mktemp("train") / "tiny.zarr")
+    synth.generate(url, items=60, captions_per_item=3, missing={"dlib_face": 0.5, "vggish": 0.2}, images=12,
+                   seed=0, small=True)
+    return url
+
+
+def _train(model: str, url: str, run: Path, *extra: str) -> int:
+    from train.cli import main
+
+    return main([model, "--store", url, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+                 "--lr", "1e-3", *extra])
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow  # four 2-epoch CLI runs
+@pytest.mark.parametrize("model,sampling", [("xpool", "all_pairs"), ("mee", "per_video")])
+def test_streamed_training_with_a_buffer_holding_everything_equals_the_cached_run(
+        synth_url: str, tmp_path: Path, model: str, sampling: str) -> None:
+    import torch
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"caption_sampling: {sampling}\n")
+    assert _train(model, synth_url, tmp_path / "cached", "--config", str(cfg), "--train-reads", "cached") == 0
+    assert _train(model, synth_url, tmp_path / "stream", "--config", str(cfg), "--train-reads", "stream",
+                  "--cache-gb", "1") == 0
+    a, b = _weights(tmp_path / "cached" / "last.pt"), _weights(tmp_path / "stream" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cached" / "metrics.jsonl").read_text() == (tmp_path / "stream" / "metrics.jsonl").read_text()
+    saved = yaml.safe_load((tmp_path / "stream" / "config.yaml").read_text())
+    assert saved["train_reads"] == "stream" and saved["cache_bytes"] == 2**30
+
+
+def test_tvr_train_streams_when_the_features_exceed_cache_gb(synth_url: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train("mee", synth_url, tmp_path / "bad", "--cache-gb", "-1") == 2
+    assert "--cache-gb must be >= 0" in capsys.readouterr().err
+    assert _train("mee", synth_url, tmp_path / "small", "--cache-gb", "0.0001", "--epochs", "1") == 0
+    err = capsys.readouterr().err
+    assert "train reads: streamed within 0.1 MiB" in err and "epoch 1/1 loss" in err
+    assert (tmp_path / "small" / "metrics.json").is_file()
+
+
+def _pairs_store(path: Path, n: int = 2048, caps: int = 2) -> FeatureStore:
+    """Items split 80/10/10 with `caps` captions each: a wide float16 frame feature, an audio one, a text one."""
+    frames = FeatureSpec("resnet152", dim=512, max_steps=8)  # 8 KiB per row as stored: inner chunks of 8 rows
+    audio = FeatureSpec("vggish", dim=32, max_steps=4, modality="audio")
+    text = FeatureSpec("clip_text", dim=64, max_steps=1, dtype="float32", modality="text", axis="caption")
+    split = ["train"] * 8 + ["val", "test"]
+    from store import CaptionRecord
+
+    store = FeatureStore.create(path, [ItemRecord(f"v{i}", "/x", split=split[i % 10]) for i in range(n)],
+                                [CaptionRecord(f"v{i}#{k}", f"v{i}", "a caption") for i in range(n)
+                                 for k in range(caps)],
+                                features=[(frames, RANDOM), (audio, RANDOM), (text, RANDOM)], shard_rows=256)
+    rng = np.random.default_rng(2)
+    for spec in (frames, audio):
+        store.write_block(spec.name, 0, [FeatureRows.absent(spec, "none") if spec is audio and i % 7 == 3 else
+                                         FeatureRows(Status.OK, rng.standard_normal((3, spec.dim)), np.arange(3.0))
+                                         for i in range(n)])
+    store.write_block("clip_text", 0, [FeatureRows(Status.OK, rng.standard_normal((1, 64)), np.zeros(1))
+                                       for _ in range(n * caps)])
+    store.pack_ready(partial=True)
+    return FeatureStore.open(path)
+
+
+def _needs():  # type: ignore[no-untyped-def]
+    from train.models._api import FeatureNeeds
+
+    return FeatureNeeds(video=("resnet152", "vggish"), text="clip_text", text_key="clip_text", text_sequence=False)
+
+
+@pytest.mark.parametrize("sampling", ["per_video", "all_pairs"])
+def test_streamed_epoch_has_every_pair_once_with_the_cached_tensors_within_the_budget(
+        tmp_path: Path, sampling: str) -> None:
+    from train.data import StoreData, cache_need
+
+    store = _pairs_store(tmp_path / "p.zarr")
+    cached = StoreData(store, _needs(), cache_bytes=2**30)
+    assert cached.stream is None
+    features = sum(cache_need(store.spec(f), store.n_items) for f in ("resnet152", "vggish"))
+    budget = features // 4  # a budget four times smaller than the features
+    data = StoreData(store, _needs(), cache_bytes=budget)
+    assert data.stream is not None and not data.video["resnet152"].cached  # val/test rows: cached if they fit
+    want_items, want_caps = data.epoch_pairs(0, 5, 0.0, sampling)
+    seen, n_batches = [], 0
+    for text, video in data.train_batches(0, 5, 32, 0.0, sampling):
+        n_batches += 1
+        items, caps = data.stream.last
+        seen += list(zip(items.tolist(), caps.tolist()))
+        want_v, want_t = cached.video_batch(items), cached.text_batch(caps)
+        assert video.keys() == want_v.keys() and text.keys() == want_t.keys()
+        for k in want_v:
+            assert torch_equal(video[k], want_v[k]), k
+        assert torch_equal(text["clip_text"], want_t["clip_text"])
+    assert n_batches == data.n_train_batches(32, 0.0, sampling)
+    assert sorted(seen) == sorted(zip(want_items.tolist(), want_caps.tolist()))  # every pair once
+    assert seen[:64] != sorted(seen[:64])  # shuffled, not in store order
+    tracemalloc.start()  # epoch 1, after the first one warmed up lazy imports and zarr's caches
+    n = sum(len(video["resnet152"]) for _, video in data.train_batches(1, 5, 32, 0.0, sampling))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == len(want_items)
+    assert peak < budget, (peak, budget, features)  # buffer, reads and one batch; the features are 4x budget
+
+
+def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))

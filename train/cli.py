@@ -2,7 +2,7 @@
 
     tvr-train mee|tmass|xpool --store STORE --out RUN [--recipe NAME] [--config FILE.yaml] [--epochs E] [--batch-size B]
               [--lr LR] [--device auto|cpu|cuda] [--seed S] [--image-rate A] [--zero-fill-missing] [--resume]
-              [--stop-after N]
+              [--stop-after N] [--cache-gb G] [--train-reads auto|cached|stream]
     tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last] [--noise-seeds N]
 
 Config precedence: model defaults < --recipe < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
@@ -28,6 +28,7 @@ _FLAGS = {  # CLI dest -> TrainConfig key
     "image_rate": "image_rate",
     "eval_chunk": "eval_chunk",
     "recipe": "recipe",
+    "train_reads": "train_reads",
 }
 
 
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int)
         t.add_argument("--image-rate", type=float, help="alpha: images mixed in per epoch = min(n_images, alpha*n_videos)")
         t.add_argument("--eval-chunk", type=int, help="texts per similarity chunk at evaluation")
+        t.add_argument("--cache-gb", type=float, metavar="G",
+                       help="memory budget of feature reads in GiB: train data that fits is cached, else streamed")
+        t.add_argument("--train-reads", choices=("auto", "cached", "stream"),
+                       help="auto (default): cached when the features fit --cache-gb, else streamed within it")
         t.add_argument("--zero-fill-missing", action="store_true", help="ablation: missing modalities as zero vectors")
         t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
         t.add_argument(
@@ -139,6 +144,10 @@ def _train(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, dest)
     if args.zero_fill_missing:
         overrides["zero_fill_missing"] = True
+    if args.cache_gb is not None:
+        if not args.cache_gb >= 0:
+            raise ConfigError(f"--cache-gb must be >= 0 GiB, got {args.cache_gb}")
+        overrides["cache_bytes"] = int(args.cache_gb * 2**30)
     cfg = build_config(args.command, overrides, where=args.config or "command line")
     if not store_url:
         raise ConfigError("--store STORE is required")
@@ -146,7 +155,9 @@ def _train(args: argparse.Namespace) -> int:
     if base is not None:
         _check_resume(run, base, cfg, extra, store)
     data = StoreData(store, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
-                     zero_fill_missing=cfg.zero_fill_missing)
+                     zero_fill_missing=cfg.zero_fill_missing, train_reads=cfg.train_reads)
+    if data.stream is not None:
+        print(data.stream.describe(cfg.image_rate, cfg.caption_sampling, cfg.batch_size), file=sys.stderr)
     metrics = fit(
         cfg, data, run, store_url=store_url, resume=args.resume, stop_after=args.stop_after,
         log=lambda s: print(s, file=sys.stderr),

@@ -1,7 +1,9 @@
 """Training/evaluation data read from a tvr feature store, batched per the design §3 contract.
 
-- Features are read lazily. A feature's selected rows are loaded once into float32 tensors when their
-  estimated size fits the remaining `cache_bytes` budget; otherwise rows are read from the store per batch.
+- Features are read lazily. When the selected rows of every feature fit `cache_bytes`, they are loaded once
+  into tensors (the cached path). Otherwise (or with `train_reads="stream"`) the train split is streamed
+  (train/stream_train.py: whole blocks read in the background, a bounded shuffle buffer, memory within the
+  budget) and val/test rows are cached within a quarter of the budget or read per evaluation chunk.
 - Availability `f_avail` is `status == OK`; unavailable rows have zero values and all-False masks.
   Faces (slot features) are flattened to (B, T*K, D) with mask = step mask & slot mask.
 - Features: the model's config declares them (`FeatureNeeds`: MEE's `modalities` and `text_feature`, X-Pool /
@@ -89,6 +91,11 @@ def check_features(store, url: str, model: str, needs: FeatureNeeds) -> tuple[st
     )
 
 
+def cache_need(spec: FeatureSpec, n_rows: int) -> int:
+    """Bytes FeatureSource's cache takes for `n_rows` rows of `spec` (values in the store's float width)."""
+    return int(n_rows) * spec.max_steps * max(spec.slots, 1) * spec.dim * (2 if spec.dtype == "float16" else 4)
+
+
 class FeatureSource:
     """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
 
@@ -97,11 +104,9 @@ class FeatureSource:
         self.store, self.spec, self.zero_fill = store, spec, zero_fill
         self.describe = describe  # rows -> ids, for error messages
         self.status = np.asarray(store.status(spec.name))
-        k = max(spec.slots, 1)
         # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic
         self.cache_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
-        itemsize = 2 if self.cache_dtype == torch.float16 else 4
-        need = int(len(rows)) * spec.max_steps * k * spec.dim * itemsize
+        need = cache_need(spec, len(rows))
         self.cache: dict[str, torch.Tensor] | None = None
         self.pos: dict[int, int] = {}
         if len(rows) and need <= budget[0]:
@@ -188,6 +193,7 @@ class StoreData:
         cache_bytes: int = 2 * 1024**3,
         zero_fill_missing: bool = False,
         splits: Sequence[str] = ("train", "val", "test"),
+        train_reads: str = "auto",
     ) -> None:
         """Serve the features `model` declares (a registered name with `model_config`, or FeatureNeeds)."""
         self.needs = model if isinstance(model, FeatureNeeds) else model_features(model, model_config)
@@ -221,15 +227,28 @@ class StoreData:
             any_video |= np.asarray(store.status(f)) == Status.OK
         self.any_video = any_video
         wanted = np.isin(self.split, list(splits)) & (self.cap_count > 0) & any_video
-        budget = [int(cache_bytes)]
+        cap_rows = self.captions_of(np.flatnonzero(wanted))
+        need = sum(cache_need(store.spec(f), wanted.sum()) for f in self.video_features)
+        self.stream = None  # train.stream_train.TrainStream when the train split is streamed
+        streamed = "train" in splits and (train_reads == "stream" or (
+            train_reads == "auto" and need + cache_need(store.spec(self.text_feature), len(cap_rows)) > cache_bytes))
+        # streaming: train rows are read block by block; val/test rows stay cached within a quarter of the budget
+        # (else read per evaluation chunk), and the stream gets the rest
+        budget = [int(cache_bytes) // 4 if streamed else int(cache_bytes)]
+        if streamed:
+            wanted &= self.split != "train"
+            cap_rows = self.captions_of(np.flatnonzero(wanted))
         self.video = {
             f: FeatureSource(store, store.spec(f), np.flatnonzero(wanted), budget, zero_fill_missing,
                              describe=lambda r: self.item_ids[r])
             for f in self.video_features
         }
-        cap_rows = self.captions_of(np.flatnonzero(wanted))
         self.text = FeatureSource(store, store.spec(self.text_feature), np.sort(cap_rows), budget, False,
                                   describe=self.caption_ids)
+        if streamed:
+            from train.stream_train import TrainStream
+
+            self.stream = TrainStream(self, int(cache_bytes) - (int(cache_bytes) // 4 - budget[0]))
         self._keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def caption_ids(self, rows: np.ndarray) -> np.ndarray:
@@ -321,14 +340,21 @@ class StoreData:
 
     def train_batches(self, epoch: int, seed: int, batch_size: int, image_rate: float, sampling: str = "per_video",
                       drop_last: bool = False) -> Iterator[tuple[Batch, Batch]]:
-        """(text, video) batches of one epoch."""
+        """(text, video) batches of one epoch (streamed when the train features exceed the cache budget)."""
+        if self.stream is not None:
+            yield from self.stream.batches(epoch, seed, batch_size, image_rate, sampling, drop_last)
+            return
         rows, caps = self.epoch_pairs(epoch, seed, image_rate, sampling)
         for s in self._batch_starts(len(rows), batch_size, drop_last):
             yield self.text_batch(caps[s : s + batch_size]), self.video_batch(rows[s : s + batch_size])
 
     def batch_ids(self, epoch: int, seed: int, batch_size: int, image_rate: float, index: int,
                   sampling: str = "per_video") -> tuple[np.ndarray, np.ndarray]:
-        """(item ids, caption ids) of batch `index` of an epoch, for error messages (recomputes the epoch's order)."""
+        """(item ids, caption ids) of batch `index` of an epoch, for error messages (recomputes the epoch's order;
+        streamed: the last batch read, which is the one a failing training step just used)."""
+        if self.stream is not None:
+            items, caps = self.stream.last
+            return self.item_ids[items], self.caption_ids(caps)
         rows, caps = self.epoch_pairs(epoch, seed, image_rate, sampling)
         s = slice(index * batch_size, (index + 1) * batch_size)
         return self.item_ids[rows[s]], self.caption_ids(caps[s])
