@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 BUCKET = "tvr"
+LOG_LAG_S = 0.3  # the server writes a request's log line just after answering it
 _LINE = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP')
 
 
@@ -53,6 +54,7 @@ class S3Server:
 
     def requests(self, since: int = 0) -> list[Request]:
         """Requests answered so far, from log byte offset `since` (see `mark`)."""
+        time.sleep(LOG_LAG_S)
         with self.log.open("rb") as f:
             f.seek(since)
             text = f.read().decode(errors="replace")
@@ -64,7 +66,7 @@ class S3Server:
 
     def mark(self) -> int:
         """The current end of the request log, for `requests(since=...)`."""
-        time.sleep(0.2)  # the server writes its log line after answering
+        time.sleep(LOG_LAG_S)
         return self.log.stat().st_size
 
 
