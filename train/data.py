@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from store import ChoiceSet
-from store.schema import FeatureSpec, Status
+from store.schema import FeatureBatch, FeatureSpec, Status
 from train.models._api import FeatureNeeds, model_features
 
 SAMPLING = ("per_video", "all_pairs")  # one random caption per video per epoch | every (video, caption) pair
@@ -123,7 +123,10 @@ class FeatureSource:
 
     def _load(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Read sorted unique rows from the store into contract-shaped tensors."""
-        fb = self.store.read(self.spec.name, rows)
+        return self.tensors(rows, self.store.read(self.spec.name, rows))
+
+    def tensors(self, rows: np.ndarray, fb: FeatureBatch) -> dict[str, torch.Tensor]:
+        """Contract-shaped tensors of `fb`, just read for sorted unique `rows` (its arrays are reused in place)."""
         values = np.asarray(fb.values, dtype=np.float32)
         mask = np.asarray(fb.mask, dtype=bool)
         avail = np.asarray(fb.available, dtype=bool)
@@ -131,9 +134,8 @@ class FeatureSource:
             n, t, k, d = values.shape
             slot = np.asarray(fb.slot_mask, dtype=bool) & mask[:, :, None]
             values, mask = values.reshape(n, t * k, d), slot.reshape(n, t * k)
-        values = np.where(avail[:, None, None], values, 0.0).astype(np.float32)
         mask = mask & avail[:, None]
-        values[~mask] = 0.0
+        np.copyto(values, 0.0, where=~mask[:, :, None])  # one pass: every step not valid (all of an unavailable row)
         self._check_finite(rows, values)
         if self.zero_fill:
             mask = mask.copy()

@@ -107,8 +107,9 @@ class TrainStream:
         ui, inv_i = np.unique(it, return_inverse=True)
         uc, inv_c = np.unique(cp, return_inverse=True)
         same_i, same_c = _in_order(it, ui), _in_order(cp, uc)  # one pair per row, in row order: no gather
+        read = self.data.store.read_many(list(self.data.video), ui)  # every video feature in one store call
         for f, src in self.data.video.items():
-            part = src._load(ui)
+            part = src.tensors(ui, read.pop(f))
             for key, name in (("f", f), ("mask", f"{f}_mask"), ("avail", f"{f}_avail")):
                 v = part[key].numpy()
                 cols[f"v/{name}"] = v if same_i else v[inv_i]
