@@ -98,7 +98,8 @@ class TrainStream:
                 f"{held / 2**20:.1f} MiB" if held > self.budget else "")
         return (f"train reads: streamed within {self.budget / 2**20:.1f} MiB (the train features do not fit "
                 f"--cache-gb): blocks of {cfg.block_rows} items, shuffle buffer {min(cfg.buffer_rows, n)} of {n} "
-                f"pairs per epoch ({min(1.0, cfg.buffer_rows / max(n, 1)):.0%}), {cfg.workers} reader threads{over}")
+                f"pairs per epoch ({min(1.0, cfg.buffer_rows / max(n, 1)):.0%}), {cfg.workers} reader "
+                f"thread{'s' if cfg.workers > 1 else ''}{over}")
 
     def _read(self, pairs: np.ndarray, items: np.ndarray, caps: np.ndarray) -> Columns:
         """The pairs `pairs` (indices into the epoch, sorted by item) as model-ready columns."""
