@@ -38,14 +38,14 @@ def _flat(prov: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
 
 
 def value_diffs(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """`key: stored X, new Y` for every value-changing provenance entry that differs."""
+    """`key: stored X, this run Y` for every value-changing provenance entry that differs."""
     keys = set(stored)  # a top-level key the group never recorded is not compared (see the module docstring)
     old, cur = _flat(stored, keys), _flat(new, keys)
-    return [f"{k}: stored {json.dumps(old.get(k, NOT_RECORDED))}, new {json.dumps(cur.get(k, NOT_RECORDED))}"
+    return [f"{k}: stored {json.dumps(old.get(k, NOT_RECORDED))}, this run {json.dumps(cur.get(k, NOT_RECORDED))}"
             for k in sorted(set(old) | set(cur)) if old.get(k, NOT_RECORDED) != cur.get(k, NOT_RECORDED)]
 
 
 def spec_diffs(stored: FeatureSpec, new: FeatureSpec) -> list[str]:
-    """`field: stored X, new Y` for every FeatureSpec field that differs."""
+    """`spec.field: stored X, this run Y` for every FeatureSpec field that differs."""
     a, b = asdict(stored), asdict(new)
-    return [f"spec.{f}: stored {a[f]!r}, new {b[f]!r}" for f in a if a[f] != b[f]]
+    return [f"spec.{f}: stored {a[f]!r}, this run {b[f]!r}" for f in a if a[f] != b[f]]

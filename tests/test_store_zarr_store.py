@@ -279,9 +279,9 @@ def test_ensure_feature_refuses_other_weights_or_layout(store: FeatureStore) -> 
         s.ensure_feature(SPEC16, {"weights": {"file": "resnet152-394f9c45.pth", "sha256": "ab" * 32},
                                   "preset": "test"})
     assert "resnet152-394f9c45.pth" in str(err.value)
-    with pytest.raises(StoreError, match="spec.dim: stored 6, new 7"):
+    with pytest.raises(StoreError, match="spec.dim: stored 6, this run 7"):
         s.ensure_feature(FeatureSpec("resnet152", dim=7, max_steps=5), RANDOM)
-    with pytest.raises(StoreError, match='preset: stored "test", new "other"'):
+    with pytest.raises(StoreError, match='preset: stored "test", this run "other"'):
         s.ensure_feature(SPEC16, {**RANDOM, "preset": "other"})
     with pytest.raises(StoreError, match="provenance\\['weights'\\]"):
         s.ensure_feature(FeatureSpec("clip", dim=4, max_steps=2), {"preset": "x"})
@@ -290,10 +290,10 @@ def test_ensure_feature_refuses_other_weights_or_layout(store: FeatureStore) -> 
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"max_steps": 6}, "spec.max_steps: stored 5, new 6"),
-    ({"dtype": "float32"}, "spec.dtype: stored 'float16', new 'float32'"),
-    ({"slots": 2}, "spec.slots: stored 0, new 2"),
-    ({"extras": (ExtraSpec("box", (4,)),)}, r"spec.extras: stored \(\), new \(\{'name': 'box', 'shape': \(4,\)"),
+    ({"max_steps": 6}, "spec.max_steps: stored 5, this run 6"),
+    ({"dtype": "float32"}, "spec.dtype: stored 'float16', this run 'float32'"),
+    ({"slots": 2}, "spec.slots: stored 0, this run 2"),
+    ({"extras": (ExtraSpec("box", (4,)),)}, r"spec.extras: stored \(\), this run \(\{'name': 'box', 'shape': \(4,\)"),
 ])
 def test_ensure_feature_refuses_any_other_spec_naming_both_values(tmp_path: Path, change: dict[str, Any],
                                                                   message: str) -> None:
@@ -310,11 +310,11 @@ def test_ensure_feature_refuses_other_value_changing_provenance(tmp_path: Path) 
     again = FeatureStore.open(s.url, "r+")
     again.ensure_feature(SPEC16, {**prov, "tvr_version": "9.9", "weights_url": "https://elsewhere/w.pth",
                                   "options": {"fps": 2, "dlib_use_cuda": True}})  # bookkeeping only: accepted
-    for change, message in (({"options": {"fps": 1}}, "options.fps: stored 2, new 1"),
+    for change, message in (({"options": {"fps": 1}}, "options.fps: stored 2, this run 1"),
                             ({"options": {"fps": 2, "precision": "bf16"}},
-                             'options.precision: stored "\\(not recorded\\)", new "bf16"'),
-                            ({"decode": {"height": 256}}, "decode.height: stored 224, new 256"),
-                            ({"variant": "b"}, 'variant: stored "a", new "b"')):
+                             'options.precision: stored "\\(not recorded\\)", this run "bf16"'),
+                            ({"decode": {"height": 256}}, "decode.height: stored 224, this run 256"),
+                            ({"variant": "b"}, 'variant: stored "a", this run "b"')):
         with pytest.raises(StoreError, match=message):
             again.ensure_feature(SPEC16, {**prov, **change})
     old = FeatureStore.create(tmp_path / "old.zarr", make_items(2))
