@@ -396,11 +396,7 @@ def test_text_feature_word2vec_is_served(tmp_path, capsys):
 
 # ---- evaluation as the reference does it (issue 11 §6) --------------------------------------------------------
 def test_eval_reports_the_spread_over_noise_seeds(store_url, tmp_path, capsys):
-    from store.zarr_store import FeatureStore
-    from train.config import config_from_run_yaml
-    from train.data import StoreData, id_keys
-    from train.engine import build_model
-    from train.metrics import retrieval_metrics
+    from tests._train_eval import direct_metrics
 
     run = tmp_path / "t"
     assert main(_args("tmass", store_url, run, "--epochs", "1")) == 0
@@ -411,22 +407,7 @@ def test_eval_reports_the_spread_over_noise_seeds(store_url, tmp_path, capsys):
     got = json.loads((run / "metrics_val.json").read_text())
     spread = got["noise_seeds"]
     assert spread["n"] == 3 and spread["seeds"] == [0, 1, 2]
-    # independent: score the val split with each seed directly and average
-    cfg, _ = config_from_run_yaml(run / "config.yaml")
-    st = FeatureStore.open(store_url)
-    data = StoreData(st, "tmass")
-    model = build_model(cfg, data)
-    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
-    model.eval()
-    es = data.eval_set("val")
-    caps = np.asarray(st.captions().id).astype(str)[es.captions]
-    items = np.asarray(st.items().id).astype(str)[es.items]
-    with torch.no_grad():
-        te = model.encode_text(data.text_batch(es.captions))
-        ve = model.encode_video(data.video_batch(es.items))
-        runs = [retrieval_metrics(model.similarity(te, ve, seed=s, text_keys=torch.from_numpy(id_keys(caps)),
-                                                   video_keys=torch.from_numpy(id_keys(items))),
-                                  torch.from_numpy(es.query_item)) for s in range(3)]
+    runs = direct_metrics(run, store_url, "val", range(3))  # independent: each seed scored directly
     for d in ("t2v", "v2t"):
         vals = np.array([float(r[d]["R@1"]) for r in runs])
         assert spread["mean"][d]["R@1"] == pytest.approx(vals.mean()) and spread["std"][d]["R@1"] == pytest.approx(vals.std())

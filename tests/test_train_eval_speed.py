@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from store import synth
+from tests._train_eval import direct_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,31 +48,6 @@ def tmass_run(tmp_path_factory):
     return run, url
 
 
-def _direct_metrics(run: Path, url: str) -> dict:
-    """t2v / v2t metrics of the test split scored directly with TMASS.similarity (id keys, eval seed)."""
-    from store.zarr_store import FeatureStore
-    from train.config import config_from_run_yaml
-    from train.data import StoreData, id_keys
-    from train.engine import build_model
-    from train.metrics import retrieval_metrics
-
-    cfg, _ = config_from_run_yaml(run / "config.yaml")
-    st = FeatureStore.open(url)
-    data = StoreData(st, "tmass")
-    model = build_model(cfg, data)
-    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
-    model.eval()
-    es = data.eval_set("test")
-    caps = np.asarray(st.captions().id).astype(str)[es.captions]
-    items = np.asarray(st.items().id).astype(str)[es.items]
-    with torch.no_grad():
-        te = model.encode_text(data.text_batch(es.captions))
-        ve = model.encode_video(data.video_batch(es.items))
-        sim = model.similarity(te, ve, text_keys=torch.from_numpy(id_keys(caps)),
-                               video_keys=torch.from_numpy(id_keys(items)))
-    return retrieval_metrics(sim, torch.from_numpy(es.query_item))
-
-
 def test_the_command_gives_the_metrics_of_direct_scoring_to_the_last_digit(tmass_run, tmp_path):
     run, url = tmass_run
     out = tmp_path / "m.json"
@@ -80,7 +55,7 @@ def test_the_command_gives_the_metrics_of_direct_scoring_to_the_last_digit(tmass
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     got = json.loads(out.read_text())
-    want = _direct_metrics(run, url)
+    want = direct_metrics(run, url, "test", [0])[0]  # eval_seed 0
     assert {d: got[d] for d in ("t2v", "v2t")} == want  # exact: no tolerance
     assert got["n_videos"] == 6 and got["n_queries"] == 12
 
