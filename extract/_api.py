@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import functools
-import importlib.metadata
 import logging
 import os
-import tomllib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence, TypeVar
@@ -22,6 +19,7 @@ import numpy as np
 from extract import _weights
 from extract._weights import WeightsError, WeightsNotFound, WeightsSpec, load_state_dict, weights_identity
 from extract.sampling import DECODE_FPS, StepPolicy, frame_indices, frame_times, item_step_times
+from store.common import RANDOM_IF_MISSING, tvr_version  # re-exported (__all__): extract's public names
 from store.schema import FeatureRows, FeatureSpec, Status
 
 if TYPE_CHECKING:  # decode.py imports PyAV; only needed at run time by extract_path
@@ -46,7 +44,6 @@ __all__ = [
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # --precision values
-RANDOM_IF_MISSING = "missing"  # random_init value: real weights when they resolve, else seeded random
 RandomInit = bool | Literal["missing"]
 T = TypeVar("T")
 log = logging.getLogger("tvr.extract")
@@ -54,20 +51,6 @@ log = logging.getLogger("tvr.extract")
 
 class RandomWeightsWarning(UserWarning):
     """An extractor fell back to seeded random weights because its weights file was not found."""
-
-
-@functools.cache
-def tvr_version() -> str:
-    """The installed tvr version, else the repository's pyproject version, else "0+unknown"."""
-    try:
-        return importlib.metadata.version("tvr")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    try:
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "0+unknown"
 
 
 @contextlib.contextmanager

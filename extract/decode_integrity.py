@@ -13,6 +13,8 @@ import os
 import struct
 from typing import Any, BinaryIO
 
+from store.common import is_url
+
 _EBML_ID = b"\x1a\x45\xdf\xa3"
 _SEGMENT_ID = b"\x18\x53\x80\x67"
 _MP4_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof", b"sidx"}
@@ -21,7 +23,7 @@ _MAX_BOXES = 1_000_000  # fragmented MP4s have one moof+mdat pair per fragment; 
 
 def file_size(path: str) -> int | None:
     """Size of a local file, None for URLs or unreadable paths."""
-    if "://" in path:
+    if is_url(path):
         return None
     try:
         return os.path.getsize(path)

@@ -8,9 +8,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from pipelines.config import RANDOM_IF_MISSING, ConfigError, ExtractConfig, load_yaml
+from pipelines.config import ExtractConfig
 from extract.decode import FRAME_RULES
 from pipelines.dataset import DatasetError
+from store.common import RANDOM_IF_MISSING, ConfigError, load_yaml
 
 _RANDOM_MODES = {"all": True, RANDOM_IF_MISSING: RANDOM_IF_MISSING}
 

@@ -4,22 +4,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from store.common import RANDOM_IF_MISSING, ConfigError
 
-RANDOM_IF_MISSING = "missing"  # random_weights value: real weights where they resolve, else seeded random
+__all__ = ["ConfigError", "ExtractConfig"]  # ConfigError: what validate() raises
+
 REMOVED = {  # options that no longer exist -> why, and what to do instead
     "fps": "every extractor picks its steps from the fixed 25 fps decode grid (extract.sampling.DECODE_FPS), so "
            "another decode rate would mislabel step times; set a feature's own step rate instead, e.g. "
            "extractor_options: {resnet152: {fps: 2}} in --config",
 }
-
-
-class ConfigError(Exception):
-    """A configuration file or value is unusable; the message says which key and how to fix it."""
 
 
 @dataclass
@@ -125,19 +122,3 @@ def _check_number(cfg: ExtractConfig, name: str, low: float, optional: bool, *, 
     strict = name == "cpus_per_worker"  # a worker needs some CPU; a GPU share of 0 means CPU-only
     if value < low or (strict and value <= low):
         raise ConfigError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value!r}")
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ConfigError naming the file if it is not one."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
-    return data

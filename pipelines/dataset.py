@@ -25,6 +25,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from store.common import is_url
 from store.schema import KINDS, SPLITS, CaptionRecord, ItemRecord
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp", ".ogv")
@@ -46,11 +47,6 @@ class Dataset:
     missing: list[str] = field(default_factory=list)  # item ids whose local file cannot be read (see `problems`)
     problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # item id -> (reason code, message)
     dropped_captions: list[str] = field(default_factory=list)  # ids of empty captions (their k is not reused)
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` paths (left for the decoder to open)."""
-    return "://" in path
 
 
 def kind_from_path(path: str) -> str:

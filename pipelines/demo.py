@@ -25,9 +25,9 @@ CPU_I3D_CONFIG = ("extractor_options:\n"
 
 def _has_cuda() -> bool:
     """Whether torch sees a GPU (the Ray workers run on this machine)."""
-    import torch
+    from store.common import pick_device
 
-    return bool(torch.cuda.is_available())
+    return pick_device("auto").type == "cuda"
 
 
 _T0 = time.perf_counter()

@@ -16,12 +16,13 @@ import numpy as np
 
 from pipelines import reaper
 from pipelines.config import ConfigError, ExtractConfig
-from pipelines.dataset import Dataset, DatasetError, is_url, read_source
+from pipelines.dataset import Dataset, DatasetError, read_source
 from pipelines.dispatch import Assignment, Dispatcher, Tally, WorkerId
 from pipelines.plan import (CaptionTask, ItemTask, PoolSpec, cpu_bound_features, layout_pools, plan_captions,
                             plan_items)
 from pipelines.rerun import check_manifest, check_settings, with_decode
 from pipelines.worker import ExtractWorker, import_plugins, spec_from_description
+from store.common import is_url
 from store.schema import FeatureSpec, Status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

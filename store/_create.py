@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from store._lock import _pid_alive
+from store.common import is_url
 from store.schema import CaptionRecord, ItemRecord, StoreError
 
 PARTIAL_MARKER = ".tvr-partial"  # written first into every temp folder tvr creates; only such folders are removed
@@ -22,16 +23,6 @@ class StoreExistsError(StoreError):
     """The store already exists (possibly created by another process at the same moment)."""
 
 
-def tvr_version() -> str:
-    """Installed tvr version, for provenance."""
-    try:
-        from importlib.metadata import version
-
-        return version("tvr")
-    except Exception:
-        return "0.1.0+unknown"
-
-
 def now() -> str:
     """ISO UTC time, seconds."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -39,7 +30,7 @@ def now() -> str:
 
 def is_local(url: str | os.PathLike) -> bool:
     """True for plain paths (and PathLikes), False for URLs."""
-    return isinstance(url, os.PathLike) or "://" not in str(url)
+    return not is_url(url)
 
 
 def open_kwargs(url: str | os.PathLike, storage_options: Mapping[str, object] | None) -> dict[str, object]:

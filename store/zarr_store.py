@@ -29,13 +29,14 @@ import zarr
 from zarr.storage import LocalStore
 
 from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
-                           open_kwargs, tvr_version)
+                           open_kwargs)
 from store import _pack, _rows
 from store._choices import ChoicesMixin
 from store._lock import StoreLock
 from store._read import ReadMixin
 from store._staging import Staging
 from store.provenance import spec_diffs, value_diffs
+from store.common import tvr_version
 from store._zarr_io import (
     _quiet_members,
     _check_dims,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, ExtractConfig, load_yaml
+from pipelines.config import ConfigError, ExtractConfig
 from pipelines.plan import (CaptionTask, ItemTask, cpu_bound_features, layout_pools, needs_work, plan_captions,
                             plan_items)
+from store.common import load_yaml
 from store.schema import Status
 
 P, O, A, F = int(Status.PENDING), int(Status.OK), int(Status.ABSENT), int(Status.FAILED)

@@ -18,11 +18,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from store.common import ConfigError, load_yaml
+
 MODELS = ("mee", "tmass", "xpool")
-
-
-class ConfigError(ValueError):
-    """A config file or value is invalid; the message names the key and the file."""
 
 
 @dataclass
@@ -203,20 +201,6 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     for key, ok, need in checks:
         if not ok:
             raise ConfigError(f"{where}: key {key!r} must be {need}, got {getattr(cfg, key)!r}")
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ConfigError names the file when it is missing or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping of TrainConfig keys")
-    return data
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path, extra: Mapping[str, Any] = ()) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from store.common import DeviceError, pick_device
 from train.config import TrainConfig, save_yaml
 from train.data import StoreData
 
@@ -47,12 +48,11 @@ class RunError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available else cpu; cuda without a GPU raises RunError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu or auto")
-    return torch.device(name)
+    """--device through the shared resolver (store.common.pick_device); a device this machine lacks is a RunError."""
+    try:
+        return pick_device(name)
+    except DeviceError as e:
+        raise RunError(f"--device {name}: {e.reason}; use --device cpu or auto") from e
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:

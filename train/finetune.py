@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from store.common import DeviceError, pick_device
 from train import distributed as D
 from train.clip_backbone import build_clip, image_size, tokenizer, weights_identity
 from train.finetune_config import FinetuneConfig, resume_changes, save
@@ -57,13 +58,17 @@ class Session:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def pick_device(name: str, info: D.DistInfo) -> torch.device:
-    """auto: this rank's GPU when CUDA is available, else CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError("--device cuda requested but CUDA is not available; use --device cpu or auto")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", info.local_rank)
+def device_type(name: str) -> str:
+    """"cuda" or "cpu" for --device `name` (store.common.pick_device); FinetuneError when it is unusable."""
+    try:
+        return pick_device(name).type
+    except DeviceError as e:
+        raise FinetuneError(f"--device {name}: {e.reason}; use --device cpu or auto") from e
+
+
+def rank_device(name: str, info: D.DistInfo) -> torch.device:
+    """This rank's device: its GPU (`info.local_rank`) when --device resolves to CUDA, else the CPU."""
+    return torch.device("cuda", info.local_rank) if device_type(name) == "cuda" else torch.device("cpu")
 
 
 def amp_setup(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype | None, Any]:
@@ -80,8 +85,8 @@ def make_session(cfg: FinetuneConfig, store: Any, url: str, reader: Reader | Non
     """Join the process group, read the store's index, build CLIP + head, optimizer and (for N > 1) DDP."""
     from train.models.clip_video import build
 
-    info = D.init("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    device = pick_device(cfg.device, info)
+    info = D.init(device_type(cfg.device))
+    device = rank_device(cfg.device, info)
     if cfg.batch_size % info.world:
         raise FinetuneError(f"batch_size {cfg.batch_size} is the global batch and must divide by the {info.world} "
                             "processes; choose a multiple")
