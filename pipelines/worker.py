@@ -200,14 +200,22 @@ class ExtractWorker:
         decode threads; with decode threads the next items' decodes open once these streams are all read."""
         if self._pool is None and not self.queue_size:
             return engine.interleave(streams)
-        return self._merged(streams, lambda: None if self._pool is not None else self._open_ahead(prefetch))
+        hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
 
-    def _merged(self, streams: dict[int, _Stream], on_drained: Callable[[], None]) -> Iterator[tuple[int, str, Any]]:
+        def on_end(ended: int, total: int) -> None:
+            """As this call's streams end, as many of the next items' decodes start (K decoders stay busy)."""
+            if self._pool is None:
+                self._open_ahead(hints[: -(-len(hints) * ended // total)] if total else hints)
+
+        return self._merged(streams, on_end)
+
+    def _merged(self, streams: dict[int, _Stream], on_end: Callable[[int, int], None]) -> Iterator[tuple[int, str, Any]]:
         """(row, kind, payload) from several threads' queues as they fill, (row, END, None) at each stream's end;
-        a row the consumer removes from `streams` is not read further. `on_drained()` runs once all have ended."""
-        live = set(streams)
+        a row the consumer removes from `streams` is not read further. `on_end(ended, total)` runs as streams end
+        (with 0, 0 when there are none)."""
+        live, total = set(streams), len(streams)
         if not live:
-            on_drained()
+            on_end(0, 0)
         while live:
             self._wake.clear()  # before the pass: a put after this sets it again, so no wake-up is missed
             got = False
@@ -222,8 +230,7 @@ class ExtractWorker:
                     yield (row, *item)
                     continue
                 live.discard(row)
-                if not live:
-                    on_drained()
+                on_end(total - len(live), total)
                 if s is not None:
                     yield row, engine.END, None
             if not got and live:
