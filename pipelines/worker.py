@@ -4,7 +4,8 @@
 through `extract.engine` (probe, one decode, every session fed, a row or a failure per feature), the code
 `Extractor.extract_path` runs. Decoding runs in a thread that fills a bounded queue while the calling thread runs the
 models, or, with decode actors (`pipelines.decode_stage`, --decode-workers), in other processes that stream batches
-through Ray's object store; either way decode overlaps compute.
+through Ray's object store; either way decode overlaps compute. `process_many` runs several items at once
+(--items-in-flight): their streams are merged as batches arrive and their frames share model batches.
 """
 from __future__ import annotations
 
@@ -110,8 +111,8 @@ class ExtractWorker:
             out[name] = {
                 "spec": ex.spec.to_json(),
                 "provenance": ex.provenance(),
-                "needs_frames": bool(getattr(ex, "needs_frames", True)),
-                "needs_audio": bool(getattr(ex, "needs_audio", False)),
+                "needs_frames": ex.needs_frames,
+                "needs_audio": ex.needs_audio,
             }
         return out
 
