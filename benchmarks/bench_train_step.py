@@ -52,6 +52,20 @@ def make_store(url: str, items: int, captions: int) -> None:
     store.pack_ready(partial=True)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its live children (the reference's DataLoader worker) so far."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for kid in (task / "children").read_text().split():
+            try:
+                fields = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
 def tvr_child(model: str, url: str, rounds: int, batch: int) -> dict:
     """Per-step ms of tvr's train_one_epoch on the store (one warm-up epoch, then `rounds` timed epochs)."""
     import torch
@@ -79,12 +93,13 @@ def tvr_child(model: str, url: str, rounds: int, batch: int) -> dict:
     total = n * (rounds + 1)
     dev = torch.device("cpu")
     train_one_epoch(net, data, opt, cfg, 0, dev, 0, total, progress=False)
-    times = []
+    times, cpu = [], []
     for e in range(1, rounds + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         train_one_epoch(net, data, opt, cfg, e, dev, e * n, total, progress=False)
         times.append((time.perf_counter() - t0) / n * 1e3)
-    return {"ms": times, "steps": n}
+        cpu.append((cpu_seconds() - c0) / n * 1e3)
+    return {"ms": times, "cpu_ms": cpu, "steps": n}
 
 
 def ref_child(model: str, n_videos: int, captions: int, steps: int, rounds: int, batch: int) -> dict:
@@ -107,13 +122,14 @@ def ref_child(model: str, n_videos: int, captions: int, steps: int, rounds: int,
     it = batches()
     for _ in range(steps):
         run.step(next(it))
-    times = []
+    times, cpu = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for _ in range(steps):
             run.step(next(it))
         times.append((time.perf_counter() - t0) / steps * 1e3)
-    return {"ms": times, "steps": steps}
+        cpu.append((cpu_seconds() - c0) / steps * 1e3)
+    return {"ms": times, "cpu_ms": cpu, "steps": steps}
 
 
 def _pss_kb(pid: int) -> int:
@@ -160,6 +176,7 @@ def compare(model: str, url: str, n_videos: int, captions: int, rounds: int, inn
             before: Path | None = None) -> dict:
     """Interleaved rounds of reference and tvr children (and tvr at `before`); medians of ms/step, max peak PSS."""
     ms: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
+    cpu: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
     mb: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
     steps = 0
     tvr_args = ["--child", "tvr", "--model", model, "--store", url, "--rounds", str(inner), "--batch", str(batch)]
@@ -173,10 +190,12 @@ def compare(model: str, url: str, n_videos: int, captions: int, rounds: int, inn
             runs["before"] = run_child(tvr_args, before)
         for k, r in runs.items():
             ms[k] += r["ms"]
+            cpu[k] += r.get("cpu_ms", [])  # an older copy of this benchmark (--before) may not report it
             mb[k].append(r["peak_mb"])
     out = {"model": model, "steps": steps}
     for k in ms:
         out[f"{k}_ms"] = statistics.median(ms[k]) if ms[k] else float("nan")
+        out[f"{k}_cpu"] = statistics.median(cpu[k]) if cpu[k] else float("nan")
         out[f"{k}_peak_mb"] = max(mb[k]) if mb[k] else float("nan")
     return out
 
@@ -217,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         n_train = int(round(0.8 * args.items))
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
               f"{os.getloadavg()[0]:.2f}, {args.rounds} rounds x {args.inner} timed blocks, batch {batch}")
-        print(f"{'model':<7}{'steps':>6}{'ref ms':>9}{'tvr ms':>9}{'speedup':>9}{'before ms':>11}{'before x':>10}"
-              f"{'ref MB':>8}{'tvr MB':>8}{'before MB':>11}   (ms per optimizer step; MB: peak PSS)")
+        print("ms: wall ms per optimizer step; cpu: CPU ms per step (process + DataLoader worker); x: reference / "
+              "tvr; MB: peak PSS with children")
+        print(f"{'model':<7}{'steps':>6}{'ref ms':>9}{'tvr ms':>9}{'x':>7}{'before':>9}{'x':>7}{'ref cpu':>9}"
+              f"{'tvr cpu':>9}{'x':>7}{'before':>9}{'x':>7}{'ref MB':>8}{'tvr MB':>8}{'before':>8}")
         for m in models:
             r = compare(m, url, n_train, args.captions, args.rounds, args.inner, batch[m], args.before)
-            print(f"{m:<7}{r['steps']:>6}{r['ref_ms']:>9.1f}{r['tvr_ms']:>9.1f}{r['ref_ms'] / r['tvr_ms']:>8.2f}x"
-                  f"{r['before_ms']:>11.1f}{r['ref_ms'] / r['before_ms']:>9.2f}x{r['ref_peak_mb']:>8.0f}"
-                  f"{r['tvr_peak_mb']:>8.0f}{r['before_peak_mb']:>11.0f}", flush=True)
+            print(f"{m:<7}{r['steps']:>6}{r['ref_ms']:>9.1f}{r['tvr_ms']:>9.1f}{r['ref_ms'] / r['tvr_ms']:>7.2f}"
+                  f"{r['before_ms']:>9.1f}{r['ref_ms'] / r['before_ms']:>7.2f}{r['ref_cpu']:>9.1f}{r['tvr_cpu']:>9.1f}"
+                  f"{r['ref_cpu'] / r['tvr_cpu']:>7.2f}{r['before_cpu']:>9.1f}{r['ref_cpu'] / r['before_cpu']:>7.2f}"
+                  f"{r['ref_peak_mb']:>8.0f}{r['tvr_peak_mb']:>8.0f}{r['before_peak_mb']:>8.0f}", flush=True)
     return 0
 
 
