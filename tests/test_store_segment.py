@@ -103,3 +103,40 @@ def test_segments_only_on_local_file_systems(tmp_path: Path, monkeypatch: pytest
                                                                        *a, **kw))
     assert not _segment.segments_ok(tmp_path / "shared" / "s.zarr")  # the longest matching mount wins
     assert _segment.segments_ok(tmp_path / "sharedx")  # a sibling path is not under the nfs mount
+
+
+def test_records_appended_after_a_packer_died_mid_deletion_still_count(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    s = new_store(tmp_path)
+    a, b = FeatureStore.open(s.url, "r+"), FeatureStore.open(s.url, "r+")
+    a.write("resnet152", 0, ok(1.0))
+    b.write("resnet152", 0, ok(2.0))  # newer: wins
+    b.write("resnet152", 1, ok(3.0))
+    a.write("resnet152", 1, ok(4.0))  # newer: wins (each segment holds the newer record of one row)
+    real, calls = Path.unlink, [0]
+
+    class Died(Exception):
+        pass
+
+    def dying(self: Path, *args: object, **kw: object) -> None:
+        if self.suffix == ".seg":
+            calls[0] += 1
+            if calls[0] == 2:
+                raise Died  # the packer dies after deleting one of the two segments
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "unlink", dying)
+    with pytest.raises(Died):
+        s.pack_ready(partial=True)
+    monkeypatch.undo()
+    (left,) = segments(s)
+    assert len(list(left.parent.glob("packed-*.json"))) == 1  # the marker says what the pack consumed
+    writer = a if any(left.name == name for _, name in a._staging._writer._open.values()) else b
+    r = FeatureStore.open(s.url)
+    assert r.staged_count("resnet152") == 0 and list(r.read("resnet152", [0, 1]).values[:, 0, 0]) == [2.0, 4.0]
+    writer.write("resnet152", 2, ok(5.0))  # the live writer appends to its (consumed) segment: it counts
+    assert FeatureStore.open(s.url).staged_count("resnet152") == 1
+    s.pack_ready(partial=True)
+    got = FeatureStore.open(s.url)
+    assert list(got.read("resnet152", [0, 1, 2]).values[:, 0, 0]) == [2.0, 4.0, 5.0]
+    assert not (Path(s.url) / ".tvr").exists()
