@@ -38,23 +38,13 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} (t={time.perf_counter() - _T0:.0f}s) ===", flush=True)
 
 
-def _metrics_table(runs: dict[str, dict]) -> str:
-    """Text table of test metrics per model."""
-    cols = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
-    lines = [f"{'model':<8} {'dir':<4} " + " ".join(f"{c:>6}" for c in cols)]
-    for model, metrics in runs.items():
-        for direction in ("t2v", "v2t"):
-            row = metrics[direction]
-            lines.append(f"{model:<8} {direction:<4} " + " ".join(f"{row[c]:>6.1f}" for c in cols))
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0 when every stage behaved as expected."""
     from pipelines.cli import main as extract_main
     from pipelines.samples import CORRUPT_ID, make_sample_dataset
     from store.cli import main as store_main
     from train.cli import main as train_main
+    from train.metrics import format_table
 
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-out", help="folder for the sample data, stores and runs (recreated)")
@@ -122,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         results[model] = json.loads((run_dir / "metrics.json").read_text())
     print("\ntest-split metrics on the synthetic store (percent; ranks 1-based)")
-    print(_metrics_table(results))
+    for model, metrics in results.items():
+        print(f"{model}\n{format_table(metrics)}")
     print(f"\ndemo finished in {time.perf_counter() - _T0:.0f}s; all outputs under {out}/ "
           f"(open {store} with xarray: see docs/inspect_store.py)")
     return 0

@@ -15,9 +15,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from train.config import MODELS, RECIPES, ConfigError, build_config, config_from_run_yaml, load_yaml, resume_changes
+
+if TYPE_CHECKING:  # the store (zarr, xarray) is imported when a command needs it
+    from store.zarr_store import FeatureStore
 
 _FLAGS = {  # CLI dest -> TrainConfig key
     "epochs": "epochs",
@@ -71,37 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """Fixed-width table of t2v/v2t metrics (and multiple-choice accuracy when present)."""
-    keys = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
-    lines = ["dir  " + "".join(f"{k:>9}" for k in keys)]
-    for d in ("t2v", "v2t"):
-        if d in metrics:
-            lines.append(f"{d:<5}" + "".join(f"{float(metrics[d].get(k, float('nan'))):>9.2f}" for k in keys))
-    if "multiple_choice" in metrics:
-        mc = metrics["multiple_choice"]
-        lines.append(f"multiple choice accuracy {mc['accuracy']:.4f} ({mc['n_questions']} questions)")
-    return "\n".join(lines)
-
-
-def format_spread(spread: dict[str, Any]) -> str:
-    """Mean +- std of each metric over the evaluation-noise seeds."""
-    keys = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
-    lines = [f"over {spread['n']} noise seeds (mean +- std)", "dir  " + "".join(f"{k:>15}" for k in keys)]
-    for d in ("t2v", "v2t"):
-        m, sd = spread["mean"][d], spread["std"][d]
-        lines.append(f"{d:<5}" + "".join(f"{f'{m[k]:.2f} +- {sd[k]:.2f}':>15}" for k in keys))
-    return "\n".join(lines)
-
-
-def _open_store(url: str):
+def _open_store(url: str) -> FeatureStore:
     """The store at `url` (a path or an fsspec URL such as s3://); its StoreError names the URL and the fix."""
     from store.zarr_store import FeatureStore
 
     return FeatureStore.open(url)
 
 
-def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store) -> None:
+def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store: FeatureStore) -> None:
     """RunError when a --resume would change training settings or continue on another store."""
     from train.engine import CONFIG_FILE, STORE_ID, RunError
 
@@ -110,7 +90,7 @@ def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store) -> None:
         raise RunError(f"--resume would change settings of {run} ({CONFIG_FILE}: saved -> requested): "
                        f"{'; '.join(changes)}. Resume with the run's own settings (drop those flags/keys) or start "
                        "a new run with another --out")
-    saved, now = str(extra.get(STORE_ID) or ""), str(getattr(store, "store_id", "") or "")
+    saved, now = str(extra.get(STORE_ID) or ""), store.store_id
     if saved and saved != now:
         raise RunError(f"--resume: {run} was trained on store {extra.get('store')!r} (store id {saved}), but "
                        f"{store.url!r} is another store (store id {now or 'none'}); resume with --store "
@@ -120,6 +100,7 @@ def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store) -> None:
 def _train(args: argparse.Namespace) -> int:
     from train.data import StoreData
     from train.engine import CONFIG_FILE, LAST, RunError, fit
+    from train.metrics import format_table
 
     run = Path(args.out)
     if run.exists() and not run.is_dir():
@@ -176,6 +157,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from train.data import StoreData
     from train.engine import BEST, CONFIG_FILE, LAST, RunError, evaluate_run
+    from train.metrics import format_spread, format_table
 
     run = Path(args.run)
     if not (run / CONFIG_FILE).is_file():
@@ -188,7 +170,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run / CONFIG_FILE} names no store; pass --store STORE")
     store = _open_store(store_url)
     saved_id = str(extra.get("store_id") or "")
-    if saved_id and saved_id != str(getattr(store, "store_id", "") or ""):
+    if saved_id and saved_id != store.store_id:
         # allowed (held-out data lives in other stores), but never silently
         print(f"note: {run} was trained on store {extra.get('store')} (id {saved_id}); evaluating on another store, "
               f"{store_url}", file=sys.stderr)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from store import ChoiceSet
+from store import ChoiceSet, FeatureStore
 from store.schema import FeatureBatch, FeatureSpec, Status
 from train.models._api import FeatureNeeds, model_features
 
@@ -65,7 +65,7 @@ def id_keys(ids: Sequence[str]) -> np.ndarray:
                      for i in ids], dtype=np.int64)
 
 
-def check_features(store, url: str, model: str, needs: FeatureNeeds) -> tuple[str, ...]:
+def check_features(store: FeatureStore, url: str, model: str, needs: FeatureNeeds) -> tuple[str, ...]:
     """Video features to use; DataError naming what `model` needs that the store lacks, with the extraction command.
 
     With `needs.video_optional` (MEE) the text feature and at least one video feature are needed (absent experts
@@ -99,7 +99,7 @@ def cache_need(spec: FeatureSpec, n_rows: int) -> int:
 class FeatureSource:
     """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
 
-    def __init__(self, store, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool,
+    def __init__(self, store: FeatureStore, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool,
                  describe: Callable[[np.ndarray], Sequence[str]] | None = None) -> None:
         self.store, self.spec, self.zero_fill = store, spec, zero_fill
         self.describe = describe  # rows -> ids, for error messages
@@ -188,7 +188,7 @@ class StoreData:
 
     def __init__(
         self,
-        store,
+        store: FeatureStore,
         model: str | FeatureNeeds,
         *,
         model_config: Mapping[str, Any] | None = None,

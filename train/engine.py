@@ -38,6 +38,7 @@ from tqdm import tqdm
 from store.common import DeviceError, pick_device
 from train.config import TrainConfig, save_yaml
 from train.data import StoreData
+from train.models._api import RetrievalModel
 
 CONFIG_FILE, LAST, BEST, HISTORY, METRICS = "config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.json"
 STORE_ID = "store_id"  # config.yaml key: identity of the store the run trains on (a resume must use the same)
@@ -60,7 +61,7 @@ def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 # ---- model plumbing -----------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, data: StoreData) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, data: StoreData) -> RetrievalModel:
     """Create the registered model with dims taken from the store's feature specs."""
     from train.models import create_model
 
@@ -88,13 +89,13 @@ def _cat(parts: list[Any]) -> Any:
     return first  # scalars/config carried along unchanged
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: RetrievalModel) -> torch.optim.Optimizer:
     """Adam (MEE) or AdamW (T-MASS/X-Pool, eps 1e-6 as in the reference) over the model's parameter groups.
 
     Each group keeps its own base lr in `base_lr` (e.g. the logit scale at its reference CLIP-group lr); the
     schedule scales every group by the same factor `lr_at(...) / cfg.lr`.
     """
-    groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+    groups = model.param_groups(cfg.lr)
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     for g in groups:
         g["base_lr"] = float(g.get("lr", cfg.lr))
@@ -149,7 +150,7 @@ def keep_freed_memory() -> bool:
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
+    model: RetrievalModel,
     data: StoreData,
     opt: torch.optim.Optimizer,
     cfg: TrainConfig,
@@ -187,8 +188,7 @@ def train_one_epoch(
             if not torch.isfinite(norm):
                 raise RunError(_bad_batch(data, cfg, epoch, count, f"gradient norm is {norm.item()}", text, video))
         opt.step()
-        if hasattr(model, "clamp_logit_scale"):
-            model.clamp_logit_scale()
+        model.clamp_logit_scale()  # a no-op for models without a logit scale
         step += 1
         count += 1
         sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
@@ -438,7 +438,7 @@ def fit(
             start, step, best, best_epoch = int(ck["epoch"]), int(ck["step"]), float(ck["best_score"]), int(ck["best_epoch"])
             history = [h for h in read_history(run) if h["epoch"] <= start]
             log(f"resuming {run} after epoch {start} (best val epoch {best_epoch})")
-        save_yaml(cfg, run / CONFIG_FILE, {"store": store_url, STORE_ID: getattr(data.store, "store_id", "")})
+        save_yaml(cfg, run / CONFIG_FILE, {"store": store_url, STORE_ID: data.store.store_id})
         (run / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
         total = cfg.epochs * n_batches
         end = cfg.epochs if stop_after is None else min(cfg.epochs, max(stop_after, start))

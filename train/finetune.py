@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from store import FeatureStore
 from store.common import DeviceError, pick_device
 from train import distributed as D
 from train.clip_backbone import build_clip, image_size, tokenizer, weights_identity
@@ -80,7 +81,7 @@ def amp_setup(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype | 
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-def make_session(cfg: FinetuneConfig, store: Any, url: str, reader: Reader | None = None,
+def make_session(cfg: FinetuneConfig, store: FeatureStore, url: str, reader: Reader | None = None,
                  splits: tuple[str, ...] | None = None) -> Session:
     """Join the process group, read the store's index, build CLIP + head, optimizer and (for N > 1) DDP."""
     from train.models.clip_video import build
@@ -261,9 +262,9 @@ def _restore(s: Session, run: Path) -> tuple[int, int, float, int]:
     return int(ck["epoch"]), int(ck["step"]), float(ck["best_score"]), int(ck["best_epoch"])
 
 
-def fit(cfg: FinetuneConfig, store: Any, url: str, run: Path, *, resume: bool = False, stop_after: int | None = None,
-        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), reader: Reader | None = None,
-        saved: FinetuneConfig | None = None) -> dict[str, Any] | None:
+def fit(cfg: FinetuneConfig, store: FeatureStore, url: str, run: Path, *, resume: bool = False,
+        stop_after: int | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+        reader: Reader | None = None, saved: FinetuneConfig | None = None) -> dict[str, Any] | None:
     """Train per `cfg` into `run` (rank 0 writes); test metrics of the best checkpoint (None when stopped early)."""
     from train.plots import plot_history
 
@@ -276,7 +277,7 @@ def fit(cfg: FinetuneConfig, store: Any, url: str, run: Path, *, resume: bool = 
     start, step, best, best_epoch = _restore(s, run) if resume else (0, 0, -math.inf, 0)
     history = [h for h in _history(run) if h["epoch"] <= start] if resume else []
     if s.info.main:
-        save(cfg, run / CONFIG, {"store": url, "store_id": getattr(store, "store_id", ""), "world_size": s.info.world,
+        save(cfg, run / CONFIG, {"store": url, "store_id": store.store_id, "world_size": s.info.world,
                                  "clip_weights": weights_identity(cfg.clip_pretrained, cfg.random_init, cfg.seed)})
         (run / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
     total = cfg.epochs * s.data.n_batches(cfg.batch_size, cfg.caption_sampling, cfg.batch_size if s.info.enabled else 2)

@@ -15,9 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from train.finetune_config import FinetuneConfigError, build, is_finetune_run, load
+
+if TYPE_CHECKING:
+    from store.zarr_store import FeatureStore
 
 FLAG = "--finetune-clip"
 _FLAGS = ("clip_model", "clip_pretrained", "epochs", "batch_size", "lr", "clip_lr", "num_frames", "device", "seed",
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open(url: str) -> Any:
+def _open(url: str) -> FeatureStore:
     """The store at `url` (a path or an fsspec URL such as s3://); its StoreError names the URL and the fix."""
     from store.zarr_store import FeatureStore
 
@@ -103,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     if not url:
         raise FinetuneConfigError("--store STORE is required")
     store = _open(url)
-    if saved is not None and extra.get("store_id") and extra["store_id"] != getattr(store, "store_id", ""):
+    if saved is not None and extra.get("store_id") and extra["store_id"] != store.store_id:
         raise FinetuneError(f"--resume: {run} was trained on store {extra.get('store')!r} (id {extra['store_id']}), "
                             f"not {url!r}; resume with --store {extra.get('store')} or use another --out")
     metrics = fit(cfg, store, url, run, resume=args.resume, stop_after=args.stop_after, saved=saved)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from store import FeatureStore
 from store.schema import Status
 from train.clip_backbone import normalize_frames
 
@@ -52,7 +53,7 @@ class GlobalBatch:
 class FrameData:
     """Items, captions and uint8 frames of a store's frames feature."""
 
-    def __init__(self, store: Any, url: str, feature: str = "frames") -> None:
+    def __init__(self, store: FeatureStore, url: str, feature: str = "frames") -> None:
         """Check the feature (uint8 square RGB frames) and index usable items and captions."""
         if feature not in store.features:
             raise FrameDataError(f"store {url}: no {feature!r} feature; extract it first: tvr-extract DATASET "

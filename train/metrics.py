@@ -14,6 +14,8 @@ row blocks of `chunk` so only (chunk x Nv) temporaries exist beside it.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 
@@ -99,3 +101,27 @@ def multiple_choice_accuracy(scores: torch.Tensor, answer: torch.Tensor) -> floa
     true = scores.gather(1, a[:, None])
     others_ge = ((scores >= true).sum(1) - 1)  # options other than the answer scoring >= it
     return float((others_ge == 0).double().mean()) if len(a) else float("nan")
+
+
+COLUMNS = (*(f"R@{k}" for k in KS), "MdR", "MnR")  # the printed metrics, in order
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """Fixed-width table of t2v/v2t metrics (and multiple-choice accuracy when present)."""
+    lines = ["dir  " + "".join(f"{k:>9}" for k in COLUMNS)]
+    for d in ("t2v", "v2t"):
+        if d in metrics:
+            lines.append(f"{d:<5}" + "".join(f"{float(metrics[d].get(k, float('nan'))):>9.2f}" for k in COLUMNS))
+    if "multiple_choice" in metrics:
+        mc = metrics["multiple_choice"]
+        lines.append(f"multiple choice accuracy {mc['accuracy']:.4f} ({mc['n_questions']} questions)")
+    return "\n".join(lines)
+
+
+def format_spread(spread: Mapping[str, Any]) -> str:
+    """Mean +- std of each metric over the evaluation-noise seeds."""
+    lines = [f"over {spread['n']} noise seeds (mean +- std)", "dir  " + "".join(f"{k:>15}" for k in COLUMNS)]
+    for d in ("t2v", "v2t"):
+        m, sd = spread["mean"][d], spread["std"][d]
+        lines.append(f"{d:<5}" + "".join(f"{f'{m[k]:.2f} +- {sd[k]:.2f}':>15}" for k in COLUMNS))
+    return "\n".join(lines)
