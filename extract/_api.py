@@ -106,6 +106,7 @@ class Extractor(abc.ABC):
     has_weights: ClassVar[bool] = True  # False: no model (raw frames); one fixed weights identity
     random_variant: ClassVar[bool] = True  # False: only real files exist (dlib, word vectors); random_init ignored
     supports_bf16: ClassVar[bool] = False  # FrameStepExtractor: bf16 autocast in infer
+    in_default_features: ClassVar[bool] = True  # False: extracted only when asked for by name (raw frames)
     spec: FeatureSpec  # instance attribute (depends on options)
 
     def __init__(

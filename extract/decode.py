@@ -1,4 +1,4 @@
-"""PyAV decoding: probe, 25 fps presentation-time resampling of video, 16 kHz mono audio, still images.
+"""PyAV decoding: probe (`extract.decode_probe`), 25 fps presentation-time resampling, 16 kHz mono audio, images.
 
 Video is resampled onto an exact grid of `fps` output frames per second. By default (`frame_rule="nearest"`)
 the choice of source frame is FFmpeg's own `fps` filter as `ffmpeg -i VIDEO -vf fps=25` applies it: output

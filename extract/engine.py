@@ -21,7 +21,7 @@ from extract.sampling import DECODE_FPS
 from store.schema import FeatureRows
 
 if TYPE_CHECKING:
-    from extract._api import Extractor, ItemSession
+    from extract._api import Extractor, FrameStepExtractor, ItemSession
     from extract.decode import MediaInfo
 
 log = logging.getLogger("tvr.extract")
@@ -104,13 +104,13 @@ def plan_streams(extractors: Iterable[Extractor], info: MediaInfo, select: bool 
     frame, like I3D, or cannot say, keeps them all).
     """
     exs = list(extractors)
-    frame_exs = [ex for ex in exs if getattr(ex, "needs_frames", True)]
-    frames = bool(frame_exs) and bool(getattr(info, "has_video", True))
-    audio = any(getattr(ex, "needs_audio", False) for ex in exs) and bool(getattr(info, "has_audio", True))
+    frame_exs = [ex for ex in exs if ex.needs_frames]
+    frames = bool(frame_exs) and info.has_video
+    audio = any(ex.needs_audio for ex in exs) and info.has_audio
     keep: set[int] | None = set() if (frames and select) else None
     for ex in frame_exs if keep is not None else ():
         try:
-            need = ex.frames_needed(info) if hasattr(ex, "frames_needed") else None
+            need = ex.frames_needed(info)
         except Exception:  # noqa: BLE001 - its session start reports the problem; decode everything meanwhile
             need = None
         if need is None:
@@ -171,10 +171,9 @@ class ItemRun:
         if kind in STREAM_ERRORS:
             self.stream_failures[STREAM_ERRORS[kind]] = decode_failure(payload)
             return
-        attr = "needs_frames" if kind == "frames" else "needs_audio"
-        default = kind == "frames"
         for f in list(self.sessions):
-            if not getattr(self.extractors[f], attr, default):
+            ex = self.extractors[f]
+            if not (ex.needs_frames if kind == "frames" else ex.needs_audio):
                 continue
             try:
                 t = time.perf_counter()
@@ -213,9 +212,9 @@ class ItemRun:
     def _stream_failure(self, feature: str) -> Failure | None:
         """The decode failure of a stream `feature` consumes (a frame error never fails audio features)."""
         ex = self.extractors[feature]
-        if getattr(ex, "needs_frames", True) and "frames" in self.stream_failures:
+        if ex.needs_frames and "frames" in self.stream_failures:
             return self.stream_failures["frames"]
-        if getattr(ex, "needs_audio", False) and "audio" in self.stream_failures:
+        if ex.needs_audio and "audio" in self.stream_failures:
             return self.stream_failures["audio"]
         return None
 
@@ -249,9 +248,9 @@ def run_halving(run: Callable[[Any], Any], x: Any, on_halve: Callable[[int], Non
     return torch.cat([a, b]) if isinstance(a, torch.Tensor) else np.concatenate([a, b])
 
 
-def infer_halving(ex: Any, x: Any) -> np.ndarray:
+def infer_halving(ex: FrameStepExtractor, x: Any) -> np.ndarray:
     """`ex.infer(x)` under `run_halving`, lowering `ex.batch_size` when a batch does not fit."""
-    return run_halving(ex.infer, x, lower_attr(ex, "batch_size"), str(getattr(ex, "name", "?")))
+    return run_halving(ex.infer, x, lower_attr(ex, "batch_size"), ex.name)
 
 
 class PoolMember(Protocol):
@@ -273,8 +272,8 @@ class BatchPool:
     own inputs fail get the error. Used from one thread (the worker's model thread).
     """
 
-    def __init__(self, ex: Any) -> None:
-        """`ex`: has `batch_size` and `infer(x)` (stacked inputs -> (B, D) numpy)."""
+    def __init__(self, ex: FrameStepExtractor) -> None:
+        """`ex`: its `batch_size` and `infer(x)` (stacked inputs -> (B, D) numpy) run the pooled inputs."""
         self.ex = ex
         self.inputs: list[Any] = []
         self.owners: list[PoolMember] = []
@@ -318,7 +317,7 @@ class BatchPool:
                 owners[0].fail(e)
                 return
             log.warning("%s: a batch of %d items' frames failed (%s); retrying each item alone",
-                        getattr(self.ex, "name", "?"), len(groups), short_error(e))
+                        self.ex.name, len(groups), short_error(e))
             for idx in groups.values():
                 self._run_alone([xs[i] for i in idx], [keys[i] for i in idx], owners[idx[0]])
             return
@@ -343,7 +342,7 @@ def _stack(xs: list[Any]) -> Any:
     return torch.stack(xs)
 
 
-def batch_pool(ex: Any) -> BatchPool:
+def batch_pool(ex: FrameStepExtractor) -> BatchPool:
     """The extractor's shared pool (created on first use), so every session of `ex` batches together."""
     pool = vars(ex).get("_batch_pool")
     if pool is None:

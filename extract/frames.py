@@ -34,7 +34,7 @@ PRESET = register_preset("frames_rgb", "resize short side to size, bicubic antia
 class Frames(FrameStepExtractor):
     """uint8 RGB frames at a fixed short side, centre-cropped square, at the step times of a StepPolicy."""
 
-    in_default_features = False  # 150 kB per frame: extracted only when asked for (--features frames)
+    in_default_features: ClassVar[bool] = False  # 150 kB per frame: extracted only when asked for (--features frames)
     has_weights: ClassVar[bool] = False  # no model: the weights identity is NO_WEIGHTS whatever random_init says
 
     def __init__(self, *, size: int = 224, count: int | None = 12, fps: float | None = None, max_steps: int = 48,

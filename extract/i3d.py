@@ -224,8 +224,8 @@ class _StackSession(ItemSession):
 
     def __init__(self, ex: _I3DExtractor, info: MediaInfo) -> None:
         self.ex, self.info = ex, info
-        self.is_image = getattr(info, "kind", "video") == "image"
-        duration = float(getattr(info, "duration", float("nan")))
+        self.is_image = info.kind == "image"
+        duration = float(info.duration)
         self.starts: np.ndarray | None = None  # None: the unbounded grid 0, step, 2 step, ...
         if np.isfinite(duration) and duration > 0:
             n_est = max(1, int(np.ceil(duration * DECODE_FPS - 1e-6)))
@@ -330,7 +330,7 @@ class _StackSession(ItemSession):
         missing = [k for k in ks if k not in self.items]
         if missing:
             raise ValueError(
-                f"{self.ex.name}: {getattr(self.info, 'path', '?')}: frames {missing[:5]} of the stack at frame {s} "
+                f"{self.ex.name}: {self.info.path}: frames {missing[:5]} of the stack at frame {s} "
                 "were never decoded (the stream has gaps); the item is damaged - re-encode it"
             )
         self.ready.append((s, torch.stack([self.items[k] for k in ks], dim=1)))

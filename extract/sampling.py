@@ -92,12 +92,12 @@ def frame_times(indices: np.ndarray, fps: float = DECODE_FPS) -> np.ndarray:
 
 def item_step_times(who: str, policy: StepPolicy, info: MediaInfo) -> np.ndarray:
     """Step times for one item: [0] for images, else `policy` over the probed duration (an error names `who`)."""
-    if getattr(info, "kind", "video") == "image":
+    if info.kind == "image":
         return np.zeros(1, dtype=np.float64)
-    duration = float(getattr(info, "duration", float("nan")))
+    duration = float(info.duration)
     if not np.isfinite(duration):
         raise ValueError(
-            f"{who}: item {getattr(info, 'path', '?')} has no known duration (probe gave {duration}); "
+            f"{who}: item {info.path} has no known duration (probe gave {duration}); "
             "step times need it - re-mux the file so its container records a duration"
         )
     return policy.times(duration)

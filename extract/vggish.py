@@ -412,10 +412,11 @@ class VGGishSession(ItemSession):
     def __init__(self, ex: VGGishExtractor, info: MediaInfo) -> None:
         """Plan which examples to compute from the probed audio duration (when known and long)."""
         self.ex = ex
-        self.path = str(getattr(info, "path", "?"))
-        self.has_audio = bool(getattr(info, "has_audio", True)) and getattr(info, "kind", "video") != "image"
-        dur = getattr(info, "audio_duration", None)
-        dur = float(getattr(info, "duration", float("nan")) if dur is None else dur)
+        self.path = info.path
+        self.has_audio = info.has_audio and info.kind != "image"
+        # the audio stream's own duration: a shorter track than the video would otherwise be planned by the video's
+        # length and lose the examples past its end; the item's duration only when the audio's is unknown
+        dur = float(info.audio_duration if math.isfinite(info.audio_duration) else info.duration)
         self.expected = fe.num_examples(int(dur * fe.SAMPLE_RATE)) if math.isfinite(dur) else None
         wanted = None
         if self.expected is not None and self.expected > ex.spec.max_steps:

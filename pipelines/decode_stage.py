@@ -15,9 +15,12 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from extract import engine
+
+if TYPE_CHECKING:
+    from extract.decode import MediaInfo
 
 DEFAULT_INFLIGHT_BYTES = 64 << 20  # per open stream: decoded bytes produced ahead of the model worker
 
@@ -40,9 +43,9 @@ class DecodeWorker:
         return os.getpid()
 
 
-def max_in_flight(info: Any, opts: engine.DecodeOptions, budget: int = DEFAULT_INFLIGHT_BYTES) -> int:
+def max_in_flight(info: MediaInfo, opts: engine.DecodeOptions, budget: int = DEFAULT_INFLIGHT_BYTES) -> int:
     """Objects a stream may produce ahead of its reader: `budget` bytes of frame batches, at least 2."""
-    w, h = int(getattr(info, "width", 0) or 0), int(getattr(info, "height", 0) or 0)
+    w, h = info.width, info.height  # 0 when the probe could not tell
     if opts.height and h:
         w, h = max(1, round(w * opts.height / h)), opts.height
     batch_bytes = max(1, w * h * 3 * opts.batch_size)
@@ -105,7 +108,7 @@ class DecoderPool:
         for _ in range(start % len(self.handles)):  # model workers start on different decoders
             next(self._next)
 
-    def open(self, path: str, info: Any, plan: engine.StreamPlan) -> RemoteDecode:
+    def open(self, path: str, info: MediaInfo, plan: engine.StreamPlan) -> RemoteDecode:
         """Start decoding `path` on the next decode worker."""
         handle = self.handles[next(self._next)]
         gen = handle.stream.options(num_returns="streaming",

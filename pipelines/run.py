@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from pipelines.rerun import check_manifest, check_settings, with_decode
 from pipelines.worker import ExtractWorker, import_plugins, spec_from_description
 from store.common import is_url
 from store.schema import FeatureSpec, Status
+
+if TYPE_CHECKING:
+    from store.zarr_store import FeatureStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_EVERY_S = 2.0  # the driver packs finished store shards at most this often (each pack lists the staging area)
@@ -82,12 +85,16 @@ DEFAULT_CAPTION_FEATURES = ("clip_text", "glove")
 def default_features(has_captions: bool) -> list[str]:
     """Every registered item extractor (but `in_default_features = False` ones), plus clip_text and glove with captions."""
     from extract import _registry
-    from extract._api import CaptionExtractor
+    from extract._api import CaptionExtractor, Extractor
+
+    def by_default(factory: object) -> bool:
+        # a registered factory function (not a class) is an item extractor whose flags are unknown: included
+        if not (isinstance(factory, type) and issubclass(factory, Extractor)):
+            return True
+        return not issubclass(factory, CaptionExtractor) and factory.in_default_features  # frames: only on request
 
     names = list(_registry.list_extractors())
-    items = [n for n in names if not (isinstance(cls := _registry.extractor_class(n), type)
-                                      and issubclass(cls, CaptionExtractor))
-             and getattr(_registry.extractor_class(n), "in_default_features", True)]  # frames: only on request
+    items = [n for n in names if by_default(_registry.extractor_class(n))]
     return items + ([n for n in DEFAULT_CAPTION_FEATURES if n in names] if has_captions else [])
 
 
@@ -116,7 +123,7 @@ def _local_path(url: str) -> Path | None:
     return None if is_url(url) else Path(url)
 
 
-def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple[FeatureSpec, dict]]) -> Any:
+def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple[FeatureSpec, dict]]) -> FeatureStore:
     """Open the store (adding new items and feature groups) or create it complete, atomically on local disks."""
     from store.zarr_store import FeatureStore, StoreExistsError
 
@@ -232,7 +239,7 @@ def _read_dataset(cfg: ExtractConfig, err: TextIO) -> Dataset:
     return ds
 
 
-def _existing_store(cfg: ExtractConfig, ds: Dataset, err: TextIO) -> Any:
+def _existing_store(cfg: ExtractConfig, ds: Dataset, err: TextIO) -> FeatureStore | None:
     """The store opened read-only when it exists, after checking (or, with --update-manifest, applying) the
     manifest's changes; None for a new store."""
     from store.zarr_store import FeatureStore
@@ -304,8 +311,8 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
     return result
 
 
-def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], actors: list[list[Any]],
-             item_feats: list[str], cap_feats: list[str], err: TextIO) -> RunResult:
+def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, pools: list[PoolSpec],
+             actors: list[list[Any]], item_feats: list[str], cap_feats: list[str], err: TextIO) -> RunResult:
     """Mark unreadable files, plan, run the tasks through a Dispatcher on the actors, summarise."""
     queues = _plan(cfg, ds, store, pools, item_feats, cap_feats)
     cap_texts = store.captions().text if cap_feats else None
@@ -353,7 +360,7 @@ def _lookahead(cfg: ExtractConfig, actors: list[list[Any]]) -> int:
     return max(2, -(-cfg.decode_workers // models) + 1)
 
 
-def _plan(cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], item_feats: list[str],
+def _plan(cfg: ExtractConfig, ds: Dataset, store: FeatureStore, pools: list[PoolSpec], item_feats: list[str],
           cap_feats: list[str]) -> list[list[ItemTask | CaptionTask]]:
     """FAILED rows for unreadable files; then each pool's tasks (items, and caption chunks in one pool)."""
     table = store.items()
@@ -379,7 +386,7 @@ def _plan(cfg: ExtractConfig, ds: Dataset, store: Any, pools: list[PoolSpec], it
 
 
 def _drive(ray: Any, disp: Dispatcher, actors: list[list[Any]], cfg: ExtractConfig, cap_texts: Any,
-           store: Any) -> None:
+           store: FeatureStore) -> None:
     """The Ray side of the dispatcher: submit its assignments and pings, turn finished refs into its events."""
     from ray.exceptions import RayActorError
 
@@ -424,7 +431,7 @@ def _submit(actor: Any, cfg: ExtractConfig, a: Assignment, cap_texts: Any) -> An
     return actor.captions.remote(cfg.store, task.feature, task.start, texts)
 
 
-def _mark_failed(store: Any, task: ItemTask | CaptionTask, reason: str, message: str) -> None:
+def _mark_failed(store: FeatureStore, task: ItemTask | CaptionTask, reason: str, message: str) -> None:
     """Driver-side FAILED rows for a task whose worker never reported back."""
     if isinstance(task, ItemTask):
         for f in task.features:

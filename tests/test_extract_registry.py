@@ -31,6 +31,7 @@ from extract import (
     transforms,
 )
 from extract._registry import _REGISTRY, UnknownExtractorError
+from extract.decode import MediaInfo
 from store.schema import FeatureRows, FeatureSpec, Status
 from tests._extractors import IndexEcho
 from tests._media import write_video
@@ -88,9 +89,8 @@ def get(name: str) -> Extractor:
 def run(ex: Extractor, frames: np.ndarray, audio: np.ndarray | None, kind: str = "video") -> FeatureRows:
     """Stream frames (batches of 8) and audio (0.5 s chunks) through a session, as the pipeline does."""
     duration = 0.0 if kind == "image" else len(frames) / FPS
-    info = SimpleNamespace(path="synthetic.mkv", kind=kind, duration=duration, has_audio=audio is not None,
-                           width=W, height=H, fps=float(FPS))
-    s = ex.start(info)  # type: ignore[arg-type]
+    info = MediaInfo("synthetic.mkv", kind, duration, True, audio is not None, width=W, height=H, fps=float(FPS))
+    s = ex.start(info)
     if ex.needs_frames:
         for a in range(0, len(frames), 8):
             idx = np.arange(a, min(a + 8, len(frames)), dtype=np.int64)

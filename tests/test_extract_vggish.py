@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from extract import WeightsError, create_extractor, vggish, vggish_frontend
+from extract.decode import MediaInfo, probe
 from store.schema import Status
 from tests._extractors import oom_above
 from tests._fakes import FakeWeightsFactory
@@ -228,12 +228,13 @@ def test_pca_pins_are_enforced_in_the_weights_dir_and_explicit_files_are_flagged
 
 
 # ---- the extractor ----
-def _info(duration: float, has_audio: bool = True, kind: str = "video") -> SimpleNamespace:
-    """A MediaInfo stand-in with the fields the vggish session reads."""
-    return SimpleNamespace(path="mem.mp4", kind=kind, duration=duration, has_audio=has_audio)
+def _info(duration: float, has_audio: bool = True, kind: str = "video",
+          audio_duration: float = float("nan")) -> MediaInfo:
+    """What probe says of an item `duration` s long (its audio track's own length when `audio_duration` is known)."""
+    return MediaInfo("mem.mp4", kind, duration, kind != "audio", has_audio, audio_duration=audio_duration)
 
 
-def _run(ex, audio: np.ndarray, info: SimpleNamespace, chunks: int = 5):
+def _run(ex, audio: np.ndarray, info: MediaInfo, chunks: int = 5):
     """Stream `audio` through a session in uneven chunks."""
     s = ex.start(info)
     for c in np.array_split(audio, chunks):
@@ -328,6 +329,20 @@ def test_max_steps_spreads_uniformly_and_skips_unused_examples(tiny_ex, monkeypa
         assert row.values.shape == (8, 128)
         np.testing.assert_allclose(row.times, keep * 0.96, atol=1e-5)
         np.testing.assert_allclose(row.values, full[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_a_shorter_audio_track_is_planned_by_its_own_duration(tiny_ex, tmp_path) -> None:
+    # 12 s of video, 6 s of audio: planning by the video's 12 s keeps examples [0 2 3 5 6 8 9 11] and only the first
+    # four exist; by the audio's own 6 s all 6 examples fit max_steps 8
+    pcm = np.round(_audio(6.0) * 32767).astype(np.int16)
+    row = _run(tiny_ex, pcm.astype(np.float32) / 32768.0, _info(12.0, audio_duration=6.0), chunks=3)
+    assert row.values.shape == (6, 128)
+    np.testing.assert_allclose(row.times, np.arange(6) * 0.96, atol=1e-5)
+    video = tmp_path / "long_video_short_audio.mkv"  # the same through probe and the decoder
+    write_video(video, _grey_frames(300), audio=pcm, sample_rate=SR)
+    info = probe(video)
+    assert info.duration == pytest.approx(12.0, abs=0.05) and info.audio_duration == pytest.approx(6.0, abs=0.05)
+    np.testing.assert_allclose(tiny_ex.extract_path(video).values, row.values, atol=1e-5, rtol=1e-5)
 
 
 def test_vggish_cuda_oom_halves_the_batch_and_retries() -> None:
