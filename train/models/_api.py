@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 from torch import nn
 
+from store.schema import FeatureSpec
+
 Emb = dict[str, torch.Tensor]
 
 
@@ -157,10 +159,11 @@ def resolve_config(cls: type[C], config: C | Mapping[str, Any] | None, overrides
     return cls(**merged)
 
 
-def feature_dims_from(feature_dims: Mapping[str, int] | None, specs: Mapping[str, Any] | None) -> dict[str, int]:
-    """{feature: D} from explicit dims and/or store FeatureSpecs (anything with a `.dim`); explicit dims win."""
+def feature_dims_from(feature_dims: Mapping[str, int] | None,
+                      specs: Mapping[str, FeatureSpec | int] | None) -> dict[str, int]:
+    """{feature: D} from explicit dims and/or store FeatureSpecs (or bare widths); explicit dims win."""
     dims: dict[str, int] = {}
     for name, spec in (specs or {}).items():
-        dims[name] = int(spec.dim if hasattr(spec, "dim") else spec)
+        dims[name] = spec.dim if isinstance(spec, FeatureSpec) else int(spec)
     dims.update({k: int(v) for k, v in (feature_dims or {}).items()})
     return dims

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.schema import FeatureSpec
 from train.losses import max_margin_ranking_loss
 from train.models._api import (
     Emb,
@@ -202,7 +203,7 @@ def mee(
     *,
     config: MEEConfig | Mapping[str, Any] | None = None,
     feature_dims: Mapping[str, int] | None = None,
-    specs: Mapping[str, Any] | None = None,
+    specs: Mapping[str, FeatureSpec | int] | None = None,
     **overrides: Any,
 ) -> MEE:
     """Build MEE.

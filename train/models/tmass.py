@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.schema import FeatureSpec
 from train.losses import symmetric_cross_entropy
 from train.models._api import Emb, ModelConfigError, feature_dims_from, register_model, resolve_config
 from train.models.tmass_noise import C_TEXT, C_VIDEO, key_states, pair_noise, pair_states, trial_max
@@ -217,7 +218,7 @@ def tmass(
     *,
     config: TMASSConfig | Mapping[str, Any] | None = None,
     feature_dims: Mapping[str, int] | None = None,
-    specs: Mapping[str, Any] | None = None,
+    specs: Mapping[str, FeatureSpec | int] | None = None,
     **overrides: Any,
 ) -> TMASS:
     """Build T-MASS.

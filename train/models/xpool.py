@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.schema import FeatureSpec
 from train.losses import symmetric_cross_entropy
 from train.models._api import (
     Emb,
@@ -314,12 +315,12 @@ class XPoolModel(XPoolBase):
         return out
 
 
-def frames_count(config: XPoolConfig, specs: Mapping[str, Any] | None) -> int:
+def frames_count(config: XPoolConfig, specs: Mapping[str, FeatureSpec | int] | None) -> int:
     """F from the config, else from the frames feature's store spec (max_steps), else 12 (reference)."""
     if config.num_frames:
         return int(config.num_frames)
     spec = (specs or {}).get(config.frames_feature)
-    return int(getattr(spec, "max_steps", 12)) if spec is not None else 12
+    return spec.max_steps if isinstance(spec, FeatureSpec) else 12  # a bare width says nothing of the steps
 
 
 @register_model("xpool", config=XPoolConfig)
@@ -327,7 +328,7 @@ def xpool(
     *,
     config: XPoolConfig | Mapping[str, Any] | None = None,
     feature_dims: Mapping[str, int] | None = None,
-    specs: Mapping[str, Any] | None = None,
+    specs: Mapping[str, FeatureSpec | int] | None = None,
     **overrides: Any,
 ) -> XPoolModel:
     """Build X-Pool.
