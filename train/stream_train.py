@@ -47,9 +47,11 @@ def plan(budget: int, pair_bytes: int, pairs_per_item: float, align: int, batch_
     rows = max(1, budget // max(1, pair_bytes))
     block_pairs = rows // (2 * (2 + prefetch * READ_COPIES))
     block = max(align, int(block_pairs / max(pairs_per_item, 1.0)) // align * align)
-    cfg = StreamConfig(batch_size=batch_size, buffer_rows=1, block_rows=block, prefetch=prefetch, workers=workers)
-    spare = rows - held_pairs(cfg, int(math.ceil(block * pairs_per_item)))
-    return StreamConfig(batch_size=batch_size, buffer_rows=max(1, spare + 1), block_rows=block, prefetch=prefetch,
+    bp = int(math.ceil(block * pairs_per_item))
+    # everything but the buffer, with the gathers at their largest (a buffer of >= 8 blocks draws a block at once)
+    big = StreamConfig(batch_size=batch_size, buffer_rows=8 * bp, block_rows=block, prefetch=prefetch, workers=workers)
+    fixed = held_pairs(big, bp) - max(8 * bp, batch_size)
+    return StreamConfig(batch_size=batch_size, buffer_rows=max(1, rows - fixed), block_rows=block, prefetch=prefetch,
                         workers=workers)
 
 
