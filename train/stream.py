@@ -192,9 +192,10 @@ def shuffled(read: Callable[[int], Columns], order: list[int], block_max: int, c
     bs = cfg.batch_size
     fill = max(cfg.buffer_rows, bs)  # at least a batch, so every batch but the epoch's last is whole
     buf, done = _Buffer(fill + block_max), False
-    # up to a block's worth of rows leaves the buffer in one gather per column, then is cut into batches (views):
-    # per-batch numpy calls dominate when rows are small; memory: one block more, within the budget's allowance
-    per = bs * max(1, block_max // bs)
+    # rows leave the buffer `per` at a time (one gather per column), cut into batches (views): a few batches at
+    # once when rows are small (per-call costs), one batch when they are big (memory: the gather and the tail
+    # moved into its holes are each `per` rows)
+    per = bs * max(1, min(block_max, cfg.buffer_rows // 8) // bs)
     try:
         while True:
             while not done and buf.n < fill:
