@@ -90,7 +90,7 @@ def read_rate(fs: FeatureStore, n: int, batch: int) -> float:
     """Frames/s reading random batches of rows the way the loader does (FrameData.read: contiguous runs)."""
     from train.finetune_data import FrameData
 
-    data = FrameData(fs, fs.url)
+    data = FrameData(fs)
     rows = np.random.default_rng(1).permutation(n)
     t0 = time.perf_counter()
     for s in range(0, n, batch):

@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from store._create import StoreExistsError, is_local
 from store._read import PRESENT
-from store.schema import FeatureRows, Status, StoreError, pad_row
+from store.schema import Status, StoreError
 from store.zarr_store import STORE_ID_ATTR, FeatureStore
 
 _MAX_CODE = max(int(s) for s in Status)
@@ -151,7 +151,6 @@ def repair(store: FeatureStore, reports: dict[str, FeatureReport]) -> int:
     """Reset bad rows to PENDING (staged, then packed) so extraction redoes them; returns rows reset."""
     n = 0
     for name, rep in reports.items():
-        spec = store.spec(name)
         for lo_hi in rep.damaged:  # an undecodable status shard (tvr's own file): without it its rows are PENDING
             if " status " in lo_hi:
                 lo, hi = (int(x) for x in lo_hi.split()[1].split(":"))
@@ -159,15 +158,8 @@ def repair(store: FeatureStore, reports: dict[str, FeatureReport]) -> int:
                 shard = lo // (a.shards or a.chunks)[0]
                 sync(a.store_path.store.delete(f"{a.path}/{a.metadata.encode_chunk_key((shard,))}"))
                 n += hi - lo
-        rows = sorted(set(rep.invalid_status) | set(rep.lost))
-        if spec.chunk_rows > 1:  # caption blocks: reset whole blocks (one writer per block)
-            rows = sorted({r - r % spec.chunk_rows + i for r in rows for i in range(spec.chunk_rows)
-                           if r - r % spec.chunk_rows + i < store.n_rows(name)})
-        for r in rows:
-            p = pad_row(spec, r, FeatureRows.absent(spec, ""))
-            p.update(status=np.uint8(Status.PENDING), reason="", message="")
-            store._commit(name, r, [p])
-        n += len(rows)
+        # reset_rows widens caption rows to whole blocks (one writer per block) and stages them like a write
+        n += store.reset_rows(name, sorted(set(rep.invalid_status) | set(rep.lost)))
     store.pack_ready(partial=True)
     return n
 

@@ -91,7 +91,7 @@ def make_session(cfg: FinetuneConfig, store: FeatureStore, url: str, reader: Rea
     if cfg.batch_size % info.world:
         raise FinetuneError(f"batch_size {cfg.batch_size} is the global batch and must divide by the {info.world} "
                             "processes; choose a multiple")
-    data = FrameData(store, url, cfg.frames_feature)
+    data = FrameData(store, cfg.frames_feature)
     data.require(splits if splits is not None else ("train",) + tuple(s for s in (cfg.val_split, cfg.test_split) if s))
     clip = build_clip(cfg.clip_model, cfg.clip_pretrained, random_init=cfg.random_init, seed=cfg.seed,
                       model_cfg=cfg.clip_model_cfg or None)

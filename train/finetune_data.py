@@ -53,8 +53,9 @@ class GlobalBatch:
 class FrameData:
     """Items, captions and uint8 frames of a store's frames feature."""
 
-    def __init__(self, store: FeatureStore, url: str, feature: str = "frames") -> None:
+    def __init__(self, store: FeatureStore, feature: str = "frames") -> None:
         """Check the feature (uint8 square RGB frames) and index usable items and captions."""
+        url = store.url
         if feature not in store.features:
             raise FrameDataError(f"store {url}: no {feature!r} feature; extract it first: tvr-extract DATASET "
                                  f"--store {url} --features frames")

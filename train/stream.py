@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from store.schema import FeatureBatch, inner_rows
+from store.zarr_store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class StreamConfig:
     seed: int = 0
 
 
-def row_bytes(store: Any, features: Sequence[str]) -> int:
+def row_bytes(store: FeatureStore, features: Sequence[str]) -> int:
     """Bytes one row of `features` takes in memory as read (float32 values, masks, times)."""
     total = 0
     for f in features:
@@ -49,7 +50,7 @@ def row_bytes(store: Any, features: Sequence[str]) -> int:
     return total
 
 
-def from_budget(store: Any, features: Sequence[str], budget_bytes: int, **kw: Any) -> StreamConfig:
+def from_budget(store: FeatureStore, features: Sequence[str], budget_bytes: int, **kw: Any) -> StreamConfig:
     """A StreamConfig whose buffer and in-flight reads fit `budget_bytes`.
 
     A read holds about twice its block (zarr's decoded chunks, then float32 rows), so half the budget goes to the
@@ -223,7 +224,7 @@ def shuffled(read: Callable[[int], Columns], order: list[int], block_max: int, c
 class BlockStream:
     """Batches (feature -> FeatureBatch) over `rows` of `features`, read block by block in the background."""
 
-    def __init__(self, store: Any, features: Sequence[str], rows: np.ndarray, cfg: StreamConfig) -> None:
+    def __init__(self, store: FeatureStore, features: Sequence[str], rows: np.ndarray, cfg: StreamConfig) -> None:
         self.store, self.features, self.cfg = store, list(features), cfg
         rows = np.asarray(rows, dtype=np.int64).ravel()
         self.rows = rows if len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1])) else np.unique(rows)  # sorted: as is
