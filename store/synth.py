@@ -23,7 +23,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -210,26 +210,7 @@ def generate(
     n_clusters = max(2, int(round(n_all * N_CLUSTERS_FRACTION)))
     centres = rng.standard_normal((n_clusters, LATENT))
     z = 0.8 * centres[rng.integers(n_clusters, size=n_all)] + 0.75 * rng.standard_normal((n_all, LATENT))
-
-    split_of = np.full(n_all, "", dtype=object)
-    if splits is not None:
-        order = rng.permutation(items)
-        n_train = int(round(splits[0] * items))
-        n_val = int(round(splits[1] * items))
-        split_of[order[:n_train]] = "train"
-        split_of[order[n_train : n_train + n_val]] = "val"
-        split_of[order[n_train + n_val :]] = "test"
-        split_of[items:] = "train"  # images only augment training, as COCO does for MEE
-    durations = rng.uniform(4.0, 30.0, size=items)
-    records = [
-        ItemRecord(f"video{i:05d}", f"synthetic://video{i:05d}.mp4", "video", float(durations[i]), split_of[i])
-        for i in range(items)
-    ] + [ItemRecord(f"image{j:05d}", f"synthetic://image{j:05d}.jpg", "image", 0.0, split_of[items + j]) for j in range(images)]
-    caps = [
-        CaptionRecord(f"{rec.id}#{c}", rec.id, f"synthetic caption {c} of {rec.id}")
-        for rec in records
-        for c in range(captions_per_item)
-    ]
+    records, caps = _records(rng, items, images, splits, captions_per_item)
     store = FeatureStore.create(str(url), records, caps, overwrite=overwrite)
     # "random": True is what FeatureStore.ensure_feature accepts for weight-less features; "synthetic" marks the source
     provenance = {
@@ -247,26 +228,13 @@ def generate(
     # CLIP-like scale: frame vectors of norm ~10
     clip_scale = 10.0 / math.sqrt(signal["clip"] ** 2 * (1.0 + mods["clip"].noise**2) + np.sum(offsets["clip"] ** 2))
 
-    rows_iter = range(n_all)
+    rows_iter: Iterable[int] = range(n_all)
     if progress:
         from tqdm import tqdm
 
         rows_iter = tqdm(rows_iter, desc="synth items", unit="item")
     for row in rows_iter:
-        rec = records[row]
-        for name, mod in mods.items():
-            if rec.kind == "image" and name in ("i3d_flow", "vggish"):
-                reason = "no_motion" if name == "i3d_flow" else "no_audio"
-                store.write(name, row, FeatureRows.absent(mod.spec, reason, f"{rec.id} is an image"))
-                continue
-            if rng.random() < missing.get(name, 0.0):
-                store.write(name, row, FeatureRows.absent(mod.spec, _reason(name), "synthetic missing modality"))
-                continue
-            result = _item_rows(rng, name, mod, projs[name], offsets[name], z[row], rec.kind, rec.duration)
-            if name == "clip":
-                result.values *= clip_scale
-                result.values = result.values.astype(np.float32)
-            store.write(name, row, result)
+        _write_item(store, rng, mods, records[row], row, missing, projs, offsets, z[row], clip_scale)
         if row % PACK_EVERY_ROWS == PACK_EVERY_ROWS - 1:
             store.pack_ready()  # keeps the staging area to the shards in progress
 
@@ -275,6 +243,51 @@ def generate(
     if choices:
         _write_choices(store, rng, records, caps, captions_per_item, choices)
     return FeatureStore.open(str(url))
+
+
+def _records(rng: np.random.Generator, items: int, images: int, splits: Sequence[float] | None,
+             captions_per_item: int) -> tuple[list[ItemRecord], list[CaptionRecord]]:
+    """Item records (random splits and durations; images train only) and their synthetic captions."""
+    split_of = np.full(items + images, "", dtype=object)
+    if splits is not None:
+        order = rng.permutation(items)
+        n_train = int(round(splits[0] * items))
+        n_val = int(round(splits[1] * items))
+        split_of[order[:n_train]] = "train"
+        split_of[order[n_train : n_train + n_val]] = "val"
+        split_of[order[n_train + n_val :]] = "test"
+        split_of[items:] = "train"  # images only augment training, as COCO does for MEE
+    durations = rng.uniform(4.0, 30.0, size=items)
+    records = [
+        ItemRecord(f"video{i:05d}", f"synthetic://video{i:05d}.mp4", "video", float(durations[i]), split_of[i])
+        for i in range(items)
+    ] + [ItemRecord(f"image{j:05d}", f"synthetic://image{j:05d}.jpg", "image", 0.0, split_of[items + j])
+         for j in range(images)]
+    caps = [
+        CaptionRecord(f"{rec.id}#{c}", rec.id, f"synthetic caption {c} of {rec.id}")
+        for rec in records
+        for c in range(captions_per_item)
+    ]
+    return records, caps
+
+
+def _write_item(store: FeatureStore, rng: np.random.Generator, mods: Mapping[str, _Modality], rec: ItemRecord,
+                row: int, missing: Mapping[str, float], projs: Mapping[str, np.ndarray],
+                offsets: Mapping[str, np.ndarray], z: np.ndarray, clip_scale: float) -> None:
+    """Write every modality's row of one item (images have no motion and no audio; some rows go missing)."""
+    for name, mod in mods.items():
+        if rec.kind == "image" and name in ("i3d_flow", "vggish"):
+            reason = "no_motion" if name == "i3d_flow" else "no_audio"
+            store.write(name, row, FeatureRows.absent(mod.spec, reason, f"{rec.id} is an image"))
+            continue
+        if rng.random() < missing.get(name, 0.0):
+            store.write(name, row, FeatureRows.absent(mod.spec, _reason(name), "synthetic missing modality"))
+            continue
+        result = _item_rows(rng, name, mod, projs[name], offsets[name], z, rec.kind, rec.duration)
+        if name == "clip":
+            result.values *= clip_scale
+            result.values = result.values.astype(np.float32)
+        store.write(name, row, result)
 
 
 def _write_captions(
