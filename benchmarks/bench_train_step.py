@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    child_batch = int(args.batch) if args.batch.isdigit() else BATCH[args.model]
+    child_batch = int(args.batch) if args.batch.isdigit() else BATCH.get(args.model, 0)  # children get one model
     if args.child == "tvr":
         print(json.dumps(tvr_child(args.model, args.store, args.inner, child_batch)))
         return 0
