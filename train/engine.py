@@ -23,6 +23,7 @@ with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -123,9 +124,9 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
 # ---- training -----------------------------------------------------------------------------------------------
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 KEEP_FREED_BYTES = 2**30  # blocks up to this size come from (and return to) the heap instead of fresh mappings
-_heap_tuned: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tell glibc to reuse freed large blocks instead of unmapping them; True when set (once per process).
 
@@ -134,8 +135,6 @@ def keep_freed_memory() -> bool:
     every step: 10-20% of a reference-size MEE step on 2 CPU cores. Reused heap blocks skip that; the process
     keeps its peak footprint instead of returning memory between steps. No-op without glibc (macOS, musl).
     """
-    if _heap_tuned:
-        return _heap_tuned[0]
     ok = False
     if sys.platform.startswith("linux"):
         import ctypes
@@ -145,7 +144,6 @@ def keep_freed_memory() -> bool:
             ok = all(libc.mallopt(opt, KEEP_FREED_BYTES) == 1 for opt in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
         except (OSError, AttributeError):  # not glibc
             ok = False
-    _heap_tuned.append(ok)
     return ok
 
 
