@@ -31,7 +31,7 @@ from zarr.storage import LocalStore
 
 from store._create import (PARTIAL_MARKER, StoreExistsError, check_records, create_local_atomic, is_local, now,
                            open_kwargs)
-from store._choices import ChoicesMixin
+from store._choices import CHOICES_GROUP, ChoicesMixin
 from store._lock import StoreLock
 from store._read import ReadMixin
 from store._write import WriteMixin
@@ -79,6 +79,7 @@ class FeatureStore(ReadMixin, WriteMixin, ChoicesMixin):
 
     def __init__(self, group: zarr.Group, url: str, mode: str) -> None:
         self._g, self.url, self.mode = group, url, mode
+        self.storage_options: dict[str, Any] = {}  # what `open` was given: reopening by url (other modes) needs it
         self._specs: dict[str, FeatureSpec] = {}
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
         self._root: dict[str, zarr.Array] = {}
@@ -180,6 +181,7 @@ class FeatureStore(ReadMixin, WriteMixin, ChoicesMixin):
         if g.metadata.zarr_format != 3:
             raise StoreError(f"{url} is a Zarr v2 store; tvr stores are Zarr v3, {hint}")
         self = cls(g, str(url), mode)
+        self.storage_options = dict(storage_options or {})
         try:
             self._validate()
         except _RowsMismatch:
@@ -221,7 +223,7 @@ class FeatureStore(ReadMixin, WriteMixin, ChoicesMixin):
         with _quiet_members():
             members = list(self._g.members())
         for key, node in members:
-            if key in ROOT_ARRAYS:
+            if key in ROOT_ARRAYS or key == CHOICES_GROUP:
                 continue
             if not isinstance(node, zarr.Group):
                 raise StoreError(f"{url}: unexpected array '{key}' at the root; tvr stores hold only "

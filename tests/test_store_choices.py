@@ -100,3 +100,79 @@ def test_store_data_keeps_questions_it_can_score(tmp_path: Path) -> None:
     assert mc is not None  # v2: no video feature; v1's option v3#1 (row 7): no text feature
     np.testing.assert_array_equal(mc.items, [0])
     np.testing.assert_array_equal(mc.captions, [[0, 2]])
+
+
+def test_set_is_arrays_not_a_root_attribute_and_replacing_drops_the_old_arrays(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    s = _store(tmp_path / "s.zarr")
+    s.set_choices(*QUESTIONS)
+    first = zarr.open_group(url, mode="r").attrs["tvr_choices"]
+    assert first == {"format": 2, "group": first["group"], "questions": 2, "options": 3}  # a pointer, no ids
+    assert (tmp_path / "s.zarr" / first["group"] / "captions" / "zarr.json").is_file()
+    assert s.choices_info()["questions"] == 2 and s.choices_info()["bytes"] > 0
+    s.set_choices(["v3"], [["v3#1", "v0#0"]], [0])
+    second = zarr.open_group(url, mode="r").attrs["tvr_choices"]
+    assert not (tmp_path / "s.zarr" / first["group"]).exists()  # superseded arrays are deleted
+    assert [p.name for p in (tmp_path / "s.zarr" / "_choices").iterdir() if p.is_dir()] == [second["group"][9:]]
+    assert FeatureStore.open(url).features == []  # the _choices group is no feature
+
+
+def test_a_crash_before_the_switch_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from store import _choices
+
+    url = str(tmp_path / "s.zarr")
+    s = _store(tmp_path / "s.zarr")
+    s.set_choices(*QUESTIONS)
+
+    original = _choices.ChoicesMixin._write_set
+
+    def write_then_die(self: FeatureStore, name: str, mc: ChoiceSet) -> None:
+        original(self, name, mc)
+        raise KeyboardInterrupt  # killed after writing the new arrays, before the attribute switch
+
+    monkeypatch.setattr(_choices.ChoicesMixin, "_write_set", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        s.set_choices(["v3"], [["v3#1", "v0#0"]], [0])
+    monkeypatch.undo()
+    np.testing.assert_array_equal(FeatureStore.open(url).choices().items, [2, 0])  # the old set, whole
+    assert len([p for p in (tmp_path / "s.zarr" / "_choices").iterdir() if p.is_dir()]) == 2
+    FeatureStore.open(url, "r+").set_choices(["v3"], [["v3#1", "v0#0"]], [0])  # cleans the orphan up
+    assert len([p for p in (tmp_path / "s.zarr" / "_choices").iterdir() if p.is_dir()]) == 1
+
+
+def test_damaged_set_arrays_are_named(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    s = _store(tmp_path / "s.zarr")
+    s.set_choices(*QUESTIONS)
+    group = zarr.open_group(url, mode="r").attrs["tvr_choices"]["group"]
+    zarr.open_array(f"{url}/{group}/captions", mode="r+")[0, 1] = 99  # a caption row the store does not have
+    with pytest.raises(StoreError, match=r"question\(s\) \[0\] refer to rows outside the store's 4 items / 8 "):
+        FeatureStore.open(url).choices()
+    zarr.open_array(f"{url}/{group}/captions", mode="r+")[0, 1] = 5
+    zarr.open_array(f"{url}/{group}/answer", mode="r+")[0] = 0  # option 0 (v1#0) is no caption of v2
+    with pytest.raises(StoreError, match=r"true option is not a caption of the question's item, e.g. items \[2\]"):
+        FeatureStore.open(url).choices()
+    import shutil
+
+    shutil.rmtree(tmp_path / "s.zarr" / group)
+    with pytest.raises(StoreError, match=r"multiple-choice set '_choices/\w+' cannot be opened"):
+        FeatureStore.open(url).choices()
+
+
+def test_a_million_questions_stay_out_of_zarr_json(tmp_path: Path) -> None:
+    n_q, n_items = 1_000_000, 500
+    items = [ItemRecord(f"v{i}", f"/v{i}.mp4") for i in range(n_items)]
+    caps = [CaptionRecord(f"v{i}#{k}", f"v{i}", "c") for i in range(n_items) for k in range(2)]
+    s = FeatureStore.create(str(tmp_path / "s.zarr"), items, caps)
+    rng = np.random.default_rng(0)
+    q_item = rng.integers(n_items, size=n_q)
+    other = (q_item + 1 + rng.integers(n_items - 1, size=n_q)) % n_items
+    cap_ids = np.asarray([c.id for c in caps])
+    options = np.stack([cap_ids[2 * q_item], cap_ids[2 * other + 1]], axis=1)
+    s.set_choices(np.asarray([it.id for it in items])[q_item], options, np.zeros(n_q, dtype=np.int64))
+    assert (tmp_path / "s.zarr" / "zarr.json").stat().st_size < 4096
+    mc = FeatureStore.open(str(tmp_path / "s.zarr")).choices()
+    np.testing.assert_array_equal(mc.items, q_item)
+    np.testing.assert_array_equal(mc.captions, np.stack([2 * q_item, 2 * other + 1], axis=1))
+    files = [p for p in (tmp_path / "s.zarr" / "_choices").rglob("*") if p.is_file()]
+    assert len(files) < 64  # shards of 65536 questions, not one object per question

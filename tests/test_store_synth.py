@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
-from store import synth
+from store import FeatureStore, synth
 from store.schema import Status
 
 MISSING = {"dlib_face": 0.5, "vggish": 0.2}
@@ -105,17 +105,11 @@ def test_captions_correlate_with_their_item(synth_store):
     assert (rank == 0).mean() < 0.9  # ... but not trivially perfect
 
 
-def test_multiple_choice_attribute(synth_store):
-    import zarr
-
+def test_multiple_choice_set(synth_store):
     url, store = synth_store
-    q = zarr.open_group(url, mode="r").attrs["tvr_choices"]
-    ids = list(np.asarray(store.items().id).astype(str))
-    cap_ids = list(np.asarray(store.captions().id).astype(str))
+    mc = FeatureStore.open(url).choices()  # the set as store rows (store/_choices.py)
     cap_item = np.asarray(store.captions().item)
-    items = np.array([ids.index(i) for i in q["item"]])
-    caps = np.array([[cap_ids.index(c) for c in opts] for opts in q["captions"]])
-    ans = np.asarray(q["answer"])
+    items, caps, ans = mc.items, mc.captions, mc.answer
     split = np.asarray(store.items().split).astype(str)
     assert len(items) == 15 and caps.shape == (15, 4)
     assert (split[items] == "test").all()
