@@ -105,12 +105,24 @@ class ChoicesMixin:
         with self._lock("structure", "structural (multiple-choice set)"):
             self._reload()  # ids appended by another driver since we opened count as known
             items, caps, ans = _parse(item_ids, caption_ids, answer, self.url)
-            mc = self._choice_rows(items, caps, ans)
-            name = f"{CHOICES_GROUP}/{uuid.uuid4().hex}"
-            self._write_set(name, mc)
-            self._g.attrs[CHOICES_ATTR] = {"format": FORMAT, "group": name, "questions": len(ans),
-                                           "options": int(caps.shape[1])}  # the switch: one metadata write
-            self._drop_sets(keep=name)
+            self._put_set(self._choice_rows(items, caps, ans))
+
+    def set_choice_rows(self, mc: ChoiceSet) -> None:
+        """Store a multiple-choice set given as store rows (copies, or sets built from row arrays at scale)."""
+        self._require_write()
+        with self._lock("structure", "structural (multiple-choice set)"):
+            self._reload()
+            q = {"group": "given rows", "questions": len(mc.answer), "options": mc.captions.shape[-1]}
+            self._put_set(self._valid_rows(ChoiceSet(*(np.asarray(a, dtype=np.int64) for a in
+                                                       (mc.items, mc.captions, mc.answer))), q))
+
+    def _put_set(self, mc: ChoiceSet) -> None:
+        """Write a checked set's arrays, switch the pointer attribute to them, then delete older sets."""
+        name = f"{CHOICES_GROUP}/{uuid.uuid4().hex}"
+        self._write_set(name, mc)
+        self._g.attrs[CHOICES_ATTR] = {"format": FORMAT, "group": name, "questions": len(mc.answer),
+                                       "options": int(mc.captions.shape[1])}  # the switch: one metadata write
+        self._drop_sets(keep=name)
 
     def choices(self) -> ChoiceSet | None:
         """The multiple-choice set as store rows, or None when the store has none; StoreError when it is damaged."""
@@ -196,14 +208,19 @@ class ChoicesMixin:
                              f"({_FIX})") from e
 
     def _read_set(self, q: dict[str, Any]) -> ChoiceSet:
-        """The arrays-backed set, checked: rows in range, shapes as recorded, true options of their items."""
+        """The arrays-backed set the pointer attribute `q` names, checked."""
         arrays = self._set_arrays(q)
-        mc = ChoiceSet(*(np.asarray(arrays[k][...], dtype=np.int64) for k in ("item", "captions", "answer")))
+        return self._valid_rows(ChoiceSet(*(np.asarray(arrays[k][...], dtype=np.int64)
+                                            for k in ("item", "captions", "answer"))), q)
+
+    def _valid_rows(self, mc: ChoiceSet, q: dict[str, Any]) -> ChoiceSet:
+        """`mc` when its shapes are `q`'s, its rows in the store and its true options of their items."""
         n_q, n_opts = q.get("questions"), q.get("options")
         where = f"{self.url}: multiple-choice set '{q.get('group')}'"
-        if mc.items.shape != (n_q,) or mc.captions.shape != (n_q, n_opts) or mc.answer.shape != (n_q,):
-            raise StoreError(f"{where} has shapes {mc.items.shape} {mc.captions.shape} {mc.answer.shape}, expected "
-                             f"{n_q} question(s) of {n_opts} option(s); {_FIX}")
+        shapes = (mc.items.shape, mc.captions.shape, mc.answer.shape)
+        if shapes != ((n_q,), (n_q, n_opts), (n_q,)) or not n_q or int(n_opts or 0) < 2:
+            raise StoreError(f"{where} has shapes {shapes}, expected {n_q} (> 0) question(s) of {n_opts} (>= 2) "
+                             f"option(s); {_FIX}")
         n_items, n_caps = self._root["item_id"].shape[0], self._root["caption_id"].shape[0]
         out = (mc.items < 0) | (mc.items >= n_items) | ((mc.captions < 0) | (mc.captions >= n_caps)).any(axis=1)
         if out.any():

@@ -10,11 +10,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from zarr.core.sync import sync
 
+from store._choices import CHOICES_ATTR
 from store._create import StoreExistsError, is_local
 from store._read import PRESENT
 from store.schema import Status, StoreError
@@ -198,6 +200,10 @@ def _check_equal(src: FeatureStore, dst: FeatureStore) -> None:
     sc, dc = src.captions(), dst.captions()
     if not (np.array_equal(sc.id, dc.id) and np.array_equal(sc.item, dc.item) and np.array_equal(sc.text, dc.text)):
         raise StoreError("compact: the caption table differs after copying")
+    a, b = src.choices(), dst.choices()
+    if (a is None) != (b is None) or (a is not None and b is not None and not all(
+            np.array_equal(getattr(a, k), getattr(b, k)) for k in ("items", "captions", "answer"))):
+        raise StoreError("compact: the multiple-choice set differs after copying")
     for name in src.features:
         if src.spec(name) != dst.spec(name) or src.provenance(name) != dst.provenance(name):
             raise StoreError(f"compact: feature '{name}' spec or provenance differs after copying")
@@ -217,15 +223,19 @@ def _check_equal(src: FeatureStore, dst: FeatureStore) -> None:
 
 
 def _build_copy(src: FeatureStore, where: str, keep_id: bool) -> None:
-    dst = FeatureStore.create(where, _item_records(src), _caption_records(src))
+    opts = src.storage_options
+    dst = FeatureStore.create(where, _item_records(src), _caption_records(src), storage_options=opts)
     for name in src.features:
         dst._create_feature(src.spec(name), src.provenance(name), keep_provenance=True)
     extra = {k: v for k, v in src._g.attrs.asdict().items()
-             if k not in ("tvr_store", "tvr_layout") and (keep_id or k != STORE_ID_ATTR)}
+             if k not in ("tvr_store", "tvr_layout", CHOICES_ATTR) and (keep_id or k != STORE_ID_ATTR)}
     dst._g.attrs.update(extra)
+    mc = src.choices()
+    if mc is not None:  # rows are the same in the copy; the set's arrays are written anew
+        dst.set_choice_rows(mc)
     for name in src.features:
         _copy_feature(src, dst, name)
-    _check_equal(src, FeatureStore.open(where))
+    _check_equal(src, FeatureStore.open(where, storage_options=opts))
 
 
 def _item_records(src: FeatureStore) -> list[Any]:
@@ -243,13 +253,15 @@ def _caption_records(src: FeatureStore) -> list[Any]:
     return [CaptionRecord(str(i), str(ids[r]), str(t)) for i, r, t in zip(c.id, c.item, c.text)]
 
 
-def compact(src_url: str, dst_url: str | None = None) -> tuple[str, str | None]:
+def compact(src_url: str, dst_url: str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
     """Copy a store (v1 or v2) into a new sharded v2 store and check equality; returns (dst, kept v1 copy).
 
     Without `dst_url` the conversion is in place: the new store is built and checked in a marked temp folder,
     then the original is renamed to `<src>.v1-<time>` (kept, never deleted) and the new one takes its name.
+    `storage_options` (fsspec) apply to both stores.
     """
-    src = FeatureStore.open(src_url)
+    src = FeatureStore.open(src_url, storage_options=storage_options)
     if any(src.staged_count(f) for f in src.features):
         raise StoreError(f"compact: {src_url} has staged rows; pack them first (FeatureStore.open(url, 'r+')"
                          ".pack_ready(partial=True)) or finish the extraction run")

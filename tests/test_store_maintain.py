@@ -204,3 +204,16 @@ def test_compact_in_place_keeps_the_original(tmp_path: Path, capsys: pytest.Capt
     assert now.version == 2
     np.testing.assert_array_equal(now.read("resnet152").values, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["old.zarr", kept[0].name])
+
+
+def test_compact_carries_the_multiple_choice_set_as_arrays(tmp_path: Path) -> None:
+    src = make_v1_store(tmp_path / "old.zarr", n=6)
+    zarr.open_group(str(src), mode="r+").attrs["tvr_choices"] = {  # how v1 stores held it: ids in the attribute
+        "item": ["v1", "v4"], "captions": [["v0#1", "v1#0"], ["v4#1", "v2#0"]], "answer": [1, 0]}
+    assert main(["compact", str(src), str(tmp_path / "new.zarr")]) == 0
+    new = FeatureStore.open(tmp_path / "new.zarr")
+    assert zarr.open_group(str(tmp_path / "new.zarr"), mode="r").attrs["tvr_choices"]["format"] == 2
+    np.testing.assert_array_equal(new.choices().captions, [[1, 2], [9, 4]])
+    new_again = tmp_path / "again.zarr"  # a v2 store's arrays-backed set is copied too (not its pointer alone)
+    assert main(["compact", str(tmp_path / "new.zarr"), str(new_again)]) == 0
+    np.testing.assert_array_equal(FeatureStore.open(new_again).choices().items, [1, 4])
