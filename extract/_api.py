@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # decode.py imports PyAV; only needed at run time by extract_
     import torch
 
     from extract.decode import FrameBatch, MediaInfo
+    from extract.engine import BatchPool
 
 __all__ = [
     "CaptionExtractor",
@@ -33,6 +34,7 @@ __all__ = [
     "FrameStepExtractor",
     "FrameStepSession",
     "ItemSession",
+    "PooledSession",
     "RANDOM_IF_MISSING",
     "RandomWeightsWarning",
     "StepPolicy",
@@ -90,6 +92,50 @@ class ItemSession(abc.ABC):
 
     def close(self) -> None:
         """The item's run ends without `finish` (it failed elsewhere): release shared state (default: nothing)."""
+
+
+class PooledSession(ItemSession):
+    """An ItemSession whose model inputs wait in its extractor's shared `extract.engine.BatchPool` (cross-item
+    batches): it queues keyed inputs, receives one output per key, and raises its own inputs' model error."""
+
+    def join(self, pool: BatchPool) -> None:
+        """Use `pool` (call once, from the subclass's constructor)."""
+        self._pool = pool
+        self._queued: set[int] = set()  # keys waiting in the pool
+        self._outputs: dict[int, np.ndarray] = {}  # key -> model output row
+        self._error: BaseException | None = None  # the model failed on this item's own inputs
+
+    def queue(self, keys: Sequence[int], inputs: Sequence[Any]) -> None:
+        """Hand inputs to the pool (it runs every full batch, possibly with other items' inputs)."""
+        self._queued.update(int(k) for k in keys)
+        self._pool.add(self, keys, inputs)
+        self.raise_error()
+
+    def deliver(self, key: int, row: np.ndarray) -> None:
+        """BatchPool: the model output for the input queued under `key`."""
+        self._outputs[key] = row
+        self._queued.discard(key)
+
+    def fail(self, error: BaseException) -> None:
+        """BatchPool: the model failed on this item's inputs (raised by the session's next call)."""
+        self._error = self._error or error
+
+    def close(self) -> None:
+        """Drop this item's inputs still waiting in the shared pool."""
+        self._pool.discard(self)
+
+    def drain(self) -> dict[int, np.ndarray]:
+        """Run what this item still has queued (one batch with whatever other items queued); its outputs."""
+        if self._queued:
+            self._pool.flush()
+        self.raise_error()
+        return self._outputs
+
+    def raise_error(self) -> None:
+        """Raise the model's error on this item's inputs, if any (its queued inputs are dropped)."""
+        if self._error is not None:
+            self._pool.discard(self)
+            raise self._error
 
 
 class Extractor(abc.ABC):
@@ -337,7 +383,7 @@ class FrameStepExtractor(Extractor):
         return np.unique(frame_indices(self.step_times(info)))
 
 
-class FrameStepSession(ItemSession):
+class FrameStepSession(PooledSession):
     """Picks the step frames out of the 25 fps stream, preprocesses them on arrival, runs the model in batches.
 
     Step k (a 25 fps frame index) uses the first decoded frame with index >= k (exactly k on a gapless stream);
@@ -353,11 +399,8 @@ class FrameStepSession(ItemSession):
         self._uniq = np.unique(self.want)
         self._next = 0  # position in _uniq of the next unsatisfied step frame
         self._used: dict[int, int] = {}  # wanted index -> decoded index used
-        self._pool = batch_pool(extractor)  # shared with the extractor's other live sessions (cross-item batches)
-        self._queued: set[int] = set()  # decoded indices waiting in the pool
-        self._feats: dict[int, np.ndarray] = {}  # decoded index -> (D,) float32
+        self.join(batch_pool(extractor))  # shared with the extractor's other live sessions (cross-item batches)
         self._last: tuple[int, np.ndarray] | None = None  # last decoded frame, for steps past the end
-        self._error: BaseException | None = None  # the model failed on this item's own frames
 
     def add_frames(self, batch: FrameBatch) -> None:
         """Preprocess the step frames of `batch` (as one batch); queue them for the model (full batches run)."""
@@ -376,32 +419,8 @@ class FrameStepSession(ItemSession):
         self._last = (int(index[-1]), np.array(batch.frames[-1], copy=True))
         if pick:
             x = self.ex.prepare(np.stack([np.asarray(batch.frames[i]) for i in pick]))
-            self._queue([int(index[i]) for i in pick], x.unbind(0))
-        self._raise_error()
-
-    def _queue(self, keys: list[int], inputs: Sequence[torch.Tensor]) -> None:
-        """Hand inputs to the shared pool (it runs every full batch, possibly with other items' frames)."""
-        self._queued.update(keys)
-        self._pool.add(self, keys, inputs)
-
-    def deliver(self, key: int, row: np.ndarray) -> None:
-        """BatchPool: the feature of decoded frame `key`."""
-        self._feats[key] = row
-        self._queued.discard(key)
-
-    def fail(self, error: BaseException) -> None:
-        """BatchPool: the model failed on this item's frames (raised by the session's next call)."""
-        self._error = self._error or error
-
-    def close(self) -> None:
-        """Drop this item's frames still waiting in the shared pool."""
-        self._pool.discard(self)
-
-    def _raise_error(self) -> None:
-        """Raise the model's error on this item's frames, if any."""
-        if self._error is not None:
-            self._pool.discard(self)
-            raise self._error
+            self.queue([int(index[i]) for i in pick], x.unbind(0))
+        self.raise_error()
 
     def finish(self) -> FeatureRows:
         """OK row with one value per step; ABSENT ("no_video") when no frame was decoded."""
@@ -412,13 +431,11 @@ class FrameStepSession(ItemSession):
             for k in self._uniq[self._next :]:
                 self._used[int(k)] = last_k
             self._next = len(self._uniq)
-            if last_k not in self._feats and last_k not in self._queued:
-                self._queue([last_k], self.ex.prepare(last_frame[None]).unbind(0))
-        if self._queued:
-            self._pool.flush()  # one batch with whatever other items have queued
-        self._raise_error()
+            if last_k not in self._outputs and last_k not in self._queued:
+                self.queue([last_k], self.ex.prepare(last_frame[None]).unbind(0))
+        feats = self.drain()  # one batch with whatever other items have queued
         used = np.array([self._used[int(k)] for k in self.want], dtype=np.int64)
-        values = to_store_dtype(np.stack([self._feats[int(k)] for k in used]), self.ex.spec, self.ex.name)
+        values = to_store_dtype(np.stack([feats[int(k)] for k in used]), self.ex.spec, self.ex.name)
         return FeatureRows(status=Status.OK, values=values, times=frame_times(used))
 
 

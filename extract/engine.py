@@ -13,6 +13,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -264,17 +265,19 @@ class PoolMember(Protocol):
 
 
 class BatchPool:
-    """The model inputs of every live session of one frame-step extractor, run together in batches.
+    """The model inputs of every live session of one extractor's model, run together in batches.
 
-    Several items' frames fill one batch (cross-item batching, when a worker has several items in flight); each
-    output goes back to its session under its key, so results do not depend on batch composition for row-wise
-    models. A failure of a batch holding several sessions' inputs is retried per session: only the sessions whose
-    own inputs fail get the error. Used from one thread (the worker's model thread).
+    Several items' inputs (frame-step frames, I3D stacks, VGGish examples) fill one batch (cross-item batching,
+    when a worker has several items in flight); each output goes back to its session under its key, so results do
+    not depend on batch composition for row-wise models. A failure of a batch holding several sessions' inputs is
+    retried per session: only the sessions whose own inputs fail get the error. Used from one thread (the
+    worker's model thread); a session's `finish` flushes the pool, so no item waits for another.
     """
 
-    def __init__(self, ex: FrameStepExtractor) -> None:
-        """`ex`: its `batch_size` and `infer(x)` (stacked inputs -> (B, D) numpy) run the pooled inputs."""
-        self.ex = ex
+    def __init__(self, name: str, size: Callable[[], int], run: Callable[[list[Any]], Sequence[Any]]) -> None:
+        """`name` for messages; `size()`: the current batch size (it drops after a CUDA OOM); `run(inputs)`:
+        a list of single-item inputs -> one output row per input (OOM halving is `run`'s own)."""
+        self.name, self.size, self.run = name, size, run
         self.inputs: list[Any] = []
         self.owners: list[PoolMember] = []
         self.keys: list[int] = []
@@ -287,13 +290,13 @@ class BatchPool:
         self.inputs.extend(inputs)
         self.keys.extend(int(k) for k in keys)
         self.owners.extend([owner] * len(keys))
-        while len(self.inputs) >= max(1, int(self.ex.batch_size)):
-            self._run(max(1, int(self.ex.batch_size)))
+        while len(self.inputs) >= max(1, int(self.size())):
+            self._run(max(1, int(self.size())))
 
     def flush(self) -> None:
         """Run everything queued, in batches of at most the batch size."""
         while self.inputs:
-            self._run(min(len(self.inputs), max(1, int(self.ex.batch_size))))
+            self._run(min(len(self.inputs), max(1, int(self.size()))))
 
     def discard(self, owner: PoolMember) -> None:
         """Drop an abandoned session's queued inputs (its item failed elsewhere)."""
@@ -311,13 +314,13 @@ class BatchPool:
         for i, o in enumerate(owners):
             groups.setdefault(id(o), []).append(i)
         try:
-            out = infer_halving(self.ex, _stack(xs))
+            out = self.run(xs)
         except Exception as e:  # noqa: BLE001 - attributed to the sessions whose inputs fail
             if len(groups) == 1:
                 owners[0].fail(e)
                 return
-            log.warning("%s: a batch of %d items' frames failed (%s); retrying each item alone",
-                        self.ex.name, len(groups), short_error(e))
+            log.warning("%s: a batch of %d items' inputs failed (%s); retrying each item alone",
+                        self.name, len(groups), short_error(e))
             for idx in groups.values():
                 self._run_alone([xs[i] for i in idx], [keys[i] for i in idx], owners[idx[0]])
             return
@@ -327,7 +330,7 @@ class BatchPool:
     def _run_alone(self, xs: list[Any], keys: list[int], owner: PoolMember) -> None:
         """One session's inputs on their own (after a mixed batch failed)."""
         try:
-            out = infer_halving(self.ex, _stack(xs))
+            out = self.run(xs)
         except Exception as e:  # noqa: BLE001 - this session's own inputs fail: its item's feature fails
             owner.fail(e)
             return
@@ -335,19 +338,24 @@ class BatchPool:
             owner.deliver(k, row)
 
 
-def _stack(xs: list[Any]) -> Any:
-    """Single-item model inputs -> one batch tensor."""
+def _infer_stacked(ex: FrameStepExtractor, xs: list[Any]) -> np.ndarray:
+    """A frame-step pool's run: single-frame inputs -> one batch tensor -> `ex.infer` under OOM halving."""
     import torch
 
-    return torch.stack(xs)
+    return infer_halving(ex, torch.stack(xs))
+
+
+def shared_pool(owner: object, make: Callable[[], BatchPool]) -> BatchPool:
+    """`owner`'s (an extractor's) one pool, made on first use, so every session of `owner` batches together."""
+    pool = vars(owner).get("_batch_pool")
+    if pool is None:
+        pool = vars(owner)["_batch_pool"] = make()
+    return pool
 
 
 def batch_pool(ex: FrameStepExtractor) -> BatchPool:
-    """The extractor's shared pool (created on first use), so every session of `ex` batches together."""
-    pool = vars(ex).get("_batch_pool")
-    if pool is None:
-        pool = vars(ex)["_batch_pool"] = BatchPool(ex)
-    return pool
+    """A frame-step extractor's shared pool: its `batch_size`, `infer` on stacked frame inputs."""
+    return shared_pool(ex, lambda: BatchPool(ex.name, lambda: ex.batch_size, partial(_infer_stacked, ex)))
 
 
 def probe_failure(path: str | os.PathLike[str]) -> tuple[MediaInfo | None, Failure | None]:

@@ -28,8 +28,11 @@ frame pair, raft_small with 12 updates 0.3 s, the I3D forward 3.3 s per 64-frame
 `raft="raft_small.C_T_V2"` and fewer `num_flow_updates` trade flow quality for speed (recorded in provenance).
 
 Streaming: frames are kept only while a planned stack needs them; RAFT runs on batches of `raft_batch_size`
-pairs and I3D on batches of `stack_batch` stacks, on CUDA when available. The batch boundaries depend only on
-frame indices, never on how the decoder chunks the stream, so results do not depend on decode batch sizes.
+pairs (per item) and I3D on batches of `stack_batch` stacks, on CUDA when available. The RAFT batch boundaries
+depend only on frame indices, never on how the decoder chunks the stream. Built stacks wait in the extractor's
+shared `BatchPool`, so with several items in flight one I3D batch holds stacks of several items (features go back
+per item by stack start); an item's `finish` runs what is queued. Per-stack features do not depend on batch
+composition beyond float summation order (CPU convolution kernels vary with the batch size: ~1e-6).
 """
 from __future__ import annotations
 
@@ -42,9 +45,9 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
+from extract._api import Extractor, PooledSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
-from extract.engine import lower_attr, run_halving
+from extract.engine import BatchPool, lower_attr, run_halving, shared_pool
 from extract.i3d_net import (
     BN_EPS,
     FEATURE_DIM,
@@ -214,13 +217,23 @@ class _I3DExtractor(Extractor):
             x = x.half() if self.half else x.float()
             return self.model.features(x).float().cpu().numpy()
 
-    def start(self, info: MediaInfo) -> ItemSession:
+    def run_pooled(self, stacks: list[torch.Tensor]) -> np.ndarray:
+        """A batch of stacks (of one or several items) through I3D; a CUDA OOM halves it and lowers stack_batch."""
+        return run_halving(self.run_stacks, stacks, lower_attr(self, "stack_batch"), self.name)
+
+    def stack_pool(self) -> BatchPool:
+        """The pool every session of this extractor queues its stacks in: I3D batches of `stack_batch` stacks,
+        filled by several items when a worker has several in flight."""
+        return shared_pool(self, lambda: BatchPool(self.name, lambda: self.stack_batch, self.run_pooled))
+
+    def start(self, info: MediaInfo) -> PooledSession:
         """A streaming session for one item."""
         return _StackSession(self, info)
 
 
-class _StackSession(ItemSession):
-    """Keeps the frames and per-frame inputs the planned stacks need; runs RAFT and I3D in index-driven batches."""
+class _StackSession(PooledSession):
+    """Keeps the frames and per-frame inputs the planned stacks need; runs RAFT in index-driven batches and queues
+    each built stack (keyed by its start frame) in the extractor's stack pool, shared with other items' sessions."""
 
     def __init__(self, ex: _I3DExtractor, info: MediaInfo) -> None:
         self.ex, self.info = ex, info
@@ -236,8 +249,7 @@ class _StackSession(ItemSession):
         self.frames: dict[int, torch.Tensor] = {}  # resized uint8 (3, H, W) on the device
         self.items: dict[int, torch.Tensor] = {}  # I3D input of frame k (flow of pair (k, k+1) or RGB)
         self.pending: list[int] = []  # items whose frames have arrived but are not computed yet
-        self.ready: list[tuple[int, torch.Tensor]] = []  # built stacks waiting for I3D
-        self.out: list[tuple[int, np.ndarray]] = []
+        self.join(ex.stack_pool())  # built stacks wait there for I3D; features come back by start frame
         self.n_frames = 0
 
     # -- plan ---------------------------------------------------------------------------------------------------
@@ -283,6 +295,7 @@ class _StackSession(ItemSession):
         for k in index.tolist():
             self._advance(int(k))
         self.n_frames += int(index.size)
+        self.raise_error()  # the I3D forward failed on this item's stacks (maybe in a batch another item ran)
 
     def _advance(self, k: int) -> None:
         """Frame k has arrived: queue its input, build every stack it completes, drop stale frames."""
@@ -324,7 +337,7 @@ class _StackSession(ItemSession):
         return self.ex.make_items(first, second)
 
     def _build(self, s: int) -> None:
-        """Assemble stack s (C, T, 224, 224) and run I3D when `stack_batch` stacks are ready."""
+        """Assemble stack s (C, T, 224, 224) and queue it for I3D (the pool runs every `stack_batch` stacks)."""
         self._compute_pending()
         ks = range(s, s + self.ex.stack_size)
         missing = [k for k in ks if k not in self.items]
@@ -333,19 +346,7 @@ class _StackSession(ItemSession):
                 f"{self.ex.name}: {self.info.path}: frames {missing[:5]} of the stack at frame {s} "
                 "were never decoded (the stream has gaps); the item is damaged - re-encode it"
             )
-        self.ready.append((s, torch.stack([self.items[k] for k in ks], dim=1)))
-        if len(self.ready) >= self.ex.stack_batch:
-            self._run_ready()
-
-    def _run_ready(self) -> None:
-        """Push the ready stacks through I3D."""
-        if not self.ready:
-            return
-        starts, stacks = zip(*self.ready)
-        self.ready = []
-        feats = run_halving(self.ex.run_stacks, list(stacks), lower_attr(self.ex, "stack_batch"), self.ex.name)
-        for s, feat in zip(starts, feats):
-            self.out.append((s, feat))
+        self.queue([s], [torch.stack([self.items[k] for k in ks], dim=1)])
 
     def finish(self) -> FeatureRows:
         """OK with one 1024-d row per stack, or ABSENT (image, too short, no frames)."""
@@ -355,15 +356,15 @@ class _StackSession(ItemSession):
             return FeatureRows.absent(ex.spec, reason, f"{ex.name}: an image has no frames to stack")
         if self.n_frames == 0:
             return FeatureRows.absent(ex.spec, "no_video", f"{ex.name}: no video frames were decoded")
-        self._run_ready()
-        if not self.out:
+        feats = self.drain()  # this item's last stacks, in one batch with whatever other items have queued
+        if not feats:
             need = ex.stack_size + 1
             return FeatureRows.absent(
                 ex.spec, "too_short",
                 f"{ex.name}: {self.n_frames} frames at {DECODE_FPS:g} fps, one stack needs {need} "
                 f"({need / DECODE_FPS:.2f} s); use a smaller stack_size for short clips",
             )
-        out = self.out
+        out = sorted(feats.items())
         if len(out) > ex.max_steps:  # the stream was longer than probed: keep a uniform subset
             pick = np.unique(np.round(np.linspace(0, len(out) - 1, ex.max_steps)).astype(np.int64))
             out = [out[i] for i in pick]

@@ -33,9 +33,9 @@ from torch import nn
 
 from extract import _weights
 from extract import vggish_frontend as fe
-from extract._api import Extractor, ItemSession, WeightsSpec, to_store_dtype
+from extract._api import Extractor, PooledSession, WeightsSpec, to_store_dtype
 from extract._registry import register_extractor
-from extract.engine import lower_attr, run_halving
+from extract.engine import BatchPool, lower_attr, run_halving, shared_pool
 from extract._weights import WeightsNotFound, expected_digest, sha256_file, weights_identity
 from extract.transforms import register_preset
 from store.schema import FeatureRows, FeatureSpec, Status
@@ -346,7 +346,16 @@ class VGGishExtractor(Extractor):
             out = pca_quantize(out, *self.pca_params, mode=self.quantize)
         return out
 
-    def start(self, info: MediaInfo) -> ItemSession:
+    def run_pooled(self, examples: list[np.ndarray]) -> np.ndarray:
+        """A batch of examples (of one or several items) -> embeddings; a CUDA OOM halves it and lowers batch_size."""
+        return run_halving(self.embed, np.stack(examples), lower_attr(self, "batch_size"), "vggish")
+
+    def example_pool(self) -> BatchPool:
+        """The pool every session queues its examples in: batches of `batch_size` examples, filled by several
+        items when a worker has several in flight."""
+        return shared_pool(self, lambda: BatchPool("vggish", lambda: self.batch_size, self.run_pooled))
+
+    def start(self, info: MediaInfo) -> PooledSession:
         """A streaming session for one item."""
         return VGGishSession(self, info)
 
@@ -406,8 +415,9 @@ def select_examples(n: int, max_steps: int) -> np.ndarray:
     return np.floor((np.arange(max_steps) + 0.5) * (n / max_steps)).astype(np.int64)
 
 
-class VGGishSession(ItemSession):
-    """Streams audio chunks into examples and embeds them in batches; only a sub-example remainder is kept."""
+class VGGishSession(PooledSession):
+    """Streams audio chunks into examples and queues them (keyed by example index) in the extractor's example pool,
+    shared with other items' sessions; only a sub-example remainder is kept."""
 
     def __init__(self, ex: VGGishExtractor, info: MediaInfo) -> None:
         """Plan which examples to compute from the probed audio duration (when known and long)."""
@@ -424,37 +434,21 @@ class VGGishSession(ItemSession):
             wanted = frozenset(select_examples(self.expected, ex.spec.max_steps).tolist())
         self.planned = wanted is not None
         self.stream = fe.ExampleStream(wanted)
-        self._pending: list[np.ndarray] = []
-        self._pending_idx: list[int] = []
-        self._emb: dict[int, np.ndarray] = {}
+        self.join(ex.example_pool())  # embeddings come back by example index
 
     def add_audio(self, samples: np.ndarray) -> None:
-        """Consume the next 16 kHz mono chunk; embed every full batch of completed examples."""
+        """Consume the next 16 kHz mono chunk; queue its completed examples (the pool embeds every full batch)."""
         idx, examples = self.stream.add(np.asarray(samples, dtype=np.float32).reshape(-1))
-        self._pending.extend(examples)
-        self._pending_idx.extend(int(i) for i in idx)
-        if len(self._pending) >= self.ex.batch_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Embed all pending examples."""
-        if not self._pending:
-            return
-        examples, idx = np.stack(self._pending), self._pending_idx
-        self._pending, self._pending_idx = [], []
-        s = 0
-        while s < len(examples):  # the batches embed_examples would run; a CUDA OOM halves them
-            n = self.ex.batch_size
-            out = run_halving(self.ex.embed, examples[s : s + n], lower_attr(self.ex, "batch_size"), "vggish")
-            self._emb.update(zip(idx[s : s + n], out))
-            s += n
+        if len(idx):
+            self.queue([int(i) for i in idx], list(examples))
+        self.raise_error()
 
     def finish(self) -> FeatureRows:
         """OK with (n, 128) values at i·0.96 s; ABSENT no_audio / too_short."""
         spec = self.ex.spec
         if not self.has_audio:
             return FeatureRows.absent(spec, "no_audio", f"vggish: {self.path} has no audio stream")
-        self._flush()
+        emb = self.drain()  # this item's last examples, in one batch with whatever other items have queued
         n = self.stream.examples_seen
         if n == 0:
             got = self.stream.samples_seen
@@ -463,7 +457,7 @@ class VGGishSession(ItemSession):
                 f"vggish: {self.path} has {got} audio samples ({got / fe.SAMPLE_RATE:.4f} s at 16 kHz); one 0.96 s "
                 f"example needs {fe.EXAMPLE_SAMPLES} ({fe.EXAMPLE_SAMPLES / fe.SAMPLE_RATE:.4f} s)",
             )
-        keep = sorted(self._emb) if self.planned else select_examples(n, spec.max_steps).tolist()
-        values = to_store_dtype(np.stack([self._emb[i] for i in keep]), spec, f"vggish: {self.path}")
+        keep = sorted(emb) if self.planned else select_examples(n, spec.max_steps).tolist()
+        values = to_store_dtype(np.stack([emb[i] for i in keep]), spec, f"vggish: {self.path}")
         times = (np.asarray(keep, dtype=np.float64) * fe.EXAMPLE_SECONDS).astype(np.float32)
         return FeatureRows(status=Status.OK, values=values, times=times)
