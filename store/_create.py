@@ -35,9 +35,13 @@ def is_local(url: str | os.PathLike) -> bool:
 
 def open_kwargs(url: str | os.PathLike, storage_options: Mapping[str, object] | None) -> dict[str, object]:
     """zarr.open_group keywords for `url`: URL stores never serve cached listings (other processes stage rows,
-    pack shards and add feature groups at any time; fsspec's listing cache would hide them), then the caller's."""
+    pack shards and add feature groups at any time; fsspec's listing cache would hide them), then the caller's.
+
+    Plain paths take none (zarr refuses them there): a run config's options for an object store must not break
+    the same config pointed at a local store.
+    """
     if is_local(url):
-        return {"storage_options": dict(storage_options)} if storage_options else {}
+        return {}
     return {"storage_options": {"use_listings_cache": False, **dict(storage_options or {})}}
 
 

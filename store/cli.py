@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from store.common import ConfigError, add_storage_options_argument, parse_storage_options
 from store.schema import StoreError
 
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="save the availability figure (PNG, SVG, PDF by extension)")
     plot.add_argument("store", help="store path or URL")
     plot.add_argument("out", help="output image path")
+    for command in (info, verify, compact, plot):
+        add_storage_options_argument(command)
     from store import synth
 
     synth.add_arguments(sub.add_parser("synth", help="build a synthetic store with planted structure"))
@@ -49,10 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.maintain import layout_info, layout_table
     from store.zarr_store import FeatureStore
 
-    if args.command == "compact":
-        return _compact(args)
     try:
-        store = FeatureStore.open(args.store, "r+" if getattr(args, "repair", False) else "r")
+        options = parse_storage_options(args.storage_options, "--storage-options")
+    except ConfigError as e:
+        print(f"tvr-store {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "compact":
+        return _compact(args, options)
+    try:
+        store = FeatureStore.open(args.store, "r+" if getattr(args, "repair", False) else "r",
+                                  storage_options=options)
     except StoreError as e:
         print(f"tvr-store {args.command}: {e}", file=sys.stderr)
         return 2
@@ -60,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify(store, args.repair)
     if args.command == "info":
         try:
+            mc = store.choices_info()
             if args.json:
-                print(json.dumps({**summary(store, args.top), "layout": layout_info(store)}, sort_keys=True))
+                print(json.dumps({**summary(store, args.top), "layout": layout_info(store), "choices": mc},
+                                 sort_keys=True))
             else:
-                print(coverage_table(store, args.top) + "\n\n" + layout_table(layout_info(store)))
+                print(coverage_table(store, args.top) + "\n\n" + layout_table(layout_info(store))
+                      + ("\n" + _choices_line(mc) if mc else ""))
         except StoreError as e:
             print(f"tvr-store info: {e}", file=sys.stderr)
             return 2
@@ -103,12 +115,19 @@ def _verify(store: object, repair: bool) -> int:
     return 1 if bad else 0
 
 
-def _compact(args: argparse.Namespace) -> int:
+def _choices_line(mc: dict[str, object]) -> str:
+    """One line on the multiple-choice set for `tvr-store info`."""
+    size = mc["bytes"]
+    where = f"{mc['storage']}, {size / 2**20:.2f} MiB" if isinstance(size, int) else str(mc["storage"])
+    return f"multiple choice: {mc['questions']} question(s) x {mc['options']} option(s) ({where})"
+
+
+def _compact(args: argparse.Namespace, options: dict[str, object]) -> int:
     """`tvr-store compact SRC [DST]`."""
     from store.maintain import compact
 
     try:
-        dst, kept = compact(args.src, args.dst)
+        dst, kept = compact(args.src, args.dst, storage_options=options)
     except StoreError as e:
         print(f"tvr-store compact: {e}", file=sys.stderr)
         return 2

@@ -6,11 +6,14 @@ of them) and because the core install (store + train, no extras) must have them.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.metadata
+import json
 import os
 import tomllib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -18,7 +21,8 @@ import yaml
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RANDOM_IF_MISSING", "ConfigError", "DeviceError", "is_url", "load_yaml", "pick_device", "tvr_version"]
+__all__ = ["RANDOM_IF_MISSING", "REDACTED", "ConfigError", "DeviceError", "add_storage_options_argument", "is_url",
+           "load_yaml", "parse_storage_options", "pick_device", "redact_secrets", "tvr_version"]
 
 # random weights value (--random-weights missing, random_init="missing"): real weights where they resolve, else
 # seeded random ones
@@ -95,3 +99,59 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r}: only CPU and CUDA are supported")
     return dev
+
+
+# storage option keys whose values are never written or printed (s3fs: key, secret, token; gcsfs: token; others)
+SECRET_PARTS = ("secret", "key", "token", "password", "passwd", "credential", "session", "auth")
+REDACTED = "<redacted>"
+STORAGE_OPTIONS_HELP = ("fsspec storage options of the store URL (s3fs: endpoint_url via client_kwargs, key, secret, "
+                        "...) as a JSON object, or the path of a JSON/YAML file holding one (keeps secrets out of "
+                        "the process list); they reach every process that opens the store; secret values are "
+                        "never saved or printed")
+
+
+def parse_storage_options(value: str | Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Storage options from a JSON object text, a JSON/YAML file path or a mapping; ConfigError naming `where`."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        data: object = value
+    elif not isinstance(value, str):
+        raise ConfigError(f"{where}: storage options must be a mapping, got {type(value).__name__}")
+    elif value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: storage options are not valid JSON ({e}); pass an object such as "
+                              '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\' or a file path') from None
+    else:
+        try:
+            data = load_yaml(value)  # JSON is YAML
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}; pass a JSON object or the path of a JSON/YAML file") from None
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{where}: storage options must be a mapping of option names to values, got "
+                          f"{type(data).__name__}")
+    return dict(data)
+
+
+def _is_secret(name: str) -> bool:
+    """Whether an option name looks like it holds a credential."""
+    low = name.lower()
+    return any(part in low for part in SECRET_PARTS)
+
+
+def redact_secrets(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `options` with the values of credential-like keys (at any depth) replaced by REDACTED."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if _is_secret(str(k)):
+            out[k] = REDACTED
+        else:
+            out[k] = redact_secrets(v) if isinstance(v, Mapping) else v
+    return out
+
+
+def add_storage_options_argument(parser: argparse.ArgumentParser) -> None:
+    """`--storage-options JSON|FILE`, the same on every tvr command (parse it with parse_storage_options)."""
+    parser.add_argument("--storage-options", metavar="JSON|FILE", default=None, help=STORAGE_OPTIONS_HELP)

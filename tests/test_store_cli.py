@@ -68,6 +68,7 @@ def test_info_json_exact_schema(store_path: Path, capsys: pytest.CaptureFixture[
         assert d["staged"] == WRITES[name]  # staged blocks (records), one per write call, none packed yet
         files = [p for p in (store_path / name).rglob("*") if p.is_file()]
         assert d["files"] == len(files) and d["bytes"] == sum(p.stat().st_size for p in files)
+    assert doc.pop("choices") is None  # no multiple-choice set
     assert doc == {
         "items": 6,
         "features": WANT_FEATURES,
@@ -76,6 +77,26 @@ def test_info_json_exact_schema(store_path: Path, capsys: pytest.CaptureFixture[
     }
     code, out, _ = run(["info", str(store_path), "--json", "--top", "1"], capsys)
     assert code == 0 and json.loads(out)["failure_reasons"]["resnet152"] == [{"reason": "decode_error", "count": 3}]
+
+
+def test_info_reports_the_multiple_choice_set_size(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    FeatureStore.open(store_path, "r+").set_choices(["v1", "v2"], [["v0/0", "v1/1"], ["v2/0", "v3/0"]], [1, 0])
+    code, out, _ = run(["info", str(store_path), "--json"], capsys)
+    mc = json.loads(out)["choices"]
+    group = store_path / mc.pop("storage")
+    files = [p for p in group.rglob("*") if p.is_file() and p != group / "zarr.json"]  # arrays: metadata + shards
+    assert code == 0 and mc == {"questions": 2, "options": 2, "bytes": sum(p.stat().st_size for p in files)}
+    code, out, _ = run(["info", str(store_path)], capsys)
+    assert code == 0 and "multiple choice: 2 question(s) x 2 option(s) (_choices/" in out
+
+
+def test_bad_storage_options_are_named(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["info", str(store_path), "--storage-options", "{not json"], capsys)
+    assert code == 2 and "--storage-options: storage options are not valid JSON" in err
+    code, _, err = run(["verify", str(store_path), "--storage-options", str(store_path / "nope.yaml")], capsys)
+    assert code == 2 and "--storage-options: config file" in err and "nope.yaml' does not exist" in err
+    code, out, _ = run(["info", str(store_path), "--json", "--storage-options", '{"auto_mkdir": true}'], capsys)
+    assert code == 0 and json.loads(out)["items"] == 6  # plain paths ignore storage options
 
 
 def test_info_json_counts_match_store_coverage(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +127,7 @@ def test_info_on_store_without_features(tmp_path: Path, capsys: pytest.CaptureFi
     code, out, _ = run(["info", str(tmp_path / "e.zarr"), "--json"], capsys)
     doc = json.loads(out)
     assert doc.pop("layout")["features"] == {}
-    assert code == 0 and doc == {"items": 1, "features": {}, "failure_reasons": {}}
+    assert code == 0 and doc == {"items": 1, "features": {}, "failure_reasons": {}, "choices": None}
     code, out, _ = run(["info", str(tmp_path / "e.zarr")], capsys)
     assert code == 0 and "(no features yet)" in out.splitlines()
 
