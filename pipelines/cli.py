@@ -11,7 +11,7 @@ from typing import Sequence
 from pipelines.config import ExtractConfig
 from extract.decode import FRAME_RULES
 from pipelines.dataset import DatasetError
-from store.common import RANDOM_IF_MISSING, ConfigError, load_yaml
+from store.common import RANDOM_IF_MISSING, ConfigError, add_storage_options_argument, load_yaml
 
 _RANDOM_MODES = {"all": True, RANDOM_IF_MISSING: RANDOM_IF_MISSING}
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", nargs="?", help="dataset folder (searched recursively) or manifest (.csv / .jsonl)")
     p.add_argument("--store", help="feature store path (shared filesystem on a cluster) or zarr/fsspec URL")
+    add_storage_options_argument(p)
     p.add_argument("--features", type=_csv, help="comma-separated extractors (default: all registered; caption "
                    "features only when the dataset has captions)")
     p.add_argument("--weights-dir", help="folder with weight files")

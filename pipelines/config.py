@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from store.common import RANDOM_IF_MISSING, ConfigError
+from store.common import RANDOM_IF_MISSING, ConfigError, parse_storage_options, redact_secrets
 
 __all__ = ["ConfigError", "ExtractConfig"]  # ConfigError: what validate() raises
 
@@ -25,6 +25,9 @@ class ExtractConfig:
 
     source: str = ""  # dataset folder or manifest (.csv / .jsonl)
     store: str = ""  # feature store path or URL zarr/fsspec accepts
+    # fsspec options of the store URL (endpoint, credentials); passed to every process opening the store; never
+    # printed (repr) or saved unredacted (to_yaml)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     features: list[str] | None = None  # None: every registered item feature (+ caption features when captions exist)
     weights_dir: str | None = None  # folder holding weight files (see extract/_weights.py for the lookup order)
     random_weights: bool | str = False  # True: seeded random weights for every model; "missing": only where not found
@@ -70,6 +73,8 @@ class ExtractConfig:
             clean["features"] = [f for f in clean["features"].split(",") if f.strip()]
         if isinstance(clean.get("plugins"), str):
             clean["plugins"] = [p for p in clean["plugins"].split(",") if p.strip()]
+        if "storage_options" in clean:  # JSON text or a file path (command line), or a mapping (YAML)
+            clean["storage_options"] = parse_storage_options(clean["storage_options"], f"{where}: storage_options")
         return dataclasses.replace(self, **clean)
 
     def validate(self) -> "ExtractConfig":
@@ -99,8 +104,10 @@ class ExtractConfig:
         return self
 
     def to_yaml(self) -> str:
-        """The resolved configuration as YAML (saved next to the run's log)."""
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        """The resolved configuration as YAML (saved next to the run's log), credentials redacted."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = redact_secrets(self.storage_options)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # (field, smallest allowed value, None allowed) for every numeric option; "--x-y" in messages

@@ -202,7 +202,7 @@ def apply_manifest_changes(store: Any, ch: ManifestChanges) -> None:
     """
     from store.zarr_store import FeatureStore
 
-    fs = FeatureStore.open(store.url, mode="r+")
+    fs = FeatureStore.open(store.url, mode="r+", storage_options=store.storage_options)
     for col, (rows, values) in ch.items.items():
         fs.update_items(rows, {col: values})
     rows, texts = ch.captions

@@ -128,15 +128,16 @@ def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple
     from store.zarr_store import FeatureStore, StoreExistsError
 
     local = _local_path(cfg.store)
-    exists = local.exists() if local is not None else _remote_exists(cfg.store)
+    exists = local.exists() if local is not None else _remote_exists(cfg.store, cfg.storage_options)
     if not exists:
         # FeatureStore.create builds local stores in a marked temp folder and renames it into place, so a driver
         # killed mid-creation never leaves a half-made store; it removes only temp folders it marked itself.
         try:
-            return FeatureStore.create(cfg.store, ds.items, ds.captions, features=list(specs.values()))
+            return FeatureStore.create(cfg.store, ds.items, ds.captions, features=list(specs.values()),
+                                       storage_options=cfg.storage_options)
         except StoreExistsError:
             pass  # another driver created it at the same moment: join it below (add items, features under a lock)
-    store = FeatureStore.open(cfg.store, mode="r+")
+    store = FeatureStore.open(cfg.store, mode="r+", storage_options=cfg.storage_options)
     known = set(store.items().id.tolist())
     new_items = [r for r in ds.items if r.id not in known]
     known_caps = set(store.captions().id.tolist())
@@ -148,11 +149,11 @@ def open_or_create_store(cfg: ExtractConfig, ds: Dataset, specs: dict[str, tuple
     return store
 
 
-def _remote_exists(url: str) -> bool:
+def _remote_exists(url: str, storage_options: dict[str, Any]) -> bool:
     """Whether an object-store URL already holds a zarr group."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs.exists(path.rstrip("/") + "/zarr.json")
 
 
@@ -198,6 +199,7 @@ def _create_pool(ray: Any, pool: PoolSpec, cfg: ExtractConfig, decoders: list[An
             decode_threads=1 if pool.device == "cpu" else 0,
             decoders=list(decoders or []),
             worker_index=first_index + i,
+            storage_options=cfg.storage_options,  # workers open the store by URL: they need the same options
         )
         for i in range(pool.actors)
     ]
@@ -245,9 +247,9 @@ def _existing_store(cfg: ExtractConfig, ds: Dataset, err: TextIO) -> FeatureStor
     from store.zarr_store import FeatureStore
 
     local = _local_path(cfg.store)
-    if not (local.exists() if local is not None else _remote_exists(cfg.store)):
+    if not (local.exists() if local is not None else _remote_exists(cfg.store, cfg.storage_options)):
         return None
-    store = FeatureStore.open(cfg.store, mode="r")
+    store = FeatureStore.open(cfg.store, mode="r", storage_options=cfg.storage_options)
     check_manifest(store, ds, update=cfg.update_manifest, err=err)
     return store
 

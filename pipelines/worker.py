@@ -68,10 +68,12 @@ class ExtractWorker:
         select_frames: bool = True,
         decoders: Sequence[Any] = (),
         worker_index: int = 0,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`threads`: torch intra-op threads; `decode_threads`: FFmpeg decoder threads (0: FFmpeg decides);
         `select_frames`: colour-convert only the frames some extractor reads (extract.engine.plan_streams);
-        `decoders`: DecodeWorker actor handles (pipelines.decode_stage): items are decoded there, not here.
+        `decoders`: DecodeWorker actor handles (pipelines.decode_stage): items are decoded there, not here;
+        `storage_options`: fsspec options of the store URL every task names (from the run config).
 
         Frames are always decoded on the 25 fps grid every extractor samples its steps from (DECODE_FPS).
         """
@@ -95,6 +97,7 @@ class ExtractWorker:
         self.decode = engine.DecodeOptions(frame_rule=frame_rule, batch_size=batch_size, height=decode_height,
                                            threads=self.decode_threads, select=select_frames)
         self._stores: dict[str, Any] = {}
+        self._storage_options = dict(storage_options or {})  # fsspec options of the store URL (the run config's)
         self._wake = threading.Event()  # set by every producer thread after each put (the merged read waits on it)
         self._pool = None
         if decoders:
@@ -125,7 +128,7 @@ class ExtractWorker:
         if url not in self._stores:
             from store.zarr_store import FeatureStore
 
-            self._stores[url] = FeatureStore.open(url, mode="r+")
+            self._stores[url] = FeatureStore.open(url, mode="r+", storage_options=self._storage_options)
         return self._stores[url]
 
     # ---------------------------------------------------------------- items

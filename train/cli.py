@@ -2,8 +2,12 @@
 
     tvr-train mee|tmass|xpool --store STORE --out RUN [--recipe NAME] [--config FILE.yaml] [--epochs E] [--batch-size B]
               [--lr LR] [--device auto|cpu|cuda] [--seed S] [--image-rate A] [--zero-fill-missing] [--resume]
-              [--stop-after N] [--cache-gb G] [--train-reads auto|cached|stream]
+              [--stop-after N] [--cache-gb G] [--train-reads auto|cached|stream] [--storage-options JSON|FILE]
     tvr-train eval RUN [--store STORE] [--split test] [--checkpoint best|last] [--noise-seeds N]
+              [--storage-options JSON|FILE]
+
+--storage-options (fsspec options of an object-store URL, e.g. endpoint and credentials) are never written into
+RUN/config.yaml; give them again to `eval` and `--resume`.
 
 Config precedence: model defaults < --recipe < RUN/config.yaml (with --resume) < --config FILE.yaml < flags.
 """
@@ -17,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from store.common import add_storage_options_argument, parse_storage_options
 from train.config import MODELS, RECIPES, ConfigError, build_config, config_from_run_yaml, load_yaml, resume_changes
 
 if TYPE_CHECKING:  # the store (zarr, xarray) is imported when a command needs it
@@ -41,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in MODELS:
         t = sub.add_parser(name, help=f"train {name} (writes RUN/config.yaml, last.pt, best.pt, metrics*, PNGs)")
         t.add_argument("--store", help="tvr store path (required unless --resume finds it in RUN/config.yaml)")
+        add_storage_options_argument(t)
         t.add_argument("--out", required=True, metavar="RUN", help="run directory")
         t.add_argument("--config", metavar="FILE.yaml", help="YAML with TrainConfig keys (model_config: nested)")
         t.add_argument("--recipe", choices=sorted(RECIPES[name]),
@@ -65,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run's checkpoint; prints a table and writes RUN/metrics_<split>.json")
     e.add_argument("run", metavar="RUN")
     e.add_argument("--store", help="store path (default: the one in RUN/config.yaml)")
+    add_storage_options_argument(e)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
     e.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -74,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open_store(url: str) -> FeatureStore:
-    """The store at `url` (a path or an fsspec URL such as s3://); its StoreError names the URL and the fix."""
+def _open_store(url: str, args: argparse.Namespace) -> FeatureStore:
+    """The store at `url` (a path or an fsspec URL such as s3://) with --storage-options (never saved in the run:
+    they may hold credentials); its StoreError names the URL and the fix."""
     from store.zarr_store import FeatureStore
 
-    return FeatureStore.open(url)
+    options = parse_storage_options(args.storage_options, "--storage-options")
+    return FeatureStore.open(url, storage_options=options)
 
 
 def _check_resume(run: Path, base, cfg, extra: dict[str, Any], store: FeatureStore) -> None:
@@ -132,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = build_config(args.command, overrides, where=args.config or "command line")
     if not store_url:
         raise ConfigError("--store STORE is required")
-    store = _open_store(store_url)
+    store = _open_store(store_url, args)
     if base is not None:
         _check_resume(run, base, cfg, extra, store)
     data = StoreData(store, cfg.model, model_config=cfg.model_config, cache_bytes=cfg.cache_bytes,
@@ -168,7 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
     store_url = args.store or extra.get("store")
     if not store_url:
         raise ConfigError(f"{run / CONFIG_FILE} names no store; pass --store STORE")
-    store = _open_store(store_url)
+    store = _open_store(store_url, args)
     saved_id = str(extra.get("store_id") or "")
     if saved_id and saved_id != store.store_id:
         # allowed (held-out data lives in other stores), but never silently
