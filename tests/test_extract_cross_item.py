@@ -1,0 +1,217 @@
+"""Cross-item batching for I3D stacks and VGGish examples: several in-flight items share one model batch through the
+extractor's BatchPool, outputs go back per item, a failure stays with its item, a CUDA OOM still halves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from extract import engine
+from extract.decode import MediaInfo
+from extract.i3d import I3DRgb
+from extract.vggish import VGGishExtractor
+from store.schema import FeatureRows, Status
+from tests._extractors import Batch, oom_above
+
+SR = 16000
+ITEMS = ("a", "b", "c")
+
+
+def _fake_i3d(stacks: list[Any]) -> np.ndarray:
+    """An exact stand-in for the I3D forward: a stack's feature is its frames' first pixel values (its labels)."""
+    out = np.zeros((len(stacks), 1024), np.float32)
+    for i, st in enumerate(stacks):
+        out[i, : st.shape[1]] = st[0, :, 0, 0].numpy()
+    return out
+
+
+@dataclass
+class Case:
+    """One pooled extractor under test: how to build it and each item's info and stream."""
+
+    feature: str
+    make: Callable[[], Any]
+    info: Callable[[str], MediaInfo]
+    stream: Callable[[str], list[tuple[str, Any]]]
+
+
+def _i3d(real: bool = False) -> I3DRgb:
+    ex = I3DRgb(random_init=True, seed=1, stack_size=9, step_size=9, stack_batch=4, device="cpu")
+    if not real:
+        ex.run_stacks = _fake_i3d  # type: ignore[method-assign]
+    return ex
+
+
+FRAMES = {"a": 30, "b": 20, "c": 40}  # 3, 2 and 4 stacks of 9 frames every 9
+
+
+def _item_frames(key: str) -> np.ndarray:
+    """Item `key`'s frame k shows the constant colour 60 * i + k (so a stack's content names its item)."""
+    i, n = ITEMS.index(key), FRAMES[key]
+    return np.broadcast_to((60 * i + np.arange(n)).astype(np.uint8)[:, None, None, None], (n, 48, 64, 3)).copy()
+
+
+def _frame_stream(key: str) -> list[tuple[str, Any]]:
+    frames, out = _item_frames(key), []
+    for s in range(0, len(frames), 7):
+        idx = np.arange(s, min(s + 7, len(frames)))
+        out.append(("frames", Batch(frames[idx], idx / 25.0, idx)))
+    return out
+
+
+SECONDS = {"a": 3.0, "b": 2.0, "c": 4.2}  # 3, 2 and 4 examples of 0.96 s
+
+
+def _audio(key: str) -> np.ndarray:
+    t = np.arange(int(SECONDS[key] * SR)) / SR
+    rng = np.random.default_rng(ITEMS.index(key))
+    return (0.2 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * 300 * (1 + ITEMS.index(key)) * t)).astype(
+        np.float32)
+
+
+def _audio_stream(key: str) -> list[tuple[str, Any]]:
+    return [("audio", c) for c in np.array_split(_audio(key), 6)]
+
+
+CASES = {
+    "i3d_rgb": Case("i3d_rgb", _i3d, lambda k: MediaInfo(f"{k}.mkv", "video", FRAMES[k] / 25, True, False),
+                    _frame_stream),
+    "vggish": Case("vggish", lambda: VGGishExtractor(random_init=True, seed=7, batch_size=4, dtype="float32",
+                                                     device="cpu"),
+                   lambda k: MediaInfo(f"{k}.mkv", "audio", SECONDS[k], False, True), _audio_stream),
+}
+
+
+def _pool(ex: Any) -> engine.BatchPool:
+    return ex.stack_pool() if isinstance(ex, I3DRgb) else ex.example_pool()
+
+
+def _record(ex: Any, batches: list[list[str]], poison: str = "") -> None:
+    """Record which items' inputs each model batch of `ex`'s pool holds; fail any batch holding `poison`'s."""
+    owner: dict[int, str] = {}
+    start = ex.start
+
+    def tracked(info: MediaInfo) -> Any:
+        session = start(info)
+        queue = session.queue
+
+        def tagged(keys: Any, inputs: Any) -> None:
+            owner.update((id(x), info.path[0]) for x in inputs)
+            queue(keys, inputs)
+
+        session.queue = tagged
+        return session
+
+    pool = _pool(ex)
+    run = pool.run
+
+    def recorded(xs: list[Any]) -> Any:
+        batches.append([owner[id(x)] for x in xs])
+        if poison in batches[-1]:
+            raise RuntimeError(f"scripted model failure on item {poison}")
+        return run(xs)
+
+    ex.start, pool.run = tracked, recorded
+
+
+def _together(case: Case, ex: Any) -> dict[str, engine.ItemOutcome]:
+    """Every item in flight at once (round-robin over their streams, as a worker with --items-in-flight 3)."""
+    runs = {k: engine.ItemRun({case.feature: ex}, case.info(k), [case.feature]) for k in ITEMS}
+    streams = {k: iter(case.stream(k)) for k in ITEMS}
+    return dict(engine.run_group(runs, engine.interleave(streams)))
+
+
+_ALONE: dict[Callable[[], Any], Any] = {}  # one untouched extractor per case (building one takes seconds)
+
+
+def _alone(case: Case, key: str) -> FeatureRows:
+    """The item extracted on its own (nothing else in flight), by an extractor built like the pooled one."""
+    if case.make not in _ALONE:
+        _ALONE[case.make] = case.make()
+    ex = _ALONE[case.make]
+    return engine.run_item({case.feature: ex}, f"{key}.mkv", [case.feature], info=case.info(key),
+                           stream=case.stream(key)).row_or_raise(case.feature)
+
+
+def _assert_rows_equal(got: FeatureRows, want: FeatureRows, exact: bool) -> None:
+    assert got.status == want.status == Status.OK
+    np.testing.assert_array_equal(got.times, want.times)
+    if exact:
+        np.testing.assert_array_equal(got.values, want.values)
+    else:  # CPU conv/GEMM kernels sum in an order that depends on the batch size: float32 rounding only
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_several_items_share_model_batches_and_get_their_own_outputs(name: str) -> None:
+    case, batches = CASES[name], []
+    ex = case.make()
+    _record(ex, batches)
+    out = _together(case, ex)
+    assert any(len(set(b)) >= 2 for b in batches), batches  # model batches held inputs of several items
+    assert max(len(b) for b in batches) == 4 and len(_pool(ex)) == 0
+    for k in ITEMS:
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+    assert sum(len(b) for b in batches) == sum(len(out[k].rows[case.feature].values) for k in ITEMS)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str) -> None:
+    case, batches = CASES[name], []
+    ex = case.make()
+    _record(ex, batches, poison="b")
+    out = _together(case, ex)
+    fail = out["b"].failures[case.feature]
+    assert fail.reason == "extractor_error" and "scripted model failure on item b" in fail.message
+    assert any("b" in b and len(set(b)) >= 2 for b in batches), batches  # the failed batch was mixed: retried
+    for k in ("a", "c"):
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+    assert len(_pool(ex)) == 0  # nothing of the failed item is left queued
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str) -> None:
+    case, seen = CASES[name], []
+    ex = case.make()
+    if name == "i3d_rgb":
+        ex.run_stacks = oom_above(1, ex.run_stacks, seen)
+    else:
+        ex.embed = oom_above(1, ex.embed, seen)
+    out = _together(case, ex)
+    assert seen[:3] == [4, 2, 1]  # a full mixed batch of 4, halved down to single inputs, which fit
+    assert (ex.stack_batch if name == "i3d_rgb" else ex.batch_size) == 1  # later batches start at the size that fit
+    for k in ITEMS:
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+
+
+def test_an_item_ending_runs_its_partial_batch_without_waiting_for_the_others() -> None:
+    case, batches = CASES["i3d_rgb"], []
+    ex = case.make()
+    _record(ex, batches)
+    runs = {k: engine.ItemRun({case.feature: ex}, case.info(k), [case.feature]) for k in ("b", "c")}
+    events = [("b", kind, p) for kind, p in case.stream("b")] + [("c", kind, p) for kind, p in case.stream("c")[:2]]
+    group = engine.run_group(runs, iter([*events, ("b", engine.END, None), ("c", "frames", None)]))
+    key, outcome = next(group)  # b's stream ended while c's is still open
+    assert key == "b" and outcome.rows[case.feature].status == Status.OK and "c" in runs
+    assert batches == [["b", "b", "c"]]  # b's 2 stacks ran at once, with the stack c had queued (pool not full)
+    assert len(_pool(ex)) == 0
+
+
+@pytest.mark.slow
+def test_real_i3d_forward_on_a_mixed_batch_matches_each_item_alone() -> None:
+    case, batches = Case("i3d_rgb", lambda: _i3d(real=True), CASES["i3d_rgb"].info, lambda k: _frame_stream(k)[:2]), []
+    ex = case.make()  # every item: 14 frames, one stack; the two stacks fill one I3D batch of 2
+    ex.stack_batch = 2
+    _record(ex, batches)
+    runs = {k: engine.ItemRun({case.feature: ex}, case.info(k), [case.feature]) for k in ("a", "b")}
+    out = dict(engine.run_group(runs, engine.interleave({k: iter(case.stream(k)) for k in runs})))
+    assert sorted(map(sorted, batches)) == [["a", "b"]], batches
+    for k in ("a", "b"):
+        got, want = out[k].row_or_raise(case.feature), _alone(case, k)
+        assert got.values.shape == (1, 1024) and np.abs(got.values).max() > 0
+        # float16 rows of float32 features that differ only in summation order (conv kernels vary with the batch
+        # size, ~1e-7 relative): equal to within one float16 step
+        np.testing.assert_allclose(got.values.astype(np.float32), want.values.astype(np.float32),
+                                   rtol=2.0**-10, atol=2.0**-24)
