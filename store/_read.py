@@ -18,7 +18,7 @@ from zarr.core.sync import sync
 from store._pack import effective_status, is_data
 from store._shard_io import _ABSENT, ShardLayout, decode, fetch, fetch_local, shard_layout
 from store._zarr_io import _fast_status, _gather, _get, _quiet_members
-from store.schema import FeatureBatch, Status, StoreError
+from store.schema import FeatureBatch, Status, StoreError, bad_value_rows
 
 _MAX_CODE = max(int(s) for s in Status)
 PRESENT = "_present"  # key of the per-row "every per-step data chunk is stored" flags among the read arrays
@@ -177,13 +177,15 @@ class ReadMixin:
         """Rows of a feature as float32 with masks and availability; an OK row whose data was lost is an error."""
         return self.read_many([feature], rows)[feature]
 
-    def _batch(self, feature: str, idx: np.ndarray, got: dict[str, np.ndarray]) -> FeatureBatch:
+    def _batch(self, feature: str, idx: np.ndarray, got: dict[str, np.ndarray], stored_dtype: bool = False
+               ) -> FeatureBatch:
         """FeatureBatch of rows `idx` from raw merged arrays, after the integrity checks."""
         spec = self.spec(feature)
         status = got["status"].astype(np.uint8)
         ok = status == Status.OK
         # uint8 features (frames) stay uint8: 4x less memory than float32, and the trainer normalises on device
-        values = got["values"] if spec.dtype == "uint8" else got["values"].astype(np.float32, copy=False)
+        keep = stored_dtype or spec.dtype == "uint8"
+        values = got["values"] if keep else got["values"].astype(np.float32, copy=False)
         mask = got["mask"].astype(bool)
         self._check_rows(feature, idx, status, values, mask, got.get(PRESENT))
         values[~ok] = 0  # v2 PENDING rows hold the NaN fill value
@@ -204,7 +206,7 @@ class ReadMixin:
         if stored is not None:
             lost |= ok & ~stored
         if self.version >= 2 and values.dtype.kind == "f":
-            lost |= ok & np.isnan(values.reshape(len(values), -1)).any(axis=1)
+            lost |= ok & bad_value_rows(values, nan_only=True)
         bad = status > _MAX_CODE
         if lost.any() or bad.any():
             what = "are marked OK but their data is missing (a chunk or shard file was lost)" if lost.any() \
@@ -214,9 +216,10 @@ class ReadMixin:
                              f"run `tvr-store verify {self.url} --repair` to reset them to PENDING, then re-run "
                              "extraction to redo them")
 
-    def read_many(self, features: Sequence[str],
-                  rows: Sequence[int] | np.ndarray | slice | None = None) -> dict[str, FeatureBatch]:
-        """The same rows of several features of one axis (items, or captions for text features): name -> batch."""
+    def read_many(self, features: Sequence[str], rows: Sequence[int] | np.ndarray | slice | None = None,
+                  stored_dtype: bool = False) -> dict[str, FeatureBatch]:
+        """The same rows of several features of one axis (items, or captions for text features): name -> batch
+        (values as float32, or in the store's dtype with `stored_dtype`: float16 stays float16)."""
         axes = {f: self.spec(f).axis for f in features}
         if len(set(axes.values())) > 1:
             raise StoreError(f"read_many: features {axes} mix item and caption axes; their rows differ, so read "
@@ -226,7 +229,7 @@ class ReadMixin:
         idx, sel = self._select(features[0], rows)
         names = {f: [k for k in self._arrays[f] if k not in ("reason", "message")] for f in features}
         got = self._read_many_rows(sel, idx, names)  # one round trip for every array of every feature
-        return {f: self._batch(f, idx, got[f]) for f in features}
+        return {f: self._batch(f, idx, got[f], stored_dtype) for f in features}
 
     def caption_rows(self, item_rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Caption rows (int64, store order) describing any of the given item rows."""

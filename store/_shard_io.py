@@ -15,7 +15,6 @@ import asyncio
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -28,6 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 _ABSENT = np.uint64(2**64 - 1)
+_ABSENT_INT = 2**64 - 1
 _ZSTD = Zstd()
 
 
@@ -112,29 +112,36 @@ async def _get(store: Any, key: str, req: Any = None) -> np.ndarray | None:
     return None if buf is None else buf.as_numpy_array()
 
 
-def _get_local(root: Path, key: str, req: Any = None, files: dict[str, Any] | None = None) -> np.ndarray | None:
-    """A LocalStore get done directly in the calling thread (no event-loop and worker-thread hops per request);
-    `files` keeps each shard file open across the requests of one fetch (index, then data: one open)."""
+def _get_local(root: str, key: str, req: Any = None, files: dict[str, Any] | None = None) -> np.ndarray | None:
+    """A LocalStore get done directly in the calling thread (no event-loop and worker-thread hops per request),
+    read into a writable array (so an uncompressed chunk can be used in place); `files` keeps each shard file
+    open across the requests of one fetch (index, then data: one open)."""
     f = None if files is None else files.get(key)
     if f is None:
         try:
-            f = open(root / key, "rb")
+            f = open(f"{root}/{key}", "rb", buffering=0)
         except FileNotFoundError:
             return None
         if files is not None:
             files[key] = f
+    size = os.fstat(f.fileno()).st_size
     if isinstance(req, SuffixByteRequest):
-        f.seek(max(0, os.fstat(f.fileno()).st_size - req.suffix))
-        data = f.read()
+        start = max(0, size - req.suffix)
     elif isinstance(req, RangeByteRequest):
-        f.seek(req.start)
-        data = f.read(req.end - req.start)
+        start, size = req.start, min(size, req.end)
     else:
-        f.seek(0)
-        data = f.read()
+        start = 0
+    buf = np.empty(max(0, size - start), dtype=np.uint8)
+    f.seek(start)
+    got, view = 0, memoryview(buf)
+    while got < len(buf):  # raw reads may return short
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
     if files is None:
         f.close()
-    return np.frombuffer(data, dtype=np.uint8)
+    return buf[:got]
 
 
 _Reqs = list[tuple[str, Any]]
@@ -202,7 +209,7 @@ def fetch_local(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_S
     store = lay.array.store_path.store
     if not isinstance(store, LocalStore):
         return None
-    root = Path(store.root)
+    root = str(store.root)
     chunks, groups = _groups(lay, rows)
     out = []
     for s, loc in groups:
@@ -218,10 +225,44 @@ def fetch_local(lay: ShardLayout, rows: np.ndarray) -> tuple[np.ndarray, list[_S
     return chunks, out
 
 
-def _piece(sh: _Shard, off: int, nb: int, key: str) -> np.ndarray | None:
+def _piece(sh: _Shard, off: int, nb: int) -> np.ndarray | None:
     for start, p in sh.pieces:
         if start <= off and off + nb <= start + len(p):
             return p[off - start:off - start + nb]
+    return None
+
+
+def _zstd_size(raw: np.ndarray) -> int | None:
+    """Decoded size a zstd frame's header declares (None when the header does not say: decode to find out)."""
+    if len(raw) < 6 or bytes(raw[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = int(raw[4])
+    single, fcs = (fhd >> 5) & 1, fhd >> 6
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]  # after the window descriptor and dictionary id
+    size = (1 if single else 0, 2, 4, 8)[fcs]
+    if not size or len(raw) < at + size:
+        return None
+    v = int.from_bytes(bytes(raw[at:at + size]), "little")
+    return v + 256 if size == 2 else v
+
+
+def _decode_chunk(lay: ShardLayout, raw: np.ndarray, out: np.ndarray) -> int | None:
+    """Decode one inner chunk's bytes into `out` (its rows, flat); the decoded size when it is wrong, else None."""
+    want = out.nbytes
+    if lay.zstd:
+        got = _zstd_size(raw)
+        if got == want:
+            _ZSTD.decode(raw, out=out)  # straight into place: no decoded temporary to copy
+            return None
+        if got is None:  # no size in the frame header: decode to learn it
+            data = _ZSTD.decode(raw)
+            got = len(memoryview(data).cast("B"))
+            raw = np.frombuffer(data, dtype=np.uint8)
+    else:
+        got = len(raw)
+    if got != want:
+        return got
+    out[...] = raw.view(lay.dtype)
     return None
 
 
@@ -229,29 +270,59 @@ def decode(lay: ShardLayout, rows: np.ndarray, fetched: tuple[np.ndarray, list[_
     """Rows `rows` (any order) of the array from `fetch`'s bytes; absent chunks read as the fill value."""
     chunks, shards = fetched
     c, n = lay.inner_rows, lay.chunks_per_shard
+    per_chunk = c * int(np.prod(lay.trail, dtype=np.int64))
+    cuts = (np.flatnonzero(np.diff(chunks // n)) + 1).tolist() if len(chunks) else []
+    run = _raw_run(lay, shards[0], chunks - int(chunks[0]) // n * n, per_chunk) if len(shards) == 1 else None
+    fetched_bytes = sum(len(p) for _, p in shards[0].pieces) if run is not None else 0
+    if run is not None and run.flags.writeable and fetched_bytes <= run.nbytes * 5 // 4 + (1 << 16):
+        # uncompressed, back to back in one piece not much bigger than them: used in place, no copy (the piece
+        # stays alive as long as the rows do, hence the size limit)
+        return _rows_of(lay, run.reshape(len(chunks) * c, *lay.trail), chunks, rows)
     blk = np.empty((len(chunks) * c, *lay.trail), dtype=lay.dtype)
-    flat = blk.reshape(len(chunks), c * int(np.prod(lay.trail, dtype=np.int64)))
-    want = flat.shape[1] * lay.dtype.itemsize
-    by_shard = {}
-    for sh, g in zip(shards, np.split(chunks, np.flatnonzero(np.diff(chunks // n)) + 1) if len(chunks) else []):
-        by_shard[int(g[0] // n)] = sh
-    for k, ch in enumerate(chunks.tolist()):
-        s, loc = divmod(ch, n)
-        sh = by_shard[s]
-        off, nb = (_ABSENT, _ABSENT) if sh.index is None else sh.index[loc]
-        if off == _ABSENT:
-            flat[k] = lay.fill
+    flat = blk.reshape(len(chunks), per_chunk)
+    for sh, lo, hi in zip(shards, [0, *cuts], [*cuts, len(chunks)]):
+        s = int(chunks[lo]) // n
+        if sh.index is None:  # no shard file: all fill
+            flat[lo:hi] = lay.fill
             continue
-        key = lay.key(s)
-        raw = _piece(sh, int(off), int(nb), key)
-        if raw is None:
-            raise ValueError(f"shard '{key}': inner chunk {loc} at bytes {int(off)}+{int(nb)} lies outside the "
-                             "shard file (truncated shard)")
-        data = _ZSTD.decode(raw) if lay.zstd else raw
-        if len(memoryview(data).cast("B")) != want:
-            raise ValueError(f"shard '{key}': inner chunk {loc} decodes to {len(memoryview(data).cast('B'))} "
-                             f"bytes, expected {want} (damaged shard file)")
-        flat[k] = np.frombuffer(data, dtype=lay.dtype)
+        run = _raw_run(lay, sh, chunks[lo:hi] - s * n, per_chunk)
+        if run is not None:  # uncompressed chunks stored back to back: one copy
+            flat[lo:hi] = run.reshape(hi - lo, per_chunk)
+            continue
+        for k, loc, (off, nb) in zip(range(lo, hi), (chunks[lo:hi] - s * n).tolist(),
+                                     sh.index[chunks[lo:hi] - s * n].tolist()):
+            if off == _ABSENT_INT:
+                flat[k] = lay.fill
+                continue
+            raw = _piece(sh, off, nb)
+            if raw is None:
+                raise ValueError(f"shard '{lay.key(s)}': inner chunk {loc} at bytes {off}+{nb} lies outside the "
+                                 "shard file (truncated shard)")
+            bad = _decode_chunk(lay, raw, flat[k])
+            if bad is not None:
+                raise ValueError(f"shard '{lay.key(s)}': inner chunk {loc} decodes to {bad} bytes, expected "
+                                 f"{flat[k].nbytes} (damaged shard file)")
+    return _rows_of(lay, blk, chunks, rows)
+
+
+def _raw_run(lay: ShardLayout, sh: _Shard, local: np.ndarray, per_chunk: int) -> np.ndarray | None:
+    """The values of uncompressed inner chunks `local` (sorted) of a shard as one view of its fetched bytes when
+    they lie back to back in one piece (the packed layout), else None (decode them one by one)."""
+    if lay.zstd or sh.index is None or not len(local):
+        return None
+    ent = sh.index[local]
+    want = per_chunk * lay.dtype.itemsize
+    off0 = int(ent[0, 0])
+    if off0 == _ABSENT_INT or not (bool(np.all(ent[:, 1] == want))
+                                   and bool(np.all(ent[:, 0] == off0 + want * np.arange(len(local))))):
+        return None
+    raw = _piece(sh, off0, want * len(local))
+    return None if raw is None else raw.view(lay.dtype)
+
+
+def _rows_of(lay: ShardLayout, blk: np.ndarray, chunks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of `blk`, which holds inner chunks `chunks`: a view when they are contiguous, else a gather."""
+    c = lay.inner_rows
     rows = np.asarray(rows, dtype=np.int64)
     first = int(chunks[0]) * c if len(chunks) else 0
     if len(rows) and len(rows) == int(rows[-1]) - int(rows[0]) + 1 and bool(np.all(np.diff(rows) == 1)):

@@ -128,3 +128,20 @@ def test_feature_store_reads_equal_zarr_and_a_lost_inner_chunk_of_an_ok_row_is_a
         with pytest.raises(StoreError, match="data is missing"):
             s.read("resnet152", rows)
     s.read("resnet152", slice(0, 128))  # other shards still read
+
+
+def test_an_inner_chunk_of_the_wrong_decoded_size_is_a_damaged_shard(arr: zarr.Array) -> None:
+    from numcodecs import Zstd
+
+    lay = sio.shard_layout(arr)
+    assert lay is not None
+    small = np.zeros(7, np.float16).tobytes()  # 14 bytes where an inner chunk holds 4 * 3 * 5 values (120 bytes)
+    raw = np.frombuffer(Zstd(level=1).encode(small) if lay.zstd else small, np.uint8)
+    index = np.full((lay.chunks_per_shard, 2), 2**64 - 1, np.uint64)
+    index[0] = (0, len(raw))
+    shard = sio._Shard(index, [(0, raw)])
+    with pytest.raises(ValueError, match=r"inner chunk 0 decodes to 14 bytes, expected 120 \(damaged shard file\)"):
+        sio.decode(lay, np.arange(4), (np.array([0]), [shard]))
+    index[0] = (0, len(raw) + 8)  # the index points past the bytes fetched
+    with pytest.raises(ValueError, match="lies outside the shard file"):
+        sio.decode(lay, np.arange(4), (np.array([0]), [shard]))

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from store import ChoiceSet, FeatureStore
-from store.schema import FeatureBatch, FeatureSpec, Status
+from store.schema import FeatureBatch, FeatureSpec, Status, bad_value_rows
 from train.models._api import FeatureNeeds, model_features
 
 SAMPLING = ("per_video", "all_pairs")  # one random caption per video per epoch | every (video, caption) pair
@@ -96,6 +96,23 @@ def cache_need(spec: FeatureSpec, n_rows: int) -> int:
     return int(n_rows) * spec.max_steps * max(spec.slots, 1) * spec.dim * (2 if spec.dtype == "float16" else 4)
 
 
+def _zero_invalid(values: np.ndarray, mask: np.ndarray) -> None:
+    """Zero `values` (n, T, D) in place at every step where `mask` (n, T) is False (all of an unavailable row)."""
+    part = np.flatnonzero(~mask.all(axis=1))  # rows with a step not valid: none when every row is full
+    if not len(part):
+        return
+    if not values.flags.c_contiguous or values.itemsize not in (2, 4):
+        np.copyto(values, 0, where=~mask[:, :, None])
+        return
+    # on the bits: an integer multiply by the mask is vectorised where float copyto(where=) is not, and it
+    # clears NaN too (0 bits = +0.0)
+    bits = values.view(np.uint16 if values.itemsize == 2 else np.uint32)
+    if 2 * len(part) > len(values):
+        np.multiply(bits, mask[:, :, None], out=bits)
+    else:
+        bits[part] = bits[part] * mask[part, :, None]
+
+
 class FeatureSource:
     """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
 
@@ -127,7 +144,8 @@ class FeatureSource:
 
     def tensors(self, rows: np.ndarray, fb: FeatureBatch) -> dict[str, torch.Tensor]:
         """Contract-shaped tensors of `fb`, just read for sorted unique `rows` (its arrays are reused in place)."""
-        values = np.asarray(fb.values, dtype=np.float32)
+        # float16 values read with stored_dtype stay float16 (the stream's buffer; batches cast them), else float32
+        values = np.asarray(fb.values, dtype=np.float16 if fb.values.dtype == np.float16 else np.float32)
         mask = np.asarray(fb.mask, dtype=bool)
         avail = np.asarray(fb.available, dtype=bool)
         if self.spec.slots:
@@ -135,7 +153,7 @@ class FeatureSource:
             slot = np.asarray(fb.slot_mask, dtype=bool) & mask[:, :, None]
             values, mask = values.reshape(n, t * k, d), slot.reshape(n, t * k)
         mask = mask & avail[:, None]
-        np.copyto(values, 0.0, where=~mask[:, :, None])  # one pass: every step not valid (all of an unavailable row)
+        _zero_invalid(values, mask)
         self._check_finite(rows, values)
         if self.zero_fill:
             mask = mask.copy()
@@ -145,7 +163,7 @@ class FeatureSource:
 
     def _check_finite(self, rows: np.ndarray, values: np.ndarray) -> None:
         """DataError naming the rows whose valid steps hold NaN/inf (they would train into NaN weights)."""
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        bad = bad_value_rows(values)
         if not bad.any():
             return
         rows = np.asarray(rows)[bad]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from store.schema import inner_rows
+from store.schema import FeatureSpec, inner_rows
 from train.stream import Columns, StreamConfig, shuffled
 
 if TYPE_CHECKING:
@@ -55,6 +55,17 @@ def plan(budget: int, pair_bytes: int, pairs_per_item: float, align: int, batch_
                         workers=workers)
 
 
+def _itemsize(spec: FeatureSpec) -> int:
+    """Bytes of one value in the stream's buffer: float16 features stay float16 there, the rest are float32."""
+    return 2 if spec.dtype == "float16" else 4
+
+
+def _tensor(v: np.ndarray) -> torch.Tensor:
+    """A batch column as the model's tensor: float16 values cast to float32 (as the cached path's gather does)."""
+    t = torch.from_numpy(v)
+    return t.float() if t.dtype == torch.float16 else t
+
+
 def _in_order(rows: np.ndarray, uniq: np.ndarray) -> bool:
     """True when `rows` equals its sorted unique values (so reads of `uniq` need no gather)."""
     return len(rows) == len(uniq) and bool(np.array_equal(rows, uniq))
@@ -79,9 +90,9 @@ class TrainStream:
         for f in self.data.video_features:
             sp = self.data.store.spec(f)
             steps = sp.max_steps * max(1, sp.slots)
-            total += steps * sp.dim * 4 + steps + 1
+            total += steps * sp.dim * _itemsize(sp) + steps + 1
         sp = self.data.spec_text
-        total += sp.max_steps * (sp.dim * 4 + 1) if self.data.needs.text_sequence else sp.dim * 4
+        total += sp.max_steps * (sp.dim * _itemsize(sp) + 1) if self.data.needs.text_sequence else sp.dim * _itemsize(sp)
         return total
 
     def config(self, n_pairs: int, batch_size: int) -> StreamConfig:
@@ -110,13 +121,15 @@ class TrainStream:
         ui, inv_i = np.unique(it, return_inverse=True)
         uc, inv_c = np.unique(cp, return_inverse=True)
         same_i, same_c = _in_order(it, ui), _in_order(cp, uc)  # one pair per row, in row order: no gather
-        read = self.data.store.read_many(list(self.data.video), ui)  # every video feature in one store call
+        store = self.data.store
+        read = store.read_many(list(self.data.video), ui, stored_dtype=True)  # every video feature in one call
         for f, src in self.data.video.items():
             part = src.tensors(ui, read.pop(f))
             for key, name in (("f", f), ("mask", f"{f}_mask"), ("avail", f"{f}_avail")):
                 v = part[key].numpy()
                 cols[f"v/{name}"] = v if same_i else v[inv_i]
-        part = self.data.text._load(uc)
+        text = self.data.text
+        part = text.tensors(uc, store.read_many([text.spec.name], uc, stored_dtype=True)[text.spec.name])
         key = self.data.needs.text_key
         f = part["f"].numpy()
         if self.data.needs.text_sequence:
@@ -129,8 +142,8 @@ class TrainStream:
     def _to_batch(self, cols: Columns) -> tuple[Batch, Batch]:
         """(text, video) tensors of one batch of columns, keyed as StoreData.text_batch / video_batch."""
         self.last = (cols["_item"], cols["_cap"])
-        text = {k[2:]: torch.from_numpy(v) for k, v in cols.items() if k.startswith("t/")}
-        video = {k[2:]: torch.from_numpy(v) for k, v in cols.items() if k.startswith("v/")}
+        text = {k[2:]: _tensor(v) for k, v in cols.items() if k.startswith("t/")}
+        video = {k[2:]: _tensor(v) for k, v in cols.items() if k.startswith("v/")}
         return text, video
 
     def batches(self, epoch: int, seed: int, batch_size: int, image_rate: float, sampling: str = "per_video",
