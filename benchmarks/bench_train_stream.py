@@ -4,7 +4,9 @@ Builds a store of `--items` train videos (2 captions each) with frame, audio and
 feature, then times one epoch of `StoreData.train_batches` (the (text, video) tensors a training step gets,
 batch `--batch`) three ways in the same process: cached (every feature in memory: what tvr-train does when they
 fit `--cache-gb`), streamed (train/stream_train.py with a budget 4x smaller than the features, as stored) and
-the old path for that budget (cached where a feature fits, the rest read from the store per batch). Torch runs
+the old path for that budget (cached where a feature fits, the rest read from the store per batch); the
+streamed run goes first so the RSS high-water mark after it is the stream's, and its allocations are traced
+over one more epoch (the budget covers them: buffer, reads in flight, batches). Torch runs
 with one thread (`--threads`): with two threads on a loaded 2-core machine the cached path's index ops spin.
 Run: `flock /tmp/tvr-bench.lock .venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--dim 64]`.
 """
@@ -16,6 +18,7 @@ import resource
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,16 @@ def epoch_rate(data: StoreData, batch: int, epoch: int = 1) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def traced_peak(data: StoreData, batch: int, epoch: int = 2) -> int:
+    """Peak bytes allocated (tracemalloc: numpy buffers included) during one epoch of train_batches."""
+    tracemalloc.start()
+    for _ in data.train_batches(epoch, 0, batch, 0.0):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build, measure the three read paths, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,17 +99,22 @@ def main(argv: list[str] | None = None) -> int:
               f"MiB in memory as stored, {disk / 2**20:.1f} MiB on disk; built in {time.perf_counter() - t0:.1f} s; "
               f"batch {args.batch}, torch threads {args.threads}, load {os.getloadavg()[0]:.2f}")
         budget = feats // 4
-        cached = epoch_rate(StoreData(s, NEEDS, cache_bytes=2 * feats), args.batch)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         streamed_data = StoreData(s, NEEDS, cache_bytes=budget)
         assert streamed_data.stream is not None
         print(f"  {streamed_data.stream.describe(0.0, 'per_video', args.batch)}")
-        streamed = epoch_rate(streamed_data, args.batch)
+        streamed = epoch_rate(streamed_data, args.batch)  # first: the RSS high-water mark is the stream's
+        rss_stream = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        traced = traced_peak(streamed_data, args.batch)
+        cached = epoch_rate(StoreData(s, NEEDS, cache_bytes=2 * feats), args.batch)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         old = epoch_rate(StoreData(s, NEEDS, cache_bytes=budget, train_reads="cached"), args.batch)
         print(f"  cached (everything in memory)          {cached:>10.0f} pairs/s")
         print(f"  streamed, budget {budget / 2**20:.1f} MiB = features/4 {streamed:>10.0f} pairs/s  "
               f"ratio {streamed / cached:.2f}")
         print(f"  old path for that budget (per batch)   {old:>10.0f} pairs/s  ratio {old / cached:.2f}")
+        print(f"  streamed epoch: peak traced allocations {traced / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB); "
+              f"max RSS {rss_start / 2**10:.0f} MiB before it (imports, store), {rss_stream / 2**10:.0f} MiB after")
         print(f"  max RSS {rss0 / 2**10:.0f} MiB after the cached run (whole features in memory)")
     return 0
 

@@ -251,3 +251,53 @@ def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
     import torch
 
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_float16_checks_on_the_bits_equal_numpy_for_every_value() -> None:
+    from store.schema import bad_value_rows
+    from train.data import _zero_invalid
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(-1, 1, 1)  # all 65536 float16 values
+    np.testing.assert_array_equal(bad_value_rows(every), ~np.isfinite(every.ravel()))
+    np.testing.assert_array_equal(bad_value_rows(every, nan_only=True), np.isnan(every.ravel()))
+    rng = np.random.default_rng(0)
+    for dtype, full in ((np.float16, 0.1), (np.float16, 0.9), (np.float32, 0.1), (np.float32, 0.9)):
+        v = rng.standard_normal((40, 5, 3)).astype(dtype)
+        v[rng.random(v.shape) < 0.05] = np.nan  # NaN at masked steps must be cleared too
+        mask = rng.random((40, 5)) < 0.7
+        mask[:int(40 * full)] = True  # `full` of the rows have every step valid
+        want = v.copy()
+        np.copyto(want, 0, where=~mask[:, :, None])
+        _zero_invalid(v, mask)
+        np.testing.assert_array_equal(v.view(np.uint8), want.view(np.uint8))  # bit-exact, +0.0
+
+
+def test_streamed_reads_keep_float16_in_the_buffer_and_check_values(tmp_path: Path) -> None:
+    import zarr
+
+    from train.data import DataError, StoreData
+
+    store = _pairs_store(tmp_path / "p.zarr", n=256)
+    data = StoreData(store, _needs(), cache_bytes=2**16)
+    assert data.stream is not None
+    items, caps = data.epoch_pairs(0, 1, 0.0)
+    cols = data.stream._read(np.argsort(items)[:16], items, caps)
+    assert cols["v/resnet152"].dtype == np.float16 and cols["t/clip_text"].dtype == np.float32  # as stored
+    text, video = next(iter(data.train_batches(0, 1, 8, 0.0)))
+    assert video["resnet152"].dtype == torch_float32() and text["clip_text"].dtype == torch_float32()
+    values = zarr.open_array(f"{store.url}/resnet152/values", mode="r+")
+    row = values[11:12]  # a train item
+    row[0, 5, 0] = np.inf  # a step past the row's 3 valid steps: zeroed, not an error
+    values[11:12] = row
+    assert sum(len(v["resnet152"]) for _, v in StoreData(store, _needs(), cache_bytes=2**16).train_batches(
+        0, 1, 8, 0.0)) == len(items)
+    row[0, 1, 0] = np.inf  # a valid step
+    values[11:12] = row
+    with pytest.raises(DataError, match=r"'resnet152' holds NaN/inf values in 1 item row\(s\): ids 'v11'"):
+        sum(1 for _ in StoreData(store, _needs(), cache_bytes=2**16).train_batches(0, 1, 8, 0.0))
+
+
+def torch_float32():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.float32
