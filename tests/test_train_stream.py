@@ -301,3 +301,17 @@ def torch_float32():  # type: ignore[no-untyped-def]
     import torch
 
     return torch.float32
+
+
+def test_buffer_pop_writes_the_incoming_rows_into_the_holes() -> None:
+    from train.stream import _Buffer
+
+    buf = _Buffer(10)
+    buf.add({"x": np.arange(10), "y": np.arange(10) * 2.0})
+    out = buf.pop(np.array([2, 7, 4, 9]), {"x": np.array([100, 101]), "y": np.array([200.0, 202.0])})
+    np.testing.assert_array_equal(out["x"], [2, 7, 4, 9])
+    assert buf.n == 8  # four out, two in
+    x, y = buf.data["x"][:buf.n], buf.data["y"][:buf.n]
+    assert sorted(x.tolist()) == [0, 1, 3, 5, 6, 8, 100, 101]  # every other row kept once, the incoming ones in
+    np.testing.assert_array_equal(y, x * 2.0)  # rows stay whole across columns
+    assert x[2] == 100 and x[7] == 101  # straight into the first holes: no append and move

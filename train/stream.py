@@ -3,8 +3,9 @@
 `BlockStream` yields batches of rows of one or more features of one axis (design §1 shards): the selected rows are
 grouped into blocks of `block_rows` consecutive store rows (a shard's worth by default), blocks are read in a
 seeded random order by `workers` background threads, at most `prefetch` blocks ahead, into a shuffle buffer of
-at most `buffer_rows` rows (one preallocated byte matrix, no reallocation); up to a block's worth of random rows
-leaves it in one gather (swap-remove) and is cut into batches of `batch_size`. Blocks are read with
+at most `buffer_rows` rows (preallocated arrays, no reallocation); once it is full, up to a block's worth of
+random rows leaves it in one gather, the next rows of the block at hand are written into their places (each row
+is copied in once and out once), and the rows that left are cut into batches of `batch_size`. Blocks are read with
 store._shard_io's bulk shard reads (one request per shard or byte range, not one per inner chunk). Memory stays
 within about (buffer_rows + (prefetch + 2) * block_rows) rows, which `from_budget` derives from a byte budget
 (`--cache-gb`).
@@ -112,10 +113,11 @@ def _batches_of(cols: Columns) -> dict[str, FeatureBatch]:
 
 
 class _Buffer:
-    """Fixed-capacity shuffle buffer: one preallocated array per column, rows removed by swap-remove.
+    """Fixed-capacity shuffle buffer: one preallocated array per column.
 
-    A pop gathers each column once (contiguous results, so batches cut from them are contiguous views that
-    torch.from_numpy takes as they are) and moves the tail rows into the holes.
+    Rows leave by `pop(pos, incoming)`: each column is gathered once at `pos` (contiguous results, so batches cut
+    from them are contiguous views that torch.from_numpy takes as they are) and the incoming rows are written
+    straight into the holes (each row is copied in once and out once); holes left over take the tail rows.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -123,6 +125,7 @@ class _Buffer:
         self.data: Columns = {}
 
     def add(self, cols: Columns) -> None:
+        """Append the rows of `cols` (room for them is the caller's to ensure)."""
         if not self.data:
             for name, v in cols.items():
                 if v.dtype.hasobject:
@@ -133,12 +136,17 @@ class _Buffer:
             self.data[name][self.n:self.n + k] = v
         self.n += k
 
-    def pop(self, pos: np.ndarray) -> Columns:
-        """Remove the rows at `pos` (unique) and return them; the last rows move into the holes."""
-        m = len(pos)
+    def pop(self, pos: np.ndarray, incoming: Columns | None = None) -> Columns:
+        """Remove the rows at `pos` (unique) and return them; `incoming` rows (at most len(pos)) take their
+        places, and the last rows move into the holes that remain."""
         out = {name: col[pos] for name, col in self.data.items()}
-        tail = self.n - m
-        taken = np.zeros(m, dtype=bool)
+        k = 0 if incoming is None else len(next(iter(incoming.values())))
+        if k:
+            for name, v in incoming.items():  # type: ignore[union-attr]
+                self.data[name][pos[:k]] = v
+        pos = pos[k:]
+        tail = self.n - len(pos)
+        taken = np.zeros(len(pos), dtype=bool)
         taken[pos[pos >= tail] - tail] = True
         holes = pos[pos < tail]
         if len(holes):
@@ -182,38 +190,52 @@ def _read_ahead(read: Callable[[int], Columns], order: list[int], cfg: StreamCon
     _put(out, None, stop)
 
 
+def _rows(cols: Columns, lo: int, hi: int) -> Columns:
+    return {k: v[lo:hi] for k, v in cols.items()}
+
+
 def shuffled(read: Callable[[int], Columns], order: list[int], block_max: int, cfg: StreamConfig,
              rng: np.random.Generator) -> Iterator[Columns]:
     """Batches of `cfg.batch_size` rows (the last one smaller) of blocks read in `order` in the background,
-    drawn at random from a buffer of max(`cfg.buffer_rows`, batch size) rows (+ one block of <= `block_max` rows)."""
+    drawn at random from a buffer of max(`cfg.buffer_rows`, batch size) rows: once it is full, every batch's
+    rows are drawn from it and the next rows of the block at hand (of <= `block_max` rows) take their places."""
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
     t = threading.Thread(target=_read_ahead, args=(read, order, cfg, q, stop), daemon=True)
     t.start()
     bs = cfg.batch_size
     fill = max(cfg.buffer_rows, bs)  # at least a batch, so every batch but the epoch's last is whole
-    buf, done = _Buffer(fill + block_max), False
+    buf, done = _Buffer(fill), False
+    block: Columns = {}
+    at = left = 0  # next row of `block`, rows of it not in the buffer yet
     # rows leave the buffer `per` at a time (one gather per column), cut into batches (views): a few batches at
-    # once when rows are small (per-call costs), one batch when they are big (memory: the gather and the tail
-    # moved into its holes are each `per` rows)
+    # once when rows are small (per-call costs), one batch when they are big (memory: the gather is `per` rows)
     per = bs * max(1, min(block_max, cfg.buffer_rows // 8) // bs)
     try:
         while True:
-            while not done and buf.n < fill:
+            if not left and not done:  # the next block
                 got = q.get()
                 if isinstance(got, Exception):
                     raise got
-                if got is None:
-                    done = True
-                    break
-                buf.add(got)
+                done = got is None
+                block, at = ({}, 0) if got is None else (got, 0)
+                left = 0 if got is None else len(next(iter(got.values())))
                 del got
+            if left and buf.n < fill:  # filling (the epoch's start, or after a short exchange)
+                k = min(left, fill - buf.n)
+                buf.add(_rows(block, at, at + k))
+                at, left = at + k, left - k
+                continue
             if not buf.n:
                 break
             take = min(per, buf.n)
             if not done:  # whole batches only until the last one of the epoch
                 take = max(min(bs, buf.n), take // bs * bs)
-            rows = buf.pop(rng.choice(buf.n, size=take, replace=False))
+            k = min(take, left)
+            rows = buf.pop(rng.choice(buf.n, size=take, replace=False), _rows(block, at, at + k) if k else None)
+            at, left = at + k, left - k
+            if not left:
+                block = {}  # drop the read block: memory stays bounded
             for lo in range(0, take, bs):
                 yield {k: v[lo:lo + bs] for k, v in rows.items()}
     finally:  # also when the consumer stops early: the reader ends after its reads in flight

@@ -3,8 +3,10 @@
 An epoch's (item, caption) pairs come from `StoreData.epoch_pairs`, exactly as on the cached path. The pairs are
 grouped by blocks of `block_rows` consecutive item rows; blocks are read in a seeded random order by background
 threads (train.stream.shuffled), each read turning the block's video rows and its pairs' caption rows into the
-model's tensors once (float32, masks, availability, NaN/inf check: `FeatureSource._load`, the cached path's own
-conversion), and pairs leave a bounded shuffle buffer at random, cut into batches.
+model's arrays once (masks, availability, invalid steps zeroed, NaN/inf check: `FeatureSource.tensors`, the
+cached path's own conversion), values kept in the store's dtype (float16 halves the buffer's bytes and copies);
+pairs leave a bounded shuffle buffer at random, cut into batches, and each batch's float16 values are cast to
+float32 as the cached path's gather does.
 
 Memory: the buffer holds `buffer_rows` pairs plus one block, and at most `prefetch` converted blocks wait while
 `workers` reads are in flight, each holding about READ_COPIES times its converted size; `plan` sizes all of it
@@ -30,8 +32,8 @@ READ_COPIES = 3  # peak bytes of one block read (decoded store arrays, float32 c
 
 
 def held_pairs(cfg: StreamConfig, block_pairs: int) -> int:
-    """Pairs' worth of memory a stream holds at most: the buffer and a block being added, a queued block, the
-    gathered rows being cut into batches (and the tail moved into their holes), `prefetch` reads in flight."""
+    """Pairs' worth of memory a stream holds at most: the buffer and the block being added, a queued block, the
+    gathered rows being cut into batches (and their copy as batch tensors), `prefetch` reads in flight."""
     per = cfg.batch_size * max(1, min(block_pairs, cfg.buffer_rows // 8) // cfg.batch_size)
     return max(cfg.buffer_rows, cfg.batch_size) + 2 * block_pairs + 2 * per + cfg.prefetch * READ_COPIES * block_pairs
 
@@ -92,7 +94,8 @@ class TrainStream:
             steps = sp.max_steps * max(1, sp.slots)
             total += steps * sp.dim * _itemsize(sp) + steps + 1
         sp = self.data.spec_text
-        total += sp.max_steps * (sp.dim * _itemsize(sp) + 1) if self.data.needs.text_sequence else sp.dim * _itemsize(sp)
+        width = sp.dim * _itemsize(sp)
+        total += sp.max_steps * (width + 1) if self.data.needs.text_sequence else width
         return total
 
     def config(self, n_pairs: int, batch_size: int) -> StreamConfig:
