@@ -39,6 +39,7 @@ from tqdm import tqdm
 from store.common import DeviceError, pick_device
 from train.config import TrainConfig, save_yaml
 from train.data import StoreData
+from train.eager_optim import EagerAdam, EagerAdamW
 from train.models._api import RetrievalModel
 
 CONFIG_FILE, LAST, BEST, HISTORY, METRICS = "config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.json"
@@ -105,9 +106,10 @@ def make_optimizer(cfg: TrainConfig, model: RetrievalModel) -> torch.optim.Optim
     # fused: one pass over each parameter instead of ~10 (the for-loop Adam was ~30% of an MEE step on CPU);
     # same update formula (tests/test_train_engine.py checks it against the for-loop optimiser)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    # Eager*: torch's own Adam / AdamW without its torch._dynamo import (~95 MB; train/eager_optim.py)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6, fused=fused or None)
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        return EagerAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6, fused=fused or None)
+    return EagerAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int, total_steps: int) -> float:
