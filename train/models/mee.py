@@ -31,6 +31,7 @@ from train.models._api import (
     register_model,
     resolve_config,
 )
+from train.models._linear import linear
 from train.models.netvlad import NetVLAD, batch_norm_rows
 
 AGGREGATIONS = ("max", "mean", "netvlad")
@@ -73,8 +74,9 @@ class GatedEmbeddingUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_dim) -> (N, out_dim) unit vectors."""
-        y = self.fc(x)
-        return F.normalize(y * torch.sigmoid(batch_norm_rows(self.bn, self.gate(y))), dim=1)
+        y = linear(x, self.fc.weight, self.fc.bias)
+        z = linear(y, self.gate.weight, self.gate.bias)
+        return F.normalize(y * torch.sigmoid(batch_norm_rows(self.bn, z)), dim=1)
 
 
 def masked_pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -137,7 +139,7 @@ class MEE(RetrievalModel):
         mask = text.get("words_mask")
         h = self.text_vlad(words, None if mask is None else mask.bool())
         out: Emb = {f"t_{m}": self.text_geu[m](h) for m in self.modalities}
-        out["moe"] = torch.softmax(self.moe(h), dim=1)
+        out["moe"] = torch.softmax(linear(h, self.moe.weight, self.moe.bias), dim=1)
         return out
 
     def encode_video(self, video: Mapping[str, torch.Tensor]) -> Emb:
