@@ -32,7 +32,7 @@ pairs (per item) and I3D on batches of `stack_batch` stacks, on CUDA when availa
 depend only on frame indices, never on how the decoder chunks the stream. Built stacks wait in the extractor's
 shared `BatchPool`, so with several items in flight one I3D batch holds stacks of several items (features go back
 per item by stack start); an item's `finish` runs what is queued. Per-stack features do not depend on batch
-composition beyond float summation order (CPU convolution kernels vary with the batch size: ~1e-6).
+composition beyond float summation order (CPU convolution kernels vary with the batch size: ~1e-7 relative).
 """
 from __future__ import annotations
 
