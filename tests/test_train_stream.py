@@ -315,3 +315,32 @@ def test_buffer_pop_writes_the_incoming_rows_into_the_holes() -> None:
     assert sorted(x.tolist()) == [0, 1, 3, 5, 6, 8, 100, 101]  # every other row kept once, the incoming ones in
     np.testing.assert_array_equal(y, x * 2.0)  # rows stay whole across columns
     assert x[2] == 100 and x[7] == 101  # straight into the first holes: no append and move
+
+
+def test_a_store_with_zstd_values_streams_the_cached_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarr
+
+    import store.zarr_store as zs
+    from train.data import StoreData
+
+    real = zs.feature_arrays
+
+    def zstd_values(spec, rows, shard_rows=None):  # type: ignore[no-untyped-def]  # the codec of older stores
+        out = real(spec, rows, shard_rows)
+        out["values"]["compressors"] = [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]
+        return out
+
+    monkeypatch.setattr(zs, "feature_arrays", zstd_values)
+    store = _pairs_store(tmp_path / "z.zarr", n=256)
+    assert zarr.open_array(f"{store.url}/resnet152/values", mode="r").compressors[0].to_dict()["name"] == "zstd"
+    cached = StoreData(store, _needs(), cache_bytes=2**30)
+    data = StoreData(store, _needs(), cache_bytes=2**17)
+    assert data.stream is not None
+    n = 0
+    for text, video in data.train_batches(0, 2, 16, 0.0):
+        items, caps = data.stream.last
+        n += len(items)
+        want = cached.video_batch(items)
+        assert all(torch_equal(video[k], want[k]) for k in want)
+        assert torch_equal(text["clip_text"], cached.text_batch(caps)["clip_text"])
+    assert n == len(data.epoch_pairs(0, 2, 0.0)[0])
