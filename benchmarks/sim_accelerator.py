@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu_account import CpuSampler  # noqa: E402
 from extract._api import FrameStepExtractor, StepPolicy  # noqa: E402
 from extract._registry import register_extractor  # noqa: E402
 from store.schema import FeatureSpec  # noqa: E402
@@ -68,22 +69,23 @@ class SimAccelerator(FrameStepExtractor):
         return x
 
 
-def one_cpu_rate(paths: list[Path], height: int | None) -> float:
-    """Grid frames/s of decoding `paths` on one thread at `height` (every frame converted, as sim_accel needs)."""
+def one_cpu_rate(paths: list[Path], height: int | None) -> tuple[float, float]:
+    """Grid frames per wall second and per CPU second of decoding `paths` on one thread at `height` (every frame
+    converted, as sim_accel needs). They differ by the CPU share other processes left this thread."""
     from extract import decode
 
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for p in paths:
         for b in decode.iter_frames(p, batch_size=16, threads=1, height=height):
             n += len(b)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
 
 
 def run_sim(paths: list[Path], tmp: Path, decoders: int, in_flight: int, opts: dict[str, Any],
-            height: int | None, queue: int, tag: str) -> tuple[float, float, float]:
-    """(accelerator busy share, share of time inside the extractor's calls, process seconds) of one pipeline run
-    with one model worker."""
+            height: int | None, queue: int, tag: str) -> tuple[float, float, float, tuple[float, float]]:
+    """(accelerator busy share, share of time inside the extractor's calls, process seconds, processing window
+    in perf_counter time) of one pipeline run with one model worker."""
     from extract import decode
     from pipelines.config import ExtractConfig
     from pipelines.run import run
@@ -98,7 +100,7 @@ def run_sim(paths: list[Path], tmp: Path, decoders: int, in_flight: int, opts: d
     assert res.exit_code == 0, res.table()
     frames = sum(decode.probe(p).n_output_frames() for p in paths)
     busy = frames * opts["batch_seconds"] / opts["batch"] / res.process_seconds
-    return busy, res.model_seconds["sim_accel"] / res.process_seconds, res.process_seconds
+    return busy, res.model_seconds["sim_accel"] / res.process_seconds, res.process_seconds, res.process_window
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,44 +115,70 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--in-flight", type=int, default=4, help="items per model worker call (cross-item batches)")
     ap.add_argument("--queue", type=int, default=8, help="decoded batches buffered per stream (--decode-queue)")
+    ap.add_argument("--configs", default="0:1,0:K,1:K,2:K,2:1", help="decode workers:items in flight per run "
+                    "(K: --in-flight)")
+    ap.add_argument("--by-cpu", action="store_true", help="calibrate on decode frames per CPU second (what one "
+                    "CPU delivers on a quiet machine) instead of per wall second under the current load")
     args = ap.parse_args(argv)
     import ray
 
     from benchmarks.bench_pipeline import make_videos
+    from extract import decode
     from pipelines.worker import import_plugins
 
     import_plugins([PLUGIN])  # registers sim_accel in this process too
 
     height = args.decode_height or None
-    configs = [(0, 1), (0, args.in_flight), (1, args.in_flight), (2, args.in_flight), (2, 1)]
+    configs = [(int(n), args.in_flight if k == "K" else int(k))
+               for n, k in (c.split(":") for c in args.configs.split(","))]
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = make_videos(tmp, args.items, args.seconds, tuple(args.size))
         rates = [one_cpu_rate(paths, height), one_cpu_rate(paths, height)]
-        one_cpu = sum(rates) / 2
+        one_cpu = sum(r[1 if args.by_cpu else 0] for r in rates) / 2
         opts = {"batch": args.batch, "batch_seconds": args.batch / (args.need * one_cpu)}
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         try:
-            rows = [(n, k, *run_sim(paths, tmp, n, k, opts, height, args.queue, f"{i}"))
-                    for i, (n, k) in enumerate(configs)]
+            with CpuSampler() as sampler:
+                rows = [(n, k, *run_sim(paths, tmp, n, k, opts, height, args.queue, f"{i}"))
+                        for i, (n, k) in enumerate(configs)]
         finally:
             ray.shutdown()
         rates.append(one_cpu_rate(paths, height))  # after: did the machine's load move during the runs?
+        frames = sum(decode.probe(p).n_output_frames() for p in paths)
     load.append(os.getloadavg()[0])
+    shown = ", ".join(f"{w:.0f}/s wall {c:.0f}/s CPU" for w, c in rates)
     print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]} H.264, decoded at height "
-          f"{height or 'native'}; one decode CPU: {one_cpu:.0f} frames/s (runs {rates[0]:.0f}, {rates[1]:.0f}; "
-          f"after the pipeline runs {rates[2]:.0f}); {os.cpu_count()} CPUs; 1-min load {load[0]:.2f} before, "
-          f"{load[1]:.2f} after")
+          f"{height or 'native'}; one decode CPU: {one_cpu:.0f} frames/s (per {'CPU' if args.by_cpu else 'wall'} "
+          f"second; runs {shown}, the last after the pipeline runs); {os.cpu_count()} CPUs; 1-min load "
+          f"{load[0]:.2f} before, {load[1]:.2f} after")
     print(f"simulated accelerator: {args.batch} frames per {opts['batch_seconds'] * 1000:.1f} ms = "
           f"{args.need:g}x one decode CPU ({args.need * one_cpu:.0f} frames/s); 1 model worker; "
           f"decode queue {args.queue}")
     print(f"{'decode':<30}{'items in flight':>16}{'busy':>7}{'in extractor':>14}{'process s':>11}")
-    for n, k, busy, inside, secs in rows:
+    for n, k, busy, inside, secs, _ in rows:
         name = "in-worker decode threads" if n == 0 else f"{n} decode worker(s)"
         print(f"{name:<30}{k:>16}{busy:>7.0%}{inside:>14.0%}{secs:>11.1f}")
+    print_cpu(sampler, [(f"{n} dec, {k} in flight", w) for n, k, *_, w in rows])
+    print(f"{'session CPU s / 1000 frames':<28}" + "".join(
+        f"{sum(v for r, v in sampler.account(*w).items() if not r.startswith('other')) * 1000 / frames:>22.2f}"
+        for *_, w in rows) + f"   (one decode thread alone: {1000 / (sum(r[1] for r in rates) / 3):.2f})")
     return 0
+
+
+def print_cpu(sampler: CpuSampler, windows: list[tuple[str, tuple[float, float]]]) -> None:
+    """CPU seconds per process role in each run's processing window (and per wall second: CPUs used)."""
+    accounts = [sampler.account(*w) for _, w in windows]
+    roles = sorted({r for a in accounts for r in a}, key=lambda r: -sum(a.get(r, 0.0) for a in accounts))
+    roles = [r for r in roles if max(a.get(r, 0.0) for a in accounts) >= 0.05]
+    print(f"\nCPU seconds in each processing window, per process role (the sampler's own cost: {sampler.own:.1f} s "
+          "in the driver)")
+    print(f"{'role':<28}" + "".join(f"{name:>22}" for name, _ in windows))
+    for r in roles + ["total (session + other)"]:
+        vals = [sum(a.values()) if r.startswith("total") else a.get(r, 0.0) for a in accounts]
+        print(f"{r:<28}" + "".join(f"{v:>13.1f} ({v / (w[1] - w[0]):.2f}/s)" for v, (_, w) in zip(vals, windows)))
 
 
 if __name__ == "__main__":

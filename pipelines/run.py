@@ -43,6 +43,7 @@ class RunResult:
     retried: int = 0
     exit_code: int = 0
     process_seconds: float = 0.0  # dispatch to last result, all workers up and models loaded
+    process_window: tuple[float, float] = (0.0, 0.0)  # time.perf_counter() at its start and end (for profilers)
     log: list[str] = field(default_factory=list)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)  # feature -> weights identity (provenance)
     model_seconds: dict[str, float] = field(default_factory=dict)  # feature -> worker seconds inside its model
@@ -336,7 +337,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, poo
         _drive(ray, disp, actors, cfg, cap_texts, store)
     finally:
         bar.close()
-    process_seconds = time.perf_counter() - t_process
+    t_end = time.perf_counter()
+    process_seconds = t_end - t_process
     store.pack_ready(partial=True)  # everything this run finished, so xarray/dask and copies see it
     cov_all = store.coverage()
     feats = item_feats + cap_feats
@@ -350,6 +352,7 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, poo
     t = disp.tally
     return RunResult(coverage=coverage, reasons=reasons, tasks=total, seconds=0.0, retried=t.retried,
                      exit_code=1 if any_failed else 0, process_seconds=process_seconds,
+                     process_window=(t_process, t_end),
                      model_seconds={f: float(t.model_seconds[f]) for f in feats if f in t.model_seconds},
                      task_seconds=t.task_seconds)
 
