@@ -1,5 +1,5 @@
-"""Cross-item batching for I3D stacks and VGGish examples: several in-flight items share one model batch through the
-extractor's BatchPool, outputs go back per item, a failure stays with its item, a CUDA OOM still halves."""
+"""Cross-item batching for I3D (rgb, flow) stacks and VGGish examples: several in-flight items share one model batch
+through the extractor's BatchPool, outputs go back per item, a failure stays with its item, a CUDA OOM still halves."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +7,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+import torch
 
 from extract import engine
 from extract.decode import MediaInfo
-from extract.i3d import I3DRgb
+from extract.i3d import I3DFlow, I3DRgb, _I3DExtractor
+from extract.raft_flow import center_crop
 from extract.vggish import VGGishExtractor
 from store.schema import FeatureRows, Status
 from tests._extractors import Batch, oom_above
@@ -41,6 +43,18 @@ def _i3d(real: bool = False) -> I3DRgb:
     ex = I3DRgb(random_init=True, seed=1, stack_size=9, step_size=9, stack_batch=4, device="cpu")
     if not real:
         ex.run_stacks = _fake_i3d  # type: ignore[method-assign]
+    return ex
+
+
+def _fake_flow(first: Any, second: Any) -> Any:
+    """An exact stand-in for RAFT + flow scaling: the pair's two frames, cropped, as the 2 channels."""
+    return center_crop(torch.cat([first[:, :1], second[:, :1]], dim=1), 224).float()
+
+
+def _i3d_flow() -> I3DFlow:
+    ex = I3DFlow(random_init=True, raft="raft_small.C_T_V2", num_flow_updates=2, stack_size=9, step_size=9,
+                 stack_batch=4, device="cpu")
+    ex.run_stacks, ex.make_items = _fake_i3d, _fake_flow  # type: ignore[method-assign]
     return ex
 
 
@@ -78,6 +92,8 @@ def _audio_stream(key: str) -> list[tuple[str, Any]]:
 CASES = {
     "i3d_rgb": Case("i3d_rgb", _i3d, lambda k: MediaInfo(f"{k}.mkv", "video", FRAMES[k] / 25, True, False),
                     _frame_stream),
+    "i3d_flow": Case("i3d_flow", _i3d_flow, lambda k: MediaInfo(f"{k}.mkv", "video", FRAMES[k] / 25, True, False),
+                     _frame_stream),
     "vggish": Case("vggish", lambda: VGGishExtractor(random_init=True, seed=7, batch_size=4, dtype="float32",
                                                      device="cpu"),
                    lambda k: MediaInfo(f"{k}.mkv", "audio", SECONDS[k], False, True), _audio_stream),
@@ -85,7 +101,7 @@ CASES = {
 
 
 def _pool(ex: Any) -> engine.BatchPool:
-    return ex.stack_pool() if isinstance(ex, I3DRgb) else ex.example_pool()
+    return ex.stack_pool() if isinstance(ex, _I3DExtractor) else ex.example_pool()
 
 
 def _record(ex: Any, batches: list[list[str]], poison: str = "") -> None:
@@ -153,7 +169,7 @@ def test_several_items_share_model_batches_and_get_their_own_outputs(name: str) 
     assert any(len(set(b)) >= 2 for b in batches), batches  # model batches held inputs of several items
     assert max(len(b) for b in batches) == 4 and len(_pool(ex)) == 0
     for k in ITEMS:
-        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name != "vggish")
     assert sum(len(b) for b in batches) == sum(len(out[k].rows[case.feature].values) for k in ITEMS)
 
 
@@ -167,7 +183,7 @@ def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str) -> 
     assert fail.reason == "extractor_error" and "scripted model failure on item b" in fail.message
     assert any("b" in b and len(set(b)) >= 2 for b in batches), batches  # the failed batch was mixed: retried
     for k in ("a", "c"):
-        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name != "vggish")
     assert len(_pool(ex)) == 0  # nothing of the failed item is left queued
 
 
@@ -175,15 +191,15 @@ def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str) -> 
 def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str) -> None:
     case, seen = CASES[name], []
     ex = case.make()
-    if name == "i3d_rgb":
+    if name != "vggish":
         ex.run_stacks = oom_above(1, ex.run_stacks, seen)
     else:
         ex.embed = oom_above(1, ex.embed, seen)
     out = _together(case, ex)
     assert seen[:3] == [4, 2, 1]  # a full mixed batch of 4, halved down to single inputs, which fit
-    assert (ex.stack_batch if name == "i3d_rgb" else ex.batch_size) == 1  # later batches start at the size that fit
+    assert (ex.batch_size if name == "vggish" else ex.stack_batch) == 1  # later batches start at the size that fit
     for k in ITEMS:
-        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name == "i3d_rgb")
+        _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name != "vggish")
 
 
 def test_an_item_ending_runs_its_partial_batch_without_waiting_for_the_others() -> None:
