@@ -4,9 +4,11 @@ Builds a store of `--items` train videos (2 captions each) with frame, audio and
 feature, then times one epoch of `StoreData.train_batches` (the (text, video) tensors a training step gets,
 batch `--batch`) three ways in the same process: cached (every feature in memory: what tvr-train does when they
 fit `--cache-gb`), streamed (train/stream_train.py with a budget 4x smaller than the features, as stored) and
-the old path for that budget (cached where a feature fits, the rest read from the store per batch); the
-streamed run goes first so the RSS high-water mark after it is the stream's, and its allocations are traced
-over one more epoch (the budget covers them: buffer, reads in flight, batches). Torch runs
+the old path for that budget (cached where a feature fits, the rest read from the store per batch, one epoch).
+Cached and streamed epochs alternate for `--rounds` rounds (one epoch is a fraction of a second, so load from
+other processes swings single figures): medians of pairs/s and of process CPU per pair (all threads) are
+reported with their ratios. A streamed epoch's allocations are traced (tracemalloc: numpy buffers included),
+to compare with the budget; the process RSS includes the store build and the cached features. Torch runs
 with one thread (`--threads`): with two threads on a loaded 2-core machine the cached path's index ops spin.
 Run: `flock /tmp/tvr-bench.lock .venv/bin/python benchmarks/bench_train_stream.py [--items 30000] [--dim 64]`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -63,13 +66,32 @@ def epoch_rate(data: StoreData, batch: int, epoch: int = 1) -> float:
     """Pairs/s of one epoch of train_batches, after an untimed epoch 0 (imports, caches)."""
     for _ in data.train_batches(0, 0, batch, 0.0):
         pass
-    t0, n = time.perf_counter(), 0
+    return timed_epoch(data, batch, epoch)[0]
+
+
+def timed_epoch(data: StoreData, batch: int, epoch: int) -> tuple[float, float]:
+    """(pairs/s, process CPU microseconds per pair, every thread) of one epoch of train_batches."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for _, video in data.train_batches(epoch, 0, batch, 0.0):
         n += len(video["clip"])
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1e6
 
 
-def traced_peak(data: StoreData, batch: int, epoch: int = 2) -> int:
+def rounds(cached: StoreData, streamed: StoreData, batch: int, n: int) -> list[tuple[tuple[float, float], ...]]:
+    """`n` rounds of one cached and one streamed epoch back to back (which goes first alternates, so load that
+    drifts during a round biases neither): [(cached (pairs/s, us/pair), streamed (pairs/s, us/pair))]."""
+    for d in (cached, streamed):
+        for _ in d.train_batches(0, 0, batch, 0.0):  # untimed: imports, caches
+            pass
+    out = []
+    for r in range(n):
+        first, second = (cached, streamed) if r % 2 == 0 else (streamed, cached)
+        a, b = timed_epoch(first, batch, r + 1), timed_epoch(second, batch, r + 1)
+        out.append((a, b) if r % 2 == 0 else (b, a))
+    return out
+
+
+def traced_peak(data: StoreData, batch: int, epoch: int = 0) -> int:
     """Peak bytes allocated (tracemalloc: numpy buffers included) during one epoch of train_batches."""
     tracemalloc.start()
     for _ in data.train_batches(epoch, 0, batch, 0.0):
@@ -79,6 +101,19 @@ def traced_peak(data: StoreData, batch: int, epoch: int = 2) -> int:
     return peak
 
 
+def report(res: list[tuple[tuple[float, float], ...]], budget: int) -> None:
+    """Per-round and median pairs/s, CPU per pair and streamed/cached ratios."""
+    med = statistics.median
+    for r, ((cr, cc), (sr, sc)) in enumerate(res):
+        print(f"    round {r + 1}: cached {cr:>9.0f} pairs/s {cc:5.2f} us/pair | streamed {sr:>9.0f} pairs/s "
+              f"{sc:5.2f} us/pair | ratio {sr / cr:.2f}")
+    cr, sr = med(c[0] for c, _ in res), med(s[0] for _, s in res)
+    cc, sc = med(c[1] for c, _ in res), med(s[1] for _, s in res)
+    print(f"  cached (everything in memory)          {cr:>10.0f} pairs/s  {cc:5.2f} us CPU/pair (medians)")
+    print(f"  streamed, budget {budget / 2**20:.1f} MiB = features/4 {sr:>10.0f} pairs/s  {sc:5.2f} us CPU/pair  "
+          f"ratio {sr / cr:.2f} (median of rounds {med(s[0] / c[0] for c, s in res):.2f}; CPU {cc / sc:.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build, measure the three read paths, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--dim", type=int, default=64, help="feature width of every feature")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--rounds", type=int, default=5, help="cached/streamed epoch pairs timed (medians reported)")
     args = ap.parse_args(argv)
     import torch
 
@@ -99,23 +135,17 @@ def main(argv: list[str] | None = None) -> int:
               f"MiB in memory as stored, {disk / 2**20:.1f} MiB on disk; built in {time.perf_counter() - t0:.1f} s; "
               f"batch {args.batch}, torch threads {args.threads}, load {os.getloadavg()[0]:.2f}")
         budget = feats // 4
-        rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        streamed_data = StoreData(s, NEEDS, cache_bytes=budget)
-        assert streamed_data.stream is not None
-        print(f"  {streamed_data.stream.describe(0.0, 'per_video', args.batch)}")
-        streamed = epoch_rate(streamed_data, args.batch)  # first: the RSS high-water mark is the stream's
-        rss_stream = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        traced = traced_peak(streamed_data, args.batch)
-        cached = epoch_rate(StoreData(s, NEEDS, cache_bytes=2 * feats), args.batch)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        streamed = StoreData(s, NEEDS, cache_bytes=budget)
+        assert streamed.stream is not None
+        print(f"  {streamed.stream.describe(0.0, 'per_video', args.batch)}")
+        traced = traced_peak(streamed, args.batch)
+        report(rounds(StoreData(s, NEEDS, cache_bytes=2 * feats), streamed, args.batch, args.rounds), budget)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         old = epoch_rate(StoreData(s, NEEDS, cache_bytes=budget, train_reads="cached"), args.batch)
-        print(f"  cached (everything in memory)          {cached:>10.0f} pairs/s")
-        print(f"  streamed, budget {budget / 2**20:.1f} MiB = features/4 {streamed:>10.0f} pairs/s  "
-              f"ratio {streamed / cached:.2f}")
-        print(f"  old path for that budget (per batch)   {old:>10.0f} pairs/s  ratio {old / cached:.2f}")
+        print(f"  old path for that budget (per batch)   {old:>10.0f} pairs/s (one epoch)")
         print(f"  streamed epoch: peak traced allocations {traced / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB); "
-              f"max RSS {rss_start / 2**10:.0f} MiB before it (imports, store), {rss_stream / 2**10:.0f} MiB after")
-        print(f"  max RSS {rss0 / 2**10:.0f} MiB after the cached run (whole features in memory)")
+              f"process max RSS {rss / 2**10:.0f} MiB (the store build and the cached features included), "
+              f"load {os.getloadavg()[0]:.2f}")
     return 0
 
 
