@@ -165,3 +165,25 @@ def test_xpool_loss_is_symmetric_ce_of_cos_t_forward_pool_in_train_mode():
     from train.losses import symmetric_cross_entropy
 
     assert loss.item() == pytest.approx(symmetric_cross_entropy(sim, m.logit_scale).item(), rel=1e-5)
+
+
+def test_bits_dropout_is_a_dropout_of_rate_p():
+    """Kept fraction 1 - p (statistically), kept values x / (1 - p), gradient through the same mask, eval identity."""
+    from train.models.xpool import BitsDropout
+
+    drop = BitsDropout(0.3)
+    x = torch.randn(64, 33, 17, requires_grad=True)  # odd element count: half of a 64-bit draw is left over
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - 0.7) < 4 * math.sqrt(0.21 / n)
+    assert torch.allclose(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.7)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global generator drives it (reproducible runs)
+    per_row = kept.flatten(1).float().mean(1)  # no structure: rows keep about the same fraction
+    assert per_row.std().item() < 0.05
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(BitsDropout(1.0)(x), torch.zeros_like(x)) and torch.equal(BitsDropout(0.0)(x), x)

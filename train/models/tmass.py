@@ -32,7 +32,7 @@ from store.schema import FeatureSpec
 from train.losses import symmetric_cross_entropy
 from train.models._api import Emb, ModelConfigError, feature_dims_from, register_model, resolve_config
 from train.models.tmass_noise import C_TEXT, C_VIDEO, key_states, pair_noise, pair_states, trial_max
-from train.models.xpool import COS_EPS, XPoolBase, XPoolConfig, _identity_, frames_count, pair_cosines, unit
+from train.models.xpool import COS_EPS, XPoolBase, XPoolConfig, _identity_, frames_count, pair_cosines
 
 PRIORS = ("uniform01", "normal")
 
@@ -109,16 +109,15 @@ class TMASS(XPoolBase):
         """L_s + alpha * L_sup for a batch of paired (text i, video i); eps from the global torch RNG."""
         t, frames, keep = text_emb["t"], video_emb["frames"], video_emb["frames_mask"]
         pooled = self.pool.pool_train(t, frames, keep)  # (Bv, Bt, D)
-        pooled_unit = unit(pooled)
         r = self.paired_radius(t, frames, keep)  # (B, D)
         t_s = t + self.sample_prior(tuple(t.shape), device=t.device).to(t.dtype) * r
-        sim = pair_cosines(t_s, pooled_unit)  # [i, j] = cos(t_s,i, pool(v_j | t_i))
+        sim = pair_cosines(t_s, pooled)  # [i, j] = cos(t_s,i, pool(v_j | t_i))
         loss_s = symmetric_cross_entropy(sim, self.logit_scale)
         parts = {"loss_s": float(loss_s.detach())}
         loss = loss_s
         if self.config.support_weight:
             t_sup = self.support_text(t, r, pooled)
-            sim_sup = pair_cosines(t_sup, pooled_unit)
+            sim_sup = pair_cosines(t_sup, pooled)
             loss_sup = symmetric_cross_entropy(sim_sup, self.logit_scale)
             loss = loss + self.config.support_weight * loss_sup
             parts["loss_sup"] = float(loss_sup.detach())

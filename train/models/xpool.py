@@ -72,6 +72,32 @@ def _identity_(linear: nn.Linear) -> None:
         nn.init.zeros_(linear.bias)
 
 
+class BitsDropout(nn.Dropout):
+    """nn.Dropout whose keep mask compares 32 random bits per element with p * 2^32.
+
+    Same distribution (each element kept with probability 1 - p, to within 2^-32, and scaled by 1 / (1 - p)),
+    drawn from the same global torch generator, but torch's CPU bernoulli_ behind nn.Dropout draws each element
+    through a double-precision Bernoulli sampler: 12 ms for X-Pool's (32, 32, 512) training tensor, a quarter of
+    the step. Raw 64-bit draws split into two 32-bit halves take a fifth of that.
+    """
+
+    def keep_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask of x's shape and dtype: 1 / (1 - p) where kept, 0 where dropped (training, 0 < p < 1)."""
+        n = x.numel()
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        bits = bits.view(torch.int32)[:n].view(x.shape)  # uniform over [-2^31, 2^31)
+        keep = bits >= round(self.p * 2**32) - 2**31
+        return torch.where(keep, 1.0 / (1.0 - self.p), 0.0).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * keep_scale(x) in training (zeros for p = 1), x itself in eval mode or for p = 0."""
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return torch.zeros_like(x)
+        return x * self.keep_scale(x)
+
+
 def frame_mask(frames: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(Nv, F) bool mask; rows with no valid frame are treated as all valid (their values are zeros)."""
     if mask is None:
@@ -92,7 +118,7 @@ class XPoolHead(nn.Module):
         self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.linear_proj = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = BitsDropout(dropout)
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.linear_proj):
             _identity_(lin)
 
@@ -138,6 +164,8 @@ class XPoolHead(nn.Module):
         rstd = torch.rsqrt(xc.square().mean(dim=2, keepdim=True) + self.ln2.eps)
         o = torch.addcmul(self.ln2.bias, xc * rstd, self.ln2.weight)  # LN2 output
         y = y * rstd + self.linear_proj(self.ln2.bias)  # = linear_proj(o)
+        if self.dropout.training and 0.0 < self.dropout.p < 1.0:  # o + dropout(y) in one pass
+            return self.ln3(torch.addcmul(o, y, self.dropout.keep_scale(y)))
         return self.ln3(o + self.dropout(y))
 
     # ---- evaluation fast path (dropout must be off) ------------------------------------------------------
@@ -204,9 +232,13 @@ class XPoolHead(nn.Module):
         return self.pool_values(self.mix_weights(q, cache), cache)
 
 
-def pair_cosines(x: torch.Tensor, pooled_unit: torch.Tensor) -> torch.Tensor:
-    """(Nt, Nv) cos(x_t, pooled[v, t]) from texts x (Nt, D) and unit pooled vectors (Nv, Nt, D)."""
-    return torch.einsum("vtd,td->tv", pooled_unit, unit(x))
+def pair_cosines(x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(Nt, Nv) cos(x_t, pooled[v, t]) from texts x (Nt, D) and pooled vectors (Nv, Nt, D); norms floored at COS_EPS.
+
+    Dots of the unit texts divided by the pooled norms: no normalised (Nv, Nt, D) copy, forward or backward.
+    """
+    dots = (pooled * unit(x)).sum(-1)  # (Nv, Nt)
+    return (dots / pooled.norm(dim=-1).clamp(min=COS_EPS)).t()
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +322,7 @@ class XPoolModel(XPoolBase):
         """Symmetric CE on S[i, j] = cos(t_i, pool(v_j | t_i))."""
         t = text_emb["t"]
         pooled = self.pool.pool_train(t, video_emb["frames"], video_emb["frames_mask"])  # (Bv, Bt, D)
-        sim = pair_cosines(t, unit(pooled))
+        sim = pair_cosines(t, pooled)
         loss = symmetric_cross_entropy(sim, self.logit_scale)
         return loss, {"loss_xpool": float(loss.detach()), "logit_scale": float(self.logit_scale.detach().exp())}
 
