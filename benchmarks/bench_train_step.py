@@ -2,7 +2,8 @@
 
 Per model (MEE, X-Pool, T-MASS): each round runs the reference loop and tvr's `train_one_epoch` in fresh
 subprocesses, one after the other (interleaved), and keeps per-step ms; the figures are medians over rounds.
-Memory: peak PSS of the process plus its children (the reference's DataLoader worker), sampled every 20 ms.
+Memory: peak PSS of the process plus its children (the reference's DataLoader worker), sampled every 20 ms until
+the child prints its result (the interpreter's exit is left out: see `run_child`).
 tvr trains on a synthetic store (real dims; word2vec-like 300-d words for MEE, as the reference) with the
 features cached in memory; the reference reads its own in-memory numpy / tensor dataset through a DataLoader.
 Run: `flock /tmp/tvr-bench.lock .venv/bin/python benchmarks/bench_train_step.py --model all`.
@@ -151,24 +152,39 @@ def _pss_kb(pid: int) -> int:
 
 
 def run_child(args: list[str], root: Path = ROOT) -> dict:
-    """Run this module (its copy under `root`) as a child; its JSON result plus its peak PSS (MB, children included)."""
+    """Run this module (its copy under `root`) as a child; its JSON result plus its peak PSS (MB, children included).
+
+    The peak is sampled until the child prints its result (unbuffered): a torch process's exit pages in another
+    ~100-150 MB of shared-library code (C++ static destructors; `os._exit` skips it), which says nothing of
+    training and, shared with other processes, varies from run to run. `exit_peak_mb` includes the exit.
+    """
     script = root / "benchmarks" / Path(__file__).name
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, cwd=str(root))
-    peak = [0]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, cwd=str(root),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    peak, exit_peak, done = [0], [0], threading.Event()
 
     def watch() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _pss_kb(proc.pid))
+            kb = _pss_kb(proc.pid)
+            exit_peak[0] = max(exit_peak[0], kb)
+            if not done.is_set():
+                peak[0] = max(peak[0], kb)
             time.sleep(0.02)
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
-    out, _ = proc.communicate()
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("{"):
+            done.set()
+    proc.wait()
     th.join()
     if proc.returncode:
         raise RuntimeError(f"bench child {args} failed with exit code {proc.returncode}")
-    res = json.loads(out.strip().splitlines()[-1])
-    res["peak_mb"] = peak[0] / 1024
+    res = json.loads("".join(lines).strip().splitlines()[-1])
+    res["peak_mb"], res["exit_peak_mb"] = peak[0] / 1024, exit_peak[0] / 1024
     return res
 
 
@@ -178,13 +194,14 @@ def compare(model: str, url: str, n_videos: int, captions: int, rounds: int, inn
     ms: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
     cpu: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
     mb: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
+    exit_mb: dict[str, list[float]] = {"ref": [], "tvr": [], "before": []}
     steps = 0
-    tvr_args = ["--child", "tvr", "--model", model, "--store", url, "--rounds", str(inner), "--batch", str(batch)]
+    tvr_args = ["--child", "tvr", "--model", model, "--store", url, "--inner", str(inner), "--batch", str(batch)]
     for _ in range(rounds):
         t = run_child(tvr_args)
         steps = t["steps"]
         runs = {"tvr": t, "ref": run_child(["--child", "ref", "--model", model, "--videos", str(n_videos),
-                                             "--captions", str(captions), "--steps", str(steps), "--rounds", str(inner),
+                                             "--captions", str(captions), "--steps", str(steps), "--inner", str(inner),
                                              "--batch", str(batch)])}
         if before is not None:
             runs["before"] = run_child(tvr_args, before)
@@ -192,11 +209,13 @@ def compare(model: str, url: str, n_videos: int, captions: int, rounds: int, inn
             ms[k] += r["ms"]
             cpu[k] += r.get("cpu_ms", [])  # an older copy of this benchmark (--before) may not report it
             mb[k].append(r["peak_mb"])
+            exit_mb[k].append(r["exit_peak_mb"])
     out = {"model": model, "steps": steps}
     for k in ms:
         out[f"{k}_ms"] = statistics.median(ms[k]) if ms[k] else float("nan")
         out[f"{k}_cpu"] = statistics.median(cpu[k]) if cpu[k] else float("nan")
         out[f"{k}_peak_mb"] = max(mb[k]) if mb[k] else float("nan")
+        out[f"{k}_exit_peak_mb"] = max(exit_mb[k]) if exit_mb[k] else float("nan")
     return out
 
 
@@ -246,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['before_ms']:>9.1f}{r['ref_ms'] / r['before_ms']:>7.2f}{r['ref_cpu']:>9.1f}{r['tvr_cpu']:>9.1f}"
                   f"{r['ref_cpu'] / r['tvr_cpu']:>7.2f}{r['before_cpu']:>9.1f}{r['ref_cpu'] / r['before_cpu']:>7.2f}"
                   f"{r['ref_peak_mb']:>8.0f}{r['tvr_peak_mb']:>8.0f}{r['before_peak_mb']:>8.0f}", flush=True)
+            print(f"{'':<7}peak PSS with the interpreter's exit: ref {r['ref_exit_peak_mb']:.0f} MB, tvr "
+                  f"{r['tvr_exit_peak_mb']:.0f} MB, before {r['before_exit_peak_mb']:.0f} MB", flush=True)
     return 0
 
 

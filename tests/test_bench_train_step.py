@@ -46,6 +46,7 @@ def test_reference_pooling_radius_and_loss_equal_tvr(train):
     _perturb(r)
     head = XPoolHead(d, 1, 0.3)
     head.load_state_dict({k.replace("layer_norm", "ln"): v for k, v in r.pool_frames.state_dict().items()})
+    r.pool_frames.dropout = head.dropout  # tvr's faster mask draw (BitsDropout): the same masks on both sides
     r.train(train)
     head.train(train)
     g = torch.Generator().manual_seed(1)
@@ -88,3 +89,11 @@ def test_main_prints_the_comparison_table(small_store, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("xpool"))
     assert "x" in row and len(row.split()) >= 6
+
+
+@pytest.mark.slow
+def test_run_child_samples_memory_until_the_result(small_store):
+    """Peak PSS is sampled while the child trains; the exit-inclusive peak is reported beside it, never below it."""
+    res = bench.run_child(["--child", "tvr", "--model", "xpool", "--store", small_store, "--inner", "1", "--batch", "8"])
+    assert res["steps"] > 0 and len(res["ms"]) == 1
+    assert 100 < res["peak_mb"] <= res["exit_peak_mb"]
