@@ -435,3 +435,25 @@ def test_recipe_trains_on_every_pair(store_url, tmp_path):
     steps = torch.load(run / "last.pt", weights_only=True)["step"]
     assert steps == data.n_train_batches(8, 0.0, "all_pairs") == -(-2 * n_videos // 8)  # 2 captions per video
     assert data.n_train_batches(8, 0.0) == -(-n_videos // 8)
+
+
+@pytest.mark.slow
+def test_console_eval_exits_fast_with_all_output(store_url, tmp_path):
+    """`python -m train eval` (console(): os._exit after eval) prints the whole table through a pipe, writes the
+    metrics and returns main's exit code; an eval error still prints its message and exits 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    assert main(["xpool", "--store", store_url, "--out", str(run), "--epochs", "1", "--batch-size", "8",
+                 "--device", "cpu"]) == 0
+    res = subprocess.run([sys.executable, "-m", "train", "eval", str(run)], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"{run} (best checkpoint)") and lines[-1] == f"wrote {run / 'metrics_test.json'}"
+    assert json.loads((run / "metrics_test.json").read_text())["t2v"].keys() >= METRIC_KEYS
+    bad = subprocess.run([sys.executable, "-m", "train", "eval", str(tmp_path / "nothing")], cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a tvr-train run" in bad.stderr

@@ -1,9 +1,7 @@
 """`python -m train ...`: the same as `tvr-train`."""
 from __future__ import annotations
 
-import sys
-
-from train.cli import main
+from train.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
