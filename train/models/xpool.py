@@ -141,10 +141,12 @@ class XPoolHead(nn.Module):
         """forward() for all pairs, dropout included, with no D x D product per pair or per frame key: (Nv, Nt, D).
 
         q . k_f = (Wk^T q) . V^_f + q . bk, so the keys need one D x D product per text, not per frame.
-        Wo agg + bo = sum_j a_j w_j with per-video rows w (Nv, HF, D), so its centred value is a @ (w - mean w)
-        and LN2 needs no per-pair matmul; Wl o + bl = rstd * a @ ((w - mean w) g2 Wl^T) + Wl b2 + bl likewise.
-        Per pair only (HF)-term weighted sums and elementwise work remain. Dropout is drawn on the same
-        (Nv, Nt, D) tensor as in forward(), so both use the same random numbers.
+        Wo agg + bo = sum_j a_j w_j with per-video rows w (Nv, HF, D), so its centred value is xc = a @ wc
+        (wc = w - mean w) and LN2's variance is the quadratic form a^T (wc wc^T / D) a: rstd comes from (HF x HF)
+        Gram matrices before any D-vector per pair exists. With a1 = [rstd * a, 1] (each head's a sums to one),
+        LN2's output is o = a1 @ [wc g2; b2] and Wl o + bl = a1 @ [wc g2 Wl^T; Wl b2 + bl]: two (HF+1)-term
+        weighted sums per pair, then o + dropout(y) and LN3 (the only elementwise passes over (Nv, Nt, D)).
+        Dropout is drawn on the same (Nv, Nt, D) tensor as in forward(), so both use the same random numbers.
         """
         nv, nf, d = frames.shape
         h, dh = self.heads, d // self.heads
@@ -159,11 +161,12 @@ class XPoolHead(nn.Module):
         w = torch.einsum("dhc,vfhc->vhfd", self.out_proj.weight.view(d, h, dh), u).reshape(nv, h * nf, d)
         w = w + self.out_proj.bias / h
         wc = w - w.mean(dim=2, keepdim=True)
-        rows = torch.cat([wc, torch.matmul(wc * self.ln2.weight, self.linear_proj.weight.t())], dim=2)
-        xc, y = torch.bmm(a, rows).split(d, dim=2)  # centred Wo agg + bo, and Wl applied to it (pre-LN2 scale)
-        rstd = torch.rsqrt(xc.square().mean(dim=2, keepdim=True) + self.ln2.eps)
-        o = torch.addcmul(self.ln2.bias, xc * rstd, self.ln2.weight)  # LN2 output
-        y = y * rstd + self.linear_proj(self.ln2.bias)  # = linear_proj(o)
+        var = (torch.bmm(a, wc @ wc.transpose(1, 2)) * a).sum(-1) / d  # LN2 variance per pair: (Nv, Nt)
+        a1 = torch.cat([a * torch.rsqrt(var.clamp(min=0.0) + self.ln2.eps)[..., None], a.new_ones(nv, a.shape[1], 1)], 2)
+        wg = wc * self.ln2.weight
+        o = torch.bmm(a1, torch.cat([wg, self.ln2.bias.expand(nv, 1, d)], 1))  # LN2 output
+        c = self.linear_proj(self.ln2.bias).expand(nv, 1, d)
+        y = torch.bmm(a1, torch.cat([torch.matmul(wg, self.linear_proj.weight.t()), c], 1))  # = linear_proj(o)
         if self.dropout.training and 0.0 < self.dropout.p < 1.0:  # o + dropout(y) in one pass
             return self.ln3(torch.addcmul(o, y, self.dropout.keep_scale(y)))
         return self.ln3(o + self.dropout(y))
