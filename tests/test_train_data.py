@@ -1,6 +1,7 @@
 """Tests of train/data.py: sampling, batch contract, masks/availability, errors."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -9,7 +10,10 @@ import torch
 
 from store import synth
 from store.schema import FeatureSpec, ItemRecord, Status
-from train.data import DataError, StoreData, fallback_split
+from train.data import DataError, StoreData, fallback_split, pool_steps
+from train.models import create_model
+from train.models._api import model_features
+from train.models.mee import masked_pool
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def test_train_batches_cover_epoch(mee):
 def test_video_batch_contract(mee, store):
     rows = np.arange(store.n_items)
     rows = rows[np.isin(rows, np.concatenate(mee.train_items()))][:40]
-    v = mee.video_batch(rows)
+    v = StoreData(store, dataclasses.replace(model_features("mee"), pooled=())).video_batch(rows)  # every step
     spec = synth.feature_specs(small=True)
     for name in ("resnet152", "i3d_flow", "vggish", "dlib_face"):
         s = spec[name]
@@ -91,6 +95,33 @@ def test_video_batch_contract(mee, store):
     np.testing.assert_allclose(v["dlib_face"][ok].numpy(), (fb.values[ok] * fb.slot_mask[ok][..., None]).reshape(-1, 64))
     kind = np.asarray(store.items().kind).astype(str)[rows]
     assert not v["i3d_flow_avail"][torch.from_numpy(kind == "image")].any()  # images lack motion
+
+
+@pytest.mark.parametrize("zero_fill", [False, True])
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_pooled_features_equal_the_models_pooling(store, zero_fill, cache_bytes):
+    """MEE's max-pooled features come pooled when read; the model's video embeddings are those of the full steps."""
+    needs = model_features("mee")
+    assert dict(needs.pooled) == {"resnet152": "max", "i3d_flow": "max", "dlib_face": "max"}  # vggish: NetVLAD
+    pooled = StoreData(store, needs, zero_fill_missing=zero_fill, cache_bytes=cache_bytes)
+    full = StoreData(store, dataclasses.replace(needs, pooled=()), zero_fill_missing=zero_fill, cache_bytes=cache_bytes)
+    rows = np.array([5, 0, 33, 5, 12, 41, 2, 60])
+    p, f = pooled.video_batch(rows), full.video_batch(rows)
+    for name in ("resnet152", "i3d_flow", "dlib_face"):
+        assert p[name].shape == (len(rows), 1, f[name].shape[2]) and p[name].dtype == torch.float32
+        assert torch.equal(p[f"{name}_mask"][:, 0], f[f"{name}_mask"].any(1))
+        assert torch.equal(p[f"{name}_avail"], f[f"{name}_avail"])
+        assert torch.equal(p[name][:, 0], masked_pool(f[name], f[f"{name}_mask"], "max"))  # exact
+    assert torch.equal(p["vggish"], f["vggish"])
+    torch.manual_seed(0)
+    model = create_model("mee", specs=full.specs()).eval()
+    with torch.no_grad():
+        a, b = model.encode_video(p), model.encode_video(f)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    values, mask = np.array([[[1.0, -2.0], [3.0, -4.0], [9.0, 9.0]], [[7.0, 7.0], [0.0, 0.0], [0.0, 0.0]]]), np.array(
+        [[True, True, False], [False, False, False]])
+    mean, valid = pool_steps(values, mask, "mean")
+    assert mean[:, 0].tolist() == [[2.0, -3.0], [0.0, 0.0]] and valid[:, 0].tolist() == [True, False]
 
 
 def test_text_batches(mee, store, store_url):

@@ -20,6 +20,8 @@
   captions with an OK text feature (t2v); `query_item[q]` is the video index of caption q.
 - Splits come from `item_split`. If every item has split "", a deterministic fallback is used with a warning:
   sha1(item id) mapped to [0, 1): < 0.8 train, < 0.9 val, else test (images always train).
+- Features the model only max/mean-pools over valid steps (`FeatureNeeds.pooled`: MEE's "max" modalities) are
+  pooled when read, cached or streamed alike: (B, 1, D) with mask (B, 1) = "had a valid step".
 - `zero_fill_missing` (ablation): unavailable rows are reported available with zero values and the first step
   (first slot for faces) marked valid, as in the original MEE's zero vectors.
 - Multiple choice: the store's question set (`FeatureStore.choices`, store/_choices.py), limited to questions
@@ -113,16 +115,31 @@ def _zero_invalid(values: np.ndarray, mask: np.ndarray) -> None:
         bits[part] = bits[part] * mask[part, :, None]
 
 
+def pool_steps(values: np.ndarray, mask: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n, T, D) values, (n, T) mask -> max or mean over the valid steps as (n, 1, D) (zeros where none), (n, 1) mask."""
+    valid = mask.any(axis=1, keepdims=True)
+    if how == "max":  # a maximum is one of the values: exact in the values' dtype
+        out = np.max(values, axis=1, where=mask[:, :, None], initial=-np.inf, keepdims=True)
+        out[~valid[:, 0]] = 0
+        return out, valid
+    if how == "mean":  # float32 sums, as the model's own mean
+        total = np.sum(values, axis=1, where=mask[:, :, None], dtype=np.float32, keepdims=True)
+        return total / np.maximum(mask.sum(axis=1), 1).astype(np.float32)[:, None, None], valid
+    raise ValueError(f"pool_steps: unknown pooling {how!r}; choose max or mean")
+
+
 class FeatureSource:
     """Rows of one feature as tensors: cached in memory when they fit, else read from the store per call."""
 
     def __init__(self, store: FeatureStore, spec: FeatureSpec, rows: np.ndarray, budget: list[int], zero_fill: bool,
-                 describe: Callable[[np.ndarray], Sequence[str]] | None = None) -> None:
+                 describe: Callable[[np.ndarray], Sequence[str]] | None = None, pool: str = "") -> None:
         self.store, self.spec, self.zero_fill = store, spec, zero_fill
         self.describe = describe  # rows -> ids, for error messages
+        self.pool = pool  # "max" | "mean": rows are served pooled over their valid steps (FeatureNeeds.pooled)
         self.status = np.asarray(store.status(spec.name))
-        # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic
-        self.cache_dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+        # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic;
+        # a float32 mean would not
+        self.cache_dtype = torch.float16 if spec.dtype == "float16" and pool != "mean" else torch.float32
         need = cache_need(spec, len(rows))
         self.cache: dict[str, torch.Tensor] | None = None
         self.pos: dict[int, int] = {}
@@ -159,6 +176,8 @@ class FeatureSource:
             mask = mask.copy()
             mask[~avail, 0] = True
             avail = np.ones_like(avail)
+        if self.pool:
+            values, mask = pool_steps(values, mask, self.pool)
         return {"f": torch.from_numpy(values), "mask": torch.from_numpy(mask), "avail": torch.from_numpy(avail)}
 
     def _check_finite(self, rows: np.ndarray, values: np.ndarray) -> None:
@@ -258,9 +277,10 @@ class StoreData:
         if streamed:
             wanted &= self.split != "train"
             cap_rows = self.captions_of(np.flatnonzero(wanted))
+        pooled = dict(self.needs.pooled)
         self.video = {
             f: FeatureSource(store, store.spec(f), np.flatnonzero(wanted), budget, zero_fill_missing,
-                             describe=lambda r: self.item_ids[r])
+                             describe=lambda r: self.item_ids[r], pool=pooled.get(f, ""))
             for f in self.video_features
         }
         self.text = FeatureSource(store, store.spec(self.text_feature), np.sort(cap_rows), budget, False,

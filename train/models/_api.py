@@ -2,7 +2,7 @@
 
 Batch contract (docs/design.md §3):
 - video: for each feature `f` in `model.video_features`: `f` float32 (B, T, D), `f_mask` bool (B, T),
-  `f_avail` bool (B,) (status OK).
+  `f_avail` bool (B,) (status OK); a feature in `FeatureNeeds.pooled` comes pooled over its valid steps, (B, 1, D).
 - text: `words` (B, L, Dw) + `words_mask` (B, L) for MEE; `clip_text` (B, Dt) for T-MASS / X-Pool.
 
 Embeddings returned by `encode_text` / `encode_video` are flat `dict[str, Tensor]` whose tensors all have the item
@@ -36,6 +36,9 @@ class FeatureNeeds:
     text_key: str  # batch key of the text tensor ("words" for MEE, the feature name for CLIP text)
     text_sequence: bool  # True: (B, L, D) plus `<text_key>_mask`; False: one (B, D) vector per caption
     video_optional: bool = False  # True: any non-empty subset of `video` will do (MEE's experts)
+    # (video feature, "max" | "mean") the model only pools over valid steps: the data layer serves it pooled when
+    # read, (B, 1, D) with mask (B, 1) = "had a valid step", which the model's pooling returns unchanged (exact)
+    pooled: tuple[tuple[str, str], ...] = ()
 
 
 class RetrievalModel(nn.Module, abc.ABC):

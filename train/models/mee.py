@@ -58,9 +58,13 @@ class MEEConfig:
     # RECIPES: Adam, lr 1e-4, x0.95 per epoch, batch 128, 50 epochs; MSR-VTT recipe lr 4e-4 batch 64).
 
     def features(self) -> FeatureNeeds:
-        """Word vectors of `text_feature` as `words`; any non-empty subset of the `modalities` features."""
+        """Words of `text_feature`; any non-empty subset of the `modalities` features, "max"/"mean" ones pooled when read."""
+        aggs: dict[str, set[str]] = {}
+        for m, f in self.modalities.items():
+            aggs.setdefault(f, set()).add(self.aggregation.get(m, "max"))
+        pooled = tuple((f, a.pop()) for f, a in aggs.items() if a in ({"max"}, {"mean"}))
         return FeatureNeeds(video=tuple(self.modalities.values()), text=self.text_feature, text_key="words",
-                            text_sequence=True, video_optional=True)
+                            text_sequence=True, video_optional=True, pooled=pooled)
 
 
 class GatedEmbeddingUnit(nn.Module):
@@ -156,13 +160,19 @@ class MEE(RetrievalModel):
             ok = torch.ones(b, dtype=torch.bool, device=x.device) if ok is None else ok.bool()
             ok = ok & mask.any(dim=1)  # an "available" row without a single valid step is treated as missing
             idx = ok.nonzero().squeeze(1)
-            xs, ms = x[idx], mask[idx]  # only available rows: missing rows never reach the GEU or its BatchNorm
+            full = len(idx) == b  # every row available: no gather, no scatter
+            # only available rows: missing rows never reach the GEU or its BatchNorm
+            xs, ms = (x, mask) if full else (x[idx], mask[idx])
             if self.agg[m] == "netvlad":
                 pooled = self.video_vlad[m](xs, ms)
             else:
                 pooled = masked_pool(xs, ms, self.agg[m])
-            emb = torch.zeros(b, self.video_geu[m].fc.out_features, dtype=x.dtype, device=x.device)
-            out[f"v_{m}"] = emb.index_copy(0, idx, self.video_geu[m](pooled)) if len(idx) else emb
+            if full:
+                emb = self.video_geu[m](pooled)
+            else:
+                emb = torch.zeros(b, self.video_geu[m].fc.out_features, dtype=x.dtype, device=x.device)
+                emb = emb.index_copy(0, idx, self.video_geu[m](pooled)) if len(idx) else emb
+            out[f"v_{m}"] = emb
             avail.append(ok)
         out["avail"] = torch.stack(avail, dim=1).to(torch.float32)
         return out
