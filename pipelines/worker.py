@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -104,8 +105,10 @@ class ExtractWorker:
             from pipelines.decode_stage import DecoderPool
 
             self._pool = DecoderPool(list(decoders), self.decode, start=worker_index)
-        # path -> (MediaInfo, RemoteDecode or decode thread) opened ahead of its item
-        self._ahead: dict[str, tuple[Any, Any]] = {}
+        # path -> future of (MediaInfo, RemoteDecode or decode thread) opened ahead of its item, None when its
+        # probe failed; a thread of its own probes and opens them: the model thread does not wait on file opens
+        self._ahead: dict[str, Future[tuple[Any, Any] | None]] = {}
+        self._opener = ThreadPoolExecutor(1, thread_name_prefix="tvr-open-ahead")
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Spec (JSON), provenance and needs of every extractor, for the driver to create store groups."""
@@ -180,14 +183,23 @@ class ExtractWorker:
                 run.abandon()
         return {"items": out}
 
+    def _opened(self, path: str) -> tuple[Any, Any] | None:
+        """(MediaInfo, decode) of `path` opened ahead (waiting for the opener thread), None when it was not."""
+        fut = self._ahead.get(path)
+        try:
+            return fut.result() if fut is not None else None
+        except Exception:  # noqa: BLE001 - opening ahead failed: the item's own call opens it and reports why
+            return None
+
     def _info(self, path: str) -> tuple[Any, engine.Failure | None]:
         """The item's MediaInfo (probed when its decode was opened ahead: not probed twice), or its failure."""
-        ahead = self._ahead.get(path)
+        ahead = self._opened(path)
         return (ahead[0], None) if ahead is not None else engine.probe_failure(path)
 
     def _open(self, path: str, info: Any, plan: engine.StreamPlan) -> Any:
         """The item's stream: opened ahead (when its plan matches), else started now; something with close()."""
-        ahead = self._ahead.pop(path, None)
+        ahead = self._opened(path)
+        self._ahead.pop(path, None)
         early = ahead[1] if ahead is not None else None
         if early is not None and early.plan != plan:
             early.close()
@@ -264,18 +276,21 @@ class ExtractWorker:
         hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
         wanted = {str(p) for p, _ in hints}
         for p in [p for p in self._ahead if p not in wanted]:
-            self._ahead.pop(p)[1].close()
+            self._ahead.pop(p).add_done_callback(_close_opened)
         if self._pool is None and not self.queue_size:
             return
         for p, feats in hints:
-            if p in self._ahead:
-                continue
-            info, failed = engine.probe_failure(p)
-            if failed is None:
-                exs = [self.extractors[f] for f in feats if f in self.extractors]
-                plan = engine.plan_streams(exs, info, self.decode.select)
-                early = self._pool.open(p, info, plan) if self._pool is not None else self._start_decode(p, plan)
-                self._ahead[p] = (info, early)
+            if p not in self._ahead:
+                self._ahead[p] = self._opener.submit(self._open_early, p, list(feats))
+
+    def _open_early(self, path: str, features: Sequence[str]) -> tuple[Any, Any] | None:
+        """Opener thread: probe a next item and start its decode; None when the probe fails (its call reports it)."""
+        info, failed = engine.probe_failure(path)
+        if failed is not None:
+            return None
+        plan = engine.plan_streams([self.extractors[f] for f in features if f in self.extractors], info,
+                                   self.decode.select)
+        return info, (self._pool.open(path, info, plan) if self._pool is not None else self._start_decode(path, plan))
 
     def _start_decode(self, path: str, plan: engine.StreamPlan) -> "_Stream":
         """A decode thread (at a lower CPU priority) filling a bounded queue for `path`."""
@@ -374,6 +389,16 @@ class _Stream:
         self.thread.join(timeout=30)
         if self.on_close is not None:
             self.on_close()
+
+
+def _close_opened(fut: Future[tuple[Any, Any] | None]) -> None:
+    """Close a decode opened ahead for an item no longer named (a done-callback: never waits for the opener)."""
+    try:
+        opened = fut.result()
+    except Exception:  # noqa: BLE001 - it never opened: nothing to close
+        return
+    if opened is not None:
+        opened[1].close()
 
 
 def _failed_outcome(features: Sequence[str], failed: engine.Failure | None) -> engine.ItemOutcome:

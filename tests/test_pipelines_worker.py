@@ -153,6 +153,37 @@ def test_next_item_is_prefetched_once_and_a_wrong_hint_is_dropped(tmp_path: Path
         np.testing.assert_allclose(vals[r, : len(f)], want, atol=1e-6)  # every item got its own frames
 
 
+def test_next_items_are_probed_and_opened_off_the_model_thread(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probing a next item (opening its file) never holds up the thread that runs the models; it is probed once."""
+    import threading
+
+    from extract import engine
+
+    rng = np.random.default_rng(4)
+    paths = {k: tmp_path / f"{k}.mkv" for k in ("a", "b")}
+    for k, p in paths.items():
+        write_video(p, rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    w = _worker(["test_mean"], batch_size=2)
+    url = worker_store(tmp_path, w, paths)
+    probes: list[tuple[str, str]] = []  # (file name, thread name)
+    real = engine.probe_failure
+
+    def probe(path: str) -> Any:
+        probes.append((Path(path).name, threading.current_thread().name))
+        return real(path)
+
+    monkeypatch.setattr(engine, "probe_failure", probe)
+    main = threading.current_thread().name
+    w.process(url, 0, str(paths["a"]), ["test_mean"], prefetch=(str(paths["b"]), ["test_mean"]))
+    w.process(url, 1, str(paths["b"]), ["test_mean"])
+    assert [n for n, _ in probes] == ["a.mkv", "b.mkv"]  # b's probe ahead served its own call too
+    assert probes[0][1] == main and probes[1][1] != main  # a: its own call; b: opened ahead in another thread
+    from store.zarr_store import FeatureStore
+
+    assert FeatureStore.open(url).status("test_mean").tolist() == [Status.OK] * 2
+
+
 def _rms_alone(tmp_path: Path, path: Path) -> np.ndarray:
     """test_rms values of `path` from a worker that runs only test_rms (the reference run)."""
     from store.zarr_store import FeatureStore
