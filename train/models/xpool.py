@@ -162,7 +162,8 @@ class XPoolHead(nn.Module):
         w = w + self.out_proj.bias / h
         wc = w - w.mean(dim=2, keepdim=True)
         var = (torch.bmm(a, wc @ wc.transpose(1, 2)) * a).sum(-1) / d  # LN2 variance per pair: (Nv, Nt)
-        a1 = torch.cat([a * torch.rsqrt(var.clamp(min=0.0) + self.ln2.eps)[..., None], a.new_ones(nv, a.shape[1], 1)], 2)
+        rstd = torch.rsqrt(var.clamp(min=0.0) + self.ln2.eps)
+        a1 = torch.cat([a * rstd[..., None], a.new_ones(nv, a.shape[1], 1)], 2)
         wg = wc * self.ln2.weight
         o = torch.bmm(a1, torch.cat([wg, self.ln2.bias.expand(nv, 1, d)], 1))  # LN2 output
         c = self.linear_proj(self.ln2.bias).expand(nv, 1, d)
