@@ -16,6 +16,11 @@ Measured (2 CPUs, load average ~9 from other jobs, best of 2, --before = the cod
 OpenMP waits passive): T-MASS kernel 5.24 s, command 10.28 s (x1.96 of the kernel; before 25.44 s), in-process
 9.18 s / 5.88 s; X-Pool kernel 1.83 s, command 5.67 s (before 15.29 s); MEE kernel 0.16 s, command 9.05 s (before
 19.11 s; its time is feature reads and encoding); every way gave identical metrics.
+Measured after the console entry's fast exit (train.cli.console; 2 CPUs, load average 2.6 -> 1.5, under the bench
+lock, best of 3, --before = the commit before it): X-Pool kernel 0.92 s, command 2.76 s = x3.01 of the kernel
+(before 3.36 s = x3.65); T-MASS kernel 3.14 s, command 5.65 s = x1.80 (before 6.73 s = x2.14); identical metrics.
+What X-Pool's command adds to its kernel is nearly all `import torch` (stages: imports 1.37 s, store open, reads,
+model, encoding and metrics 0.15 s together), so x2 is out of reach for a kernel under ~1.4 s.
 """
 from __future__ import annotations
 
