@@ -344,3 +344,23 @@ def test_a_store_with_zstd_values_streams_the_cached_tensors(tmp_path: Path, mon
         assert all(torch_equal(video[k], want[k]) for k in want)
         assert torch_equal(text["clip_text"], cached.text_batch(caps)["clip_text"])
     assert n == len(data.epoch_pairs(0, 2, 0.0)[0])
+
+
+def test_pooled_features_stream_as_one_step_and_the_cached_tensors(tmp_path: Path) -> None:
+    from train.data import StoreData
+    from train.models._api import FeatureNeeds
+
+    store = _pairs_store(tmp_path / "p.zarr", n=256)
+    needs = FeatureNeeds(video=("resnet152", "vggish"), text="clip_text", text_key="clip_text", text_sequence=False,
+                         pooled=(("resnet152", "max"), ("vggish", "mean")))
+    cached, data = StoreData(store, needs, cache_bytes=2**30), StoreData(store, needs, cache_bytes=2**17)
+    assert data.stream is not None
+    # a pooled pair holds one step per feature: resnet152 512 float16 values + vggish 32 float32 means
+    assert data.stream.pair_bytes() == 16 + (512 * 2 + 2) + (32 * 4 + 2) + 64 * 4
+    n = 0
+    for text, video in data.train_batches(0, 3, 16, 0.0):
+        items, caps = data.stream.last
+        n += len(items)
+        want = cached.video_batch(items)
+        assert video["resnet152"].shape[1] == 1 and all(torch_equal(video[k], want[k]) for k in want)
+    assert n == len(data.epoch_pairs(0, 3, 0.0)[0])

@@ -90,9 +90,9 @@ class TrainStream:
         """Bytes one (video, caption) pair takes in the buffer as model tensors."""
         total = 16  # item and caption row
         for f in self.data.video_features:
-            sp = self.data.store.spec(f)
-            steps = sp.max_steps * max(1, sp.slots)
-            total += steps * sp.dim * _itemsize(sp) + steps + 1
+            sp, pool = self.data.store.spec(f), self.data.video[f].pool
+            steps = 1 if pool else sp.max_steps * max(1, sp.slots)  # pooled features are served as one step
+            total += steps * sp.dim * (4 if pool == "mean" else _itemsize(sp)) + steps + 1
         sp = self.data.spec_text
         width = sp.dim * _itemsize(sp)
         total += sp.max_steps * (width + 1) if self.data.needs.text_sequence else width
