@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", default="resnet152,clip")
     ap.add_argument("--plugins", default="", help="modules or .py files registering extra extractors")
     ap.add_argument("--in-flight", type=int, default=4, help="items per worker call in the cross-item row")
+    ap.add_argument("--rows", default="1:4:1,2:4:1,1:0:1,2:0:1,1:4:K", help="CPU rows to run, each "
+                    "workers:queue:items in flight (K: --in-flight)")
     args = ap.parse_args(argv)
     from pipelines.worker import import_plugins
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         # efficiency uses their mean, so load that changes between runs moves both sides alike.
         bare_cpu = bare_runner(paths, features, "cpu", cpus)
         last = bare_cpu()
-        for w, q, k in ((1, 4, 1), (2, 4, 1), (1, 0, 1), (2, 0, 1), (1, 4, args.in_flight)):
+        for w, q, k in ((int(w), int(q), args.in_flight if k == "K" else int(k))
+                        for w, q, k in (r.split(":") for r in args.rows.split(","))):
             proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q, k)
             after = bare_cpu()
             rows.append((f"cpu q{q} k{k}", w, (last + after) / 2, proc, e2e, busy,
