@@ -5,8 +5,8 @@ workers write them: a long-lived worker process holds the store open and writes 
 Per case, `--items` rows go into a fresh folder on the same file system:
   * tvr write: `FeatureStore.write(feature, row, FeatureRows(...))` from float16 input: the row (every array,
     status included) appended as one framed record to this writer's staging segment of the shard (local stores);
-  * tvr write + pack: the same, then `pack_ready()` moves the rows into the sharded arrays (float values raw since 03b360a; uint8 frames zstd)
-    (what a run costs in total; the driver packs in the background of the workers' writes);
+  * tvr write + pack: the same, then `pack_ready()` moves the rows into the sharded arrays (float values raw,
+    uint8 frames zstd; what a run costs in total; the driver packs in the background of the workers' writes);
   * tvr write, float32 in: as extractors return values (the cast to float16 is included);
   * baselines: `np.save(f"{row}.npy", values)` of the padded (64, 2048) float16 array per item, one file each;
     and for the float32 case the same with the cast a worker would need first (`values32.astype(float16)`).
