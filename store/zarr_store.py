@@ -281,7 +281,9 @@ class FeatureStore(ReadMixin, WriteMixin, ChoicesMixin):
         where = f"{self.url}: feature group '{name}'"
         attrs = group.attrs.asdict()
         if "spec" not in attrs or "provenance" not in attrs:
-            raise StoreError(f"{where} lacks the 'spec'/'provenance' attributes (not written by tvr, or "
+            # attrs are written last: another driver's ensure_feature may be creating this group right now, so
+            # this is settled like a row mismatch (wait for the structural lock, re-read) before it is an error
+            raise _RowsMismatch(f"{where} lacks the 'spec'/'provenance' attributes (not written by tvr, or "
                              "interrupted while being created); delete that group and re-run extraction")
         try:
             spec = FeatureSpec.from_dict(attrs["spec"])

@@ -173,6 +173,35 @@ def test_concurrent_add_items_and_ensure_feature_keep_the_store_whole(tmp_path: 
     check_rows(FeatureStore.open(s.url), range(1))
 
 
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_open_waits_while_another_driver_creates_a_feature_group(tmp_path: Path, mode: str) -> None:
+    import shutil
+    import threading
+
+    import zarr
+
+    s = FeatureStore.create(tmp_path / "s.zarr", [ItemRecord("v0", "/0")])
+    creator, got = FeatureStore.open(s.url, "r+"), {}
+
+    def opener() -> None:
+        try:
+            got["features"] = FeatureStore.open(s.url, mode).features  # type: ignore[arg-type]
+        except StoreError as e:
+            got["error"] = str(e)
+
+    with creator._lock("structure", "structural (add_items / ensure_feature)"):
+        # ensure_feature's state between creating the group and writing its attributes (they come last)
+        zarr.open_group(s.url, mode="r+").create_group("resnet152")
+        t = threading.Thread(target=opener)
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), got  # waits for the structural change instead of calling the group damaged
+        shutil.rmtree(tmp_path / "s.zarr" / "resnet152")
+        creator._create_feature(SPEC, RANDOM)
+    t.join(timeout=60)
+    assert got == {"features": ["resnet152"]}
+
+
 def test_add_items_uses_the_store_on_disk_not_a_cached_length(tmp_path: Path) -> None:
     s = FeatureStore.create(tmp_path / "s.zarr", [ItemRecord("v0", "/0")])
     a, b = FeatureStore.open(s.url, "r+"), FeatureStore.open(s.url, "r+")
