@@ -93,9 +93,14 @@ def check_features(store: FeatureStore, url: str, model: str, needs: FeatureNeed
     )
 
 
+def value_bytes(spec: FeatureSpec) -> int:
+    """Bytes of one value as training holds it (cache and stream buffer): float16 stays float16, the rest float32."""
+    return 2 if spec.dtype == "float16" else 4
+
+
 def cache_need(spec: FeatureSpec, n_rows: int) -> int:
     """Bytes FeatureSource's cache takes for `n_rows` rows of `spec` (values in the store's float width)."""
-    return int(n_rows) * spec.max_steps * max(spec.slots, 1) * spec.dim * (2 if spec.dtype == "float16" else 4)
+    return int(n_rows) * spec.max_steps * max(spec.slots, 1) * spec.dim * value_bytes(spec)
 
 
 def _zero_invalid(values: np.ndarray, mask: np.ndarray) -> None:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from store.schema import FeatureSpec, inner_rows
+from store.schema import inner_rows
+from train.data import value_bytes
 from train.stream import Columns, StreamConfig, shuffled
 
 if TYPE_CHECKING:
@@ -57,11 +58,6 @@ def plan(budget: int, pair_bytes: int, pairs_per_item: float, align: int, batch_
                         workers=workers)
 
 
-def _itemsize(spec: FeatureSpec) -> int:
-    """Bytes of one value in the stream's buffer: float16 features stay float16 there, the rest are float32."""
-    return 2 if spec.dtype == "float16" else 4
-
-
 def _tensor(v: np.ndarray) -> torch.Tensor:
     """A batch column as the model's tensor: float16 values cast to float32 (as the cached path's gather does)."""
     t = torch.from_numpy(v)
@@ -92,9 +88,9 @@ class TrainStream:
         for f in self.data.video_features:
             sp, pool = self.data.store.spec(f), self.data.video[f].pool
             steps = 1 if pool else sp.max_steps * max(1, sp.slots)  # pooled features are served as one step
-            total += steps * sp.dim * (4 if pool == "mean" else _itemsize(sp)) + steps + 1
+            total += steps * sp.dim * (4 if pool == "mean" else value_bytes(sp)) + steps + 1
         sp = self.data.spec_text
-        width = sp.dim * _itemsize(sp)
+        width = sp.dim * value_bytes(sp)
         total += sp.max_steps * (width + 1) if self.data.needs.text_sequence else width
         return total
 
