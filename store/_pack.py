@@ -142,7 +142,8 @@ def _write_raw_shard(a: zarr.Array, shard: int, values: np.ndarray) -> bool:
     index = np.full((lay.chunks_per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")  # 2^64-1: absent chunk
     index[:n, 0] = (0 if lay.index_at_end else lay.index_bytes) + np.arange(n, dtype=np.uint64) * size
     index[:n, 1] = size
-    ix = index.tobytes() + (np.uint32(google_crc32c.value(index.tobytes())).tobytes() if lay.index_crc else b"")
+    ix = index.tobytes()
+    ix += np.uint32(google_crc32c.value(ix)).tobytes() if lay.index_crc else b""
     body = data.reshape(-1).view(np.uint8)
     head, tail = (body, np.frombuffer(ix, np.uint8)) if lay.index_at_end else (np.frombuffer(ix, np.uint8), body)
     blob = default_buffer_prototype().buffer.from_array_like(np.concatenate([head, tail]))
