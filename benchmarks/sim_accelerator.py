@@ -2,7 +2,9 @@
 
 The stand-in model (`sim_accel`) reads every 25 fps frame (one value per frame: its mean pixel on a coarse grid)
 and spends a fixed wall time per model batch outside the GIL (time.sleep), like a GPU kernel the host waits for.
-It is a frame-step extractor, so with `--items-in-flight K` frames of several items share its batches.
+It is a frame-step extractor, so with `--items-in-flight K` frames of several items share its batches, and like a
+model on a CUDA device it overlaps the host (`overlaps_host`): its batches run on the pool's model thread while the
+worker's thread reads and prepares the next.
 Options (extractor_options: {sim_accel: {...}}): `batch` frames per model call, `batch_seconds` per call.
 
 Benchmark (`python benchmarks/sim_accelerator.py`): one decode CPU's frames/s is measured first (one thread, the
@@ -55,6 +57,7 @@ class SimAccelerator(FrameStepExtractor):
         self.weights_identity = {"file": "none (simulated accelerator)", "sha256": ""}
         self.preset, self.variant = "none", "sim"
         self.options = {"batch": self.batch_size, "batch_seconds": self.batch_seconds}
+        self.overlaps_host = True  # an accelerator: batches run on the pool's model thread, as a CUDA model's do
 
     def preprocess(self, frames: np.ndarray) -> Any:
         """uint8 (B, H, W, 3) -> (B, 1) float32: the mean of every 8th pixel (cheap host work)."""

@@ -182,6 +182,9 @@ class Extractor(abc.ABC):
         self.random_init = not self.random_if_missing and bool(random_init)
         self.seed = int(seed)
         self.device = pick_device(device)
+        # model batches run on a thread of their own while this thread prepares the next (extract.engine.BatchPool)
+        # on an accelerator, which computes while the host works; a CPU model already uses the host's cores
+        self.overlaps_host = self.device.type != "cpu"
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"extractor {self.name!r}: precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {precision!r}")

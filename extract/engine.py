@@ -12,6 +12,8 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
@@ -272,15 +274,26 @@ class BatchPool:
     not depend on batch composition for row-wise models. A failure of a batch holding several sessions' inputs is
     retried per session: only the sessions whose own inputs fail get the error. Used from one thread (the
     worker's model thread); a session's `finish` flushes the pool, so no item waits for another.
+
+    With `overlap` (an accelerator), each batch's `run` goes to a model thread and the calling thread returns to
+    decoding and preprocessing the next inputs, the way CUDA's asynchronous launches let the host work ahead: the
+    device is handed the next batch as soon as it finishes one. At most `OVERLAP_DEPTH` batches are out (bounded
+    memory); outputs and errors are still delivered in the calling thread, in order.
     """
 
-    def __init__(self, name: str, size: Callable[[], int], run: Callable[[list[Any]], Sequence[Any]]) -> None:
+    OVERLAP_DEPTH = 2  # batches handed to the model thread and not yet delivered: one running, one waiting
+
+    def __init__(self, name: str, size: Callable[[], int], run: Callable[[list[Any]], Sequence[Any]],
+                 overlap: bool = False) -> None:
         """`name` for messages; `size()`: the current batch size (it drops after a CUDA OOM); `run(inputs)`:
-        a list of single-item inputs -> one output row per input (OOM halving is `run`'s own)."""
+        a list of single-item inputs -> one output row per input (OOM halving is `run`'s own); `overlap`: run
+        batches on a model thread while the caller prepares the next ones."""
         self.name, self.size, self.run = name, size, run
         self.inputs: list[Any] = []
         self.owners: list[PoolMember] = []
         self.keys: list[int] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"tvr-model-{name}") if overlap else None
+        self._out: deque[tuple[Future[Sequence[Any]], list[Any], list[int], list[PoolMember]]] = deque()
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -294,9 +307,11 @@ class BatchPool:
             self._run(max(1, int(self.size())))
 
     def flush(self) -> None:
-        """Run everything queued, in batches of at most the batch size."""
+        """Run everything queued, in batches of at most the batch size, and deliver every output."""
         while self.inputs:
             self._run(min(len(self.inputs), max(1, int(self.size()))))
+        while self._out:
+            self._collect()
 
     def discard(self, owner: PoolMember) -> None:
         """Drop an abandoned session's queued inputs (its item failed elsewhere)."""
@@ -307,14 +322,29 @@ class BatchPool:
             self.owners = [self.owners[i] for i in keep]
 
     def _run(self, n: int) -> None:
-        """Run the first `n` queued inputs; a failure is retried per session when the batch is mixed."""
+        """Run the first `n` queued inputs (on the model thread with `overlap`)."""
         xs, keys, owners = self.inputs[:n], self.keys[:n], self.owners[:n]
         del self.inputs[:n], self.keys[:n], self.owners[:n]
+        if self._thread is None:
+            self._deliver(xs, keys, owners, lambda: self.run(xs))
+            return
+        self._out.append((self._thread.submit(self.run, xs), xs, keys, owners))
+        while len(self._out) >= self.OVERLAP_DEPTH:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the oldest batch on the model thread and deliver it."""
+        fut, xs, keys, owners = self._out.popleft()
+        self._deliver(xs, keys, owners, fut.result)
+
+    def _deliver(self, xs: list[Any], keys: list[int], owners: list[PoolMember],
+                 result: Callable[[], Sequence[Any]]) -> None:
+        """Outputs of one batch to their sessions; a failure is retried per session when the batch is mixed."""
         groups: dict[int, list[int]] = {}
         for i, o in enumerate(owners):
             groups.setdefault(id(o), []).append(i)
         try:
-            out = self.run(xs)
+            out = result()
         except Exception as e:  # noqa: BLE001 - attributed to the sessions whose inputs fail
             if len(groups) == 1:
                 owners[0].fail(e)
@@ -355,7 +385,8 @@ def shared_pool(owner: object, make: Callable[[], BatchPool]) -> BatchPool:
 
 def batch_pool(ex: FrameStepExtractor) -> BatchPool:
     """A frame-step extractor's shared pool: its `batch_size`, `infer` on stacked frame inputs."""
-    return shared_pool(ex, lambda: BatchPool(ex.name, lambda: ex.batch_size, partial(_infer_stacked, ex)))
+    return shared_pool(ex, lambda: BatchPool(ex.name, lambda: ex.batch_size, partial(_infer_stacked, ex),
+                                             overlap=ex.overlaps_host))
 
 
 def probe_failure(path: str | os.PathLike[str]) -> tuple[MediaInfo | None, Failure | None]:

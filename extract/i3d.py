@@ -224,7 +224,8 @@ class _I3DExtractor(Extractor):
     def stack_pool(self) -> BatchPool:
         """The pool every session of this extractor queues its stacks in: I3D batches of `stack_batch` stacks,
         filled by several items when a worker has several in flight."""
-        return shared_pool(self, lambda: BatchPool(self.name, lambda: self.stack_batch, self.run_pooled))
+        return shared_pool(self, lambda: BatchPool(self.name, lambda: self.stack_batch, self.run_pooled,
+                                                   overlap=self.overlaps_host))
 
     def start(self, info: MediaInfo) -> PooledSession:
         """A streaming session for one item."""

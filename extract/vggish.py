@@ -353,7 +353,8 @@ class VGGishExtractor(Extractor):
     def example_pool(self) -> BatchPool:
         """The pool every session queues its examples in: batches of `batch_size` examples, filled by several
         items when a worker has several in flight."""
-        return shared_pool(self, lambda: BatchPool("vggish", lambda: self.batch_size, self.run_pooled))
+        return shared_pool(self, lambda: BatchPool("vggish", lambda: self.batch_size, self.run_pooled,
+                                                   overlap=self.overlaps_host))
 
     def start(self, info: MediaInfo) -> PooledSession:
         """A streaming session for one item."""

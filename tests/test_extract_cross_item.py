@@ -2,6 +2,7 @@
 through the extractor's BatchPool, outputs go back per item, a failure stays with its item, a CUDA OOM still halves."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -104,8 +105,9 @@ def _pool(ex: Any) -> engine.BatchPool:
     return ex.stack_pool() if isinstance(ex, _I3DExtractor) else ex.example_pool()
 
 
-def _record(ex: Any, batches: list[list[str]], poison: str = "") -> None:
-    """Record which items' inputs each model batch of `ex`'s pool holds; fail any batch holding `poison`'s."""
+def _record(ex: Any, batches: list[list[str]], poison: str = "", threads: list[int] | None = None) -> None:
+    """Record which items' inputs each model batch of `ex`'s pool holds (and in `threads`, the thread that ran
+    it); fail any batch holding `poison`'s."""
     owner: dict[int, str] = {}
     start = ex.start
 
@@ -125,6 +127,7 @@ def _record(ex: Any, batches: list[list[str]], poison: str = "") -> None:
 
     def recorded(xs: list[Any]) -> Any:
         batches.append([owner[id(x)] for x in xs])
+        (threads if threads is not None else []).append(threading.get_ident())
         if poison in batches[-1]:
             raise RuntimeError(f"scripted model failure on item {poison}")
         return run(xs)
@@ -160,23 +163,36 @@ def _assert_rows_equal(got: FeatureRows, want: FeatureRows, exact: bool) -> None
         np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_several_items_share_model_batches_and_get_their_own_outputs(name: str) -> None:
-    case, batches = CASES[name], []
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["cpu", "accelerator"])  # BatchPool model thread
+
+
+def _make(case: Case, overlap: bool) -> Any:
+    """The case's extractor; `overlap`: its pool runs batches on a model thread, as on a CUDA device."""
     ex = case.make()
-    _record(ex, batches)
+    ex.overlaps_host = overlap
+    return ex
+
+
+@OVERLAP
+@pytest.mark.parametrize("name", CASES)
+def test_several_items_share_model_batches_and_get_their_own_outputs(name: str, overlap: bool) -> None:
+    case, batches, threads = CASES[name], [], []
+    ex = _make(case, overlap)
+    _record(ex, batches, threads=threads)
     out = _together(case, ex)
     assert any(len(set(b)) >= 2 for b in batches), batches  # model batches held inputs of several items
+    assert (threading.get_ident() not in threads) if overlap else set(threads) == {threading.get_ident()}
     assert max(len(b) for b in batches) == 4 and len(_pool(ex)) == 0
     for k in ITEMS:
         _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name != "vggish")
     assert sum(len(b) for b in batches) == sum(len(out[k].rows[case.feature].values) for k in ITEMS)
 
 
+@OVERLAP
 @pytest.mark.parametrize("name", CASES)
-def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str) -> None:
+def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str, overlap: bool) -> None:
     case, batches = CASES[name], []
-    ex = case.make()
+    ex = _make(case, overlap)
     _record(ex, batches, poison="b")
     out = _together(case, ex)
     fail = out["b"].failures[case.feature]
@@ -187,10 +203,11 @@ def test_a_model_failure_on_one_items_inputs_fails_only_that_item(name: str) -> 
     assert len(_pool(ex)) == 0  # nothing of the failed item is left queued
 
 
+@OVERLAP
 @pytest.mark.parametrize("name", CASES)
-def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str) -> None:
+def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str, overlap: bool) -> None:
     case, seen = CASES[name], []
-    ex = case.make()
+    ex = _make(case, overlap)
     if name != "vggish":
         ex.run_stacks = oom_above(1, ex.run_stacks, seen)
     else:
@@ -202,9 +219,10 @@ def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str) ->
         _assert_rows_equal(out[k].row_or_raise(case.feature), _alone(case, k), exact=name != "vggish")
 
 
-def test_an_item_ending_runs_its_partial_batch_without_waiting_for_the_others() -> None:
+@OVERLAP
+def test_an_item_ending_runs_its_partial_batch_without_waiting_for_the_others(overlap: bool) -> None:
     case, batches = CASES["i3d_rgb"], []
-    ex = case.make()
+    ex = _make(case, overlap)
     _record(ex, batches)
     runs = {k: engine.ItemRun({case.feature: ex}, case.info(k), [case.feature]) for k in ("b", "c")}
     events = [("b", kind, p) for kind, p in case.stream("b")] + [("c", kind, p) for kind, p in case.stream("c")[:2]]
@@ -231,3 +249,56 @@ def test_real_i3d_forward_on_a_mixed_batch_matches_each_item_alone() -> None:
         # size, ~1e-7 relative): equal to within one float16 step
         np.testing.assert_allclose(got.values.astype(np.float32), want.values.astype(np.float32),
                                    rtol=2.0**-10, atol=2.0**-24)
+
+
+class _Member:
+    """A pool member that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Any] = {}
+        self.errors: list[BaseException] = []
+
+    def deliver(self, key: int, row: Any) -> None:
+        self.rows[key] = row
+
+    def fail(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+def test_an_accelerator_pool_hands_batches_to_its_model_thread_and_the_caller_goes_on() -> None:
+    started, release, ran_on = threading.Event(), threading.Event(), []
+
+    def model(xs: list[int]) -> list[int]:
+        ran_on.append(threading.get_ident())
+        started.set()
+        assert release.wait(30)
+        return [10 * x for x in xs]
+
+    pool, member = engine.BatchPool("sim", lambda: 2, model, overlap=True), _Member()
+    pool.add(member, [0, 1], [0, 1])  # a full batch: handed to the model thread, not waited for
+    assert started.wait(30) and member.rows == {}  # the model is still running and the caller is back
+    # the next full batch is queued behind it, then the caller waits for the first: OVERLAP_DEPTH batches out
+    caller = threading.Thread(target=lambda: [pool.add(member, [k, k + 1], [k, k + 1]) for k in (2, 4)])
+    caller.start()
+    caller.join(0.3)
+    assert caller.is_alive() and member.rows == {}  # blocked: OVERLAP_DEPTH batches out
+    release.set()
+    caller.join(30)
+    pool.add(member, [6], [6])
+    pool.flush()
+    assert member.rows == {k: 10 * k for k in range(7)} and not member.errors
+    assert threading.get_ident() not in ran_on and len(set(ran_on)) == 1
+
+
+def test_a_failed_batch_on_the_model_thread_reaches_its_session_in_the_callers_thread() -> None:
+    def model(xs: list[int]) -> list[int]:
+        if 3 in xs:
+            raise RuntimeError("scripted failure on input 3")
+        return list(xs)
+
+    pool, good, bad = engine.BatchPool("sim", lambda: 4, model, overlap=True), _Member(), _Member()
+    pool.add(good, [0, 1], [0, 1])
+    pool.add(bad, [3, 4], [3, 4])  # a mixed full batch that fails: retried per member on delivery
+    pool.flush()
+    assert good.rows == {0: 0, 1: 1} and not good.errors
+    assert bad.rows == {} and "scripted failure on input 3" in str(bad.errors[0])
