@@ -93,6 +93,11 @@ class ItemSession(abc.ABC):
     def close(self) -> None:
         """The item's run ends without `finish` (it failed elsewhere): release shared state (default: nothing)."""
 
+    @property
+    def waiting(self) -> bool:
+        """Whether model inputs of this item wait in a pool shared with other items (default: no pool)."""
+        return False
+
 
 class PooledSession(ItemSession):
     """An ItemSession whose model inputs wait in its extractor's shared `extract.engine.BatchPool` (cross-item
@@ -111,6 +116,11 @@ class PooledSession(ItemSession):
         self._pool.add(self, keys, inputs)
         self.raise_error()
 
+    @property
+    def waiting(self) -> bool:
+        """Whether inputs of this item wait for a batch in the pool (its model error is raised by `finish`)."""
+        return self._error is None and self._pool.holds(self)
+
     def deliver(self, key: int, row: np.ndarray) -> None:
         """BatchPool: the model output for the input queued under `key`."""
         self._outputs[key] = row
@@ -127,7 +137,7 @@ class PooledSession(ItemSession):
     def drain(self) -> dict[int, np.ndarray]:
         """Run what this item still has queued (one batch with whatever other items queued); its outputs."""
         if self._queued:
-            self._pool.flush()
+            self._pool.settle(self)
         self.raise_error()
         return self._outputs
 

@@ -169,6 +169,12 @@ class ItemRun:
         """Whether any session still takes input."""
         return bool(self.sessions)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a session's model inputs still wait for a batch in a shared pool (finishing now would run that
+        batch part-empty)."""
+        return any(s.waiting for s in self.sessions.values())
+
     def feed(self, kind: str, payload: Any) -> None:
         """Hand one stream item to every session that consumes it; an extractor error ends only its session."""
         if kind in STREAM_ERRORS:
@@ -273,7 +279,8 @@ class BatchPool:
     when a worker has several items in flight); each output goes back to its session under its key, so results do
     not depend on batch composition for row-wise models. A failure of a batch holding several sessions' inputs is
     retried per session: only the sessions whose own inputs fail get the error. Used from one thread (the
-    worker's model thread); a session's `finish` flushes the pool, so no item waits for another.
+    worker's model thread); a session's `finish` flushes the pool (`run_group` finishes an ended item once other
+    items have filled its last batch, or when none is left to fill it).
 
     With `overlap` (an accelerator), each batch's `run` goes to a model thread and the calling thread returns to
     decoding and preprocessing the next inputs, the way CUDA's asynchronous launches let the host work ahead: the
@@ -311,6 +318,18 @@ class BatchPool:
         while self.inputs:
             self._run(min(len(self.inputs), max(1, int(self.size()))))
         while self._out:
+            self._collect()
+
+    def holds(self, owner: PoolMember) -> bool:
+        """Whether inputs of `owner` wait for a batch (not yet handed to the model)."""
+        return any(o is owner for o in self.owners)
+
+    def settle(self, owner: PoolMember) -> None:
+        """Deliver every output of `owner`: when some of its inputs still wait, everything queued runs now (a
+        part-empty batch); else only the batches out on the model thread up to its last are waited for."""
+        if self.holds(owner):
+            self.flush()
+        while any(o is owner for _, _, _, owners in self._out for o in owners):
             self._collect()
 
     def discard(self, owner: PoolMember) -> None:
@@ -422,22 +441,31 @@ END = "end"  # event kind: an item's stream is fully read
 
 def run_group(runs: dict[Any, ItemRun], events: Iterable[tuple[Any, str, Any]]) -> Iterator[tuple[Any, ItemOutcome]]:
     """Several items in flight at once: feed each (key, kind, payload) event to its item's run; yield (key,
-    outcome) as each item's stream ends (an (key, END, None) event) or its sessions are all done.
+    outcome) as each item ends. Items whose stream never ends are finished when `events` is exhausted; `runs` is
+    emptied as items end.
 
-    Their frame-step sessions share each extractor's `BatchPool`, so one model batch holds frames of several
-    items. Items whose stream never ends are finished when `events` is exhausted. `runs` is emptied as items end.
+    Their pooled sessions share each extractor's `BatchPool`, so one model batch holds inputs of several items.
+    An item whose stream ended (an (key, END, None) event) while its last inputs wait in a pool is finished once
+    other items' inputs have filled and run that batch, or at once when no other item is still streaming: a
+    model batch runs part-empty only when nothing else could fill it.
     """
-    for key, kind, payload in events:
-        run = runs.get(key)
-        if run is None:  # already finished (its sessions were done before its stream ended)
-            continue
-        if kind != END:
-            run.feed(kind, payload)
-        if kind == END or not run.live:
-            yield key, runs.pop(key).finish()
-    while runs:
-        key = next(iter(runs))
-        yield key, runs.pop(key).finish()
+    ending: dict[Any, ItemRun] = {}  # stream ended, inputs still queued in a pool that other items are filling
+    try:
+        for key, kind, payload in events:
+            run = runs.get(key)
+            if run is not None:  # None: already ended (its sessions were done before its stream ended)
+                if kind != END:
+                    run.feed(kind, payload)
+                if kind == END or not run.live:
+                    ending[key] = runs.pop(key)
+            for k in [k for k, r in ending.items() if not (runs and r.waiting)]:
+                yield k, ending.pop(k).finish()
+        while ending or runs:
+            key = next(iter(ending or runs))
+            yield key, (ending.pop(key) if key in ending else runs.pop(key)).finish()
+    finally:
+        for run in ending.values():  # only when the caller stopped early: their queued model inputs are dropped
+            run.abandon()
 
 
 def interleave(streams: dict[Any, Iterator[tuple[str, Any]]]) -> Iterator[tuple[Any, str, Any]]:

@@ -220,17 +220,34 @@ def test_cuda_oom_on_a_mixed_batch_halves_it_and_still_splits_back(name: str, ov
 
 
 @OVERLAP
-def test_an_item_ending_runs_its_partial_batch_without_waiting_for_the_others(overlap: bool) -> None:
+def test_an_ended_item_waits_for_other_items_to_fill_its_last_batch(overlap: bool) -> None:
     case, batches = CASES["i3d_rgb"], []
     ex = _make(case, overlap)
     _record(ex, batches)
     runs = {k: engine.ItemRun({case.feature: ex}, case.info(k), [case.feature]) for k in ("b", "c")}
-    events = [("b", kind, p) for kind, p in case.stream("b")] + [("c", kind, p) for kind, p in case.stream("c")[:2]]
-    group = engine.run_group(runs, iter([*events, ("b", engine.END, None), ("c", "frames", None)]))
-    key, outcome = next(group)  # b's stream ended while c's is still open
+    c = case.stream("c")
+    events = [("b", kind, p) for kind, p in case.stream("b")] + [("c", kind, p) for kind, p in c[:2]]
+    fed = iter([*events, ("b", engine.END, None), ("c", *c[2]), *[("c", *e) for e in c[3:]], ("c", engine.END, None)])
+    group = engine.run_group(runs, fed)
+    key, outcome = next(group)  # b's stream ended with 2 stacks and c's 1 queued: b waits for c's next stack
     assert key == "b" and outcome.rows[case.feature].status == Status.OK and "c" in runs
-    assert batches == [["b", "b", "c"]]  # b's 2 stacks ran at once, with the stack c had queued (pool not full)
-    assert len(_pool(ex)) == 0
+    assert batches == [["b", "b", "c", "c"]]  # no part-empty batch while c was still streaming
+    _assert_rows_equal(outcome.rows[case.feature], _alone(case, "b"), exact=True)
+    key, outcome = next(group)
+    assert key == "c" and batches[1:] == [["c", "c"]] and not runs and len(_pool(ex)) == 0
+    _assert_rows_equal(outcome.rows[case.feature], _alone(case, "c"), exact=True)
+
+
+@OVERLAP
+def test_an_ended_item_runs_its_partial_batch_at_once_when_no_other_item_streams(overlap: bool) -> None:
+    case, batches = CASES["i3d_rgb"], []
+    ex = _make(case, overlap)
+    _record(ex, batches)
+    runs = {"b": engine.ItemRun({case.feature: ex}, case.info("b"), [case.feature])}
+    fed = iter([*[("b", kind, p) for kind, p in case.stream("b")], ("b", engine.END, None), ("c", "frames", None)])
+    key, outcome = next(engine.run_group(runs, fed))  # before the next event is read
+    assert key == "b" and batches == [["b", "b"]] and outcome.rows[case.feature].status == Status.OK
+    assert next(fed) == ("c", "frames", None) and len(_pool(ex)) == 0
 
 
 @pytest.mark.slow
