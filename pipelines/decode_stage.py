@@ -30,6 +30,8 @@ class DecodeWorker:
 
     def __init__(self, threads: int = 1) -> None:
         """`threads`: FFmpeg decoder threads per stream (the actor holds about one CPU per concurrent stream)."""
+        from extract import decode  # noqa: F401  (PyAV and the decoder load now, not inside the first item's stream)
+
         self.threads = int(threads)
 
     def stream(self, path: str, plan: engine.StreamPlan, opts: engine.DecodeOptions) -> Iterator[tuple[str, Any]]:

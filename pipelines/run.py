@@ -290,6 +290,7 @@ def run(cfg: ExtractConfig, *, err: TextIO | None = None) -> RunResult:
                              cpus_per_worker=cfg.cpus_per_worker, cpu_bound=cpu_bound)
         actors = [_create_pool(ray, p, cfg, decoders, sum(q.actors for q in pools[:i])) for i, p in enumerate(pools)]
         desc = _describe(ray, pools, actors, err)
+        ray.get([d.pid.remote() for d in decoders])  # decode actors up (PyAV loaded) before the clock starts
         provs = {f: with_decode(desc[f]["provenance"], desc[f]["needs_frames"], cfg) for f in requested}
         specs = {f: (spec_from_description(desc[f]), provs[f]) for f in requested}
         if existing is not None:
@@ -320,8 +321,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, poo
     queues = _plan(cfg, ds, store, pools, item_feats, cap_feats)
     cap_texts = store.captions().text if cap_feats else None
     total = sum(len(q) for q in queues)
-    if total:  # every worker has its models loaded before the clock starts
-        ray.get([a.pid.remote() for acts in actors for a in acts])
+    if total:  # every worker has its models loaded and the store open before the clock starts
+        ray.get([a.ready.remote(cfg.store) for acts in actors for a in acts])
     t_process = time.perf_counter()
     bar = _progress(total, cfg.progress, err)
 

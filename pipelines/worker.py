@@ -126,6 +126,11 @@ class ExtractWorker:
         """The worker's process id (tests use it to see restarts)."""
         return os.getpid()
 
+    def ready(self, store_url: str) -> int:
+        """Open the store before the first item (the driver waits for this, as for the models); the process id."""
+        self._store(store_url)
+        return os.getpid()
+
     def _store(self, url: str) -> Any:
         """The store at `url`, opened for writing once per worker."""
         if url not in self._stores:

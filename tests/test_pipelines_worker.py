@@ -75,6 +75,27 @@ def test_each_item_is_decoded_once_for_every_extractor(tmp_path: Path, monkeypat
     np.testing.assert_allclose(fs.read("test_max").values[0, :10], flat.max(1) / 255, atol=1e-6)
 
 
+def test_ready_opens_the_store_before_the_first_item(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from store.zarr_store import FeatureStore
+
+    write_video(tmp_path / "a.mkv", np.zeros((4, 8, 8, 3), np.uint8))
+    w = _worker(batch_size=4)
+    url = worker_store(tmp_path, w, {"a": tmp_path / "a.mkv"})
+    opened: list[str] = []
+    real_open = FeatureStore.open
+
+    def counted(*a: Any, **k: Any) -> Any:
+        opened.append(str(a[0]))
+        return real_open(*a, **k)
+
+    monkeypatch.setattr(FeatureStore, "open", counted)
+    assert w.ready(url) == os.getpid() and opened == [url]  # the driver's clock starts after this
+    w.process(url, 0, str(tmp_path / "a.mkv"), FEATURES)
+    assert opened == [url]  # the item reused it
+
+
 def test_decode_thread_overlaps_model_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frames = np.random.default_rng(2).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     write_video(tmp_path / "v.mkv", frames)
