@@ -7,7 +7,8 @@ Ray and these calls, so every rule below is unit-tested with fake workers (tests
 
 - one task at a time per worker, or with `group` > 1 up to that many items in one call (their frames share
   model batches); with `prefetch`, a worker's next items are reserved and named with its current ones (the
-  worker starts decoding them early); a worker that dies gives its reserved items back to the queue;
+  worker starts decoding them early) once every idle worker has its call, and a worker left with nothing takes
+  part of another's reservation; a worker that dies gives its reserved items back to the queue;
 - an item whose worker died is retried up to `max_retries` times, then FAILED `worker_died` with the count;
   when a call holding several items dies or raises, nobody can tell which item did it: each of them is retried
   alone (not counted as an attempt), so only the culprit uses up its retries and innocent items never fail;
@@ -96,26 +97,45 @@ class Dispatcher:
 
     # ------------------------------------------------------------------------------------------------- outputs
     def assignments(self) -> list[Assignment]:
-        """Tasks to start now, one call per idle worker that has work."""
-        out = []
+        """Tasks to start now, one call per idle worker that has work. Every idle worker gets its call before any
+        worker reserves next items, and a worker left with nothing takes part of another's reserved items, so
+        reservations never keep a worker idle (with few items, and at the end of every run)."""
+        calls: list[tuple[WorkerId, list[Task]]] = []
         for p, q in enumerate(self.queues):
             for a in list(self.idle[p]):
                 w = (p, a)
                 ahead = self.reserved.setdefault(w, [])
+                if not q and not ahead:
+                    self._take_reserved(w)
                 if not q and not ahead:
                     continue
                 self.idle[p].remove(a)
                 tasks = [ahead.pop(0) if ahead else q.popleft()]
                 while len(tasks) < self.group and self._groupable(tasks[0]) and self._groupable(_head(ahead, q)):
                     tasks.append(ahead.pop(0) if ahead else q.popleft())
-                if self.prefetch and isinstance(tasks[0], ItemTask):
-                    while len(ahead) < self.lookahead + self.group - 1 and q and isinstance(q[0], ItemTask):
-                        ahead.append(q.popleft())  # named now so their decoding overlaps this call's compute
-                hints = [(t.path, list(t.features)) for t in ahead]
-                hint = (hints or None) if self.lookahead > 1 or self.group > 1 else (hints[0] if hints else None)
                 self.running[w] = tuple(tasks)
-                out.append(Assignment(w, tasks[0], hint, tuple(tasks[1:])))  # type: ignore[arg-type]
-        return out
+                calls.append((w, tasks))
+        return [self._with_hint(w, tasks) for w, tasks in calls]
+
+    def _with_hint(self, w: WorkerId, tasks: list[Task]) -> Assignment:
+        """The call of `tasks` on `w`, naming (and reserving, with prefetch) the worker's next items."""
+        ahead, q = self.reserved[w], self.queues[w[0]]
+        if self.prefetch and isinstance(tasks[0], ItemTask):
+            while len(ahead) < self.lookahead + self.group - 1 and q and isinstance(q[0], ItemTask):
+                ahead.append(q.popleft())  # named now so their decoding overlaps this call's compute
+        hints = [(t.path, list(t.features)) for t in ahead]
+        hint = (hints or None) if self.lookahead > 1 or self.group > 1 else (hints[0] if hints else None)
+        return Assignment(w, tasks[0], hint, tuple(tasks[1:]))  # type: ignore[arg-type]
+
+    def _take_reserved(self, w: WorkerId) -> None:
+        """`w` has no work left: it takes the back half of the largest reservation in its pool (the owner closes
+        their early decodes when its next call no longer names them)."""
+        donors = [(len(r), v) for v, r in self.reserved.items() if v[0] == w[0] and v != w and r]
+        if donors:
+            donor = self.reserved[max(donors)[1]]
+            k = max(1, len(donor) // 2)
+            self.reserved[w].extend(donor[-k:])
+            del donor[-k:]
 
     def _groupable(self, task: Task | None) -> bool:
         """Whether `task` may share a call with other items."""

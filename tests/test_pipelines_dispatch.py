@@ -1,7 +1,7 @@
 """The dispatcher without Ray: fake workers that finish, raise, die and come back, on a fake clock."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import pytest
@@ -196,3 +196,30 @@ def test_a_group_that_dies_or_raises_retries_its_items_alone_so_only_the_culprit
     assert d.tally.ok == 5 and d.tally.failed == 2
     alone = [a.tasks for a in c.started if len(a.tasks) == 1]
     assert {t[0].item_id for t in alone} >= {"a", "b", "die1", "c", "raise", "e"}  # every group-mate ran alone
+
+
+def test_every_idle_worker_gets_a_call_before_any_worker_reserves_next_items() -> None:
+    c = GroupCluster()
+    d = _dispatcher(c, [_items(*"abcdefgh")], [2], group=4)  # 8 items, 2 workers, 4 per call
+    first = d.assignments()
+    assert sorted(len(a.tasks) for a in first) == [4, 4]  # before: the first worker took 4 and reserved 4
+    assert all(a.hint is None for a in first) and d.queues[0] == deque()
+
+
+def test_a_worker_left_without_work_takes_half_of_anothers_reserved_items() -> None:
+    c = FakeCluster()
+    d = _dispatcher(c, [_items(*"abcdef")], [2], lookahead=3)
+    first = {a.worker: a for a in d.assignments()}  # w0: a, reserves c d e; w1: b, reserves f
+    assert [first[(0, 0)].task.item_id, first[(0, 1)].task.item_id] == ["a", "b"]
+    c._finish(d, first[(0, 1)])  # w1 ends its call while w0 still runs a
+    nxt = d.assignments()
+    c._finish(d, nxt[0])
+    last = d.assignments()  # w1: nothing queued or reserved of its own -> takes from w0's reservation
+    assert len(last) == 1 and last[0].worker == (0, 1)
+    assert [nxt[0].task.item_id, last[0].task.item_id] == ["f", "e"]  # the back of w0's reservation
+    assert d.reserved[(0, 0)] == _items(*"abcdef")[2:4]  # w0 keeps c d, whose decodes it started first
+    c._finish(d, last[0])
+    c._finish(d, first[(0, 0)])
+    c.run(d)
+    assert d.tally.ok == 6 and not c.failed
+    assert sorted(a.task.item_id for a in [*first.values(), *nxt, *last, *c.started]) == list("abcdef")
