@@ -67,12 +67,13 @@ class Dispatcher:
 
     def __init__(self, queues: Sequence[Iterable[Task]], workers: Sequence[int], fail: FailFn, *,
                  max_retries: int = 2, prefetch: bool = True, lookahead: int = 1, group: int = 1,
-                 ping_every: float = 0.5, max_pings: int = 600,
+                 in_flight: int = 0, ping_every: float = 0.5, max_pings: int = 600,
                  clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda _: None,
                  on_done: Callable[[Tally], None] = lambda _: None) -> None:
         """`queues[p]`: tasks of pool p; `workers[p]`: its worker count; `fail` writes a task's FAILED rows;
         `lookahead`: items reserved and named ahead per worker with `prefetch` (decode-stage workers open that
-        many remote decodes early, beyond the next call's items); `group`: items per worker call."""
+        many remote decodes early, beyond the next call's items); `group`: items per worker call; `in_flight`:
+        items a call streams at once (0: all of it), which sets how many next items are named ahead."""
         if len(queues) != len(workers):
             raise ValueError(f"dispatch: {len(queues)} task queues for {len(workers)} pools")
         self.queues = [deque(q) for q in queues]
@@ -80,6 +81,7 @@ class Dispatcher:
         self.fail, self.clock, self.log, self.on_done = fail, clock, log, on_done
         self.max_retries, self.prefetch, self.lookahead = int(max_retries), bool(prefetch), max(1, int(lookahead))
         self.group = max(1, int(group))
+        self.in_flight = min(self.group, int(in_flight) or self.group)
         self.solo: set[tuple] = set()  # task keys that run alone from now on (their group call died or raised)
         self.ping_every, self.max_pings = float(ping_every), int(max_pings)
         self.running: dict[WorkerId, tuple[Task, ...]] = {}
@@ -109,9 +111,10 @@ class Dispatcher:
                     self._take_reserved(w)
                 if not q and not ahead:
                     continue
+                size = self._call_size(p)  # counts this worker among the pool's workers
                 self.idle[p].remove(a)
                 tasks = [ahead.pop(0) if ahead else q.popleft()]
-                while len(tasks) < self.group and self._groupable(tasks[0]) and self._groupable(_head(ahead, q)):
+                while len(tasks) < size and self._groupable(tasks[0]) and self._groupable(_head(ahead, q)):
                     tasks.append(ahead.pop(0) if ahead else q.popleft())
                 self.running[w] = tuple(tasks)
                 calls.append((w, tasks))
@@ -121,11 +124,18 @@ class Dispatcher:
         """The call of `tasks` on `w`, naming (and reserving, with prefetch) the worker's next items."""
         ahead, q = self.reserved[w], self.queues[w[0]]
         if self.prefetch and isinstance(tasks[0], ItemTask):
-            while len(ahead) < self.lookahead + self.group - 1 and q and isinstance(q[0], ItemTask):
+            while len(ahead) < self.lookahead + self.in_flight - 1 and q and isinstance(q[0], ItemTask):
                 ahead.append(q.popleft())  # named now so their decoding overlaps this call's compute
         hints = [(t.path, list(t.features)) for t in ahead]
         hint = (hints or None) if self.lookahead > 1 or self.group > 1 else (hints[0] if hints else None)
         return Assignment(w, tasks[0], hint, tuple(tasks[1:]))  # type: ignore[arg-type]
+
+    def _call_size(self, p: int) -> int:
+        """Items in pool `p`'s next call: `group`, but at most an even share of what the pool has left (and at
+        least `in_flight`), so a big call never holds items another worker could run."""
+        workers = len(self.idle[p]) + sum(1 for w in self.running if w[0] == p)
+        left = len(self.queues[p]) + sum(len(r) for w, r in self.reserved.items() if w[0] == p)
+        return min(self.group, max(self.in_flight, -(-left // max(1, workers))))
 
     def _take_reserved(self, w: WorkerId) -> None:
         """`w` has no work left: it takes the back half of the largest reservation in its pool (the owner closes

@@ -332,7 +332,8 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, poo
 
     disp = Dispatcher(queues, [len(a) for a in actors], lambda t, r, m: _mark_failed(store, t, r, m),
                       max_retries=cfg.max_retries, prefetch=bool(cfg.queue_size or cfg.decode_workers),
-                      lookahead=_lookahead(cfg, actors), group=cfg.items_in_flight, on_done=progress,
+                      lookahead=_lookahead(cfg, actors), group=_call_items(cfg), in_flight=cfg.items_in_flight,
+                      on_done=progress,
                       log=lambda line: print(f"tvr-extract: {line}", file=err))
     try:
         _drive(ray, disp, actors, cfg, cap_texts, store)
@@ -356,6 +357,15 @@ def _execute(ray: Any, cfg: ExtractConfig, ds: Dataset, store: FeatureStore, poo
                      process_window=(t_process, t_end),
                      model_seconds={f: float(t.model_seconds[f]) for f in feats if f in t.model_seconds},
                      task_seconds=t.task_seconds)
+
+
+CALL_ROUNDS = 4  # with --items-in-flight K, a call holds 4K items: a call's tail (fewer items left to feed the
+# models, its last batch part-empty) comes once per 4K items; a call that dies retries each of its items alone
+
+
+def _call_items(cfg: ExtractConfig) -> int:
+    """Items per worker call: 1, or CALL_ROUNDS x --items-in-flight (the worker streams K of them at a time)."""
+    return 1 if cfg.items_in_flight <= 1 else CALL_ROUNDS * cfg.items_in_flight
 
 
 def _lookahead(cfg: ExtractConfig, actors: list[list[Any]]) -> int:
@@ -430,7 +440,7 @@ def _submit(actor: Any, cfg: ExtractConfig, a: Assignment, cap_texts: Any) -> An
     task = a.task
     if a.more:  # several items in flight on the worker, sharing model batches
         items = [(t.row, t.path, list(t.features)) for t in a.tasks if isinstance(t, ItemTask)]
-        return actor.process_many.remote(cfg.store, items, a.hint)
+        return actor.process_many.remote(cfg.store, items, a.hint, cfg.items_in_flight)
     if isinstance(task, ItemTask):
         return actor.process.remote(cfg.store, task.row, task.path, list(task.features), a.hint)
     texts = [str(t) for t in cap_texts[task.start:task.stop]]

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,14 +152,21 @@ class ExtractWorker:
         return self.process_many(store_url, [(row, path, features)], prefetch)["items"][0]
 
     def process_many(self, store_url: str, items: Sequence[tuple[int, str, Sequence[str]]],
-                     prefetch: Hint = None) -> dict[str, list[dict[str, Any]]]:
+                     prefetch: Hint = None, in_flight: int = 0) -> dict[str, list[dict[str, Any]]]:
         """Several items at once: their streams are read as batches arrive and their frames share model batches
         (`extract.engine.run_group`); each item's rows are written (status last) as soon as that item ends, and a
-        failure stays in its item. Returns {"items": [one summary per item, in the order they ended]}."""
+        failure stays in its item. With `in_flight` K, at most K items stream at once and each item that ends
+        starts the call's next one (its decode opened ahead), so a call's tail, where fewer items feed the
+        models, comes once per call rather than once per K items. Returns {"items": [one summary per item, in
+        the order they ended]}."""
         store = self._store(store_url)
         feats = {row: list(f) for row, _, f in items}
+        todo = deque(items)
+        limit = max(1, int(in_flight) or len(items))
+        hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
         runs: dict[int, engine.ItemRun] = {}
         streams: dict[int, Any] = {}
+        streaming: set[int] = set()  # rows whose stream has not ended
         out: list[dict[str, Any]] = []
         clock = [time.perf_counter()]  # each summary's seconds run from the previous item's end: they add up
 
@@ -166,8 +174,10 @@ class ExtractWorker:
             out.append(self._write(store, row, feats[row], outcome, clock[0]))
             clock[0] = time.perf_counter()
 
-        try:
-            for row, path, features in items:
+        def start_next() -> None:
+            """Start the call's next items while fewer than `limit` stream; then open the decodes ahead."""
+            while todo and len(streaming) < limit:
+                row, path, features = todo.popleft()
                 info, failed = self._info(path)
                 run = engine.ItemRun(self.extractors, info, features) if failed is None else None
                 if run is None or not run.live:
@@ -175,12 +185,30 @@ class ExtractWorker:
                     continue
                 runs[row] = run
                 streams[row] = self._open(path, info, run.plan(self.decode.select))
-            self._open_ahead(prefetch if self._pool is not None else None)  # decode actors start the next items now
-            for row, outcome in engine.run_group(runs, self._events(streams, prefetch)):
+                streaming.add(row)
+            ahead = [(p, f) for _, p, f in todo] + hints
+            if self._pool is not None:  # decode actors: the next items' decodes start now
+                n = max(len(hints), limit)
+            elif todo:  # decode threads: the call's next item
+                n = 1
+            else:  # decode threads: as the call's last streams end, as many of the next call's decodes start
+                n = -(-len(hints) * (limit - len(streaming)) // limit)
+            self._open_ahead(ahead[:n])
+
+        def ended(row: int) -> None:
+            """A stream ended (or its item finished first): the call's next item takes its place."""
+            if row in streaming:
+                streaming.discard(row)
+                start_next()
+
+        try:
+            start_next()
+            for row, outcome in engine.run_group(runs, self._events(streams, ended)):
                 live = streams.pop(row, None)
                 if live is not None:
                     live.close()
                 write(row, outcome)
+                ended(row)
         finally:
             for live in streams.values():
                 live.close()
@@ -216,31 +244,22 @@ class ExtractWorker:
             return early or self._start_decode(path, plan)
         return engine.decode_streams(path, plan, self.decode)
 
-    def _events(self, streams: dict[int, Any], prefetch: Hint) -> Iterator[tuple[int, str, Any]]:
+    def _events(self, streams: dict[int, Any], on_end: Callable[[int], None]) -> Iterator[tuple[int, str, Any]]:
         """The items' stream events: round-robin in this thread (inline decode), else in arrival order from the
-        decode threads; with decode threads the next items' decodes open once these streams are all read."""
+        decode threads; `on_end(row)` runs as each stream ends, before its END event (it may add streams)."""
         if self._pool is None and not self.queue_size:
-            return engine.interleave(streams)
-        hints = [prefetch] if isinstance(prefetch, tuple) else list(prefetch or [])
-
-        def on_end(ended: int, total: int) -> None:
-            """As this call's streams end, as many of the next items' decodes start (K decoders stay busy)."""
-            if self._pool is None:
-                self._open_ahead(hints[: -(-len(hints) * ended // total)] if total else hints)
-
+            return _ending(engine.interleave(streams), on_end)
         return self._merged(streams, on_end)
 
-    def _merged(self, streams: dict[int, _Stream], on_end: Callable[[int, int], None]) -> Iterator[tuple[int, str, Any]]:
+    def _merged(self, streams: dict[int, _Stream], on_end: Callable[[int], None]) -> Iterator[tuple[int, str, Any]]:
         """(row, kind, payload) from several threads' queues as they fill, (row, END, None) at each stream's end;
-        a row the consumer removes from `streams` is not read further. `on_end(ended, total)` runs as streams end
-        (with 0, 0 when there are none)."""
-        live, total = set(streams), len(streams)
-        if not live:
-            on_end(0, 0)
-        while live:
+        a row the consumer removes from `streams` is not read further, one it adds is read from the next pass on.
+        `on_end(row)` runs as a stream ends."""
+        ended: set[int] = set()
+        while live := [row for row in streams if row not in ended]:
             self._wake.clear()  # before the pass: a put after this sets it again, so no wake-up is missed
             got = False
-            for row in list(live):
+            for row in live:
                 s = streams.get(row)
                 try:
                     item = s.queue.get_nowait() if s is not None else _DONE
@@ -250,11 +269,11 @@ class ExtractWorker:
                 if item is not _DONE:
                     yield (row, *item)
                     continue
-                live.discard(row)
-                on_end(total - len(live), total)
+                ended.add(row)
+                on_end(row)
                 if s is not None:
                     yield row, engine.END, None
-            if not got and live:
+            if not got:
                 self._wake.wait(0.5)
 
     def _write(self, store: Any, row: int, features: Sequence[str], outcome: engine.ItemOutcome,
@@ -394,6 +413,14 @@ class _Stream:
         self.thread.join(timeout=30)
         if self.on_close is not None:
             self.on_close()
+
+
+def _ending(events: Iterator[tuple[int, str, Any]], on_end: Callable[[int], None]) -> Iterator[tuple[int, str, Any]]:
+    """`events`, calling `on_end(row)` before each stream's END event."""
+    for event in events:
+        if event[1] == engine.END:
+            on_end(event[0])
+        yield event
 
 
 def _close_opened(fut: Future[tuple[Any, Any] | None]) -> None:

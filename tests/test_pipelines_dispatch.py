@@ -223,3 +223,18 @@ def test_a_worker_left_without_work_takes_half_of_anothers_reserved_items() -> N
     c.run(d)
     assert d.tally.ok == 6 and not c.failed
     assert sorted(a.task.item_id for a in [*first.values(), *nxt, *last, *c.started]) == list("abcdef")
+
+
+def test_calls_longer_than_in_flight_split_the_items_evenly_and_name_only_the_next_in_flight() -> None:
+    c = GroupCluster()
+    d = _dispatcher(c, [_items(*"abcdefghijklmnopqrst")], [2], group=8, in_flight=2)  # 20 items
+    first = d.assignments()
+    assert [len(a.tasks) for a in first] == [8, 6]  # at most group, at most an even share of what is left
+    assert [len(a.hint) for a in first] == [2, 2]  # lookahead 1 + in_flight 2 - 1 (not group - 1)
+    for a in first:
+        c._finish(d, a)
+    c.run(d)
+    sizes = [len(a.tasks) for a in [*first, *c.started]]
+    assert sum(sizes) == 20 and max(sizes) == 8 and d.tally.ok == 20
+    d2 = _dispatcher(GroupCluster(), [_items(*"abcde")], [2], group=8, in_flight=2)
+    assert sorted(len(a.tasks) for a in d2.assignments()) == [2, 3]  # few items: nobody takes them all

@@ -374,3 +374,39 @@ def test_a_failing_item_in_flight_fails_alone(tmp_path: Path, queue_size: int) -
     for r, name in ((2, "v0"), (4, "v2")):
         want = _Tagged(random_init=True).extract_path(paths[name])
         np.testing.assert_array_equal(fs.read("tagged", [r]).values[0, : len(want.values)], want.values)
+
+
+@pytest.mark.parametrize("queue_size", [0, 4])
+def test_a_call_longer_than_in_flight_streams_k_items_at_a_time(tmp_path: Path, queue_size: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract import engine
+
+    paths = {}
+    for i in range(5):
+        frames = np.broadcast_to((60 * (i % 4) + np.arange(50)).astype(np.uint8)[:, None, None, None], (50, 8, 8, 3))
+        paths[f"v{i}"] = write_video(tmp_path / f"v{i}.mkv", frames.copy())
+    w, ex = _tagged_worker(queue_size)
+    url = worker_store(tmp_path, w, paths)
+    open_now, most = [0], [0]
+    real = engine.decode_streams
+
+    def counted(*a: Any, **k: Any) -> Iterator[Any]:
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            yield from real(*a, **k)
+        finally:
+            open_now[0] -= 1
+
+    monkeypatch.setattr(engine, "decode_streams", counted)
+    out = w.process_many(url, [(r, str(p), ["tagged"]) for r, p in enumerate(paths.values())], in_flight=2)["items"]
+    assert sorted(s["row"] for s in out) == [0, 1, 2, 3, 4]
+    assert all(s["results"] == {"tagged": (int(Status.OK), "")} for s in out)
+    # 2 streaming (+ the call's next item's decode opened ahead, with decode threads), never all 5
+    assert 2 <= most[0] <= (2 if queue_size == 0 else 3), most
+    from store.zarr_store import FeatureStore
+
+    fs = FeatureStore.open(url)
+    for r, p in enumerate(paths.values()):
+        want = _Tagged(random_init=True).extract_path(p)
+        np.testing.assert_array_equal(fs.read("tagged", [r]).values[0, : len(want.values)], want.values)
