@@ -85,6 +85,20 @@ def one_cpu_rate(paths: list[Path], height: int | None) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
 
 
+def videos(root: Path, n: int, seconds: float, spread: float, size: tuple[int, int]) -> list[Path]:
+    """`n` synthetic videos of `seconds` each, or of lengths spread evenly over seconds x (1 +- spread), shuffled."""
+    from benchmarks.bench_pipeline import make_videos
+
+    if not spread:
+        return make_videos(root, n, seconds, size)
+    lengths = np.random.default_rng(0).permutation(np.linspace(1 - spread, 1 + spread, n)) * seconds
+    out = []
+    for i, sec in enumerate(lengths):
+        (root / f"v{i:03d}").mkdir()
+        out += make_videos(root / f"v{i:03d}", 1, max(0.2, float(sec)), size)
+    return out
+
+
 def run_sim(paths: list[Path], tmp: Path, decoders: int, in_flight: int, opts: dict[str, Any],
             height: int | None, queue: int, tag: str) -> tuple[float, float, float, tuple[float, float]]:
     """(accelerator busy share, share of time inside the extractor's calls, process seconds, processing window
@@ -94,7 +108,7 @@ def run_sim(paths: list[Path], tmp: Path, decoders: int, in_flight: int, opts: d
     from pipelines.run import run
 
     manifest = tmp / "m.jsonl"
-    manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
+    manifest.write_text("".join(f'{{"id": "{p.parent.name}_{p.stem}", "path": "{p}"}}\n' for p in paths))
     cfg = ExtractConfig(source=str(manifest), store=str(tmp / f"sim_{tag}.zarr"), features=["sim_accel"],
                         random_weights=True, workers=1, progress=False, plugins=[PLUGIN], decode_workers=decoders,
                         items_in_flight=in_flight, decode_height=height, queue_size=queue,
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=48, help="videos (start-up, ~0.2 s per run, weighs less with more)")
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--spread", type=float, default=0.0, help="video lengths vary evenly over seconds x (1 +- "
+                    "spread), as real datasets' do (0: all equal)")
     ap.add_argument("--size", type=int, nargs=2, default=(360, 640), help="source height width")
     ap.add_argument("--decode-height", type=int, default=224, help="frames are decoded (resized) to this height, "
                     "the model's input size: decoders send only that many bytes (0: native)")
@@ -126,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import ray
 
-    from benchmarks.bench_pipeline import make_videos
     from extract import decode
     from pipelines.worker import import_plugins
 
@@ -138,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        paths = make_videos(tmp, args.items, args.seconds, tuple(args.size))
+        paths = videos(tmp, args.items, args.seconds, args.spread, tuple(args.size))
         rates = [one_cpu_rate(paths, height), one_cpu_rate(paths, height)]
         one_cpu = sum(r[1 if args.by_cpu else 0] for r in rates) / 2
         opts = {"batch": args.batch, "batch_seconds": args.batch / (args.need * one_cpu)}
@@ -154,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         frames = sum(decode.probe(p).n_output_frames() for p in paths)
     load.append(os.getloadavg()[0])
     shown = ", ".join(f"{w:.0f}/s wall {c:.0f}/s CPU" for w, c in rates)
-    print(f"\n{args.items} videos x {args.seconds:g}s {args.size[0]}x{args.size[1]} H.264, decoded at height "
+    lengths = f"{args.seconds:g}s" + (f" +- {args.spread:.0%}" if args.spread else "")
+    print(f"\n{args.items} videos x {lengths} {args.size[0]}x{args.size[1]} H.264, decoded at height "
           f"{height or 'native'}; one decode CPU: {one_cpu:.0f} frames/s (per {'CPU' if args.by_cpu else 'wall'} "
           f"second; runs {shown}, the last after the pipeline runs); {os.cpu_count()} CPUs; 1-min load "
           f"{load[0]:.2f} before, {load[1]:.2f} after")
