@@ -93,9 +93,10 @@ def check_features(store: FeatureStore, url: str, model: str, needs: FeatureNeed
     )
 
 
-def value_bytes(spec: FeatureSpec) -> int:
-    """Bytes of one value as training holds it (cache and stream buffer): float16 stays float16, the rest float32."""
-    return 2 if spec.dtype == "float16" else 4
+def value_bytes(spec: FeatureSpec, pool: str = "") -> int:
+    """Bytes of one value as training holds it (cache and stream buffer): float16 stays float16 (its values convert
+    back exactly) unless it is served as a mean (`pool`, FeatureNeeds.pooled: a float32 mean); the rest float32."""
+    return 2 if spec.dtype == "float16" and pool != "mean" else 4
 
 
 def cache_need(spec: FeatureSpec, n_rows: int) -> int:
@@ -142,9 +143,8 @@ class FeatureSource:
         self.describe = describe  # rows -> ids, for error messages
         self.pool = pool  # "max" | "mean": rows are served pooled over their valid steps (FeatureNeeds.pooled)
         self.status = np.asarray(store.status(spec.name))
-        # the cache keeps the store's dtype (float16 values convert back exactly), halving memory and gather traffic;
-        # a float32 mean would not
-        self.cache_dtype = torch.float16 if spec.dtype == "float16" and pool != "mean" else torch.float32
+        # the cache keeps float16 values float16 (value_bytes), halving memory and gather traffic
+        self.cache_dtype = torch.float16 if value_bytes(spec, pool) == 2 else torch.float32
         need = cache_need(spec, len(rows))
         self.cache: dict[str, torch.Tensor] | None = None
         self.pos: dict[int, int] = {}

@@ -88,7 +88,7 @@ class TrainStream:
         for f in self.data.video_features:
             sp, pool = self.data.store.spec(f), self.data.video[f].pool
             steps = 1 if pool else sp.max_steps * max(1, sp.slots)  # pooled features are served as one step
-            total += steps * sp.dim * (4 if pool == "mean" else value_bytes(sp)) + steps + 1
+            total += steps * sp.dim * value_bytes(sp, pool) + steps + 1
         sp = self.data.spec_text
         width = sp.dim * value_bytes(sp)
         total += sp.max_steps * (width + 1) if self.data.needs.text_sequence else width
