@@ -112,3 +112,13 @@ def test_model_worker_reads_its_items_from_decode_actors_only(ray_session: None,
         np.testing.assert_allclose(vals[r, : len(f)], f.reshape(len(f), -1, 3).astype(np.float64).mean(1) / 255,
                                    atol=1e-6)
     assert fs.read("test_rms").mask.any(axis=1).all()
+
+
+def test_a_decode_worker_loads_the_decoder_when_it_starts_not_in_its_first_stream() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.decode_stage import DecodeWorker; "
+            "assert 'extract.decode' not in sys.modules, 'imported too early to test'; "
+            "DecodeWorker(); assert 'av' in sys.modules and 'extract.decode' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
