@@ -86,13 +86,15 @@ def bare_runner(paths: list[Path], features: list[str], device: str, threads: in
 
 
 def pipeline_throughput(paths: list[Path], features: list[str], workers: int, tmp: Path, gpus: float,
-                        plugins: list[str], queue_size: int = 4, in_flight: int = 1) -> tuple[float, float, float]:
+                        plugins: list[str], queue_size: int = 4, in_flight: int = 1,
+                        run_no: int = 0) -> tuple[float, float, float]:
     """(processing items/s, end-to-end items/s, share of worker time inside the models) on a fresh store;
-    `in_flight`: items per worker call (--items-in-flight, cross-item model batches)."""
+    `in_flight`: items per worker call (--items-in-flight, cross-item model batches); `run_no` keeps a repeated
+    row's store apart (a reused store would have nothing left to extract)."""
     from pipelines.config import ExtractConfig
     from pipelines.run import run
 
-    store = tmp / f"store_w{workers}_g{gpus:g}_q{queue_size}_k{in_flight}.zarr"
+    store = tmp / f"store{run_no}_w{workers}_g{gpus:g}_q{queue_size}_k{in_flight}.zarr"
     manifest = tmp / "manifest.jsonl"
     manifest.write_text("".join(f'{{"id": "{p.stem}", "path": "{p}"}}\n' for p in paths))
     cfg = ExtractConfig(source=str(manifest), store=str(store), features=features, random_weights=True,
@@ -143,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         # efficiency uses their mean, so load that changes between runs moves both sides alike.
         bare_cpu = bare_runner(paths, features, "cpu", cpus)
         last = bare_cpu()
-        for w, q, k in ((int(w), int(q), args.in_flight if k == "K" else int(k))
-                        for w, q, k in (r.split(":") for r in args.rows.split(","))):
-            proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q, k)
+        for n, (w, q, k) in enumerate((int(w), int(q), args.in_flight if k == "K" else int(k))
+                                      for w, q, k in (r.split(":") for r in args.rows.split(","))):
+            proc, e2e, busy = pipeline_throughput(paths, features, w, tmp, 0.0, plugins, q, k, run_no=n)
             after = bare_cpu()
             rows.append((f"cpu q{q} k{k}", w, (last + after) / 2, proc, e2e, busy,
                          abs(after - last) / (last + after) * 2))

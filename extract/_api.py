@@ -46,6 +46,10 @@ __all__ = [
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # --precision values
+# Default frames per model batch of a frame-step model. An accelerator wants big batches; on the CPU per-frame time
+# grows past ~8 as activations leave the cache (ResNet-152, 2 cores: 101 ms/frame at 8, 141 at 32; CLIP flat), and
+# cross-item batching would otherwise fill every CPU batch to 32 (benchmarks/bench_pipeline.py).
+FRAME_BATCH = {"cpu": 8, "accelerator": 32}
 RandomInit = bool | Literal["missing"]
 T = TypeVar("T")
 log = logging.getLogger("tvr.extract")
@@ -347,8 +351,16 @@ class FrameStepExtractor(Extractor):
     """
 
     policy: StepPolicy
-    batch_size: int = 32
+    batch_size: int = FRAME_BATCH["accelerator"]
     supports_bf16: ClassVar[bool] = True
+
+    def model_batch(self, batch_size: int | None) -> int:
+        """Frames per forward: `batch_size` (> 0), or FRAME_BATCH's default for this extractor's device."""
+        if batch_size is None:
+            return FRAME_BATCH["cpu" if self.device.type == "cpu" else "accelerator"]
+        if batch_size <= 0:
+            raise ValueError(f"{self.name}: batch_size must be > 0, got {batch_size}")
+        return int(batch_size)
 
     @abc.abstractmethod
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

@@ -188,15 +188,14 @@ class ClipFrames(FrameStepExtractor):
         pretrained: str = DEFAULT_PRETRAINED,
         quick_gelu: bool | None = None,
         count: int = 12,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         **common: Any,
     ) -> None:
-        """model/pretrained: open_clip name and tag (or a checkpoint file); count: frames per item."""
+        """model/pretrained: open_clip name and tag (or a checkpoint file); count: frames per item; batch_size:
+        frames per forward (None: by device, `FrameStepExtractor.model_batch`)."""
         super().__init__(**common)
-        if batch_size <= 0:
-            raise ValueError(f"clip: batch_size must be > 0, got {batch_size}")
         self.policy = StepPolicy(count=count)
-        self.batch_size = batch_size
+        self.batch_size = self.model_batch(batch_size)
         self.model = load_clip(self, model, pretrained, quick_gelu)
         assert self.weights is not None
         self.transform: Callable[[Any], Any] = open_clip_image_transform(

@@ -76,17 +76,16 @@ class ResNet152(FrameStepExtractor):
         variant: str = DEFAULT_VARIANT,
         fps: float = 1.0,
         max_steps: int = 64,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         **common: Any,
     ) -> None:
-        """variant: "IMAGENET1K_V1" | "IMAGENET1K_V2"; fps/max_steps: step policy; batch_size: frames per forward."""
+        """variant: "IMAGENET1K_V1" | "IMAGENET1K_V2"; fps/max_steps: step policy; batch_size: frames per forward
+        (None: by device, `FrameStepExtractor.model_batch`)."""
         super().__init__(**common)
         if variant not in WEIGHTS:
             raise ValueError(f"resnet152: unknown variant {variant!r}; choose one of {sorted(WEIGHTS)}")
-        if batch_size <= 0:
-            raise ValueError(f"resnet152: batch_size must be > 0, got {batch_size}")
         self.policy = StepPolicy(fps=fps, max_steps=max_steps)
-        self.batch_size = batch_size
+        self.batch_size = self.model_batch(batch_size)
         self.spec = FeatureSpec(
             name="resnet152", dim=FEATURE_DIM, max_steps=self.policy.steps, dtype="float16", modality="appearance"
         )

@@ -19,6 +19,7 @@ from extract import (
     register_extractor,
     weights_available,
 )
+from extract._api import FRAME_BATCH
 from extract._registry import _REGISTRY
 from store.schema import Status
 from tests._extractors import Batch, IndexEcho, batches
@@ -37,6 +38,18 @@ def test_session_picks_step_frames_and_batches() -> None:
     np.testing.assert_allclose(r.times, [0.0, 1.0, 2.0])
     assert r.times.dtype == np.float32 and r.values.dtype == np.float32
     assert ex.calls == [2, 1]  # batched: a full batch during streaming, the rest at finish
+
+
+@pytest.mark.parametrize("name", ["resnet152", "clip"])
+def test_model_batch_defaults_by_device_and_keeps_an_explicit_size(name: str) -> None:
+    """CPU batches default to FRAME_BATCH["cpu"] frames (cache-sized), accelerator ones to 32; a given size wins."""
+    ex = create_extractor(name, random_init=True)
+    assert ex.device.type == "cpu" and ex.batch_size == FRAME_BATCH["cpu"] < FRAME_BATCH["accelerator"]
+    assert create_extractor(name, random_init=True, batch_size=5).batch_size == 5
+    with pytest.raises(ValueError, match=f"{name}: batch_size must be > 0, got 0"):
+        create_extractor(name, random_init=True, batch_size=0)
+    ex.device = torch.device("cuda")  # the default follows the device the model runs on
+    assert ex.model_batch(None) == FRAME_BATCH["accelerator"] and ex.model_batch(3) == 3
 
 
 def test_session_count_policy_clips_to_decoded_end() -> None:
