@@ -44,12 +44,10 @@ class Frames(FrameStepExtractor):
         super().__init__(**common)
         if size < 8:
             raise ValueError(f"frames: size must be >= 8 pixels, got {size}")
-        if batch_size <= 0:
-            raise ValueError(f"frames: batch_size must be > 0, got {batch_size}")
         if fps is not None:
             count = None
         self.policy = StepPolicy(fps=fps, max_steps=max_steps, count=count)
-        self.size, self.batch_size = int(size), int(batch_size)
+        self.size, self.batch_size = int(size), self.model_batch(batch_size)
         self.half = False  # pixels stay uint8
         self.spec = FeatureSpec(name="frames", dim=self.size * self.size * 3, max_steps=self.policy.steps,
                                 dtype="uint8", modality="frames")

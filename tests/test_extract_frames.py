@@ -92,6 +92,14 @@ def test_store_keeps_uint8_values_without_a_float_copy(tiny_store: TinyStoreFact
     assert not b.values[0].any()  # PENDING row reads as zeros, marked unavailable
 
 
+def test_bad_size_or_batch_is_a_clear_error() -> None:
+    assert create_extractor("frames").batch_size == 32  # no model: cheap resizes, batched as before on every device
+    with pytest.raises(ValueError, match="frames: size must be >= 8 pixels, got 4"):
+        create_extractor("frames", size=4)
+    with pytest.raises(ValueError, match="frames: batch_size must be > 0, got 0"):
+        create_extractor("frames", batch_size=0)
+
+
 def test_frames_is_not_a_default_feature() -> None:
     from pipelines.run import default_features
 
